@@ -1,0 +1,70 @@
+"""Adam, AdamW and Adamax: torch.optim's classes with a fused multi-tensor step."""
+import torch
+
+from .optimizer import FusedOptimizer, lerp_rest, lerp_small, signature_with
+
+
+class Adam(FusedOptimizer, torch.optim.Adam):
+    _rule = "adam"
+    _sparse_error = "Adam does not support sparse gradients, please consider SparseAdam instead"
+
+    def _slots(self, group):
+        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if group["amsgrad"] else None)
+
+    def _flags(self, group):
+        return {"AMSGRAD": bool(group["amsgrad"]),
+                "DECOUPLED": bool(group["decoupled_weight_decay"]),
+                "LERP_SMALL": lerp_small(1 - group["betas"][0])}
+
+    def _init_state(self, group, p, state):
+        state["step"] = torch.tensor(0.0, dtype=torch.float32 if torch.get_default_dtype()
+                                     != torch.float64 else torch.float64)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _coefficients(self, group, step, f64):
+        # torch's _single_tensor_adam, scalar by scalar
+        lr, (beta1, beta2), wd = group["lr"], group["betas"], group["weight_decay"]
+        bias_correction1 = 1 - beta1 ** step
+        bias_correction2 = 1 - beta2 ** step
+        step_size = lr / bias_correction1
+        bc2_sqrt = bias_correction2 ** 0.5
+        if group["decoupled_weight_decay"]:
+            wd = 1 - lr * wd
+        return (step_size, bc2_sqrt, 1 - beta1, lerp_rest(1 - beta1, f64), beta2, 1 - beta2,
+                group["eps"], wd, group["l1"], 0.0)
+
+
+class AdamW(Adam, torch.optim.AdamW):
+    pass
+
+
+class Adamax(FusedOptimizer, torch.optim.Adamax):
+    _rule = "adamax"
+    _sparse_error = "Adamax does not support sparse gradients"
+
+    def _slots(self, group):
+        return ("exp_avg", "exp_inf", None)
+
+    def _flags(self, group):
+        return {"LERP_SMALL": lerp_small(1 - group["betas"][0])}
+
+    def _init_state(self, group, p, state):
+        Adam._init_state(self, {"amsgrad": False}, p, state)
+        state["exp_inf"] = state.pop("exp_avg_sq")
+
+    def _coefficients(self, group, step, f64):
+        lr, (beta1, beta2) = group["lr"], group["betas"]
+        clr = lr / (1 - beta1 ** step)
+        return (clr, 1 - beta1, lerp_rest(1 - beta1, f64), beta2, group["eps"],
+                group["weight_decay"], group["l1"], 0.0, 0.0, 0.0)
+
+
+for _cls, _twin in ((Adam, torch.optim.Adam), (AdamW, torch.optim.AdamW),
+                    (Adamax, torch.optim.Adamax)):
+    _cls.__signature__ = signature_with(_twin, backend="auto", l1=0.0)
+    _cls.__doc__ = (f"Drop-in for ``torch.optim.{_twin.__name__}`` with a fused multi-tensor "
+                    "step.\n\nExtra keywords: ``backend`` ('auto', 'numba', 'triton') and "
+                    "``l1`` (adds ``l1 * sign(param)`` to the gradient).\n")

@@ -1,0 +1,25 @@
+"""The ``ops`` namespace the Numba engine binds into the rules (Triton binds triton.language)."""
+import math
+
+import numba
+
+
+@numba.njit(inline="always")
+def sqrt_rn(x):
+    return math.sqrt(x)
+
+
+@numba.njit(inline="always")
+def where(cond, a, b):
+    return a if cond else b
+
+
+@numba.njit(inline="always")
+def maximum(a, b):
+    # NaN-propagating like torch.maximum
+    return a if (a > b or a != a) else b
+
+
+@numba.njit(inline="always")
+def abs(x):  # noqa: A001  (mirrors triton.language.abs)
+    return x if x >= -x else -x

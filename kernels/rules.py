@@ -1,0 +1,114 @@
+"""Update rules: the math of each optimizer, written once.
+
+Every rule has the same shape, so that one engine per backend can run any of them:
+
+    rule(p, g, a, b, c, h0, ..., h9) -> (p, a, b, c)
+
+``p`` and ``g`` are one element of a parameter and of its gradient, ``a, b, c`` the
+optimizer's state slots (a rule returns unused slots unchanged; the engine never stores
+them), ``h0..h9`` per-tensor coefficients that the optimizer class computes in float64
+and rounds once to the math dtype, exactly where torch.optim rounds its Python scalars.
+There are no float literals here: in Numba a literal promotes float32 math to float64
+(slower, and no longer torch's arithmetic).
+
+``ops`` and the UPPER-CASE flags are not defined in this module on purpose: each engine
+compiles a copy of these functions whose globals bind ``ops`` to its math library
+(``fusedopt.kernels.numba_ops`` or ``triton.language``) and every flag to a compile-time
+constant, so a flag costs nothing inside the element loop.
+
+The order of operations follows torch 2.13's for-loop implementations
+(``torch/optim/*.py``, ``_single_tensor_*``), so that float32 results match
+``torch.optim.X(foreach=False)`` to the last bit wherever the arithmetic allows.
+"""
+# ruff: noqa: F821  (ops and the flags are injected by the engines)
+
+FLAGS = ("MAXIMIZE", "WEIGHT_DECAY", "L1", "LERP_SMALL", "AMSGRAD", "DECOUPLED",
+         "CENTERED", "MOMENTUM", "NESTEROV")
+
+
+def lerp(start, end, w, w_rest):
+    # torch's lerp: start + w * (end - start) when |w| < 0.5, else end - (end - start) * (1 - w)
+    if LERP_SMALL:
+        return start + w * (end - start)
+    return end - (end - start) * w_rest
+
+
+def regularize(p, g, wd, l1):
+    # maximize, then L2 (torch's weight_decay: g + wd * p, unless DECOUPLED), then L1 (g + l1 * sign(p))
+    if MAXIMIZE:
+        g = -g
+    if WEIGHT_DECAY:
+        if not DECOUPLED:
+            g = g + wd * p
+    if L1:
+        zero = l1 - l1
+        g = g + ops.where(p > zero, l1, ops.where(p < zero, -l1, zero))
+    return g
+
+
+def adam(p, g, m, v, vmax, step_size, bc2_sqrt, w, w_rest, beta2, beta2_rest, eps, wd, l1,
+         unused):
+    # DECOUPLED (AdamW): p *= 1 - lr * wd, with 1 - lr * wd passed as `wd`
+    if DECOUPLED:
+        if WEIGHT_DECAY:
+            p = p * wd
+    g = regularize(p, g, wd, l1)
+    m = lerp(m, g, w, w_rest)
+    v = v * beta2 + beta2_rest * g * g
+    d = v
+    if AMSGRAD:
+        vmax = ops.maximum(vmax, v)
+        d = vmax
+    denom = ops.sqrt_rn(d) / bc2_sqrt + eps
+    p = p + -step_size * m / denom
+    return p, m, v, vmax
+
+
+def adamax(p, g, m, u, unused_c, clr, w, w_rest, beta2, eps, wd, l1, h7, h8, h9):
+    g = regularize(p, g, wd, l1)
+    m = lerp(m, g, w, w_rest)
+    u = ops.maximum(u * beta2, ops.abs(g) + eps)
+    p = p + -clr * m / u
+    return p, m, u, unused_c
+
+
+def rmsprop(p, g, sq, buf, gavg, lr, alpha, alpha_rest, w_rest, eps, momentum, wd, l1, h8, h9):
+    # alpha_rest = 1 - alpha is also the lerp weight of grad_avg (w_rest: 1 - that)
+    g = regularize(p, g, wd, l1)
+    sq = sq * alpha + alpha_rest * g * g
+    if CENTERED:
+        gavg = lerp(gavg, g, alpha_rest, w_rest)
+        avg = ops.sqrt_rn(sq - gavg * gavg) + eps
+    else:
+        avg = ops.sqrt_rn(sq) + eps
+    if MOMENTUM:
+        buf = buf * momentum + g / avg
+        p = p + -lr * buf
+    else:
+        p = p + -lr * g / avg
+    return p, sq, buf, gavg
+
+
+def adagrad(p, g, acc, unused_b, unused_c, clr, eps, wd, l1, h4, h5, h6, h7, h8, h9):
+    g = regularize(p, g, wd, l1)
+    acc = acc + g * g
+    p = p + -clr * g / (ops.sqrt_rn(acc) + eps)
+    return p, acc, unused_b, unused_c
+
+
+def sgd(p, g, buf, unused_b, unused_c, lr, wd, l1, keep, take, momentum, h6, h7, h8, h9):
+    # keep/take: momentum and 1 - dampening, or 0 and 1 on a buffer's first step, where
+    # torch starts the buffer as a copy of the gradient (buf is zero then, so 0 * buf + g == g)
+    g = regularize(p, g, wd, l1)
+    if MOMENTUM:
+        buf = buf * keep + take * g
+        if NESTEROV:
+            g = g + momentum * buf
+        else:
+            g = buf
+    p = p + -lr * g
+    return p, buf, unused_b, unused_c
+
+
+RULES = {f.__name__: f for f in (adam, adamax, rmsprop, adagrad, sgd)}
+HELPERS = (lerp, regularize)

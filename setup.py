@@ -1,0 +1,8 @@
+# The repo shows the kernels at the top level (kernels/); they install as fusedopt.kernels,
+# so nothing called `kernels` lands in site-packages.
+from setuptools import setup
+
+setup(
+    packages=["fusedopt", "fusedopt.kernels"],
+    package_dir={"fusedopt": "fusedopt", "fusedopt.kernels": "kernels"},
+)
