@@ -5,8 +5,13 @@ import numba
 
 
 @numba.njit(inline="always")
-def sqrt_rn(x):
+def sqrt(x):
     return math.sqrt(x)
+
+
+@numba.njit(inline="always")
+def div(a, b):
+    return a / b
 
 
 @numba.njit(inline="always")

@@ -13,7 +13,8 @@ There are no float literals here: in Numba a literal promotes float32 math to fl
 
 ``ops`` and the UPPER-CASE flags are not defined in this module on purpose: each engine
 compiles a copy of these functions whose globals bind ``ops`` to its math library
-(``fusedopt.kernels.numba_ops`` or ``triton.language``) and every flag to a compile-time
+(``numba_ops`` or ``triton_ops``: division and square root are ``ops.div`` and
+``ops.sqrt`` because Triton's ``/`` on float32 is approximate) and every flag to a compile-time
 constant, so a flag costs nothing inside the element loop.
 
 The order of operations follows torch 2.13's for-loop implementations
@@ -59,8 +60,8 @@ def adam(p, g, m, v, vmax, step_size, bc2_sqrt, w, w_rest, beta2, beta2_rest, ep
     if AMSGRAD:
         vmax = ops.maximum(vmax, v)
         d = vmax
-    denom = ops.sqrt_rn(d) / bc2_sqrt + eps
-    p = p + -step_size * m / denom
+    denom = ops.div(ops.sqrt(d), bc2_sqrt) + eps
+    p = p + ops.div(-step_size * m, denom)
     return p, m, v, vmax
 
 
@@ -68,7 +69,7 @@ def adamax(p, g, m, u, unused_c, clr, w, w_rest, beta2, eps, wd, l1, h7, h8, h9)
     g = regularize(p, g, wd, l1)
     m = lerp(m, g, w, w_rest)
     u = ops.maximum(u * beta2, ops.abs(g) + eps)
-    p = p + -clr * m / u
+    p = p + ops.div(-clr * m, u)
     return p, m, u, unused_c
 
 
@@ -78,21 +79,21 @@ def rmsprop(p, g, sq, buf, gavg, lr, alpha, alpha_rest, w_rest, eps, momentum, w
     sq = sq * alpha + alpha_rest * g * g
     if CENTERED:
         gavg = lerp(gavg, g, alpha_rest, w_rest)
-        avg = ops.sqrt_rn(sq - gavg * gavg) + eps
+        avg = ops.sqrt(sq - gavg * gavg) + eps
     else:
-        avg = ops.sqrt_rn(sq) + eps
+        avg = ops.sqrt(sq) + eps
     if MOMENTUM:
-        buf = buf * momentum + g / avg
+        buf = buf * momentum + ops.div(g, avg)
         p = p + -lr * buf
     else:
-        p = p + -lr * g / avg
+        p = p + ops.div(-lr * g, avg)
     return p, sq, buf, gavg
 
 
 def adagrad(p, g, acc, unused_b, unused_c, clr, eps, wd, l1, h4, h5, h6, h7, h8, h9):
     g = regularize(p, g, wd, l1)
     acc = acc + g * g
-    p = p + -clr * g / (ops.sqrt_rn(acc) + eps)
+    p = p + ops.div(-clr * g, ops.sqrt(acc) + eps)
     return p, acc, unused_b, unused_c
 
 

@@ -14,20 +14,21 @@ import types
 
 import triton
 import triton.language as tl
+from triton.runtime.jit import JITFunction
 
-from . import rules
+from . import rules, triton_ops
 
-CHUNK = 1 << 14
 NCOEF = 10
+# the interpreter runs programs one after another in Python: few large blocks are faster
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-BLOCK = 4096 if _INTERPRET else 1024
+CHUNK = 1 << 16 if _INTERPRET else 1 << 14
+BLOCK = CHUNK if _INTERPRET else 1024
 NUM_WARPS = 4
 
 
 @triton.jit
-def _load(table, t, offs, KIND: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
-          end):
-    # KIND: 0 float32, 1 float64, 2 float16, 3 bfloat16 (stored as uint16)
+def _ptr(table, t, KIND: tl.constexpr, ALIGNED: tl.constexpr):
+    # KIND: 0 float32, 1 float64, 2 float16, 3 bfloat16 (moved as uint16)
     if KIND == 0:
         ptr = tl.load(table + t).to(tl.pointer_type(tl.float32))
     elif KIND == 1:
@@ -38,36 +39,33 @@ def _load(table, t, offs, KIND: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.
         ptr = tl.load(table + t).to(tl.pointer_type(tl.uint16))
     if ALIGNED:
         ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def _load(ptr, offs, end, KIND: tl.constexpr, MASKED: tl.constexpr):
     if MASKED:
         x = tl.load(ptr + offs, mask=offs < end, other=0)
     else:
         x = tl.load(ptr + offs)
     if KIND == 1:
         return x
-    if KIND == 3:
+    elif KIND == 3:
         return (x.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    return x.to(tl.float32)
+    else:
+        return x.to(tl.float32)
 
 
 @triton.jit
-def _store(table, t, offs, x, KIND: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
-           end):
-    if KIND == 0:
-        ptr = tl.load(table + t).to(tl.pointer_type(tl.float32))
-        y = x
-    elif KIND == 1:
-        ptr = tl.load(table + t).to(tl.pointer_type(tl.float64))
-        y = x
-    elif KIND == 2:
-        ptr = tl.load(table + t).to(tl.pointer_type(tl.float16))
+def _store(ptr, offs, end, x, KIND: tl.constexpr, MASKED: tl.constexpr):
+    if KIND == 2:
         y = x.to(tl.float16)
-    else:
-        ptr = tl.load(table + t).to(tl.pointer_type(tl.uint16))
+    elif KIND == 3:  # round to nearest even; NaN becomes torch's 0x7FC0
         u = x.to(tl.uint32, bitcast=True)
         r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
         y = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r).to(tl.uint16)
-    if ALIGNED:
-        ptr = tl.multiple_of(ptr, 16)
+    else:
+        y = x
     if MASKED:
         tl.store(ptr + offs, y, mask=offs < end)
     else:
@@ -75,28 +73,27 @@ def _store(table, t, offs, x, KIND: tl.constexpr, ALIGNED: tl.constexpr, MASKED:
 
 
 @triton.jit
-def _block(P, G, S0, S1, S2, t, offs, end, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9,
-           MASK: tl.constexpr, KIND: tl.constexpr, ALIGNED: tl.constexpr,
-           MASKED: tl.constexpr):
-    p = _load(P, t, offs, KIND, ALIGNED, MASKED, end)
-    g = _load(G, t, offs, KIND, ALIGNED, MASKED, end)
+def _block(pp, gp, ap, bp, cp, offs, end, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9,
+           MASK: tl.constexpr, KIND: tl.constexpr, MASKED: tl.constexpr):
+    p = _load(pp, offs, end, KIND, MASKED)
+    g = _load(gp, offs, end, KIND, MASKED)
     a = p
     b = p
     c = p
     if MASK & 1:
-        a = _load(S0, t, offs, KIND, ALIGNED, MASKED, end)
+        a = _load(ap, offs, end, KIND, MASKED)
     if MASK & 2:
-        b = _load(S1, t, offs, KIND, ALIGNED, MASKED, end)
+        b = _load(bp, offs, end, KIND, MASKED)
     if MASK & 4:
-        c = _load(S2, t, offs, KIND, ALIGNED, MASKED, end)
+        c = _load(cp, offs, end, KIND, MASKED)
     p, a, b, c = rule(p, g, a, b, c, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9)
-    _store(P, t, offs, p, KIND, ALIGNED, MASKED, end)
+    _store(pp, offs, end, p, KIND, MASKED)
     if MASK & 1:
-        _store(S0, t, offs, a, KIND, ALIGNED, MASKED, end)
+        _store(ap, offs, end, a, KIND, MASKED)
     if MASK & 2:
-        _store(S1, t, offs, b, KIND, ALIGNED, MASKED, end)
+        _store(bp, offs, end, b, KIND, MASKED)
     if MASK & 4:
-        _store(S2, t, offs, c, KIND, ALIGNED, MASKED, end)
+        _store(cp, offs, end, c, KIND, MASKED)
 
 
 @triton.jit
@@ -106,6 +103,11 @@ def _kernel(P, G, S0, S1, S2, C, TID, CS, CE, MASK: tl.constexpr, KIND: tl.const
     t = tl.load(TID + pid)
     start = tl.load(CS + pid)
     end = tl.load(CE + pid)
+    pp = _ptr(P, t, KIND, ALIGNED)
+    gp = _ptr(G, t, KIND, ALIGNED)
+    ap = _ptr(S0, t, KIND, ALIGNED)
+    bp = _ptr(S1, t, KIND, ALIGNED)
+    cp = _ptr(S2, t, KIND, ALIGNED)
     h0 = tl.load(C + t * 10 + 0)
     h1 = tl.load(C + t * 10 + 1)
     h2 = tl.load(C + t * 10 + 2)
@@ -121,13 +123,13 @@ def _kernel(P, G, S0, S1, S2, C, TID, CS, CE, MASK: tl.constexpr, KIND: tl.const
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
         if ALIGNED:  # chunk starts are multiples of CHUNK, hence of BLOCK
             offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
-        _block(P, G, S0, S1, S2, t, offs, end, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9,
-               MASK, KIND, ALIGNED, False)
+        _block(pp, gp, ap, bp, cp, offs, end, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9,
+               MASK, KIND, False)
     tail = start + nfull * BLOCK
     if tail < end:
         offs = tail + tl.arange(0, BLOCK)
-        _block(P, G, S0, S1, S2, t, offs, end, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9,
-               MASK, KIND, ALIGNED, True)
+        _block(pp, gp, ap, bp, cp, offs, end, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9,
+               MASK, KIND, True)
 
 
 KINDS = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}
@@ -135,25 +137,36 @@ _SOURCE_HASH = hashlib.sha256(inspect.getsource(rules).encode()).hexdigest()
 _kernels = {}
 
 
-def _rebind(fn, gl):
-    """A copy of ``fn`` (a plain function or a JITFunction) whose globals are ``gl``."""
+def _rebind(fn, gl, interpret, launch=False):
+    """A copy of ``fn`` (a plain function or a JITFunction) whose globals are ``gl``.
+    Under the interpreter, helpers stay plain Python: each nested jit call would re-patch
+    triton.language, which made the interpreted tests several times slower."""
     py = getattr(fn, "fn", fn)
-    return triton.jit(types.FunctionType(py.__code__, gl, py.__name__, py.__defaults__))
+    py = types.FunctionType(py.__code__, gl, py.__name__, py.__defaults__)
+    if not interpret:
+        return JITFunction(py)
+    return triton.jit(py) if launch else py
 
 
-def build(rule, flags):
+def build(rule, flags, interpret=None):
     """The kernel for one rule and flag set: a copy of _kernel whose `rule` is a copy of
-    the rule with ``ops`` = triton.language and each flag a constexpr."""
-    k = (rule, flags)
+    the rule with ``ops`` = triton_ops and each flag a constexpr."""
+    interpret = _INTERPRET if interpret is None else interpret
+    k = (rule, flags, interpret)
     if k not in _kernels:
-        gl = {"__name__": rules.__name__, "ops": tl, "tl": tl, **{n: tl.constexpr(v) for n, v in flags}}
+        ops = types.ModuleType(triton_ops.__name__)
+        for name in ("div", "sqrt", "maximum", "where", "abs"):
+            setattr(ops, name, _rebind(getattr(triton_ops, name), {"tl": tl, "__name__": ops.__name__},
+                                       interpret))
+        gl = {"__name__": rules.__name__, "ops": ops, "tl": tl,
+              **{n: tl.constexpr(v) for n, v in flags}}
         for f in (*rules.HELPERS, rules.RULES[rule]):
-            gl[f.__name__] = _rebind(f, gl)
+            gl[f.__name__] = _rebind(f, gl, interpret)
         kgl = {"__name__": __name__, "tl": tl, "triton": triton, "rule": gl[rule]}
-        for f in (_load, _store):
-            kgl[f.fn.__name__] = _rebind(f, kgl)
-        kgl["_block"] = _rebind(_block, kgl)
-        _kernels[k] = _rebind(_kernel, kgl)
+        for f in (_ptr, _load, _store):
+            kgl[f.fn.__name__] = _rebind(f, kgl, interpret)
+        kgl["_block"] = _rebind(_block, kgl, interpret)
+        _kernels[k] = _rebind(_kernel, kgl, interpret, launch=True)
     return _kernels[k]
 
 
@@ -166,3 +179,22 @@ def run(rule, flags, dtype, mask, P, G, S, C, TID, CS, CE, aligned):
     kernel[(TID.numel(),)](P, G, S[0], S[1], S[2], C, TID, CS, CE, MASK=mask,
                            KIND=KINDS[dtype], ALIGNED=aligned, BLOCK=BLOCK,
                            num_warps=NUM_WARPS, enable_fp_fusion=False)
+
+
+def compile_ptx(rule, flags, dtype="float32", mask=3, arch=90, aligned=True):
+    """Compile one kernel ahead of time for an NVIDIA target (no GPU needed); returns
+    (ptx, metadata).  The tests read the PTX for 128-bit loads and register spills."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = build(rule, flags, interpret=False)
+    names = ["P", "G", "S0", "S1", "S2", "TID", "CS", "CE"]
+    sig = {n: "*i64" for n in names}
+    sig["C"] = "*fp64" if dtype == "float64" else "*fp32"
+    const = {"MASK": mask, "KIND": KINDS[dtype], "ALIGNED": aligned, "BLOCK": 1024}
+    sig.update({n: "constexpr" for n in const})
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in names + ["C"]}
+    src = ASTSource(kernel, signature=sig, constexprs=const, attrs=attrs)
+    out = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                         options={"num_warps": NUM_WARPS, "enable_fp_fusion": False})
+    return out.asm["ptx"], out.metadata

@@ -1,0 +1,93 @@
+"""Readable float64 definitions of each algorithm: what the kernels are tested against.
+
+Written from the algorithms as torch.optim documents them, one tensor at a time, in
+float64, without regard to speed.  ``step(name, params, grads, states, **hp)`` applies one
+step of optimizer ``name`` to lists of float64 tensors (updated in place); ``states`` is
+a list of dicts, one per param, kept between calls.  ``l1`` adds ``l1 * sign(param)`` to
+the gradient, after weight decay.
+"""
+
+import torch
+
+
+def _regularize(p, g, hp, coupled=True):
+    g = -g if hp.get("maximize") else g
+    if coupled and hp.get("weight_decay", 0):
+        g = g + hp["weight_decay"] * p
+    if hp.get("l1", 0):
+        g = g + hp["l1"] * torch.sign(p)
+    return g
+
+
+def adam(p, g, st, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, amsgrad=False,
+         decoupled_weight_decay=False, **hp):
+    beta1, beta2 = betas
+    t = st["step"] = st.get("step", 0) + 1
+    if decoupled_weight_decay:
+        p.mul_(1 - lr * hp.get("weight_decay", 0))
+    g = _regularize(p, g, hp, coupled=not decoupled_weight_decay)
+    m = st["exp_avg"] = beta1 * st.get("exp_avg", 0 * p) + (1 - beta1) * g
+    v = st["exp_avg_sq"] = beta2 * st.get("exp_avg_sq", 0 * p) + (1 - beta2) * g * g
+    if amsgrad:
+        v = st["max_exp_avg_sq"] = torch.maximum(st.get("max_exp_avg_sq", 0 * p), v)
+    m_hat = m / (1 - beta1 ** t)
+    v_hat = v / (1 - beta2 ** t)
+    p.sub_(lr * m_hat / (v_hat.sqrt() + eps))
+
+
+def adamw(p, g, st, weight_decay=1e-2, **hp):
+    adam(p, g, st, weight_decay=weight_decay, decoupled_weight_decay=True, **hp)
+
+
+def adamax(p, g, st, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, **hp):
+    beta1, beta2 = betas
+    t = st["step"] = st.get("step", 0) + 1
+    g = _regularize(p, g, hp)
+    m = st["exp_avg"] = beta1 * st.get("exp_avg", 0 * p) + (1 - beta1) * g
+    u = st["exp_inf"] = torch.maximum(beta2 * st.get("exp_inf", 0 * p), g.abs() + eps)
+    p.sub_(lr / (1 - beta1 ** t) * m / u)
+
+
+def rmsprop(p, g, st, lr=1e-2, alpha=0.99, eps=1e-8, momentum=0, centered=False, **hp):
+    st["step"] = st.get("step", 0) + 1
+    g = _regularize(p, g, hp)
+    v = st["square_avg"] = alpha * st.get("square_avg", 0 * p) + (1 - alpha) * g * g
+    if centered:
+        mean = st["grad_avg"] = alpha * st.get("grad_avg", 0 * p) + (1 - alpha) * g
+        v = v - mean * mean
+    update = g / (v.sqrt() + eps)
+    if momentum > 0:
+        update = st["momentum_buffer"] = momentum * st.get("momentum_buffer", 0 * p) + update
+    p.sub_(lr * update)
+
+
+def adagrad(p, g, st, lr=1e-2, lr_decay=0, initial_accumulator_value=0, eps=1e-10, **hp):
+    t = st["step"] = st.get("step", 0) + 1
+    g = _regularize(p, g, hp)
+    acc = st["sum"] = st.get("sum", initial_accumulator_value + 0 * p) + g * g
+    p.sub_(lr / (1 + (t - 1) * lr_decay) * g / (acc.sqrt() + eps))
+
+
+def sgd(p, g, st, lr=1e-3, momentum=0, dampening=0, nesterov=False, **hp):
+    g = _regularize(p, g, hp)
+    if momentum != 0:
+        if "momentum_buffer" not in st:
+            buf = st["momentum_buffer"] = g.clone()
+        else:
+            buf = st["momentum_buffer"] = momentum * st["momentum_buffer"] + (1 - dampening) * g
+        g = g + momentum * buf if nesterov else buf
+    p.sub_(lr * g)
+
+
+ALGORITHMS = {f.__name__: f for f in (adam, adamw, adamax, rmsprop, adagrad, sgd)}
+
+
+def step(name, params, grads, states, **hp):
+    """One step of algorithm ``name`` on float64 tensors; params without a grad are skipped."""
+    hp = {k: v for k, v in hp.items() if k not in ("foreach", "fused", "capturable",
+                                                   "differentiable", "backend")}
+    for p, g, st in zip(params, grads, states):
+        if g is None:
+            continue
+        assert p.dtype == torch.float64
+        ALGORITHMS[name](p, g.to(torch.float64), st, **hp)
