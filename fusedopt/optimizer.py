@@ -39,14 +39,14 @@ def _triton():
 class _Bucket:
     """The params of one group that share device and dtype, ready for one engine call."""
 
-    def __init__(self, opt, group, params, slots):
+    def __init__(self, opt, group, params, slots, fresh):
         self.params = params
         self.device = params[0].device
         dtype = _REAL.get(params[0].dtype, params[0].dtype)
         self.dtype = str(dtype).replace("torch.", "")
         self.mask = sum(1 << i for i, name in enumerate(slots) if name)
         self.backend = opt._backend_for(self.device)
-        states = [opt.state[p] for p in params]
+        states = [opt.state[p] for p in params] if opt._needs_state(group) else [{}] * len(params)
         # engines need contiguous memory: non-contiguous params are updated through a copy
         self.work = [(i, p, p.contiguous()) for i, p in enumerate(params) if not p.is_contiguous()]
         flat = [p for p in params]
@@ -67,10 +67,14 @@ class _Bucket:
             cols.append(col)
         self.tensors = cols
         self.numel = np.array([t.numel() for t in cols[0]], dtype=np.int64)
-        steps = torch.tensor([float(st["step"]) for st in states], dtype=_scalar_dtype(),
-                             device=self.device if self.device.type != "cpu" else "cpu")
-        for k, st in enumerate(states):
-            st["step"] = steps[k]
+        if opt._has_step:
+            steps = torch.tensor([float(st["step"]) for st in states], dtype=_scalar_dtype(),
+                                 device=self.device)
+            for k, st in enumerate(states):
+                st["step"] = steps[k]
+        else:  # a private count: 0 for state created by this plan, so step 1 is its first
+            steps = torch.tensor([0.0 if id(p) in fresh else 1.0 for p in params],
+                                 dtype=torch.float64, device=self.device)
         self.steps = steps
         math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self.C = torch.zeros(len(params), NCOEF, dtype=math_dtype, device=self.device)
@@ -144,17 +148,20 @@ class _Plan:
         self.group, self.params, self.nparams, self.live = group, params, len(params), live
         self.state_obj = opt.state
         self.slots = opt._slots(group)
-        order = {}
+        order, fresh = {}, set()
         for i in live:
             p = params[i]
             order.setdefault((p.device, p.dtype), []).append(i)
+            if not opt._needs_state(group):
+                continue
             st = opt.state[p]
-            if len(st) == 0:
+            if len(st) == 0 and opt._has_step:
                 opt._init_state(group, p, st)
             for name in self.slots:
                 if name and st.get(name) is None:
                     st[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        self.buckets = [(idx, _Bucket(opt, group, [params[i] for i in idx], self.slots))
+                    fresh.add(id(p))
+        self.buckets = [(idx, _Bucket(opt, group, [params[i] for i in idx], self.slots, fresh))
                         for idx in order.values()]
         self.single = len(self.buckets) == 1 and len(live) == len(params)
 
@@ -174,6 +181,10 @@ class FusedOptimizer:
 
     _rule = None
     _sparse_error = None
+    _has_step = True  # torch keeps state["step"] (all but SGD)
+
+    def _needs_state(self, group):
+        return self._has_step or any(self._slots(group))
 
     def __init__(self, *args, backend="auto", l1=0.0, **kwargs):
         if kwargs.get("differentiable"):
@@ -229,12 +240,14 @@ class FusedOptimizer:
         live = [i for i, g in enumerate(grads) if g is not None]
         if not live:
             return
+        sparse = [i for i in live if grads[i].is_sparse]
+        if sparse:
+            self._sparse_step(group, [params[i] for i in sparse])
+            live = [i for i in live if not grads[i].is_sparse]
+            if not live:
+                return
         if len(live) < len(grads):
             grads = [grads[i] for i in live]
-        for g in grads:
-            if g.is_sparse:
-                self._sparse_step(group, params, live)
-                return
         plan = self._plans.get(id(group))
         if plan is None or not plan.valid(self, group, params, live):
             plan = self._plans[id(group)] = _Plan(self, group, params, live)
@@ -247,7 +260,7 @@ class FusedOptimizer:
             coeffs = self._coefficients(group, step, bucket.dtype == "float64")
             bucket.run(self._rule, flags, gs, coeffs)
 
-    def _sparse_step(self, group, params, live):
+    def _sparse_step(self, group, params):
         raise RuntimeError(self._sparse_error)
 
     def _all_flags(self, group):

@@ -149,6 +149,9 @@ def _build(rule, flags, dtype, mask):
     proto = _template(key, mask, dt)
     kgl = dict(globals(), rule=gl[rule], load=load, store=store)
     fn = types.FunctionType(proto.__code__, kgl, proto.__name__, None, proto.__closure__)
+    # numba names cache files after the qualname: one index file per variant, so that
+    # processes compiling different variants at once cannot overwrite each other's entries
+    fn.__qualname__ = f"kernel_{rule}_{key:x}"
     return numba.njit(parallel=True, cache=True, **JIT)(fn)
 
 

@@ -2,6 +2,7 @@
 import math
 
 import numba
+from numba.extending import intrinsic
 
 
 @numba.njit(inline="always")
@@ -28,3 +29,14 @@ def maximum(a, b):
 @numba.njit(inline="always")
 def abs(x):  # noqa: A001  (mirrors triton.language.abs)
     return x if x >= -x else -x
+
+
+@intrinsic
+def fma(typingctx, a, b, c):
+    # a * b + c rounded once (llvm.fma), as torch's vectorized CPU kernels compute it
+    if not (a == b == c):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fma(*args)
+    return a(a, b, c), codegen

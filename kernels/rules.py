@@ -14,7 +14,8 @@ There are no float literals here: in Numba a literal promotes float32 math to fl
 ``ops`` and the UPPER-CASE flags are not defined in this module on purpose: each engine
 compiles a copy of these functions whose globals bind ``ops`` to its math library
 (``numba_ops`` or ``triton_ops``: division and square root are ``ops.div`` and
-``ops.sqrt`` because Triton's ``/`` on float32 is approximate) and every flag to a compile-time
+``ops.sqrt`` because Triton's ``/`` on float32 is approximate; ``ops.fma`` is a fused
+multiply-add, used exactly where torch's CPU kernels fuse: addcmul, lerp, add(alpha=)) and every flag to a compile-time
 constant, so a flag costs nothing inside the element loop.
 
 The order of operations follows torch 2.13's for-loop implementations
@@ -28,10 +29,11 @@ FLAGS = ("MAXIMIZE", "WEIGHT_DECAY", "L1", "LERP_SMALL", "AMSGRAD", "DECOUPLED",
 
 
 def lerp(start, end, w, w_rest):
-    # torch's lerp: start + w * (end - start) when |w| < 0.5, else end - (end - start) * (1 - w)
+    # torch's lerp: start + w * (end - start) when |w| < 0.5, else end - (end - start) * (1 - w),
+    # each with one fused multiply-add
     if LERP_SMALL:
-        return start + w * (end - start)
-    return end - (end - start) * w_rest
+        return ops.fma(w, end - start, start)
+    return ops.fma(-w_rest, end - start, end)
 
 
 def regularize(p, g, wd, l1):
@@ -40,7 +42,7 @@ def regularize(p, g, wd, l1):
         g = -g
     if WEIGHT_DECAY:
         if not DECOUPLED:
-            g = g + wd * p
+            g = ops.fma(wd, p, g)
     if L1:
         zero = l1 - l1
         g = g + ops.where(p > zero, l1, ops.where(p < zero, -l1, zero))
@@ -55,7 +57,7 @@ def adam(p, g, m, v, vmax, step_size, bc2_sqrt, w, w_rest, beta2, beta2_rest, ep
             p = p * wd
     g = regularize(p, g, wd, l1)
     m = lerp(m, g, w, w_rest)
-    v = v * beta2 + beta2_rest * g * g
+    v = ops.fma(beta2_rest * g, g, v * beta2)
     d = v
     if AMSGRAD:
         vmax = ops.maximum(vmax, v)
@@ -76,15 +78,15 @@ def adamax(p, g, m, u, unused_c, clr, w, w_rest, beta2, eps, wd, l1, h7, h8, h9)
 def rmsprop(p, g, sq, buf, gavg, lr, alpha, alpha_rest, w_rest, eps, momentum, wd, l1, h8, h9):
     # alpha_rest = 1 - alpha is also the lerp weight of grad_avg (w_rest: 1 - that)
     g = regularize(p, g, wd, l1)
-    sq = sq * alpha + alpha_rest * g * g
+    sq = ops.fma(alpha_rest * g, g, sq * alpha)
     if CENTERED:
         gavg = lerp(gavg, g, alpha_rest, w_rest)
-        avg = ops.sqrt(sq - gavg * gavg) + eps
+        avg = ops.sqrt(ops.fma(-gavg, gavg, sq)) + eps
     else:
         avg = ops.sqrt(sq) + eps
     if MOMENTUM:
         buf = buf * momentum + ops.div(g, avg)
-        p = p + -lr * buf
+        p = ops.fma(-lr, buf, p)
     else:
         p = p + ops.div(-lr * g, avg)
     return p, sq, buf, gavg
@@ -92,7 +94,7 @@ def rmsprop(p, g, sq, buf, gavg, lr, alpha, alpha_rest, w_rest, eps, momentum, w
 
 def adagrad(p, g, acc, unused_b, unused_c, clr, eps, wd, l1, h4, h5, h6, h7, h8, h9):
     g = regularize(p, g, wd, l1)
-    acc = acc + g * g
+    acc = ops.fma(g, g, acc)
     p = p + ops.div(-clr * g, ops.sqrt(acc) + eps)
     return p, acc, unused_b, unused_c
 
@@ -102,12 +104,12 @@ def sgd(p, g, buf, unused_b, unused_c, lr, wd, l1, keep, take, momentum, h6, h7,
     # torch starts the buffer as a copy of the gradient (buf is zero then, so 0 * buf + g == g)
     g = regularize(p, g, wd, l1)
     if MOMENTUM:
-        buf = buf * keep + take * g
+        buf = ops.fma(take, g, buf * keep)
         if NESTEROV:
-            g = g + momentum * buf
+            g = ops.fma(momentum, buf, g)
         else:
             g = buf
-    p = p + -lr * g
+    p = ops.fma(-lr, g, p)
     return p, buf, unused_b, unused_c
 
 

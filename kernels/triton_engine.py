@@ -155,7 +155,7 @@ def build(rule, flags, interpret=None):
     k = (rule, flags, interpret)
     if k not in _kernels:
         ops = types.ModuleType(triton_ops.__name__)
-        for name in ("div", "sqrt", "maximum", "where", "abs"):
+        for name in ("div", "sqrt", "maximum", "where", "abs", "fma"):
             setattr(ops, name, _rebind(getattr(triton_ops, name), {"tl": tl, "__name__": ops.__name__},
                                        interpret))
         gl = {"__name__": rules.__name__, "ops": ops, "tl": tl,

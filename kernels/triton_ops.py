@@ -2,7 +2,8 @@
 
 Plain ``/`` and ``tl.sqrt`` on float32 compile to approximate PTX (``div.full.f32``); the
 rules need IEEE round-to-nearest, as torch computes, and ``tl.div_rn`` / ``tl.sqrt_rn``
-accept only float32, hence the dispatch on dtype.  The engine compiles these (they are
+accept only float32, hence the dispatch on dtype.  ``fma`` rounds once, as torch's
+vectorized CPU kernels do in addcmul, lerp and add(alpha=...).  The engine compiles these (they are
 plain functions here so that the interpreter can call them without a jit wrapper).
 """
 import triton.language as tl
@@ -32,3 +33,7 @@ def where(c, a, b):
 
 def abs(x):  # noqa: A001
     return tl.abs(x)
+
+
+def fma(a, b, c):
+    return tl.fma(a, b, c)

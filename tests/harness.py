@@ -78,8 +78,8 @@ def ordered(x):
 def max_ulp(xs, ys, scales=None, floor=0.0):
     """Largest difference between corresponding elements, in units of last place.
 
-    With ``scales`` (the initial params), the unit is the ulp of the largest of |x|, |y|,
-    |scale| and ``floor`` (the size of one update, e.g. lr for Adam): where an update cancels most of a param, a rounding difference of one
+    With ``scales`` (the params before the update), the unit is the ulp of the largest of
+    |x|, |y|, |scale|, the update |y - scale| and ``floor`` (e.g. lr): where an update cancels most of a param, a rounding difference of one
     ulp in the update is many ulps of the small result, and that is not a real
     difference (torch itself rounds its vectorized body and its scalar tail differently).
     """
@@ -91,8 +91,9 @@ def max_ulp(xs, ys, scales=None, floor=0.0):
         if scales is None:
             worst = max(worst, (ordered(x) - ordered(y)).abs().max().item())
             continue
-        s = torch.maximum(torch.maximum(x.abs(), y.abs()), scales[k].to(x.dtype).abs())
-        s = s.clamp(min=floor)
+        before = scales[k].to(x.dtype)
+        s = torch.maximum(torch.maximum(x.abs(), y.abs()), before.abs())
+        s = torch.maximum(s, (y - before).abs()).clamp(min=floor)
         ulp = torch.nextafter(s, torch.full_like(s, float("inf"))) - s
         d = (x.double() - y.double()).abs() / ulp.double()
         worst = max(worst, d.nan_to_num(0.0).max().item())

@@ -1,0 +1,49 @@
+"""Adagrad: torch.optim.Adagrad with a fused multi-tensor step.
+
+Sparse gradients (``nn.Embedding(sparse=True)``) are handed to torch's own Adagrad
+(``torch.optim.adagrad.adagrad``) for those params: the update touches only the rows
+present, which a dense kernel cannot do cheaply, and this gives exactly torch's result.
+"""
+import torch
+from torch.optim.adagrad import adagrad as torch_adagrad
+
+from .optimizer import FusedOptimizer, signature_with
+
+
+class Adagrad(FusedOptimizer, torch.optim.Adagrad):
+    _rule = "adagrad"
+
+    def _slots(self, group):
+        return ("sum", None, None)
+
+    def _flags(self, group):
+        return {}
+
+    def _init_state(self, group, p, state):
+        state["step"] = torch.tensor(0.0, dtype=torch.float32 if torch.get_default_dtype()
+                                     != torch.float64 else torch.float64)
+        init = group["initial_accumulator_value"]
+        state["sum"] = torch.full_like(p, complex(init, init) if p.is_complex() else init,
+                                       memory_format=torch.preserve_format)
+
+    def _coefficients(self, group, step, f64):
+        clr = group["lr"] / (1 + (step - 1) * group["lr_decay"])
+        return (clr, group["eps"], group["weight_decay"], group["l1"], 0.0, 0.0, 0.0, 0.0,
+                0.0, 0.0)
+
+    def _sparse_step(self, group, params):
+        if group["l1"]:
+            raise RuntimeError("l1 is not supported with sparse gradients")
+        states = []
+        for p in params:
+            if len(self.state[p]) == 0:
+                self._init_state(group, p, self.state[p])
+            states.append(self.state[p])
+        torch_adagrad(params, [p.grad for p in params], [s["sum"] for s in states],
+                      [s["step"] for s in states], lr=group["lr"], weight_decay=group["weight_decay"],
+                      lr_decay=group["lr_decay"], eps=group["eps"], has_sparse_grad=True,
+                      foreach=False, maximize=group["maximize"], differentiable=False,
+                      has_complex=False)
+
+
+Adagrad.__signature__ = signature_with(torch.optim.Adagrad, backend="auto", l1=0.0)

@@ -1,0 +1,51 @@
+"""SGD: torch.optim.SGD with a fused multi-tensor step.
+
+torch creates a momentum buffer as a copy of the first gradient; here it is created as
+zeros and the first step uses momentum 0 and dampening 0 (0 * 0 + 1 * g == g), so the
+buffer exists in the state exactly when torch's does and holds the same values.
+Sparse gradients go to torch's own SGD for those params.
+"""
+import torch
+from torch.optim.sgd import sgd as torch_sgd
+
+from .optimizer import FusedOptimizer, signature_with
+
+
+class SGD(FusedOptimizer, torch.optim.SGD):
+    _rule = "sgd"
+    _has_step = False
+
+    def _slots(self, group):
+        return ("momentum_buffer" if group["momentum"] != 0 else None, None, None)
+
+    def _flags(self, group):
+        return {"MOMENTUM": group["momentum"] != 0, "NESTEROV": bool(group["nesterov"])}
+
+    def _coefficients(self, group, step, f64):
+        momentum, take = group["momentum"], 1 - group["dampening"]
+        if isinstance(step, torch.Tensor):
+            first = step == 1
+            keep = torch.where(first, 0.0, float(momentum))
+            take = torch.where(first, 1.0, float(take))
+        elif step == 1:
+            keep, take = 0.0, 1.0
+        else:
+            keep = momentum
+        return (group["lr"], group["weight_decay"], group["l1"], keep, take, momentum, 0.0,
+                0.0, 0.0, 0.0)
+
+    def _sparse_step(self, group, params):
+        if group["l1"]:
+            raise RuntimeError("l1 is not supported with sparse gradients")
+        bufs = [self.state[p].get("momentum_buffer") for p in params] if group["momentum"] \
+            else [None] * len(params)
+        torch_sgd(params, [p.grad for p in params], bufs, weight_decay=group["weight_decay"],
+                  momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
+                  nesterov=group["nesterov"], maximize=group["maximize"], has_sparse_grad=True,
+                  foreach=False)
+        if group["momentum"]:
+            for p, b in zip(params, bufs):
+                self.state[p]["momentum_buffer"] = b
+
+
+SGD.__signature__ = signature_with(torch.optim.SGD, backend="auto", l1=0.0)
