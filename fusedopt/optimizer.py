@@ -18,6 +18,9 @@ import torch
 from .kernels import rules
 
 _REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+_GRAD = operator.attrgetter("grad")
+_PTR = torch.Tensor.data_ptr
+_CONTIG = torch.Tensor.is_contiguous
 NCOEF = 10
 
 
@@ -102,7 +105,7 @@ class _Bucket:
                 return float(s[0])
         return self.steps.double()
 
-    def run(self, rule, flags, grads, coeffs):
+    def run(self, rule, flags, gptr, coeffs):
         for j, c in enumerate(coeffs):
             if isinstance(c, torch.Tensor):
                 self.C[:, j].copy_(c)
@@ -110,8 +113,6 @@ class _Bucket:
                 self.C[:, j].fill_(c)
         for i, p, w in self.work:
             w.copy_(p)
-        keep = [g if g.is_contiguous() else g.contiguous() for g in grads]
-        gptr = np.array([g.data_ptr() for g in keep], dtype=np.int64)
         aligned = self.aligned and not (gptr % 16).any()
         if self.backend == "numba":
             _numba().run(rule, flags, self.dtype, self.mask, self.P, gptr, self.S, self.Cn,
@@ -163,11 +164,14 @@ class _Plan:
                     fresh.add(id(p))
         self.buckets = [(idx, _Bucket(opt, group, [params[i] for i in idx], self.slots, fresh))
                         for idx in order.values()]
-        self.single = len(self.buckets) == 1 and len(live) == len(params)
+        self.all_live = len(live) == len(params)
+        self.single = len(self.buckets) == 1 and self.all_live
 
     def valid(self, opt, group, params, live):
+        """Still right for this group, params and live indices (None: every param)?"""
+        live_ok = self.all_live if live is None else self.live == live
         return (self.group is group and self.state_obj is opt.state
-                and self.nparams == len(params) and self.live == live
+                and self.nparams == len(params) and live_ok
                 and all(map(operator.is_, self.params, params))
                 and self.slots == opt._slots(group))
 
@@ -236,29 +240,35 @@ class FusedOptimizer:
 
     def _step_group(self, group):
         params = group["params"]
-        grads = [p.grad for p in params]
+        grads = list(map(_GRAD, params))
+        plan = self._plans.get(id(group))
+        if plan is not None and plan.single and plan.valid(self, group, params, None):
+            # fast path, one pass per attribute: a None grad raises TypeError and a
+            # sparse one RuntimeError (no storage); either sends the step down the general path
+            try:
+                gptr = np.fromiter(map(_PTR, grads), np.int64, len(grads))
+            except (TypeError, RuntimeError):
+                gptr = None
+            if gptr is not None and all(map(_CONTIG, grads)):
+                self._run(plan.buckets[0][1], group, gptr)
+                return
         live = [i for i, g in enumerate(grads) if g is not None]
-        if not live:
-            return
         sparse = [i for i in live if grads[i].is_sparse]
         if sparse:
             self._sparse_step(group, [params[i] for i in sparse])
             live = [i for i in live if not grads[i].is_sparse]
-            if not live:
-                return
-        if len(live) < len(grads):
-            grads = [grads[i] for i in live]
-        plan = self._plans.get(id(group))
+        if not live:
+            return
         if plan is None or not plan.valid(self, group, params, live):
             plan = self._plans[id(group)] = _Plan(self, group, params, live)
-        flags = self._all_flags(group)
         for idx, bucket in plan.buckets:
-            gs = grads if plan.single else [params[i].grad for i in idx]
-            step = bucket.step_value()
-            if bucket.params[0].is_complex():
-                gs = [_as_real(g) for g in gs]
-            coeffs = self._coefficients(group, step, bucket.dtype == "float64")
-            bucket.run(self._rule, flags, gs, coeffs)
+            keep = [grads[i] if grads[i].is_contiguous() else grads[i].contiguous() for i in idx]
+            self._run(bucket, group, np.fromiter(map(_PTR, keep), np.int64, len(keep)))
+
+    def _run(self, bucket, group, gptr):
+        step = bucket.step_value()
+        coeffs = self._coefficients(group, step, bucket.dtype == "float64")
+        bucket.run(self._rule, self._all_flags(group), gptr, coeffs)
 
     def _sparse_step(self, group, params):
         raise RuntimeError(self._sparse_error)

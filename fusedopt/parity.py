@@ -1,0 +1,210 @@
+"""Parity: run fusedopt, torch.optim(foreach=False) and the float64 reference on identical
+data, and compare.  The test suite and ``fusedopt parity`` apply the same criteria (``check``).
+
+Criteria, for one optimizer, flag set, dtype and engine, after ``steps`` steps:
+  * accuracy: the error against float64 is no larger than torch.optim's own in the same
+    dtype.  Slack: RMS error within 10 % of torch's (float64 rounding noise), max error
+    within 4 ulp of the largest param of torch's (the max is one element: noise decides);
+  * float32/float64: results within ULP_STEPS units of torch.optim's (see ``max_ulp``: the
+    unit is the ulp of the param or of one update).  The rules fuse multiply-adds exactly
+    where torch's CPU kernels do, and 98-100 % of elements come out bitwise equal to
+    torch's (Adamax and SGD: all); the rest differ by rounding that momentum and second
+    moments carry from step to step;
+  * engines agree within 2 ulp of each other.
+float16 runs use eps >= 1e-4: torch's default 1e-8 rounds to 0 in float16 and turns
+torch.optim's own float16 Adam into NaN.
+"""
+import os
+
+import torch
+
+import fusedopt
+from fusedopt import reference
+
+ULP_STEPS = 64
+
+# four param groups per run: sizes 0, 1, 7, 65537, 1023, 2-D and 3-D, many tiny tensors
+SHAPES = [[(0,), (1,), (7,), (65537,)], [(1023,), (33, 17)], [(5,), (300,), (2, 3, 4)],
+          [(3,)] * 8]
+BACKENDS = ["numba", "triton"]  # triton runs in its interpreter without a GPU
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def make_data(seed, dtype, steps, shapes):
+    """Initial params and per-step grads, drawn in float64 and rounded to ``dtype`` once,
+    so every implementation starts from the same values."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+             for _ in range(steps)]
+    return params, grads
+
+
+def initial(dtype, groups, seed=0):
+    """The initial params ``run`` starts from (flat list)."""
+    return [p for k, (shapes, _) in enumerate(groups)
+            for p in make_data(seed + k, dtype, 0, shapes)[0]]
+
+
+def run(impl, name, dtype, groups, steps=20, seed=0, backend=None, cls=None):
+    """Train ``groups`` (a list of (shapes, hyperparameters)) for ``steps`` steps with
+    impl in {"fusedopt", "torch", "reference"}; returns the final params (flat list) and,
+    except for the reference, the optimizer."""
+    data = [make_data(seed + k, dtype, steps, shapes) for k, (shapes, _) in enumerate(groups)]
+    if impl == "reference":
+        out = []
+        for (params, grads), (_, hp) in zip(data, groups):
+            ps = [p.to(torch.float64) for p in params]
+            states = [{} for _ in ps]
+            for gs in grads:
+                reference.step(name.lower(), ps, gs, states, **hp)
+            out += ps
+        return out, None
+    if cls is None:
+        cls = getattr(fusedopt, name) if impl == "fusedopt" else getattr(torch.optim, name)
+    pgroups = []
+    for (params, _), (_, hp) in zip(data, groups):
+        pgroups.append(dict(params=[torch.nn.Parameter(p.clone()) for p in params], **hp))
+    kw = {"backend": backend} if impl == "fusedopt" else {"foreach": False}
+    opt = cls(pgroups, **kw)
+    for s in range(steps):
+        for g, (_, grads) in zip(opt.param_groups, data):
+            for p, gr in zip(g["params"], grads[s]):
+                p.grad = gr.clone()
+        opt.step()
+    return [p.detach() for g in opt.param_groups for p in g["params"]], opt
+
+
+def errors(xs, ref):
+    """(max abs error, rms error) of the tensors xs against float64 ``ref``."""
+    d = torch.cat([(x.double() - r).flatten() for x, r in zip(xs, ref)])
+    if d.numel() == 0:
+        return 0.0, 0.0
+    return d.abs().max().item(), d.pow(2).mean().sqrt().item()
+
+
+_INT = {torch.float32: torch.int32, torch.float64: torch.int64,
+        torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def ordered(x):
+    """Bit patterns mapped to integers that count representable values in order."""
+    i = x.contiguous().view(_INT[x.dtype]).to(torch.int64)
+    top = torch.iinfo(_INT[x.dtype]).min
+    return torch.where(i < 0, top - i, i)
+
+
+def max_ulp(xs, ys, scales=None, floor=0.0):
+    """Largest difference between corresponding elements, in units of last place.
+
+    With ``scales`` (the params before the update), the unit is the ulp of the largest of
+    |x|, |y|, |scale|, the update |y - scale| and ``floor`` (e.g. lr): where an update cancels most of a param, a rounding difference of one
+    ulp in the update is many ulps of the small result, and that is not a real
+    difference (torch itself rounds its vectorized body and its scalar tail differently).
+    """
+    worst = 0
+    for k, (x, y) in enumerate(zip(xs, ys)):
+        if not x.numel():
+            continue
+        assert torch.equal(x.isnan(), y.isnan())
+        if scales is None:
+            worst = max(worst, (ordered(x) - ordered(y)).abs().max().item())
+            continue
+        before = scales[k].to(x.dtype)
+        s = torch.maximum(torch.maximum(x.abs(), y.abs()), before.abs())
+        s = torch.maximum(s, (y - before).abs()).clamp(min=floor)
+        ulp = torch.nextafter(s, torch.full_like(s, float("inf"))) - s
+        d = (x.double() - y.double()).abs() / ulp.double()
+        worst = max(worst, d.nan_to_num(0.0).max().item())
+    return worst
+
+
+# algorithm-specific flags per case; every case also crosses maximize x weight_decay (CROSS)
+CASES = {
+    "Adam": [dict(amsgrad=a, decoupled_weight_decay=d) for a in (False, True) for d in (False, True)],
+    "AdamW": [dict(amsgrad=a) for a in (False, True)],
+    "Adamax": [{}],
+    "RMSprop": [dict(centered=c, momentum=m) for c in (False, True) for m in (0, 0.9)],
+    "Adagrad": [dict(lr_decay=d, initial_accumulator_value=a) for d in (0, 0.01) for a in (0, 0.1)],
+    "SGD": [dict(momentum=0), dict(momentum=0.9), dict(momentum=0.9, dampening=0.1),
+            dict(momentum=0.9, nesterov=True)],
+}
+_ADAM_HP = [dict(lr=1e-2), dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6), dict(lr=2e-3, betas=(0.3, 0.9)),
+            dict(lr=1e-2, betas=(0.5, 0.95))]  # beta1 < 0.5: torch's lerp switches formula
+GROUP_HP = {
+    "Adam": _ADAM_HP, "AdamW": _ADAM_HP, "Adamax": _ADAM_HP,
+    "RMSprop": [dict(lr=1e-2), dict(lr=3e-3, alpha=0.9, eps=1e-6), dict(lr=2e-3, alpha=0.3),
+                dict(lr=1e-3, alpha=0.5)],
+    "Adagrad": [dict(lr=1e-2), dict(lr=3e-2, eps=1e-6), dict(lr=2e-3), dict(lr=5e-2)],
+    "SGD": [dict(lr=1e-2), dict(lr=3e-2), dict(lr=2e-3), dict(lr=5e-2)],
+}
+CROSS = [dict(maximize=False, weight_decay=0), dict(maximize=True, weight_decay=0.1),
+         dict(maximize=False, weight_decay=0.05), dict(maximize=True, weight_decay=0)]
+
+
+def groups_for(name, case, dtype, shapes=None):
+    """Four param groups for one case: each its own sizes, hyperparameters and
+    maximize/weight_decay (``shapes``, if given, replaces the sizes of every group)."""
+    groups = []
+    for k, (hp, cross) in enumerate(zip(GROUP_HP[name], CROSS)):
+        hp = {**hp, **cross, **case}
+        if dtype == torch.float16 and name in ("Adam", "AdamW", "Adamax", "RMSprop"):
+            hp["eps"] = max(hp.get("eps", 0), 1e-4)
+        groups.append((shapes or SHAPES[k], hp))
+    return groups
+
+
+def available_backends():
+    """Both engines where they can run: Triton on CUDA, or in its interpreter on CPU
+    when TRITON_INTERPRET=1 is set before triton is first used."""
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        return list(BACKENDS)
+    return ["numba"]
+
+
+def check(name, case, dtype, backends=None, steps=20, shapes=None, cls=None, device="cpu"):
+    """Run one case; returns a dict of measurements and ``ok``."""
+    backends = backends or available_backends()
+    groups = groups_for(name, case, dtype, shapes)
+    ref = run("reference", name, dtype, groups, steps)[0]
+    theirs = run("torch", name, dtype, groups, steps)[0]
+    ours = {b: run("fusedopt", name, dtype, groups, steps, backend=b, cls=cls)[0] for b in backends}
+    t_max, t_rms = errors(theirs, ref)
+    scale = max((r.abs().max().item() for r in ref if r.numel()), default=0.0)
+    slack = 4 * torch.finfo(dtype).eps * scale
+    out = dict(optimizer=name, case=case, dtype=str(dtype).replace("torch.", ""), steps=steps,
+               torch_max_err=t_max, torch_rms_err=t_rms, ok=True, failures=[])
+    for b, xs in ours.items():
+        o_max, o_rms = errors(xs, ref)
+        out[f"{b}_max_err"], out[f"{b}_rms_err"] = o_max, o_rms
+        out[f"{b}_err_ratio"] = o_rms / t_rms if t_rms else (0.0 if o_rms == 0 else float("inf"))
+        if not o_rms <= 1.1 * t_rms:
+            out["failures"].append(f"{b}: rms error {o_rms:.3g} > 1.1 x torch's {t_rms:.3g}")
+        if not o_max <= t_max + slack:
+            out["failures"].append(f"{b}: max error {o_max:.3g} > torch's {t_max:.3g} + 4 ulp")
+    if dtype in (torch.float32, torch.float64):
+        init, k, worst = initial(dtype, groups), 0, 0.0
+        for shp, hp in groups:
+            n = len(shp)
+            worst = max(worst, max_ulp(ours[backends[0]][k:k + n], theirs[k:k + n], init[k:k + n],
+                                       floor=hp["lr"]))
+            k += n
+        out["ulp_vs_torch"] = worst
+        if worst > ULP_STEPS:
+            out["failures"].append(f"{worst:.0f} ulp from torch.optim > {ULP_STEPS}")
+    if len(backends) > 1:
+        out["ulp_between_engines"] = max_ulp(ours[backends[0]], ours[backends[1]])
+        if out["ulp_between_engines"] > 2:
+            out["failures"].append(f"engines {out['ulp_between_engines']:.0f} ulp apart")
+    out["ok"] = not out["failures"]
+    return out
+
+
+def matrix(optims=None, dtypes=None):
+    """(name, case, dtype) for every case of the given optimizers (default: all)."""
+    names = [n for n in CASES if optims is None or n.lower() in optims]
+    return [(n, c, d) for n in names for c in CASES[n] for d in (dtypes or DTYPES)]
+
+
+def case_id(case):
+    return ",".join(f"{k}={v}" for k, v in case.items()) or "default"
