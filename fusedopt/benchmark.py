@@ -29,45 +29,33 @@ OPTIMS = {
 TORCH_FUSED = {"Adam", "AdamW", "SGD", "Adagrad"}
 
 
-def _sync(device):
+def _time(fn, device):
+    """Seconds for one call: CUDA events on GPU, wall time on CPU."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _time(fn, device, repeats, warmup=2):
-    for _ in range(warmup):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
-def roof(numel, reads, writes, device, repeats):
-    """Seconds for the best in-place stream moving reads + writes float32 tensors of numel:
-    each written tensor is read and updated in place (x += y), the rest only read."""
+def roof(numel, reads, writes, device):
+    """A step function for the machine's memory roof over the optimizer's bytes, and the
+    byte count: an in-place stream over float32 buffers of ``numel`` elements in which
+    ``writes`` buffers are read and updated and the others only read."""
     bufs = [torch.ones(numel, device=device) for _ in range(reads)]
-    if device.type == "cuda":
-        def step():
-            for k in range(writes):
-                bufs[k].add_(bufs[writes + (k % (reads - writes))] if reads > writes else bufs[k])
-        # torch's single pass per tensor; ~one kernel each, close to copy bandwidth
-        return _time(step, device, repeats), reads * 4 * numel + writes * 4 * numel
+    nbytes = (reads + writes) * 4 * numel
     from .kernels import roofline
+    if device.type == "cuda":
+        fn = roofline.gpu_stream(reads, writes)
+        return (lambda: fn(*bufs)), nbytes
     arrays = [b.numpy() for b in bufs]
     fn = roofline.stream(reads, writes)
-    return _time(lambda: fn(*arrays), device, repeats), (reads + writes) * 4 * numel
+    return (lambda: fn(*arrays)), nbytes
 
 
 def _make(shapes, device, dtype=torch.float32, seed=0):
@@ -78,52 +66,83 @@ def _make(shapes, device, dtype=torch.float32, seed=0):
     return ps
 
 
-def implementations(name, has_fused):
+def _cupy_adam(ps, hp):
+    """What a CuPy user would write: one ElementwiseKernel launch per parameter."""
+    import cupy as cp
+    kernel = cp.ElementwiseKernel(
+        "T g, T step_size, T b1, T b2, T eps, T bc2_sqrt", "T p, T m, T v",
+        "m = b1 * m + (1 - b1) * g; v = b2 * v + (1 - b2) * g * g;"
+        "p -= step_size * m / (sqrt(v) / bc2_sqrt + eps);", "fusedopt_bench_adam")
+    state = [(torch.zeros_like(p), torch.zeros_like(p)) for p in ps]
+    count = [0]
+    b1, b2 = 0.9, 0.999
+
+    def step():
+        count[0] += 1
+        t = count[0]
+        f = np.float32
+        args = (f(hp["lr"] / (1 - b1 ** t)), f(b1), f(b2), f(1e-8), f((1 - b2 ** t) ** 0.5))
+        for p, (m, v) in zip(ps, state):
+            kernel(cp.asarray(p.grad), *args, cp.asarray(p.detach()), cp.asarray(m), cp.asarray(v))
+    return step
+
+
+def _steps(cls_name, hp, shapes, device, compile_step):
+    """name -> step function, each over its own params, grads and state."""
     impls = {"torch-forloop": dict(foreach=False), "torch-foreach": dict(foreach=True)}
-    if has_fused:
+    if cls_name in TORCH_FUSED:
         impls["torch-fused"] = dict(fused=True)
+    if compile_step:
+        impls["torch-compile"] = dict(foreach=True)
     impls["fusedopt"] = {}
-    return impls
+    steps = {}
+    for impl, kw in impls.items():
+        cls = getattr(fusedopt if impl == "fusedopt" else torch.optim, cls_name)
+        opt = cls(_make(shapes, device), **hp, **kw)
+        steps[impl] = torch.compile(opt.step) if impl == "torch-compile" else opt.step
+    if device.type == "cuda" and cls_name == "Adam":
+        try:
+            steps["cupy-elementwise"] = _cupy_adam(_make(shapes, device), hp)
+        except ImportError:
+            pass
+    return steps
 
 
 def bench_one(optim, workload, device, repeats=5, shapes=None, compile_step=False, progress=None):
-    """Rows of results for one optimizer on one workload."""
+    """Rows of results for one optimizer on one workload: every implementation and the
+    roof are timed in rounds (one step of each per round, median over rounds), so that a
+    noisy neighbour slows them all alike."""
     cls_name, hp, (reads, writes) = OPTIMS[optim]
-    shapes = shapes or WORKLOADS[workload]()
+    shapes = shapes if shapes is not None else WORKLOADS[workload]()
     numel = sum(math.prod(s) for s in shapes)
-    t_roof, nbytes = roof(numel, reads, writes, device, repeats)
-    rows = [dict(optimizer=optim, workload=workload, impl="roof", ms=t_roof * 1e3,
-                 tensors=len(shapes), params=numel, bytes=nbytes)]
-    impls = implementations(cls_name, cls_name in TORCH_FUSED)
-    if compile_step:
-        impls["torch-compile"] = dict(foreach=True, _compile=True)
-    for impl, kw in impls.items():
-        if progress:
-            progress(f"{optim} {workload} {impl}")
-        ps = _make(shapes, device)
-        kw = dict(kw)
-        compiled = kw.pop("_compile", False)
-        cls = getattr(fusedopt if impl == "fusedopt" else torch.optim, cls_name)
-        opt = cls(ps, **hp, **kw)
-        step = opt.step
-        if compiled:
-            step = torch.compile(opt.step)
-        t = _time(step, device, repeats)
-        rows.append(dict(optimizer=optim, workload=workload, impl=impl, ms=t * 1e3,
-                         tensors=len(shapes), params=numel, bytes=nbytes))
-        del opt, ps, step
-        gc.collect()
+    if progress:
+        progress(f"{optim} on {workload}: {len(shapes)} tensors, {numel / 1e6:.1f}M params")
+    steps = _steps(cls_name, hp, shapes, device, compile_step)
+    roof_step, nbytes = roof(numel, reads, writes, device)
+    steps = {"roof": roof_step, **steps}
+    for fn in steps.values():  # warm-up (and torch.compile's compilation)
+        fn()
+        fn()
+    times = {k: [] for k in steps}
+    for _ in range(repeats):
+        for k, fn in steps.items():
+            times[k].append(_time(fn, device))
+    del steps
+    gc.collect()
+    t_roof = statistics.median(times["roof"])
+    rows = []
+    for impl, ts in times.items():
+        s = statistics.median(ts)
+        rows.append(dict(optimizer=optim, workload=workload, impl=impl, ms=s * 1e3,
+                         tensors=len(shapes), params=numel, bytes=nbytes,
+                         gparams_per_s=numel / s / 1e9, gb_per_s=nbytes / s / 1e9,
+                         pct_of_roof=100 * t_roof / s))
+    torch_rows = [r for r in rows if r["impl"].startswith("torch")]
+    best = min(r["ms"] for r in torch_rows)
     for r in rows:
-        s = r["ms"] / 1e3
-        r["gparams_per_s"] = numel / s / 1e9
-        r["gb_per_s"] = nbytes / s / 1e9
-        r["pct_of_roof"] = 100 * t_roof / s
-    best_torch = min((r["ms"] for r in rows if r["impl"].startswith("torch")), default=np.nan)
-    for r in rows:
-        r["speedup_vs_best_torch"] = best_torch / r["ms"]
-        for o in rows:
-            if o["impl"].startswith("torch"):
-                r[f"speedup_vs_{o['impl']}"] = o["ms"] / r["ms"]
+        r["speedup_vs_best_torch"] = best / r["ms"]
+        for o in torch_rows:
+            r[f"speedup_vs_{o['impl']}"] = o["ms"] / r["ms"]
     return rows
 
 
@@ -135,3 +154,77 @@ def format_table(rows):
                      f"{r['gparams_per_s']:9.2f} {r['gb_per_s']:7.1f} {r['pct_of_roof']:6.1f} "
                      f"{r['speedup_vs_best_torch']:12.2f}x")
     return "\n".join(lines)
+
+
+FIRST_STEP = """
+import time, torch, fusedopt
+ps = [torch.nn.Parameter(torch.randn(1000)) for _ in range(4)]
+for p in ps: p.grad = torch.randn(1000)
+opt = fusedopt.Adam(ps)
+t0 = time.perf_counter(); opt.step(); print(time.perf_counter() - t0)
+"""
+
+
+def first_step_times():
+    """Seconds for the first Adam step in a fresh process: with an empty kernel cache
+    (compiles) and again with the cache that run left (loads)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        out = [float(subprocess.run([sys.executable, "-c", FIRST_STEP], env=env, check=True,
+                                    capture_output=True, text=True).stdout) for _ in range(2)]
+    return {"cold_first_step_s": out[0], "warm_first_step_s": out[1]}
+
+
+def machine():
+    """Where and with what the figures were taken."""
+    import platform
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    for mod in ("numba", "triton", "cupy"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name()
+    else:
+        try:
+            names = [ln for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
+            info["device"] = f"{names[0].split(':', 1)[1].strip()} ({len(names)} cpus)"
+        except (OSError, IndexError):
+            info["device"] = platform.processor()
+    return info
+
+
+def plot(rows, path):
+    """Roofline-style chart: achieved GB/s of each implementation, per optimizer and
+    workload, against the measured roof."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cases = sorted({(r["optimizer"], r["workload"]) for r in rows}, key=lambda c: [r["optimizer"] for r in rows].index(c[0]))
+    impls = [i for i in dict.fromkeys(r["impl"] for r in rows) if i != "roof"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(cases)), 4.5))
+    width = 0.8 / len(impls)
+    for k, impl in enumerate(impls):
+        ys = [next((r["gb_per_s"] for r in rows if (r["optimizer"], r["workload"], r["impl"]) == (*c, impl)), 0)
+              for c in cases]
+        ax.bar([i + k * width for i in range(len(cases))], ys, width, label=impl)
+    for i, c in enumerate(cases):
+        roof_gbs = next(r["gb_per_s"] for r in rows if (r["optimizer"], r["workload"], r["impl"]) == (*c, "roof"))
+        ax.hlines(roof_gbs, i - width / 2, i + 0.8 - width / 2, colors="k", linestyles="--",
+                  label="measured roof" if i == 0 else None)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
+    ax.set_xticklabels([f"{o}\n{w}" for o, w in cases], fontsize=8)
+    ax.set_ylabel("GB/s moved by the step")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(f"optimizer step bandwidth ({machine()['device']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -38,3 +38,28 @@ def _r4w3(a, b, d, g):
 
 def stream(reads, writes):
     return {(2, 1): _r2w1, (3, 2): _r3w2, (4, 3): _r4w3}[(reads, writes)]
+
+
+def gpu_stream(reads, writes):
+    """The same stream in one Triton launch (CUDA): reads = writes + 1."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _stream(a, b, c, d, n, W: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        g = tl.load(d + offs, mask=m)
+        tl.store(a + offs, tl.load(a + offs, mask=m) + g, mask=m)
+        if W > 1:
+            tl.store(b + offs, tl.load(b + offs, mask=m) + g, mask=m)
+        if W > 2:
+            tl.store(c + offs, tl.load(c + offs, mask=m) + g, mask=m)
+
+    assert reads == writes + 1
+
+    def run(*bufs):
+        a, b, c = (list(bufs[:writes]) + [bufs[0]] * 3)[:3]
+        n = bufs[0].numel()
+        _stream[(triton.cdiv(n, 4096),)](a, b, c, bufs[-1], n, W=writes, BLOCK=4096)
+    return run

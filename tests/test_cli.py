@@ -1,0 +1,66 @@
+"""The user-facing tools: `fusedopt parity`, `fusedopt bench` (and their exit codes and files)."""
+import json
+import subprocess
+import sys
+
+import torch
+
+import fusedopt
+from fusedopt.cli import main
+
+
+def tiny_model():
+    """Used through `--model test_cli:tiny_model`."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Linear(3, 1))
+
+
+class BrokenAdam(fusedopt.Adam):
+    """Adam whose update is off by a little: parity must catch it."""
+
+    def step(self, closure=None):
+        super().step(closure)
+        with torch.no_grad():
+            for g in self.param_groups:
+                for p in g["params"]:
+                    p.add_(1e-4)
+
+
+def test_parity_tiny_config_passes_and_prints_table(capsys, tmp_path):
+    out = tmp_path / "parity.json"
+    rc = main(["parity", "--optim", "adam,sgd", "--dtypes", "float32", "--steps", "3", "--quick",
+               "--model", "test_cli:tiny_model", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "err vs f64" in text and "2/2 cases pass" in text
+    data = json.loads(out.read_text())
+    assert len(data["results"]) == 2 and all(r["ok"] for r in data["results"])
+
+
+def test_parity_fails_on_a_broken_optimizer(capsys):
+    rc = main(["parity", "--optim", "adam", "--dtypes", "float32", "--steps", "3", "--quick",
+               "--backends", "numba"], cls={"adam": BrokenAdam})
+    text = capsys.readouterr().out
+    assert rc == 1
+    assert "FAIL" in text and "0/1 cases pass" in text
+
+
+def test_bench_quick_json_and_plot(tmp_path):
+    js, png = tmp_path / "b.json", tmp_path / "b.png"
+    rc = main(["bench", "--quick", "--optim", "adam,rmsprop", "--sizes", "300x7,100,5",
+               "--json", str(js), "--plot", str(png)])
+    assert rc == 0
+    data = json.loads(js.read_text())
+    assert {"device", "torch", "date"} <= set(data["machine"])
+    impls = {r["impl"] for r in data["rows"]}
+    assert {"roof", "torch-forloop", "torch-foreach", "torch-fused", "fusedopt"} <= impls
+    for r in data["rows"]:
+        for field in ("ms", "gparams_per_s", "gb_per_s", "pct_of_roof", "speedup_vs_best_torch",
+                      "speedup_vs_torch-forloop", "speedup_vs_torch-foreach", "tensors", "params"):
+            assert field in r and r[field] == r[field] and r[field] >= 0, (field, r)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_module_entry_point():
+    out = subprocess.run([sys.executable, "-m", "fusedopt", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "parity" in out.stdout and "check" in out.stdout
