@@ -21,12 +21,13 @@ def _model_shapes(spec):
 
 
 def parity_cmd(args, cls=None):
-    if not torch.cuda.is_available():  # the Triton engine runs in its interpreter on CPU
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":  # the Triton engine runs in its interpreter on CPU
         os.environ.setdefault("TRITON_INTERPRET", "1")
     from . import parity
     optims = args.optim.lower().split(",") if args.optim else None
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")] if args.dtypes else None
-    backends = args.backends.split(",") if args.backends else parity.available_backends()
+    backends = args.backends.split(",") if args.backends else parity.available_backends(device)
     shapes = _model_shapes(args.model) if args.model else None
     cases = parity.matrix(optims, dtypes)
     if args.quick:
@@ -39,7 +40,7 @@ def parity_cmd(args, cls=None):
     for k, (name, case, dtype) in enumerate(cases):
         _progress(f"[{k + 1}/{len(cases)}] {name} {parity.case_id(case)} {str(dtype)[6:]}")
         r = parity.check(name, case, dtype, backends, args.steps, shapes,
-                         cls=(cls or {}).get(name.lower()))
+                         cls=(cls or {}).get(name.lower()), device=device)
         results.append(r)
         ratio = max(r[f"{b}_err_ratio"] for b in backends)
         ulp = f"{r['ulp_vs_torch']:.0f}" if "ulp_vs_torch" in r else "-"
@@ -92,7 +93,7 @@ def bench_default_workloads(device):
 def check_cmd(args):
     """Quick parity and speed on this machine, then a verdict table."""
     ns = argparse.Namespace(optim="adam,adamw,rmsprop,sgd", dtypes="float32,bfloat16", backends=None,
-                            steps=5, model=None, quick=True, json=None)
+                            steps=5, model=None, quick=True, json=None, device=None)
     print("== parity: fusedopt vs torch.optim vs float64 reference ==")
     parity_failed = parity_cmd(ns)
     print("\n== speed: one optimizer step, fusedopt vs torch ==")
@@ -118,6 +119,7 @@ def main(argv=None, cls=None):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--model", help="module:factory returning a model or params: use its shapes")
     p.add_argument("--quick", action="store_true", help="one flag set per optimizer")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--json")
     b = sub.add_parser("bench", help="time a step against torch's paths and the memory roof")
     b.add_argument("--optim", default="adam")

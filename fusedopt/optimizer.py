@@ -106,11 +106,15 @@ class _Bucket:
         return self.steps.double()
 
     def run(self, rule, flags, gptr, coeffs):
-        for j, c in enumerate(coeffs):
-            if isinstance(c, torch.Tensor):
-                self.C[:, j].copy_(c)
-            else:
-                self.C[:, j].fill_(c)
+        if self.backend == "numba":  # numpy stores round double to float32 as torch does
+            for j, c in enumerate(coeffs):
+                self.Cn[:, j] = c.detach().cpu().numpy() if isinstance(c, torch.Tensor) else c
+        else:
+            for j, c in enumerate(coeffs):
+                if isinstance(c, torch.Tensor):
+                    self.C[:, j].copy_(c)
+                else:
+                    self.C[:, j].fill_(c)
         for i, p, w in self.work:
             w.copy_(p)
         aligned = self.aligned and not (gptr % 16).any()

@@ -46,7 +46,7 @@ def initial(dtype, groups, seed=0):
             for p in make_data(seed + k, dtype, 0, shapes)[0]]
 
 
-def run(impl, name, dtype, groups, steps=20, seed=0, backend=None, cls=None):
+def run(impl, name, dtype, groups, steps=20, seed=0, backend=None, cls=None, device="cpu"):
     """Train ``groups`` (a list of (shapes, hyperparameters)) for ``steps`` steps with
     impl in {"fusedopt", "torch", "reference"}; returns the final params (flat list) and,
     except for the reference, the optimizer."""
@@ -64,15 +64,15 @@ def run(impl, name, dtype, groups, steps=20, seed=0, backend=None, cls=None):
         cls = getattr(fusedopt, name) if impl == "fusedopt" else getattr(torch.optim, name)
     pgroups = []
     for (params, _), (_, hp) in zip(data, groups):
-        pgroups.append(dict(params=[torch.nn.Parameter(p.clone()) for p in params], **hp))
+        pgroups.append(dict(params=[torch.nn.Parameter(p.clone().to(device)) for p in params], **hp))
     kw = {"backend": backend} if impl == "fusedopt" else {"foreach": False}
     opt = cls(pgroups, **kw)
     for s in range(steps):
         for g, (_, grads) in zip(opt.param_groups, data):
             for p, gr in zip(g["params"], grads[s]):
-                p.grad = gr.clone()
+                p.grad = gr.clone().to(device)
         opt.step()
-    return [p.detach() for g in opt.param_groups for p in g["params"]], opt
+    return [p.detach().cpu() for g in opt.param_groups for p in g["params"]], opt
 
 
 def errors(xs, ref):
@@ -144,31 +144,34 @@ CROSS = [dict(maximize=False, weight_decay=0), dict(maximize=True, weight_decay=
 
 def groups_for(name, case, dtype, shapes=None):
     """Four param groups for one case: each its own sizes, hyperparameters and
-    maximize/weight_decay (``shapes``, if given, replaces the sizes of every group)."""
+    maximize/weight_decay (``shapes``, if given, are dealt out over the four groups)."""
     groups = []
     for k, (hp, cross) in enumerate(zip(GROUP_HP[name], CROSS)):
         hp = {**hp, **cross, **case}
         if dtype == torch.float16 and name in ("Adam", "AdamW", "Adamax", "RMSprop"):
             hp["eps"] = max(hp.get("eps", 0), 1e-4)
-        groups.append((shapes or SHAPES[k], hp))
+        groups.append((shapes[k::4] if shapes else SHAPES[k], hp))
     return groups
 
 
-def available_backends():
-    """Both engines where they can run: Triton on CUDA, or in its interpreter on CPU
-    when TRITON_INTERPRET=1 is set before triton is first used."""
-    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+def available_backends(device="cpu"):
+    """The engines that can run on ``device``: Triton on CUDA; on CPU Numba, and Triton
+    in its interpreter when TRITON_INTERPRET=1 was set before triton was first used."""
+    if str(device).startswith("cuda"):
+        return ["triton"]
+    if os.environ.get("TRITON_INTERPRET") == "1":
         return list(BACKENDS)
     return ["numba"]
 
 
 def check(name, case, dtype, backends=None, steps=20, shapes=None, cls=None, device="cpu"):
     """Run one case; returns a dict of measurements and ``ok``."""
-    backends = backends or available_backends()
+    backends = backends or available_backends(device)
     groups = groups_for(name, case, dtype, shapes)
     ref = run("reference", name, dtype, groups, steps)[0]
-    theirs = run("torch", name, dtype, groups, steps)[0]
-    ours = {b: run("fusedopt", name, dtype, groups, steps, backend=b, cls=cls)[0] for b in backends}
+    theirs = run("torch", name, dtype, groups, steps)[0]  # torch's CPU for-loop: the anchor
+    ours = {b: run("fusedopt", name, dtype, groups, steps, backend=b, cls=cls, device=device)[0]
+            for b in backends}
     t_max, t_rms = errors(theirs, ref)
     scale = max((r.abs().max().item() for r in ref if r.numel()), default=0.0)
     slack = 4 * torch.finfo(dtype).eps * scale

@@ -24,9 +24,9 @@ class SGD(FusedOptimizer, torch.optim.SGD):
     def _coefficients(self, group, step, f64):
         momentum, take = group["momentum"], 1 - group["dampening"]
         if isinstance(step, torch.Tensor):
-            first = step == 1
-            keep = torch.where(first, 0.0, float(momentum))
-            take = torch.where(first, 1.0, float(take))
+            first = step == 1  # step: float64, so keep and take stay float64
+            keep = torch.full_like(step, momentum).masked_fill_(first, 0.0)
+            take = torch.full_like(step, take).masked_fill_(first, 1.0)
         elif step == 1:
             keep, take = 0.0, 1.0
         else:
