@@ -4,5 +4,10 @@ from .adam import Adam, Adamax, AdamW
 from .rmsprop import RMSprop
 from .sgd import SGD
 
+try:  # the CPU engine: numba's one-time setup belongs to import, not to the first step
+    from .kernels import numba_engine as _numba_engine  # noqa: F401
+except ImportError:  # numba missing: the Triton engine still works
+    pass
+
 __all__ = ["Adam", "AdamW", "Adamax", "RMSprop", "Adagrad", "SGD"]
 __version__ = "0.1.0"

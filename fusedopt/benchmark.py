@@ -157,26 +157,29 @@ def format_table(rows):
 
 
 FIRST_STEP = """
-import time, torch, fusedopt
+import time, torch
+t0 = time.perf_counter(); import fusedopt; t1 = time.perf_counter()
 ps = [torch.nn.Parameter(torch.randn(1000)) for _ in range(4)]
 for p in ps: p.grad = torch.randn(1000)
 opt = fusedopt.Adam(ps)
-t0 = time.perf_counter(); opt.step(); print(time.perf_counter() - t0)
+t2 = time.perf_counter(); opt.step(); print(t1 - t0, time.perf_counter() - t2)
 """
 
 
 def first_step_times():
-    """Seconds for the first Adam step in a fresh process: with an empty kernel cache
-    (compiles) and again with the cache that run left (loads)."""
+    """Seconds for ``import fusedopt`` (after torch) and the first Adam step in a fresh
+    process: with an empty kernel cache (compiles) and again with the cache that run left
+    (loads)."""
     import os
     import subprocess
     import sys
     import tempfile
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache)
-        out = [float(subprocess.run([sys.executable, "-c", FIRST_STEP], env=env, check=True,
-                                    capture_output=True, text=True).stdout) for _ in range(2)]
-    return {"cold_first_step_s": out[0], "warm_first_step_s": out[1]}
+        out = [[float(x) for x in subprocess.run(
+            [sys.executable, "-c", FIRST_STEP], env=env, check=True, capture_output=True,
+            text=True).stdout.split()] for _ in range(2)]
+    return {"import_s": out[1][0], "cold_first_step_s": out[0][1], "warm_first_step_s": out[1][1]}
 
 
 def machine():
@@ -201,13 +204,13 @@ def machine():
     return info
 
 
-def plot(rows, path):
+def plot(rows, path, device=None):
     """Roofline-style chart: achieved GB/s of each implementation, per optimizer and
     workload, against the measured roof."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    cases = sorted({(r["optimizer"], r["workload"]) for r in rows}, key=lambda c: [r["optimizer"] for r in rows].index(c[0]))
+    cases = list(dict.fromkeys((r["optimizer"], r["workload"]) for r in rows))
     impls = [i for i in dict.fromkeys(r["impl"] for r in rows) if i != "roof"]
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(cases)), 4.5))
     width = 0.8 / len(impls)
@@ -224,7 +227,7 @@ def plot(rows, path):
     ax.set_ylabel("GB/s moved by the step")
     ax.set_yscale("log")
     ax.legend(fontsize=7, ncol=2)
-    ax.set_title(f"optimizer step bandwidth ({machine()['device']})", fontsize=9)
+    ax.set_title(f"optimizer step bandwidth ({device or machine()['device']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

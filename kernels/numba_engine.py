@@ -165,6 +165,19 @@ def run(rule, flags, dtype, mask, P, G, S, C, TID, CS, CE, N):
     fn(P, G, S[0], S[1], S[2], C, TID, CS, CE, N)
 
 
+def _init_numba():
+    # numba sets up its CPU target (imports ~100 of its modules) the first time anything is
+    # compiled or loaded from the cache: ~0.5 s.  Paid here, at import, the first step only
+    # loads its kernel.
+    from numba.core.compiler_lock import global_compiler_lock
+    from numba.core.registry import cpu_target
+    with global_compiler_lock:
+        cpu_target.target_context.refresh()
+
+
+_init_numba()
+
+
 def chunk_table(sizes):
     """Split tensors of the given sizes into chunks: (tensor index, start, end) arrays."""
     sizes = np.asarray(sizes, dtype=np.int64)
