@@ -7,7 +7,7 @@ present, which a dense kernel cannot do cheaply, and this gives exactly torch's 
 import torch
 from torch.optim.adagrad import adagrad as torch_adagrad
 
-from .optimizer import FusedOptimizer, signature_with
+from .optimizer import FusedOptimizer, scalar_dtype, signature_with
 
 
 class Adagrad(FusedOptimizer, torch.optim.Adagrad):
@@ -20,8 +20,7 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
         return {}
 
     def _init_state(self, group, p, state):
-        state["step"] = torch.tensor(0.0, dtype=torch.float32 if torch.get_default_dtype()
-                                     != torch.float64 else torch.float64)
+        state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
         init = group["initial_accumulator_value"]
         state["sum"] = torch.full_like(p, complex(init, init) if p.is_complex() else init,
                                        memory_format=torch.preserve_format)

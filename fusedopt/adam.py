@@ -1,7 +1,7 @@
 """Adam, AdamW and Adamax: torch.optim's classes with a fused multi-tensor step."""
 import torch
 
-from .optimizer import FusedOptimizer, lerp_rest, lerp_small, signature_with
+from .optimizer import FusedOptimizer, lerp_rest, lerp_small, scalar_dtype, signature_with
 
 
 class Adam(FusedOptimizer, torch.optim.Adam):
@@ -17,8 +17,7 @@ class Adam(FusedOptimizer, torch.optim.Adam):
                 "LERP_SMALL": lerp_small(1 - group["betas"][0])}
 
     def _init_state(self, group, p, state):
-        state["step"] = torch.tensor(0.0, dtype=torch.float32 if torch.get_default_dtype()
-                                     != torch.float64 else torch.float64)
+        state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if group["amsgrad"]:

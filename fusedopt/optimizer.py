@@ -21,10 +21,9 @@ _REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
 _GRAD = operator.attrgetter("grad")
 _PTR = torch.Tensor.data_ptr
 _CONTIG = torch.Tensor.is_contiguous
-NCOEF = 10
 
 
-def _scalar_dtype():
+def scalar_dtype():
     # torch.optim's dtype for step counters
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
@@ -55,7 +54,6 @@ class _Bucket:
         flat = [p for p in params]
         for i, _, w in self.work:
             flat[i] = w
-        self.live = flat  # keeps the tensors behind the pointer tables alive
         cols = [[_as_real(t) for t in flat]]
         for name in slots:
             if name is None:
@@ -68,10 +66,10 @@ class _Bucket:
                     t = st[name] = t.contiguous()
                 col.append(_as_real(t))
             cols.append(col)
-        self.tensors = cols
+        self.tensors = cols  # keeps the tensors behind the pointer tables alive
         self.numel = np.array([t.numel() for t in cols[0]], dtype=np.int64)
         if opt._has_step:
-            steps = torch.tensor([float(st["step"]) for st in states], dtype=_scalar_dtype(),
+            steps = torch.tensor([float(st["step"]) for st in states], dtype=scalar_dtype(),
                                  device=self.device)
             for k, st in enumerate(states):
                 st["step"] = steps[k]
@@ -80,7 +78,7 @@ class _Bucket:
                                  dtype=torch.float64, device=self.device)
         self.steps = steps
         math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        self.C = torch.zeros(len(params), NCOEF, dtype=math_dtype, device=self.device)
+        self.C = torch.zeros(len(params), rules.NCOEF, dtype=math_dtype, device=self.device)
         ptrs = np.array([[t.data_ptr() for t in col] for col in cols], dtype=np.int64)
         self.aligned = bool(((ptrs % 16) == 0).all())
         tid, cs, ce = _chunks(self.backend, self.numel)

@@ -22,7 +22,6 @@ from numba.extending import intrinsic
 from . import numba_ops, rules
 
 CHUNK = 1 << 16
-NCOEF = 10
 JIT = dict(error_model="numpy", nogil=True)
 
 
@@ -134,7 +133,9 @@ def _template(KEY, MASK, DT):
     return kernel
 
 
-_SOURCE_HASH = hashlib.sha256(inspect.getsource(rules).encode()).hexdigest()
+# numba's cache notices edits to this file only: the rules and ops go into the key
+_SOURCE_HASH = hashlib.sha256(
+    (inspect.getsource(rules) + inspect.getsource(numba_ops)).encode()).hexdigest()
 _kernels = {}
 
 
@@ -157,7 +158,7 @@ def _build(rule, flags, dtype, mask):
 
 def run(rule, flags, dtype, mask, P, G, S, C, TID, CS, CE, N):
     """Apply ``rule`` to one group.  ``flags``: sorted tuple of (name, bool); ``dtype``: a
-    torch dtype name; P, G, S[0..2], TID, CS, CE, N: int64 arrays; C: [n, NCOEF] floats."""
+    torch dtype name; P, G, S[0..2], TID, CS, CE, N: int64 arrays; C: [n, rules.NCOEF]."""
     k = (rule, flags, dtype, mask)
     fn = _kernels.get(k)
     if fn is None:
@@ -176,14 +177,3 @@ def _init_numba():
 
 
 _init_numba()
-
-
-def chunk_table(sizes):
-    """Split tensors of the given sizes into chunks: (tensor index, start, end) arrays."""
-    sizes = np.asarray(sizes, dtype=np.int64)
-    counts = (sizes + CHUNK - 1) // CHUNK
-    tid = np.repeat(np.arange(len(sizes), dtype=np.int64), counts)
-    first = np.repeat(np.cumsum(counts) - counts, counts)
-    start = (np.arange(len(tid), dtype=np.int64) - first) * CHUNK
-    end = np.minimum(start + CHUNK, sizes[tid])
-    return tid, start, end

@@ -24,6 +24,7 @@ The order of operations follows torch 2.13's for-loop implementations
 """
 # ruff: noqa: F821  (ops and the flags are injected by the engines)
 
+NCOEF = 10  # h0..h9
 FLAGS = ("MAXIMIZE", "WEIGHT_DECAY", "L1", "LERP_SMALL", "AMSGRAD", "DECOUPLED",
          "CENTERED", "MOMENTUM", "NESTEROV")
 

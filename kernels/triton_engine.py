@@ -7,8 +7,6 @@ alignment facts, so when the host has checked that every address is 16-byte alig
 mask: that is what lets the compiler emit 128-bit loads.  bfloat16 is moved as uint16
 and rounded to nearest even by hand: ``.to(tl.bfloat16)`` truncates in the interpreter.
 """
-import hashlib
-import inspect
 import os
 import types
 
@@ -18,7 +16,6 @@ from triton.runtime.jit import JITFunction
 
 from . import rules, triton_ops
 
-NCOEF = 10
 # the interpreter runs programs one after another in Python: few large blocks are faster
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 CHUNK = 1 << 16 if _INTERPRET else 1 << 14
@@ -108,16 +105,16 @@ def _kernel(P, G, S0, S1, S2, C, TID, CS, CE, MASK: tl.constexpr, KIND: tl.const
     ap = _ptr(S0, t, KIND, ALIGNED)
     bp = _ptr(S1, t, KIND, ALIGNED)
     cp = _ptr(S2, t, KIND, ALIGNED)
-    h0 = tl.load(C + t * 10 + 0)
-    h1 = tl.load(C + t * 10 + 1)
-    h2 = tl.load(C + t * 10 + 2)
-    h3 = tl.load(C + t * 10 + 3)
-    h4 = tl.load(C + t * 10 + 4)
-    h5 = tl.load(C + t * 10 + 5)
-    h6 = tl.load(C + t * 10 + 6)
-    h7 = tl.load(C + t * 10 + 7)
-    h8 = tl.load(C + t * 10 + 8)
-    h9 = tl.load(C + t * 10 + 9)
+    h0 = tl.load(C + t * NCOEF + 0)
+    h1 = tl.load(C + t * NCOEF + 1)
+    h2 = tl.load(C + t * NCOEF + 2)
+    h3 = tl.load(C + t * NCOEF + 3)
+    h4 = tl.load(C + t * NCOEF + 4)
+    h5 = tl.load(C + t * NCOEF + 5)
+    h6 = tl.load(C + t * NCOEF + 6)
+    h7 = tl.load(C + t * NCOEF + 7)
+    h8 = tl.load(C + t * NCOEF + 8)
+    h9 = tl.load(C + t * NCOEF + 9)
     nfull = (end - start) // BLOCK
     for i in range(nfull):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
@@ -133,7 +130,6 @@ def _kernel(P, G, S0, S1, S2, C, TID, CS, CE, MASK: tl.constexpr, KIND: tl.const
 
 
 KINDS = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}
-_SOURCE_HASH = hashlib.sha256(inspect.getsource(rules).encode()).hexdigest()
 _kernels = {}
 
 
@@ -162,7 +158,8 @@ def build(rule, flags, interpret=None):
               **{n: tl.constexpr(v) for n, v in flags}}
         for f in (*rules.HELPERS, rules.RULES[rule]):
             gl[f.__name__] = _rebind(f, gl, interpret)
-        kgl = {"__name__": __name__, "tl": tl, "triton": triton, "rule": gl[rule]}
+        kgl = {"__name__": __name__, "tl": tl, "triton": triton, "rule": gl[rule],
+               "NCOEF": tl.constexpr(rules.NCOEF)}
         for f in (_ptr, _load, _store):
             kgl[f.fn.__name__] = _rebind(f, kgl, interpret)
         kgl["_block"] = _rebind(_block, kgl, interpret)
@@ -172,7 +169,7 @@ def build(rule, flags, interpret=None):
 
 def run(rule, flags, dtype, mask, P, G, S, C, TID, CS, CE, aligned):
     """Launch ``rule`` over one group: one program per chunk.  All tables are int64 tensors
-    on the params' device; C is [n, NCOEF] in the math dtype."""
+    on the params' device; C is [n, rules.NCOEF] in the math dtype."""
     if TID.numel() == 0:
         return
     kernel = build(rule, flags)
