@@ -20,7 +20,11 @@ from .kernels import rules
 _REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
 _GRAD = operator.attrgetter("grad")
 _PTR = torch.Tensor.data_ptr
-_CONTIG = torch.Tensor.is_contiguous
+
+
+def _dense_grad_ptr(p):
+    g = p.grad
+    return g.data_ptr() if g.is_contiguous() else -1
 
 
 def scalar_dtype():
@@ -242,18 +246,20 @@ class FusedOptimizer:
 
     def _step_group(self, group):
         params = group["params"]
-        grads = list(map(_GRAD, params))
         plan = self._plans.get(id(group))
         if plan is not None and plan.single and plan.valid(self, group, params, None):
-            # fast path, one pass per attribute: a None grad raises TypeError and a
-            # sparse one RuntimeError (no storage); either sends the step down the general path
+            # fast path: one pass over the params (after the kernel has streamed the
+            # memory, each pass over 5000 tensor objects is a pass of cache misses).  A None
+            # grad raises AttributeError, a sparse one RuntimeError (no storage), and a
+            # non-contiguous one gives -1: each sends the step down the general path.
             try:
-                gptr = np.fromiter(map(_PTR, grads), np.int64, len(grads))
-            except (TypeError, RuntimeError):
+                gptr = np.fromiter(map(_dense_grad_ptr, params), np.int64, len(params))
+            except (AttributeError, RuntimeError):
                 gptr = None
-            if gptr is not None and all(map(_CONTIG, grads)):
+            if gptr is not None and (gptr >= 0).all():
                 self._run(plan.buckets[0][1], group, gptr)
                 return
+        grads = list(map(_GRAD, params))
         live = [i for i, g in enumerate(grads) if g is not None]
         sparse = [i for i in live if grads[i].is_sparse]
         if sparse:
