@@ -10,7 +10,9 @@ gradients changes, or after load_state_dict / add_param_group: per step the host
 the gradients' addresses, computes the coefficients and makes one engine call.
 """
 import inspect
+import itertools
 import operator
+import weakref
 
 import numpy as np
 import torch
@@ -22,9 +24,24 @@ _GRAD = operator.attrgetter("grad")
 _PTR = torch.Tensor.data_ptr
 
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed
+    DTensor = ()
+
+
+def _local(t):
+    """The shard a DTensor holds on this rank (the engine updates local shards), else t."""
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
 def _dense_grad_ptr(p):
     g = p.grad
     return g.data_ptr() if g.is_contiguous() else -1
+
+
+def _dense_local_grad_ptr(p):
+    return _dense_grad_ptr(_local(p))
 
 
 def scalar_dtype():
@@ -54,8 +71,9 @@ class _Bucket:
         self.backend = opt._backend_for(self.device)
         states = [opt.state[p] for p in params] if opt._needs_state(group) else [{}] * len(params)
         # engines need contiguous memory: non-contiguous params are updated through a copy
-        self.work = [(i, p, p.contiguous()) for i, p in enumerate(params) if not p.is_contiguous()]
-        flat = [p for p in params]
+        local = [_local(p) for p in params]
+        self.work = [(i, p, p.contiguous()) for i, p in enumerate(local) if not p.is_contiguous()]
+        flat = list(local)
         for i, _, w in self.work:
             flat[i] = w
         cols = [[_as_real(t) for t in flat]]
@@ -68,13 +86,14 @@ class _Bucket:
                 t = st[name]
                 if not t.is_contiguous():
                     t = st[name] = t.contiguous()
-                col.append(_as_real(t))
+                col.append(_as_real(_local(t)))
             cols.append(col)
         self.tensors = cols  # keeps the tensors behind the pointer tables alive
         self.numel = np.array([t.numel() for t in cols[0]], dtype=np.int64)
         if opt._has_step:
-            steps = torch.tensor([float(st["step"]) for st in states], dtype=scalar_dtype(),
-                                 device=self.device)
+            # stacked, not read through float(): no host sync, even on the first step
+            steps = torch.stack([torch.as_tensor(st["step"]).to(self.device, scalar_dtype())
+                                 for st in states])
             for k, st in enumerate(states):
                 st["step"] = steps[k]
         else:  # a private count: 0 for state created by this plan, so step 1 is its first
@@ -96,27 +115,25 @@ class _Bucket:
             self.tid, self.cs, self.ce = dev(tid), dev(cs), dev(ce)
             self._gkey, self._gdev = None, None
 
-    def step_value(self):
+    def step_value(self, capturable):
         """The step counters after this step's increment: a float if they all agree and
         live on the CPU (torch computes its bias corrections from a Python float),
-        else a float64 tensor (one value per param)."""
+        else (or when capturable) a float64 tensor, one value per param."""
         self.steps += 1
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and not capturable:
             s = self.steps.numpy()
             if s.size and s.min() == s.max():
                 return float(s[0])
         return self.steps.double()
 
     def run(self, rule, flags, gptr, coeffs):
-        if self.backend == "numba":  # numpy stores round double to float32 as torch does
-            for j, c in enumerate(coeffs):
-                self.Cn[:, j] = c.detach().cpu().numpy() if isinstance(c, torch.Tensor) else c
-        else:
-            for j, c in enumerate(coeffs):
-                if isinstance(c, torch.Tensor):
-                    self.C[:, j].copy_(c)
-                else:
-                    self.C[:, j].fill_(c)
+        for j, c in enumerate(coeffs):
+            if isinstance(c, torch.Tensor):  # a device op: no host sync
+                self.C[:, j].copy_(c)
+            elif self.backend == "numba":  # cheaper than fill_; rounds double to float32 alike
+                self.Cn[:, j] = c
+            else:
+                self.C[:, j].fill_(c)
         for i, p, w in self.work:
             w.copy_(p)
         aligned = self.aligned and not (gptr % 16).any()
@@ -171,6 +188,8 @@ class _Plan:
         self.buckets = [(idx, _Bucket(opt, group, [params[i] for i in idx], self.slots, fresh))
                         for idx in order.values()]
         self.all_live = len(live) == len(params)
+        dist = any(isinstance(params[i], DTensor) for i in live)
+        self.grad_ptr = _dense_local_grad_ptr if dist else _dense_grad_ptr
         self.single = len(self.buckets) == 1 and self.all_live
 
     def valid(self, opt, group, params, live):
@@ -180,6 +199,35 @@ class _Plan:
                 and self.nparams == len(params) and live_ok
                 and all(map(operator.is_, self.params, params))
                 and self.slots == opt._slots(group))
+
+
+_LIVE = weakref.WeakValueDictionary()  # handle -> optimizer, for the custom op
+_HANDLES = itertools.count()
+
+
+@torch.library.custom_op("fusedopt::group_step", mutates_args=("params",))
+def _group_step(handle: int, group_index: int, params: list[torch.Tensor],
+                grads: list[torch.Tensor]) -> None:
+    """One group's step as an opaque op, so torch.compile puts the whole step in its
+    graph: tracing never sees data_ptr tables, lr or the step counters, so changing them
+    neither breaks the graph nor recompiles.  ``params`` are the group's params with grads
+    (declared mutated, so the graph orders the step after whatever made the grads); the
+    step itself reads the optimizer's own tensors."""
+    opt = _LIVE[handle]
+    group = opt.param_groups[group_index]
+    own = [p for p in group["params"] if p.grad is not None]
+    # where the compiler handed us copies, the update goes through the originals
+    moved = [(a, b) for a, b in zip(params, own) if a.data_ptr() != b.data_ptr()]
+    for a, b in moved:
+        b.copy_(a)
+    opt._step_group(group)
+    for a, b in moved:
+        a.copy_(b)
+
+
+@_group_step.register_fake
+def _(handle, group_index, params, grads):
+    return None
 
 
 class FusedOptimizer:
@@ -211,23 +259,34 @@ class FusedOptimizer:
         self.defaults["l1"] = l1
         # torch's fused path asks GradScaler to hand it grad_scale/found_inf; we unscale normally
         self._step_supports_amp_scaling = False
+        self._register()
+
+    def _register(self):
+        self._handle = next(_HANDLES)
+        _LIVE[self._handle] = self
+        self._reset()
+
+    def _reset(self):
+        """Forget the plans (rebuilt at the next step) after the groups or state changed."""
         self._plans = {}
+        self._param_lists = [g["params"] for g in self.param_groups]
 
     def add_param_group(self, param_group):
         param_group.setdefault("l1", getattr(self, "_l1", 0.0))
         if param_group.get("differentiable"):
             raise NotImplementedError("fusedopt does not implement differentiable=True")
         super().add_param_group(param_group)
+        self._reset()
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             group.setdefault("l1", 0.0)
-        self._plans = {}
+        self._reset()
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self._plans = {}
+        self._register()
 
     def _backend_for(self, device):
         if self._backend != "auto":
@@ -240,6 +299,13 @@ class FusedOptimizer:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if torch.compiler.is_compiling():
+            # not self.param_groups: dynamo guards on every value in it (lr included)
+            for i, params in enumerate(self._param_lists):
+                live = [p for p in params if p.grad is not None]
+                if live:
+                    _group_step(self._handle, i, live, [p.grad for p in live])
+            return loss
         for group in self.param_groups:
             self._step_group(group)
         return loss
@@ -253,7 +319,7 @@ class FusedOptimizer:
             # grad raises AttributeError, a sparse one RuntimeError (no storage), and a
             # non-contiguous one gives -1: each sends the step down the general path.
             try:
-                gptr = np.fromiter(map(_dense_grad_ptr, params), np.int64, len(params))
+                gptr = np.fromiter(map(plan.grad_ptr, params), np.int64, len(params))
             except (AttributeError, RuntimeError):
                 gptr = None
             if gptr is not None and (gptr >= 0).all():
@@ -270,11 +336,11 @@ class FusedOptimizer:
         if plan is None or not plan.valid(self, group, params, live):
             plan = self._plans[id(group)] = _Plan(self, group, params, live)
         for idx, bucket in plan.buckets:
-            keep = [grads[i] if grads[i].is_contiguous() else grads[i].contiguous() for i in idx]
+            keep = [_local(grads[i]).contiguous() for i in idx]
             self._run(bucket, group, np.fromiter(map(_PTR, keep), np.int64, len(keep)))
 
     def _run(self, bucket, group, gptr):
-        step = bucket.step_value()
+        step = bucket.step_value(group.get("capturable", False))
         coeffs = self._coefficients(group, step, bucket.dtype == "float64")
         bucket.run(self._rule, self._all_flags(group), gptr, coeffs)
 
