@@ -3,6 +3,7 @@ scheduler, optimizer hooks, state moved between devices."""
 import functools
 import inspect
 import io
+import types
 
 import pytest
 import torch
@@ -78,6 +79,26 @@ def test_compile_fullgraph_no_recompile(name, lr_kind):
             assert torch.equal(x, y), f"step {s}"
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert not counters["graph_break"]
+
+
+def test_compile_with_scheduler():
+    """The step compiled before a scheduler wraps opt.step (as examples/train.py does):
+    OneCycleLR rewrites lr and betas every step, still one graph, results as eager."""
+    compiled, eager = (fusedopt.AdamW(params(), lr=1e-2) for _ in range(2))
+    compiled.step = types.MethodType(torch.compile(type(compiled).step, fullgraph=True),
+                                     compiled)
+    scheds = [sched.OneCycleLR(o, max_lr=1e-2, total_steps=6) for o in (compiled, eager)]
+    torch._dynamo.reset()
+    counters.clear()
+    for s in range(6):
+        set_grads([compiled, eager], s)
+        compiled.step()
+        eager.step()
+        for sc in scheds:
+            sc.step()
+        for x, y in zip(flat(compiled), flat(eager)):
+            assert torch.equal(x, y), f"step {s}"
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
 def test_compile_op_registration():
