@@ -59,7 +59,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--optim", default="AdamW", choices=optim.__all__)
+    ap.add_argument("--optim", default="AdamW", choices=["Adam", "AdamW", "Adamax", "RMSprop", "Adagrad", "SGD"])
     args = ap.parse_args(argv)
     half = args.steps // 2
 

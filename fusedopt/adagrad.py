@@ -45,4 +45,4 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
                       has_complex=False)
 
 
-Adagrad.__signature__ = signature_with(torch.optim.Adagrad, backend="auto", l1=0.0)
+Adagrad.__signature__ = signature_with(torch.optim.Adagrad)

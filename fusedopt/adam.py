@@ -63,7 +63,7 @@ class Adamax(FusedOptimizer, torch.optim.Adamax):
 
 for _cls, _twin in ((Adam, torch.optim.Adam), (AdamW, torch.optim.AdamW),
                     (Adamax, torch.optim.Adamax)):
-    _cls.__signature__ = signature_with(_twin, backend="auto", l1=0.0)
+    _cls.__signature__ = signature_with(_twin)
     _cls.__doc__ = (f"Drop-in for ``torch.optim.{_twin.__name__}`` with a fused multi-tensor "
                     "step.\n\nExtra keywords: ``backend`` ('auto', 'numba', 'triton') and "
                     "``l1`` (adds ``l1 * sign(param)`` to the gradient).\n")

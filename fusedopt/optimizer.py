@@ -17,6 +17,7 @@ import weakref
 import numpy as np
 import torch
 
+from . import clip
 from .kernels import rules
 
 _REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
@@ -115,18 +116,22 @@ class _Bucket:
             self.tid, self.cs, self.ce = dev(tid), dev(cs), dev(ce)
             self._gkey, self._gdev = None, None
 
-    def step_value(self, capturable):
+    def step_value(self, capturable, found_inf=None):
         """The step counters after this step's increment: a float if they all agree and
         live on the CPU (torch computes its bias corrections from a Python float),
-        else (or when capturable) a float64 tensor, one value per param."""
-        self.steps += 1
-        if self.device.type == "cpu" and not capturable:
+        else (or when capturable) a float64 tensor, one value per param.  With a
+        found_inf flag on the device, the increment is 1 - found_inf."""
+        if found_inf is None:
+            self.steps += 1
+        else:
+            self.steps += 1 - found_inf.to(self.steps.dtype)
+        if self.device.type == "cpu" and not capturable and found_inf is None:
             s = self.steps.numpy()
             if s.size and s.min() == s.max():
                 return float(s[0])
         return self.steps.double()
 
-    def run(self, rule, flags, gptr, coeffs):
+    def run(self, rule, flags, gptr, coeffs, found_inf=None):
         for j, c in enumerate(coeffs):
             if isinstance(c, torch.Tensor):  # a device op: no host sync
                 self.C[:, j].copy_(c)
@@ -147,7 +152,7 @@ class _Bucket:
                     host = host.pin_memory()
                 self._gkey, self._gdev = gptr, host.to(self.device, non_blocking=True)
             _triton().run(rule, flags, self.dtype, self.mask, self.P, self._gdev, self.S,
-                          self.C, self.tid, self.cs, self.ce, aligned)
+                          self.C, self.tid, self.cs, self.ce, aligned, found_inf)
         for i, p, w in self.work:
             p.copy_(w)
 
@@ -201,32 +206,31 @@ class _Plan:
                 and self.slots == opt._slots(group))
 
 
+_SKIP = object()  # _amp(): the scaler found an inf on the CPU, nothing to do
 _LIVE = weakref.WeakValueDictionary()  # handle -> optimizer, for the custom op
 _HANDLES = itertools.count()
 
 
-@torch.library.custom_op("fusedopt::group_step", mutates_args=("params",))
-def _group_step(handle: int, group_index: int, params: list[torch.Tensor],
-                grads: list[torch.Tensor]) -> None:
-    """One group's step as an opaque op, so torch.compile puts the whole step in its
-    graph: tracing never sees data_ptr tables, lr or the step counters, so changing them
-    neither breaks the graph nor recompiles.  ``params`` are the group's params with grads
-    (declared mutated, so the graph orders the step after whatever made the grads); the
-    step itself reads the optimizer's own tensors."""
+@torch.library.custom_op("fusedopt::step", mutates_args=("params", "grads"))
+def _step_op(handle: int, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    """The whole step as an opaque op, so torch.compile puts it in its graph: tracing
+    never sees data_ptr tables, lr or the step counters, so changing them neither breaks
+    the graph nor recompiles.  ``params`` are the params with grads (declared mutated, so
+    the graph orders the step after whatever made the grads; the grads too, which the
+    step unscales and clips in place); the step itself reads the optimizer's own tensors."""
     opt = _LIVE[handle]
-    group = opt.param_groups[group_index]
-    own = [p for p in group["params"] if p.grad is not None]
+    own = [p for ps in opt._param_lists for p in ps if p.grad is not None]
     # where the compiler handed us copies, the update goes through the originals
     moved = [(a, b) for a, b in zip(params, own) if a.data_ptr() != b.data_ptr()]
     for a, b in moved:
         b.copy_(a)
-    opt._step_group(group)
+    opt._eager_step()
     for a, b in moved:
         a.copy_(b)
 
 
-@_group_step.register_fake
-def _(handle, group_index, params, grads):
+@_step_op.register_fake
+def _(handle, params, grads):
     return None
 
 
@@ -244,7 +248,7 @@ class FusedOptimizer:
     def _needs_state(self, group):
         return self._has_step or any(self._slots(group))
 
-    def __init__(self, *args, backend="auto", l1=0.0, **kwargs):
+    def __init__(self, *args, backend="auto", l1=0.0, max_grad_norm=None, **kwargs):
         if kwargs.get("differentiable"):
             raise NotImplementedError(
                 f"fusedopt.{type(self).__name__} does not implement differentiable=True; "
@@ -253,12 +257,17 @@ class FusedOptimizer:
             raise ValueError(f"backend must be 'auto', 'numba' or 'triton', got {backend!r}")
         if not 0.0 <= l1:
             raise ValueError(f"Invalid l1 value: {l1}")
+        if max_grad_norm is not None and not 0.0 <= max_grad_norm:
+            raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
+        self._max_grad_norm = max_grad_norm
+        self.grad_norm = None  # with max_grad_norm: the last step's total gradient norm
         self._backend = backend
         self._l1 = l1
         super().__init__(*args, **kwargs)
         self.defaults["l1"] = l1
-        # torch's fused path asks GradScaler to hand it grad_scale/found_inf; we unscale normally
-        self._step_supports_amp_scaling = False
+        # GradScaler.step then hands us grad_scale and found_inf instead of unscaling the
+        # gradients in a pass of its own: the kernel unscales them (see _amp)
+        self._step_supports_amp_scaling = True
         self._register()
 
     def _register(self):
@@ -301,16 +310,46 @@ class FusedOptimizer:
                 loss = closure()
         if torch.compiler.is_compiling():
             # not self.param_groups: dynamo guards on every value in it (lr included)
-            for i, params in enumerate(self._param_lists):
-                live = [p for p in params if p.grad is not None]
-                if live:
-                    _group_step(self._handle, i, live, [p.grad for p in live])
-            return loss
-        for group in self.param_groups:
-            self._step_group(group)
+            live = [p for ps in self._param_lists for p in ps if p.grad is not None]
+            _step_op(self._handle, live, [p.grad for p in live])
+        else:
+            self._eager_step()
         return loss
 
-    def _step_group(self, group):
+    def _eager_step(self):
+        amp = self._amp()
+        if amp is _SKIP:
+            return
+        mult, found = amp
+        if self._max_grad_norm is not None:
+            # clip_grad_norm_ folded into the update: the norm here (one read of the
+            # grads), the factor applied by the kernel with the unscale
+            grads = [p.grad for ps in self._param_lists for p in ps if p.grad is not None]
+            norm = clip.total_norm(grads, 2.0, self._backend)
+            if mult is not None:  # the norm of the unscaled grads (the scale is a power of 2)
+                norm = norm * mult.to(norm.device)
+            self.grad_norm = norm
+            factor = clip.clip_factor(norm, self._max_grad_norm)
+            mult = factor if mult is None else mult.to(factor.device) * factor
+        for group in self.param_groups:
+            self._step_group(group, (mult, found))
+
+    def _amp(self):
+        """What torch.amp.GradScaler.step left on the optimizer (it does, since
+        _step_supports_amp_scaling is set): (1 / scale or None, found_inf or None), or _SKIP
+        when found_inf is set and lives on the CPU: then nothing is touched, no state
+        created, no step counted -- what the for-loop gives when the scaler skips step().
+        A found_inf on a GPU is read by the kernel instead (no host sync)."""
+        scale, found = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if found is not None and found.device.type == "cpu":
+            if found.item():
+                return _SKIP
+            found = None
+        # torch's unscale_: the reciprocal in float64, rounded to float32
+        inv = None if scale is None else scale.double().reciprocal().float()
+        return inv, found
+
+    def _step_group(self, group, amp=(None, None)):
         params = group["params"]
         plan = self._plans.get(id(group))
         if plan is not None and plan.single and plan.valid(self, group, params, None):
@@ -323,12 +362,15 @@ class FusedOptimizer:
             except (AttributeError, RuntimeError):
                 gptr = None
             if gptr is not None and (gptr >= 0).all():
-                self._run(plan.buckets[0][1], group, gptr)
+                self._run(plan.buckets[0][1], group, gptr, amp)
                 return
         grads = list(map(_GRAD, params))
         live = [i for i, g in enumerate(grads) if g is not None]
         sparse = [i for i in live if grads[i].is_sparse]
         if sparse:
+            if amp[0] is not None:  # the scaler left unscaling to us
+                for i in sparse:
+                    grads[i]._values().mul_(amp[0].to(grads[i].device))
             self._sparse_step(group, [params[i] for i in sparse])
             live = [i for i in live if not grads[i].is_sparse]
         if not live:
@@ -337,18 +379,25 @@ class FusedOptimizer:
             plan = self._plans[id(group)] = _Plan(self, group, params, live)
         for idx, bucket in plan.buckets:
             keep = [_local(grads[i]).contiguous() for i in idx]
-            self._run(bucket, group, np.fromiter(map(_PTR, keep), np.int64, len(keep)))
+            self._run(bucket, group, np.fromiter(map(_PTR, keep), np.int64, len(keep)), amp)
 
-    def _run(self, bucket, group, gptr):
-        step = bucket.step_value(group.get("capturable", False))
+    def _run(self, bucket, group, gptr, amp):
+        inv, found = amp  # the gradient's factor (1 / scale, clipping) and the inf flag
+        if found is not None:
+            found = found.to(bucket.device, torch.float32, non_blocking=True)
+        step = bucket.step_value(group.get("capturable", False), found)
         coeffs = self._coefficients(group, step, bucket.dtype == "float64")
-        bucket.run(self._rule, self._all_flags(group), gptr, coeffs)
+        if inv is not None:
+            coeffs = (*coeffs[:rules.NCOEF - 1], inv.to(bucket.device, non_blocking=True))
+        flags = self._all_flags(group, SCALE_GRAD=inv is not None, FOUND_INF=found is not None)
+        bucket.run(self._rule, flags, gptr, coeffs, found)
 
     def _sparse_step(self, group, params):
         raise RuntimeError(self._sparse_error)
 
-    def _all_flags(self, group):
+    def _all_flags(self, group, **engine):
         flags = dict.fromkeys(rules.FLAGS, False)
+        flags.update(engine)
         flags["MAXIMIZE"] = bool(group.get("maximize", False))
         flags["WEIGHT_DECAY"] = group.get("weight_decay", 0) != 0
         flags["L1"] = group.get("l1", 0) != 0
@@ -367,10 +416,13 @@ def lerp_small(w):
     return abs(float(w)) < 0.5
 
 
-def signature_with(torch_cls, **extra):
+EXTRAS = dict(backend="auto", l1=0.0, max_grad_norm=None)  # FusedOptimizer.__init__'s
+
+
+def signature_with(torch_cls):
     """torch_cls's constructor signature plus fusedopt's keyword-only extras."""
     sig = inspect.signature(torch_cls.__init__)
     params = list(sig.parameters.values())[1:]
     params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v)
-               for k, v in extra.items()]
+               for k, v in EXTRAS.items()]
     return sig.replace(parameters=params)

@@ -32,4 +32,4 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
                 group["momentum"], group["weight_decay"], group["l1"], 0.0, 0.0)
 
 
-RMSprop.__signature__ = signature_with(torch.optim.RMSprop, backend="auto", l1=0.0)
+RMSprop.__signature__ = signature_with(torch.optim.RMSprop)

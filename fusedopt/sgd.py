@@ -48,4 +48,4 @@ class SGD(FusedOptimizer, torch.optim.SGD):
                 self.state[p]["momentum_buffer"] = b
 
 
-SGD.__signature__ = signature_with(torch.optim.SGD, backend="auto", l1=0.0)
+SGD.__signature__ = signature_with(torch.optim.SGD)

@@ -121,7 +121,12 @@ def _template(KEY, MASK, DT):
             h0, h1, h2, h3, h4 = C[t, 0], C[t, 1], C[t, 2], C[t, 3], C[t, 4]
             h5, h6, h7, h8, h9 = C[t, 5], C[t, 6], C[t, 7], C[t, 8], C[t, 9]
             for j in range(e - s):
-                pv, av, bv, cv = rule(load(p[j]), load(g[j]), load(a[j]), load(b[j]),
+                gv = load(g[j])
+                if SCALE_GRAD:  # see rules.FLAGS
+                    gs = store(gv * h9)
+                    g[j] = gs
+                    gv = load(gs)
+                pv, av, bv, cv = rule(load(p[j]), gv, load(a[j]), load(b[j]),
                                       load(c[j]), h0, h1, h2, h3, h4, h5, h6, h7, h8, h9)
                 p[j] = store(pv)
                 if MASK & 1:
@@ -148,7 +153,7 @@ def _build(rule, flags, dtype, mask):
     key = int(hashlib.sha256(repr((_SOURCE_HASH, rule, flags, dtype)).encode())
               .hexdigest()[:15], 16) | 1
     proto = _template(key, mask, dt)
-    kgl = dict(globals(), rule=gl[rule], load=load, store=store)
+    kgl = dict(globals(), rule=gl[rule], load=load, store=store, SCALE_GRAD=dict(flags)["SCALE_GRAD"])
     fn = types.FunctionType(proto.__code__, kgl, proto.__name__, None, proto.__closure__)
     # numba names cache files after the qualname: one index file per variant, so that
     # processes compiling different variants at once cannot overwrite each other's entries
@@ -164,6 +169,49 @@ def run(rule, flags, dtype, mask, P, G, S, C, TID, CS, CE, N):
     if fn is None:
         fn = _kernels[k] = _build(rule, flags, dtype, mask)
     fn(P, G, S[0], S[1], S[2], C, TID, CS, CE, N)
+
+
+def _norm_template(KEY, ORD, DT):
+    # ORD: 1, 2, 0 for inf, 3 for any other p (PW)
+    def kernel(G, TID, CS, CE, N, PW, OUT):
+        if KEY == 0:
+            return
+        for ci in prange(TID.shape[0]):
+            t = TID[ci]
+            s = CS[ci]
+            g = numba.carray(_voidptr(G[t]), N[t], DT)[s:CE[ci]]
+            acc = np.float64(0)
+            for j in range(g.shape[0]):
+                x = abs(np.float64(load(g[j])))
+                if ORD == 2:
+                    acc += x * x
+                elif ORD == 1:
+                    acc += x
+                elif ORD == 0:
+                    acc = x if (x > acc or x != x) else acc  # NaN sticks
+                else:
+                    acc += x ** PW
+            OUT[ci] = acc
+    return kernel
+
+
+def norm_partials(dtype, order, G, TID, CS, CE, N):
+    """Per chunk: the sum of |g|**order (order 1, 2 or any p > 0) or, for order inf, the
+    max of |g|, accumulated in float64 (as torch's CPU norms are).  One compiled call."""
+    ord_ = {1.0: 1, 2.0: 2, float("inf"): 0}.get(float(order), 3)
+    k = ("norm", ord_, dtype)
+    fn = _kernels.get(k)
+    if fn is None:
+        dt, load, _ = _IO[dtype]
+        key = int(hashlib.sha256(repr((_SOURCE_HASH, k)).encode()).hexdigest()[:15], 16) | 1
+        proto = _norm_template(key, ord_, dt)
+        code = types.FunctionType(proto.__code__, dict(globals(), load=load), proto.__name__,
+                                  None, proto.__closure__)
+        code.__qualname__ = f"norm_{key:x}"
+        fn = _kernels[k] = numba.njit(parallel=True, cache=True, **JIT)(code)
+    out = np.empty(len(TID), dtype=np.float64)
+    fn(G, TID, CS, CE, N, np.float64(order), out)
+    return out
 
 
 def _init_numba():

@@ -7,7 +7,8 @@ Every rule has the same shape, so that one engine per backend can run any of the
 ``p`` and ``g`` are one element of a parameter and of its gradient, ``a, b, c`` the
 optimizer's state slots (a rule returns unused slots unchanged; the engine never stores
 them), ``h0..h9`` per-tensor coefficients that the optimizer class computes in float64
-and rounds once to the math dtype, exactly where torch.optim rounds its Python scalars.
+and rounds once to the math dtype, exactly where torch.optim rounds its Python scalars
+(h9 is left to the engines: see FLAGS).
 There are no float literals here: in Numba a literal promotes float32 math to float64
 (slower, and no longer torch's arithmetic).
 
@@ -25,8 +26,12 @@ The order of operations follows torch 2.13's for-loop implementations
 # ruff: noqa: F821  (ops and the flags are injected by the engines)
 
 NCOEF = 10  # h0..h9
+# SCALE_GRAD and FOUND_INF belong to the engines, not the rules (whose h9 is free for them):
+# SCALE_GRAD multiplies the gradient by h9 (GradScaler's 1 / scale) before the rule, rounds it
+# to the gradient's dtype and writes it back, as torch's unscale would have; FOUND_INF
+# (GPU) makes the launch read the scaler's found_inf flag and, if set, write nothing.
 FLAGS = ("MAXIMIZE", "WEIGHT_DECAY", "L1", "LERP_SMALL", "AMSGRAD", "DECOUPLED",
-         "CENTERED", "MOMENTUM", "NESTEROV")
+         "CENTERED", "MOMENTUM", "NESTEROV", "SCALE_GRAD", "FOUND_INF")
 
 
 def lerp(start, end, w, w_rest):
@@ -114,5 +119,10 @@ def sgd(p, g, buf, unused_b, unused_c, lr, wd, l1, keep, take, momentum, h6, h7,
     return p, buf, unused_b, unused_c
 
 
-RULES = {f.__name__: f for f in (adam, adamax, rmsprop, adagrad, sgd)}
+def scale(p, g, a, b, c, factor, h1, h2, h3, h4, h5, h6, h7, h8, h9):
+    # not an optimizer: clip_grad_norm_'s multiply, run with the gradients as `p`
+    return p * factor, a, b, c
+
+
+RULES = {f.__name__: f for f in (adam, adamax, rmsprop, adagrad, sgd, scale)}
 HELPERS = (lerp, regularize)

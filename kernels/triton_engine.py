@@ -10,6 +10,7 @@ and rounded to nearest even by hand: ``.to(tl.bfloat16)`` truncates in the inter
 import os
 import types
 
+import torch
 import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
@@ -40,11 +41,8 @@ def _ptr(table, t, KIND: tl.constexpr, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _load(ptr, offs, end, KIND: tl.constexpr, MASKED: tl.constexpr):
-    if MASKED:
-        x = tl.load(ptr + offs, mask=offs < end, other=0)
-    else:
-        x = tl.load(ptr + offs)
+def _widen(x, KIND: tl.constexpr):
+    # storage -> math dtype
     if KIND == 1:
         return x
     elif KIND == 3:
@@ -54,7 +52,8 @@ def _load(ptr, offs, end, KIND: tl.constexpr, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _store(ptr, offs, end, x, KIND: tl.constexpr, MASKED: tl.constexpr):
+def _narrow(x, KIND: tl.constexpr):
+    # math -> storage dtype
     if KIND == 2:
         y = x.to(tl.float16)
     elif KIND == 3:  # round to nearest even; NaN becomes torch's 0x7FC0
@@ -63,6 +62,20 @@ def _store(ptr, offs, end, x, KIND: tl.constexpr, MASKED: tl.constexpr):
         y = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r).to(tl.uint16)
     else:
         y = x
+    return y
+
+
+@triton.jit
+def _load(ptr, offs, end, KIND: tl.constexpr, MASKED: tl.constexpr):
+    if MASKED:
+        x = tl.load(ptr + offs, mask=offs < end, other=0)
+    else:
+        x = tl.load(ptr + offs)
+    return _widen(x, KIND)
+
+
+@triton.jit
+def _store_raw(ptr, offs, end, y, MASKED: tl.constexpr):
     if MASKED:
         tl.store(ptr + offs, y, mask=offs < end)
     else:
@@ -70,10 +83,19 @@ def _store(ptr, offs, end, x, KIND: tl.constexpr, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _store(ptr, offs, end, x, KIND: tl.constexpr, MASKED: tl.constexpr):
+    _store_raw(ptr, offs, end, _narrow(x, KIND), MASKED)
+
+
+@triton.jit
 def _block(pp, gp, ap, bp, cp, offs, end, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9,
            MASK: tl.constexpr, KIND: tl.constexpr, MASKED: tl.constexpr):
     p = _load(pp, offs, end, KIND, MASKED)
     g = _load(gp, offs, end, KIND, MASKED)
+    if SCALE_GRAD:  # see rules.FLAGS
+        gs = _narrow(g * h9, KIND)
+        _store_raw(gp, offs, end, gs, MASKED)
+        g = _widen(gs, KIND)
     a = p
     b = p
     c = p
@@ -94,12 +116,14 @@ def _block(pp, gp, ap, bp, cp, offs, end, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9
 
 
 @triton.jit
-def _kernel(P, G, S0, S1, S2, C, TID, CS, CE, MASK: tl.constexpr, KIND: tl.constexpr,
+def _kernel(P, G, S0, S1, S2, C, TID, CS, CE, FI, MASK: tl.constexpr, KIND: tl.constexpr,
             ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(TID + pid)
     start = tl.load(CS + pid)
     end = tl.load(CE + pid)
+    if FOUND_INF:  # GradScaler found an inf/NaN: an empty range, nothing written
+        end = tl.where(tl.load(FI) != 0, start, end)
     pp = _ptr(P, t, KIND, ALIGNED)
     gp = _ptr(G, t, KIND, ALIGNED)
     ap = _ptr(S0, t, KIND, ALIGNED)
@@ -127,6 +151,40 @@ def _kernel(P, G, S0, S1, S2, C, TID, CS, CE, MASK: tl.constexpr, KIND: tl.const
         offs = tail + tl.arange(0, BLOCK)
         _block(pp, gp, ap, bp, cp, offs, end, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9,
                MASK, KIND, True)
+
+
+@triton.jit
+def _norm_kernel(G, TID, CS, CE, PW, OUT, KIND: tl.constexpr, ORD: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    # one program per chunk: the sum of |g|**p (ORD 1, 2, or 3 for any p) or the max of
+    # |g| (ORD 0, inf), accumulated in the math dtype (float32 unless float64) as torch's
+    # CUDA norms are
+    pid = tl.program_id(0)
+    t = tl.load(TID + pid)
+    start = tl.load(CS + pid)
+    end = tl.load(CE + pid)
+    gp = _ptr(G, t, KIND, False)
+    if KIND == 1:
+        acc = tl.zeros([BLOCK], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(start, end, BLOCK):
+        offs = i + tl.arange(0, BLOCK)
+        x = tl.abs(_load(gp, offs, end, KIND, True))
+        if ORD == 2:
+            acc += x * x
+        elif ORD == 1:
+            acc += x
+        elif ORD == 0:
+            acc = tl.where((x > acc) | (x != x), x, acc)
+        else:
+            pos = x > 0  # |g|**p by exp2/log2; 0 and NaN pass through as they are
+            acc += tl.where(pos, tl.exp2(PW * tl.log2(tl.where(pos, x, 1))), x)
+    if ORD == 0:
+        nan = tl.sum(tl.where(acc != acc, acc, 0), 0)  # NaN if any lane is, else 0
+        tl.store(OUT + pid, tl.max(tl.where(acc != acc, 0, acc), 0) + nan)
+    else:
+        tl.store(OUT + pid, tl.sum(acc, 0))
 
 
 KINDS = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}
@@ -159,39 +217,82 @@ def build(rule, flags, interpret=None):
         for f in (*rules.HELPERS, rules.RULES[rule]):
             gl[f.__name__] = _rebind(f, gl, interpret)
         kgl = {"__name__": __name__, "tl": tl, "triton": triton, "rule": gl[rule],
-               "NCOEF": tl.constexpr(rules.NCOEF)}
-        for f in (_ptr, _load, _store):
+               "NCOEF": tl.constexpr(rules.NCOEF),
+               **{n: tl.constexpr(v) for n, v in flags if n in ("SCALE_GRAD", "FOUND_INF")}}
+        for f in (_ptr, _widen, _narrow, _load, _store_raw, _store):
             kgl[f.fn.__name__] = _rebind(f, kgl, interpret)
         kgl["_block"] = _rebind(_block, kgl, interpret)
         _kernels[k] = _rebind(_kernel, kgl, interpret, launch=True)
     return _kernels[k]
 
 
-def run(rule, flags, dtype, mask, P, G, S, C, TID, CS, CE, aligned):
+def run(rule, flags, dtype, mask, P, G, S, C, TID, CS, CE, aligned, found_inf=None):
     """Launch ``rule`` over one group: one program per chunk.  All tables are int64 tensors
-    on the params' device; C is [n, rules.NCOEF] in the math dtype."""
+    on the params' device; C is [n, rules.NCOEF] in the math dtype; ``found_inf``: the
+    scaler's float32 flag on the device (read when flags say FOUND_INF)."""
     if TID.numel() == 0:
         return
     kernel = build(rule, flags)
-    kernel[(TID.numel(),)](P, G, S[0], S[1], S[2], C, TID, CS, CE, MASK=mask,
+    fi = TID if found_inf is None else found_inf
+    kernel[(TID.numel(),)](P, G, S[0], S[1], S[2], C, TID, CS, CE, fi, MASK=mask,
                            KIND=KINDS[dtype], ALIGNED=aligned, BLOCK=BLOCK,
                            num_warps=NUM_WARPS, enable_fp_fusion=False)
+
+
+def norm_partials(dtype, order, G, TID, CS, CE):
+    """Per chunk, as numba_engine.norm_partials; one launch.  Tables are int64 tensors on
+    the device; returns a tensor of the math dtype."""
+    ord_ = {1.0: 1, 2.0: 2, float("inf"): 0}.get(float(order), 3)
+    f64 = dtype == "float64"
+    out = torch.empty(TID.numel(), dtype=torch.float64 if f64 else torch.float32,
+                      device=TID.device)
+    if TID.numel():
+        _norm_jit(_INTERPRET)[(TID.numel(),)](G, TID, CS, CE, float(order), out,
+                                              KIND=KINDS[dtype], ORD=ord_, BLOCK=BLOCK,
+                                              num_warps=NUM_WARPS)
+    return out
+
+
+def _norm_jit(interpret):
+    k = ("norm", interpret)
+    if k not in _kernels:
+        kgl = {"__name__": __name__, "tl": tl, "triton": triton}
+        for f in (_ptr, _widen, _load):
+            kgl[f.fn.__name__] = _rebind(f, kgl, interpret)
+        _kernels[k] = _rebind(_norm_kernel, kgl, interpret, launch=True)
+    return _kernels[k]
+
+
+def _aot(kernel, sig, const, aligned_args, arch):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig.update({n: "constexpr" for n in const})
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned_args}
+    src = ASTSource(kernel, signature=sig, constexprs=const, attrs=attrs)
+    out = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                         options={"num_warps": NUM_WARPS, "enable_fp_fusion": False})
+    return out.asm["ptx"], out.metadata
+
+
+def compile_norm_ptx(dtype="float32", order=2.0, arch=90):
+    """The norm kernel compiled ahead of time (as compile_ptx)."""
+    kernel = _norm_jit(False)
+    names = ["G", "TID", "CS", "CE"]
+    sig = {n: "*i64" for n in names}
+    sig.update(PW="fp32", OUT="*fp64" if dtype == "float64" else "*fp32")
+    ord_ = {1.0: 1, 2.0: 2, float("inf"): 0}.get(float(order), 3)
+    const = {"KIND": KINDS[dtype], "ORD": ord_, "BLOCK": 1024}
+    return _aot(kernel, sig, const, names + ["OUT"], arch)
 
 
 def compile_ptx(rule, flags, dtype="float32", mask=3, arch=90, aligned=True):
     """Compile one kernel ahead of time for an NVIDIA target (no GPU needed); returns
     (ptx, metadata).  The tests read the PTX for 128-bit loads and register spills."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     kernel = build(rule, flags, interpret=False)
     names = ["P", "G", "S0", "S1", "S2", "TID", "CS", "CE"]
     sig = {n: "*i64" for n in names}
+    sig["FI"] = "*fp32"
     sig["C"] = "*fp64" if dtype == "float64" else "*fp32"
     const = {"MASK": mask, "KIND": KINDS[dtype], "ALIGNED": aligned, "BLOCK": 1024}
-    sig.update({n: "constexpr" for n in const})
-    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in names + ["C"]}
-    src = ASTSource(kernel, signature=sig, constexprs=const, attrs=attrs)
-    out = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                         options={"num_warps": NUM_WARPS, "enable_fp_fusion": False})
-    return out.asm["ptx"], out.metadata
+    return _aot(kernel, sig, const, names + ["C"], arch)

@@ -107,8 +107,8 @@ def test_compile_op_registration():
     opt = fusedopt.Adam(params(), lr=1e-2)
     set_grads([opt], 0)
     ps = opt.param_groups[0]["params"]
-    torch.library.opcheck(torch.ops.fusedopt.group_step.default,
-                          (opt._handle, 0, ps, [p.grad for p in ps]))
+    torch.library.opcheck(torch.ops.fusedopt.step.default,
+                          (opt._handle, ps, [p.grad for p in ps]))
 
 
 # ---------------------------------------------------------------- capturable
