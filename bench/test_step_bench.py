@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import fusedopt
-from fusedopt.benchmark import OPTIMS, TORCH_FUSED, _make
+from fusedopt.benchmark import MIXED, OPTIMS, TORCH_FUSED, _make
 from fusedopt.workloads import WORKLOADS
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 WL = os.environ.get("FUSEDOPT_BENCH_WORKLOADS", "many-small,tiny").split(",")
-CASES = [(o, w, impl) for o in OPTIMS for w in WL
+CASES = [(o, w, impl) for o in OPTIMS if o not in MIXED for w in WL
          for impl in ("torch-forloop", "torch-foreach", "torch-fused", "fusedopt")
          if impl != "torch-fused" or OPTIMS[o][0] in TORCH_FUSED]
 

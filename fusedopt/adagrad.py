@@ -7,7 +7,8 @@ present, which a dense kernel cannot do cheaply, and this gives exactly torch's 
 import torch
 from torch.optim.adagrad import adagrad as torch_adagrad
 
-from .optimizer import FusedOptimizer, scalar_dtype, signature_with
+from .bucket import scalar_dtype
+from .optimizer import FusedOptimizer, signature_with
 
 
 class Adagrad(FusedOptimizer, torch.optim.Adagrad):

@@ -1,7 +1,8 @@
 """Adam, AdamW and Adamax: torch.optim's classes with a fused multi-tensor step."""
 import torch
 
-from .optimizer import FusedOptimizer, lerp_rest, lerp_small, scalar_dtype, signature_with
+from .bucket import scalar_dtype
+from .optimizer import FusedOptimizer, lerp_rest, lerp_small, signature_with
 
 
 class Adam(FusedOptimizer, torch.optim.Adam):
@@ -65,5 +66,6 @@ for _cls, _twin in ((Adam, torch.optim.Adam), (AdamW, torch.optim.AdamW),
                     (Adamax, torch.optim.Adamax)):
     _cls.__signature__ = signature_with(_twin)
     _cls.__doc__ = (f"Drop-in for ``torch.optim.{_twin.__name__}`` with a fused multi-tensor "
-                    "step.\n\nExtra keywords: ``backend`` ('auto', 'numba', 'triton') and "
-                    "``l1`` (adds ``l1 * sign(param)`` to the gradient).\n")
+                    "step.\n\nExtra keyword-only arguments (see the README): ``backend``, "
+                    "``l1``, ``max_grad_norm``, ``state_dtype``, ``master_weights``, "
+                    "``stochastic_rounding``.\n")

@@ -26,6 +26,15 @@ OPTIMS = {
     "adagrad": ("Adagrad", dict(lr=1e-3), (3, 2)),
     "sgd": ("SGD", dict(lr=1e-3, momentum=0.9), (3, 2)),
 }
+# mixed precision: fusedopt's options, the params' dtype, clipping, and our bytes per param
+# (the roof streams as many bytes).  torch has no float32 state for bfloat16 params: its
+# rows keep bfloat16 state (14 B/param); with clipping, torch runs clip_grad_norm_ (one
+# read of the grads for the norm, a read and a write to scale them) before its step.
+MIXED = {
+    "adam-bf16": (dict(state_dtype=torch.float32), torch.bfloat16, None, 22),
+    "adam-clip": (dict(max_grad_norm=1.0), torch.float32, 1.0, 32),
+}
+OPTIMS.update({k: OPTIMS["adam"] for k in MIXED})
 TORCH_FUSED = {"Adam", "AdamW", "SGD", "Adagrad"}
 
 
@@ -87,8 +96,9 @@ def _cupy_adam(ps, hp):
     return step
 
 
-def _steps(cls_name, hp, shapes, device, compile_step):
+def _steps(cls_name, hp, shapes, device, compile_step, mixed=None):
     """name -> step function, each over its own params, grads and state."""
+    ours, dtype, clip, _ = mixed or ({}, torch.float32, None, 0)
     impls = {"torch-forloop": dict(foreach=False), "torch-foreach": dict(foreach=True)}
     if cls_name in TORCH_FUSED:
         impls["torch-fused"] = dict(fused=True)
@@ -98,14 +108,24 @@ def _steps(cls_name, hp, shapes, device, compile_step):
     steps = {}
     for impl, kw in impls.items():
         cls = getattr(fusedopt if impl == "fusedopt" else torch.optim, cls_name)
-        opt = cls(_make(shapes, device), **hp, **kw)
+        ps = _make(shapes, device, dtype)
+        opt = cls(ps, **hp, **kw, **(ours if impl == "fusedopt" else {}))
         steps[impl] = torch.compile(opt.step) if impl == "torch-compile" else opt.step
+        if clip is not None and impl != "fusedopt":
+            steps[impl] = _clipped(ps, clip, kw.get("foreach", True), steps[impl])
     if device.type == "cuda" and cls_name == "Adam":
         try:
             steps["cupy-elementwise"] = _cupy_adam(_make(shapes, device), hp)
         except ImportError:
             pass
     return steps
+
+
+def _clipped(ps, max_norm, foreach, step):
+    def fn():
+        torch.nn.utils.clip_grad_norm_(ps, max_norm, foreach=foreach)
+        step()
+    return fn
 
 
 def bench_one(optim, workload, device, repeats=5, shapes=None, compile_step=False, progress=None):
@@ -117,8 +137,12 @@ def bench_one(optim, workload, device, repeats=5, shapes=None, compile_step=Fals
     numel = sum(math.prod(s) for s in shapes)
     if progress:
         progress(f"{optim} on {workload}: {len(shapes)} tensors, {numel / 1e6:.1f}M params")
-    steps = _steps(cls_name, hp, shapes, device, compile_step)
-    roof_step, nbytes = roof(numel, reads, writes, device)
+    mixed = MIXED.get(optim)
+    steps = _steps(cls_name, hp, shapes, device, compile_step, mixed)
+    if mixed:  # the roof streams the same number of bytes as our step
+        roof_step, nbytes = roof(numel * mixed[3] // ((reads + writes) * 4), reads, writes, device)
+    else:
+        roof_step, nbytes = roof(numel, reads, writes, device)
     steps = {"roof": roof_step, **steps}
     for fn in steps.values():  # warm-up (and torch.compile's compilation)
         fn()

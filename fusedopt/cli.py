@@ -58,6 +58,10 @@ def parity_cmd(args, cls=None):
     return 1 if failed else 0
 
 
+OPTIMS_HELP = ("adam", "adamw", "adamax", "rmsprop", "adagrad", "sgd", "adam-bf16 (bfloat16 params,"
+               " float32 state)", "adam-clip (max_grad_norm=1 vs clip_grad_norm_ + step)")
+
+
 def bench_cmd(args):
     from . import benchmark
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -122,7 +126,7 @@ def main(argv=None, cls=None):
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--json")
     b = sub.add_parser("bench", help="time a step against torch's paths and the memory roof")
-    b.add_argument("--optim", default="adam")
+    b.add_argument("--optim", default="adam", help="comma list of " + ",".join(OPTIMS_HELP))
     b.add_argument("--workloads", default=None, help="gpt2-124m,many-small,tiny,llama-1b")
     b.add_argument("--sizes", help="custom workload, e.g. 4096x4096,1000x100")
     b.add_argument("--repeats", type=int, default=7)

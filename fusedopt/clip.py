@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from . import optimizer as _opt
+from . import bucket as _opt
 from .kernels import rules
 
 _ENGINE_ORDERS = (1.0, 2.0, math.inf)  # and any finite p > 0
@@ -110,15 +110,15 @@ def scale_(tensors, factor, backend="auto"):
         C = torch.zeros(len(ts), rules.NCOEF, dtype=math_dtype, device=device)
         C[:, 0] = f.to(dtype)  # torch multiplies by the factor in the gradients' dtype
         flags = tuple(sorted(dict.fromkeys(rules.FLAGS, False).items()))
+        dt = (_dtype_name(dtype),) * 2
         if be == "numba":
             P = tab.ptrs
-            _opt._numba().run("scale", flags, _dtype_name(dtype), 0, P, P, [P, P, P],
-                              C.numpy(), tab.tid, tab.cs, tab.ce, tab.numel)
+            _opt._numba().run("scale", flags, dt, 0, P, P, [P] * 4, C.numpy(), P, tab.tid,
+                              tab.cs, tab.ce, tab.numel)
         else:
             P, tid, cs, ce = tab.on(device)
             aligned = bool(((tab.ptrs % 16) == 0).all())
-            _opt._triton().run("scale", flags, _dtype_name(dtype), 0, P, P, [P, P, P], C,
-                               tid, cs, ce, aligned)
+            _opt._triton().run("scale", flags, dt, 0, P, P, [P] * 4, C, P, tid, cs, ce, aligned)
 
 
 @torch.no_grad()

@@ -1,13 +1,11 @@
-"""The shared optimizer machinery: grouping, state, and dispatch to an engine.
+"""The shared optimizer machinery: state, mixed precision options, and dispatch.
 
 Each fusedopt class subclasses its torch.optim twin, so the constructor, defaults,
 validation errors, ``__setstate__`` and state_dict format are torch's own; this mixin
-replaces ``step``.  Per param group and (device, dtype) it keeps a *bucket*: pointer
-tables to params and state, the chunk table, and one float32 tensor holding every
-param's step counter, of which each ``state["step"]`` is a 0-d view (so 20000 counters
-advance in one op, not 20000).  Buckets are rebuilt only when the set of params with
-gradients changes, or after load_state_dict / add_param_group: per step the host reads
-the gradients' addresses, computes the coefficients and makes one engine call.
+replaces ``step``.  Per param group it keeps a plan (bucket.py): the params sorted into
+buckets by device and dtype, rebuilt only when the set of params with gradients
+changes, or after load_state_dict / add_param_group: per step the host reads the
+gradients' addresses, computes the coefficients and makes one engine call per bucket.
 """
 import inspect
 import itertools
@@ -18,193 +16,11 @@ import numpy as np
 import torch
 
 from . import clip
+from .bucket import _local, _Plan
 from .kernels import rules
 
-_REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
 _GRAD = operator.attrgetter("grad")
 _PTR = torch.Tensor.data_ptr
-
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch built without distributed
-    DTensor = ()
-
-
-def _local(t):
-    """The shard a DTensor holds on this rank (the engine updates local shards), else t."""
-    return t._local_tensor if isinstance(t, DTensor) else t
-
-
-def _dense_grad_ptr(p):
-    g = p.grad
-    return g.data_ptr() if g.is_contiguous() else -1
-
-
-def _dense_local_grad_ptr(p):
-    return _dense_grad_ptr(_local(p))
-
-
-def scalar_dtype():
-    # torch.optim's dtype for step counters
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-
-
-def _numba():
-    from .kernels import numba_engine
-    return numba_engine
-
-
-def _triton():
-    from .kernels import triton_engine
-    return triton_engine
-
-
-class _Bucket:
-    """The params of one group that share device and dtype, ready for one engine call."""
-
-    def __init__(self, opt, group, params, slots, fresh):
-        self.params = params
-        self.device = params[0].device
-        dtype = _REAL.get(params[0].dtype, params[0].dtype)
-        self.dtype = str(dtype).replace("torch.", "")
-        self.mask = sum(1 << i for i, name in enumerate(slots) if name)
-        self.backend = opt._backend_for(self.device)
-        states = [opt.state[p] for p in params] if opt._needs_state(group) else [{}] * len(params)
-        # engines need contiguous memory: non-contiguous params are updated through a copy
-        local = [_local(p) for p in params]
-        self.work = [(i, p, p.contiguous()) for i, p in enumerate(local) if not p.is_contiguous()]
-        flat = list(local)
-        for i, _, w in self.work:
-            flat[i] = w
-        cols = [[_as_real(t) for t in flat]]
-        for name in slots:
-            if name is None:
-                cols.append(cols[0])
-                continue
-            col = []
-            for p, st in zip(params, states):
-                t = st[name]
-                if not t.is_contiguous():
-                    t = st[name] = t.contiguous()
-                col.append(_as_real(_local(t)))
-            cols.append(col)
-        self.tensors = cols  # keeps the tensors behind the pointer tables alive
-        self.numel = np.array([t.numel() for t in cols[0]], dtype=np.int64)
-        if opt._has_step:
-            # stacked, not read through float(): no host sync, even on the first step
-            steps = torch.stack([torch.as_tensor(st["step"]).to(self.device, scalar_dtype())
-                                 for st in states])
-            for k, st in enumerate(states):
-                st["step"] = steps[k]
-        else:  # a private count: 0 for state created by this plan, so step 1 is its first
-            steps = torch.tensor([0.0 if id(p) in fresh else 1.0 for p in params],
-                                 dtype=torch.float64, device=self.device)
-        self.steps = steps
-        math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        self.C = torch.zeros(len(params), rules.NCOEF, dtype=math_dtype, device=self.device)
-        ptrs = np.array([[t.data_ptr() for t in col] for col in cols], dtype=np.int64)
-        self.aligned = bool(((ptrs % 16) == 0).all())
-        tid, cs, ce = _chunks(self.backend, self.numel)
-        if self.backend == "numba":
-            self.P, self.S = ptrs[0], [ptrs[1], ptrs[2], ptrs[3]]
-            self.tid, self.cs, self.ce = tid, cs, ce
-            self.Cn = self.C.numpy()
-        else:
-            dev = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
-            self.P, self.S = dev(ptrs[0]), [dev(ptrs[1]), dev(ptrs[2]), dev(ptrs[3])]
-            self.tid, self.cs, self.ce = dev(tid), dev(cs), dev(ce)
-            self._gkey, self._gdev = None, None
-
-    def step_value(self, capturable, found_inf=None):
-        """The step counters after this step's increment: a float if they all agree and
-        live on the CPU (torch computes its bias corrections from a Python float),
-        else (or when capturable) a float64 tensor, one value per param.  With a
-        found_inf flag on the device, the increment is 1 - found_inf."""
-        if found_inf is None:
-            self.steps += 1
-        else:
-            self.steps += 1 - found_inf.to(self.steps.dtype)
-        if self.device.type == "cpu" and not capturable and found_inf is None:
-            s = self.steps.numpy()
-            if s.size and s.min() == s.max():
-                return float(s[0])
-        return self.steps.double()
-
-    def run(self, rule, flags, gptr, coeffs, found_inf=None):
-        for j, c in enumerate(coeffs):
-            if isinstance(c, torch.Tensor):  # a device op: no host sync
-                self.C[:, j].copy_(c)
-            elif self.backend == "numba":  # cheaper than fill_; rounds double to float32 alike
-                self.Cn[:, j] = c
-            else:
-                self.C[:, j].fill_(c)
-        for i, p, w in self.work:
-            w.copy_(p)
-        aligned = self.aligned and not (gptr % 16).any()
-        if self.backend == "numba":
-            _numba().run(rule, flags, self.dtype, self.mask, self.P, gptr, self.S, self.Cn,
-                         self.tid, self.cs, self.ce, self.numel)
-        else:
-            if self._gkey is None or not np.array_equal(self._gkey, gptr):
-                host = torch.from_numpy(gptr)
-                if self.device.type == "cuda":
-                    host = host.pin_memory()
-                self._gkey, self._gdev = gptr, host.to(self.device, non_blocking=True)
-            _triton().run(rule, flags, self.dtype, self.mask, self.P, self._gdev, self.S,
-                          self.C, self.tid, self.cs, self.ce, aligned, found_inf)
-        for i, p, w in self.work:
-            p.copy_(w)
-
-
-def _as_real(t):
-    return torch.view_as_real(t) if t.is_complex() else t
-
-
-def _chunks(backend, numel):
-    eng = _numba() if backend == "numba" else _triton()
-    chunk = eng.CHUNK
-    counts = (numel + chunk - 1) // chunk
-    tid = np.repeat(np.arange(len(numel), dtype=np.int64), counts)
-    first = np.repeat(np.cumsum(counts) - counts, counts)
-    start = (np.arange(len(tid), dtype=np.int64) - first) * chunk
-    end = np.minimum(start + chunk, numel[tid]) if len(tid) else start
-    return tid, start, end
-
-
-class _Plan:
-    def __init__(self, opt, group, params, live):
-        self.group, self.params, self.nparams, self.live = group, params, len(params), live
-        self.state_obj = opt.state
-        self.slots = opt._slots(group)
-        order, fresh = {}, set()
-        for i in live:
-            p = params[i]
-            order.setdefault((p.device, p.dtype), []).append(i)
-            if not opt._needs_state(group):
-                continue
-            st = opt.state[p]
-            if len(st) == 0 and opt._has_step:
-                opt._init_state(group, p, st)
-            for name in self.slots:
-                if name and st.get(name) is None:
-                    st[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    fresh.add(id(p))
-        self.buckets = [(idx, _Bucket(opt, group, [params[i] for i in idx], self.slots, fresh))
-                        for idx in order.values()]
-        self.all_live = len(live) == len(params)
-        dist = any(isinstance(params[i], DTensor) for i in live)
-        self.grad_ptr = _dense_local_grad_ptr if dist else _dense_grad_ptr
-        self.single = len(self.buckets) == 1 and self.all_live
-
-    def valid(self, opt, group, params, live):
-        """Still right for this group, params and live indices (None: every param)?"""
-        live_ok = self.all_live if live is None else self.live == live
-        return (self.group is group and self.state_obj is opt.state
-                and self.nparams == len(params) and live_ok
-                and all(map(operator.is_, self.params, params))
-                and self.slots == opt._slots(group))
-
 
 _SKIP = object()  # _amp(): the scaler found an inf on the CPU, nothing to do
 _LIVE = weakref.WeakValueDictionary()  # handle -> optimizer, for the custom op
@@ -246,9 +62,10 @@ class FusedOptimizer:
     _has_step = True  # torch keeps state["step"] (all but SGD)
 
     def _needs_state(self, group):
-        return self._has_step or any(self._slots(group))
+        return self._has_step or any(self._slots(group)) or bool(group.get("master_weights"))
 
-    def __init__(self, *args, backend="auto", l1=0.0, max_grad_norm=None, **kwargs):
+    def __init__(self, *args, backend="auto", l1=0.0, max_grad_norm=None, state_dtype=None,
+                 master_weights=False, stochastic_rounding=False, **kwargs):
         if kwargs.get("differentiable"):
             raise NotImplementedError(
                 f"fusedopt.{type(self).__name__} does not implement differentiable=True; "
@@ -259,12 +76,23 @@ class FusedOptimizer:
             raise ValueError(f"Invalid l1 value: {l1}")
         if max_grad_norm is not None and not 0.0 <= max_grad_norm:
             raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
+        if state_dtype not in (None, torch.float32):
+            raise ValueError(f"state_dtype must be None (the param's dtype) or torch.float32, "
+                             f"got {state_dtype}")
+        if master_weights and stochastic_rounding:
+            raise ValueError("master_weights and stochastic_rounding exclude each other: with "
+                             "a float32 master copy the param is only a rounded view of it")
+        # group keys, so that they go into state_dict and can differ between groups
+        extras = dict(l1=l1, state_dtype=state_dtype, master_weights=bool(master_weights),
+                      stochastic_rounding=bool(stochastic_rounding))
+        if stochastic_rounding:  # the stream's seed: set group["sr_seed"] to change it
+            extras["sr_seed"] = torch.initial_seed() & 0xFFFFFFFF
         self._max_grad_norm = max_grad_norm
         self.grad_norm = None  # with max_grad_norm: the last step's total gradient norm
         self._backend = backend
-        self._l1 = l1
+        self._extras = extras
         super().__init__(*args, **kwargs)
-        self.defaults["l1"] = l1
+        self.defaults.update(extras)
         # GradScaler.step then hands us grad_scale and found_inf instead of unscaling the
         # gradients in a pass of its own: the kernel unscales them (see _amp)
         self._step_supports_amp_scaling = True
@@ -281,16 +109,30 @@ class FusedOptimizer:
         self._param_lists = [g["params"] for g in self.param_groups]
 
     def add_param_group(self, param_group):
-        param_group.setdefault("l1", getattr(self, "_l1", 0.0))
+        for k, v in getattr(self, "_extras", {}).items():
+            param_group.setdefault(k, v)
         if param_group.get("differentiable"):
             raise NotImplementedError("fusedopt does not implement differentiable=True")
         super().add_param_group(param_group)
         self._reset()
 
     def load_state_dict(self, state_dict):
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        saved = state_dict["state"]
         super().load_state_dict(state_dict)
+        for i, p in zip(saved_ids, (p for g in self.param_groups for p in g["params"])):
+            for k, v in saved.get(i, {}).items():
+                # torch casts all state to the param's dtype: float32 moments and master
+                # copies of a bfloat16 param stay as they were saved
+                if k != "step" and torch.is_tensor(v) and v.is_floating_point() \
+                        and v.dtype != p.dtype and not p.is_complex():
+                    self.state[p][k] = v.to(p.device, copy=True)
         for group in self.param_groups:
+            # a torch.optim state_dict has no l1 (torch's math: 0) and no precision options
+            # (kept as this optimizer was built with)
             group.setdefault("l1", 0.0)
+            for k, v in self._extras.items():
+                group.setdefault(k, v)
         self._reset()
 
     def __setstate__(self, state):
@@ -389,8 +231,13 @@ class FusedOptimizer:
         coeffs = self._coefficients(group, step, bucket.dtype == "float64")
         if inv is not None:
             coeffs = (*coeffs[:rules.NCOEF - 1], inv.to(bucket.device, non_blocking=True))
-        flags = self._all_flags(group, SCALE_GRAD=inv is not None, FOUND_INF=found is not None)
-        bucket.run(self._rule, flags, gptr, coeffs, found)
+        # bfloat16 params without a master copy only
+        sr = bool(group.get("stochastic_rounding")) and bucket.dtype == "bfloat16" \
+            and not bucket.mask & 8
+        keys = bucket.stream_keys(group.get("sr_seed", 0)) if sr else None
+        flags = self._all_flags(group, SCALE_GRAD=inv is not None, FOUND_INF=found is not None,
+                                STOCH_ROUND=sr)
+        bucket.run(self._rule, flags, gptr, coeffs, found, keys)
 
     def _sparse_step(self, group, params):
         raise RuntimeError(self._sparse_error)
@@ -416,7 +263,8 @@ def lerp_small(w):
     return abs(float(w)) < 0.5
 
 
-EXTRAS = dict(backend="auto", l1=0.0, max_grad_norm=None)  # FusedOptimizer.__init__'s
+EXTRAS = dict(backend="auto", l1=0.0, max_grad_norm=None, state_dtype=None, master_weights=False,
+              stochastic_rounding=False)  # FusedOptimizer.__init__'s
 
 
 def signature_with(torch_cls):

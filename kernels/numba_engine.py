@@ -104,8 +104,36 @@ _IO = {
 }
 
 
-def _template(KEY, MASK, DT):
-    def kernel(P, G, S0, S1, S2, C, TID, CS, CE, N):
+_M32 = 0xFFFFFFFF
+
+
+@numba.njit(inline="always", **JIT)
+def fmix32(h):
+    # murmur3's finalizer on 32 bits kept in an int64 (a product of two 32-bit values wraps
+    # the same in its low 32 bits as uint32 arithmetic would)
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _M32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
+
+
+@numba.njit(inline="always", **JIT)
+def f32_to_bf16_stochastic(f, index, key):
+    # unbiased: add 16 random bits below the kept ones, then truncate (a value already on
+    # the bf16 grid never moves); the bits come from (key, element index) alone, so both
+    # engines draw the same ones
+    u = np.int64(_f32_bits(f))
+    if (u & 0x7FFFFFFF) > 0x7F800000:
+        return np.uint16(0x7FC0)
+    r = fmix32(fmix32(index & _M32) ^ key) & 0xFFFF
+    return np.uint16((u + r) >> 16)
+
+
+def _template(KEY, MASK, DT, SDT):
+    # MASK: bit i set when state slot i is in use, bit 3 for a float32 master copy of the
+    # param (then the param is written from it, rounded)
+    def kernel(P, G, S0, S1, S2, S3, C, R, TID, CS, CE, N):
         if KEY == 0:  # KEY only tells numba's on-disk cache one variant from another
             return
         for ci in prange(TID.shape[0]):
@@ -113,11 +141,13 @@ def _template(KEY, MASK, DT):
             s = CS[ci]
             e = CE[ci]
             n = N[t]
+            key = R[t]
             p = numba.carray(_voidptr(P[t]), n, DT)[s:e]
             g = numba.carray(_voidptr(G[t]), n, DT)[s:e]
-            a = numba.carray(_voidptr(S0[t]), n, DT)[s:e]
-            b = numba.carray(_voidptr(S1[t]), n, DT)[s:e]
-            c = numba.carray(_voidptr(S2[t]), n, DT)[s:e]
+            a = numba.carray(_voidptr(S0[t]), n, SDT)[s:e]
+            b = numba.carray(_voidptr(S1[t]), n, SDT)[s:e]
+            c = numba.carray(_voidptr(S2[t]), n, SDT)[s:e]
+            w = numba.carray(_voidptr(S3[t]), n, SDT)[s:e]
             h0, h1, h2, h3, h4 = C[t, 0], C[t, 1], C[t, 2], C[t, 3], C[t, 4]
             h5, h6, h7, h8, h9 = C[t, 5], C[t, 6], C[t, 7], C[t, 8], C[t, 9]
             for j in range(e - s):
@@ -126,15 +156,24 @@ def _template(KEY, MASK, DT):
                     gs = store(gv * h9)
                     g[j] = gs
                     gv = load(gs)
-                pv, av, bv, cv = rule(load(p[j]), gv, load(a[j]), load(b[j]),
-                                      load(c[j]), h0, h1, h2, h3, h4, h5, h6, h7, h8, h9)
-                p[j] = store(pv)
+                # unused slots point at the param, maybe of another dtype: never read them
+                pv = sload(w[j]) if MASK & 8 else load(p[j])
+                av = sload(a[j]) if MASK & 1 else pv
+                bv = sload(b[j]) if MASK & 2 else pv
+                cv = sload(c[j]) if MASK & 4 else pv
+                pv, av, bv, cv = rule(pv, gv, av, bv, cv, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9)
+                if MASK & 8:
+                    w[j] = sstore(pv)
+                if STOCH_ROUND:
+                    p[j] = f32_to_bf16_stochastic(pv, s + j, key)
+                else:
+                    p[j] = store(pv)
                 if MASK & 1:
-                    a[j] = store(av)
+                    a[j] = sstore(av)
                 if MASK & 2:
-                    b[j] = store(bv)
+                    b[j] = sstore(bv)
                 if MASK & 4:
-                    c[j] = store(cv)
+                    c[j] = sstore(cv)
     return kernel
 
 
@@ -144,16 +183,19 @@ _SOURCE_HASH = hashlib.sha256(
 _kernels = {}
 
 
-def _build(rule, flags, dtype, mask):
+def _build(rule, flags, dtypes, mask):
     gl = {"ops": numba_ops, **dict(flags)}
     for f in (*rules.HELPERS, rules.RULES[rule]):
         gl[f.__name__] = numba.njit(inline="always", **JIT)(
             types.FunctionType(f.__code__, gl, f.__name__))
-    dt, load, store = _IO[dtype]
-    key = int(hashlib.sha256(repr((_SOURCE_HASH, rule, flags, dtype)).encode())
+    dt, load, store = _IO[dtypes[0]]
+    sdt, sload, sstore = _IO[dtypes[1]]
+    key = int(hashlib.sha256(repr((_SOURCE_HASH, rule, flags, dtypes, mask)).encode())
               .hexdigest()[:15], 16) | 1
-    proto = _template(key, mask, dt)
-    kgl = dict(globals(), rule=gl[rule], load=load, store=store, SCALE_GRAD=dict(flags)["SCALE_GRAD"])
+    proto = _template(key, mask, dt, sdt)
+    fl = dict(flags)
+    kgl = dict(globals(), rule=gl[rule], load=load, store=store, sload=sload, sstore=sstore,
+               SCALE_GRAD=fl["SCALE_GRAD"], STOCH_ROUND=fl["STOCH_ROUND"] and dtypes[0] == "bfloat16")
     fn = types.FunctionType(proto.__code__, kgl, proto.__name__, None, proto.__closure__)
     # numba names cache files after the qualname: one index file per variant, so that
     # processes compiling different variants at once cannot overwrite each other's entries
@@ -161,14 +203,15 @@ def _build(rule, flags, dtype, mask):
     return numba.njit(parallel=True, cache=True, **JIT)(fn)
 
 
-def run(rule, flags, dtype, mask, P, G, S, C, TID, CS, CE, N):
-    """Apply ``rule`` to one group.  ``flags``: sorted tuple of (name, bool); ``dtype``: a
-    torch dtype name; P, G, S[0..2], TID, CS, CE, N: int64 arrays; C: [n, rules.NCOEF]."""
-    k = (rule, flags, dtype, mask)
+def run(rule, flags, dtypes, mask, P, G, S, C, R, TID, CS, CE, N):
+    """Apply ``rule`` to one group.  ``flags``: sorted tuple of (name, bool); ``dtypes``:
+    torch dtype names of (params and grads, state and master copy); P, G, S[0..3], TID, CS,
+    CE, N: int64 arrays; C: [n, rules.NCOEF]; R: each tensor's stochastic-rounding key."""
+    k = (rule, flags, dtypes, mask)
     fn = _kernels.get(k)
     if fn is None:
-        fn = _kernels[k] = _build(rule, flags, dtype, mask)
-    fn(P, G, S[0], S[1], S[2], C, TID, CS, CE, N)
+        fn = _kernels[k] = _build(rule, flags, dtypes, mask)
+    fn(P, G, S[0], S[1], S[2], S[3], C, R, TID, CS, CE, N)
 
 
 def _norm_template(KEY, ORD, DT):

@@ -66,6 +66,25 @@ def _narrow(x, KIND: tl.constexpr):
 
 
 @triton.jit
+def _fmix32(h):
+    # murmur3's finalizer (uint32 arithmetic wraps as numba_engine.fmix32's masked int64)
+    h ^= h >> 16
+    h *= 0x85EBCA6B
+    h ^= h >> 13
+    h *= 0xC2B2AE35
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def _narrow_stochastic(x, offs, key):
+    # as numba_engine.f32_to_bf16_stochastic: add 16 random bits from (key, index), truncate
+    u = x.to(tl.uint32, bitcast=True)
+    r = _fmix32(_fmix32(offs.to(tl.uint32)) ^ key) & 0xFFFF
+    y = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, (u + r) >> 16)
+    return y.to(tl.uint16)
+
+
+@triton.jit
 def _load(ptr, offs, end, KIND: tl.constexpr, MASKED: tl.constexpr):
     if MASKED:
         x = tl.load(ptr + offs, mask=offs < end, other=0)
@@ -88,47 +107,60 @@ def _store(ptr, offs, end, x, KIND: tl.constexpr, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _block(pp, gp, ap, bp, cp, offs, end, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9,
-           MASK: tl.constexpr, KIND: tl.constexpr, MASKED: tl.constexpr):
-    p = _load(pp, offs, end, KIND, MASKED)
+def _block(pp, gp, ap, bp, cp, wp, offs, end, key, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9,
+           MASK: tl.constexpr, KIND: tl.constexpr, SKIND: tl.constexpr, MASKED: tl.constexpr):
+    # MASK and the flags as in numba_engine._template
     g = _load(gp, offs, end, KIND, MASKED)
     if SCALE_GRAD:  # see rules.FLAGS
         gs = _narrow(g * h9, KIND)
         _store_raw(gp, offs, end, gs, MASKED)
         g = _widen(gs, KIND)
+    if MASK & 8:
+        p = _load(wp, offs, end, SKIND, MASKED)
+    else:
+        p = _load(pp, offs, end, KIND, MASKED)
     a = p
     b = p
     c = p
     if MASK & 1:
-        a = _load(ap, offs, end, KIND, MASKED)
+        a = _load(ap, offs, end, SKIND, MASKED)
     if MASK & 2:
-        b = _load(bp, offs, end, KIND, MASKED)
+        b = _load(bp, offs, end, SKIND, MASKED)
     if MASK & 4:
-        c = _load(cp, offs, end, KIND, MASKED)
+        c = _load(cp, offs, end, SKIND, MASKED)
     p, a, b, c = rule(p, g, a, b, c, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9)
-    _store(pp, offs, end, p, KIND, MASKED)
+    if MASK & 8:
+        _store(wp, offs, end, p, SKIND, MASKED)
+    if STOCH_ROUND:
+        _store_raw(pp, offs, end, _narrow_stochastic(p, offs, key), MASKED)
+    else:
+        _store(pp, offs, end, p, KIND, MASKED)
     if MASK & 1:
-        _store(ap, offs, end, a, KIND, MASKED)
+        _store(ap, offs, end, a, SKIND, MASKED)
     if MASK & 2:
-        _store(bp, offs, end, b, KIND, MASKED)
+        _store(bp, offs, end, b, SKIND, MASKED)
     if MASK & 4:
-        _store(cp, offs, end, c, KIND, MASKED)
+        _store(cp, offs, end, c, SKIND, MASKED)
 
 
 @triton.jit
-def _kernel(P, G, S0, S1, S2, C, TID, CS, CE, FI, MASK: tl.constexpr, KIND: tl.constexpr,
-            ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+def _kernel(P, G, S0, S1, S2, S3, C, R, TID, CS, CE, FI, MASK: tl.constexpr,
+            KIND: tl.constexpr, SKIND: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(TID + pid)
     start = tl.load(CS + pid)
     end = tl.load(CE + pid)
     if FOUND_INF:  # GradScaler found an inf/NaN: an empty range, nothing written
         end = tl.where(tl.load(FI) != 0, start, end)
+    key = 0
+    if STOCH_ROUND:
+        key = tl.load(R + t).to(tl.uint32)
     pp = _ptr(P, t, KIND, ALIGNED)
     gp = _ptr(G, t, KIND, ALIGNED)
-    ap = _ptr(S0, t, KIND, ALIGNED)
-    bp = _ptr(S1, t, KIND, ALIGNED)
-    cp = _ptr(S2, t, KIND, ALIGNED)
+    ap = _ptr(S0, t, SKIND, ALIGNED)
+    bp = _ptr(S1, t, SKIND, ALIGNED)
+    cp = _ptr(S2, t, SKIND, ALIGNED)
+    wp = _ptr(S3, t, SKIND, ALIGNED)
     h0 = tl.load(C + t * NCOEF + 0)
     h1 = tl.load(C + t * NCOEF + 1)
     h2 = tl.load(C + t * NCOEF + 2)
@@ -144,13 +176,13 @@ def _kernel(P, G, S0, S1, S2, C, TID, CS, CE, FI, MASK: tl.constexpr, KIND: tl.c
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
         if ALIGNED:  # chunk starts are multiples of CHUNK, hence of BLOCK
             offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
-        _block(pp, gp, ap, bp, cp, offs, end, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9,
-               MASK, KIND, False)
+        _block(pp, gp, ap, bp, cp, wp, offs, end, key, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9,
+               MASK, KIND, SKIND, False)
     tail = start + nfull * BLOCK
     if tail < end:
         offs = tail + tl.arange(0, BLOCK)
-        _block(pp, gp, ap, bp, cp, offs, end, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9,
-               MASK, KIND, True)
+        _block(pp, gp, ap, bp, cp, wp, offs, end, key, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9,
+               MASK, KIND, SKIND, True)
 
 
 @triton.jit
@@ -218,24 +250,28 @@ def build(rule, flags, interpret=None):
             gl[f.__name__] = _rebind(f, gl, interpret)
         kgl = {"__name__": __name__, "tl": tl, "triton": triton, "rule": gl[rule],
                "NCOEF": tl.constexpr(rules.NCOEF),
-               **{n: tl.constexpr(v) for n, v in flags if n in ("SCALE_GRAD", "FOUND_INF")}}
-        for f in (_ptr, _widen, _narrow, _load, _store_raw, _store):
+               **{n: tl.constexpr(v) for n, v in flags if n in ("SCALE_GRAD", "FOUND_INF", "STOCH_ROUND")}}
+        for f in (_ptr, _widen, _narrow, _fmix32, _narrow_stochastic, _load, _store_raw, _store):
             kgl[f.fn.__name__] = _rebind(f, kgl, interpret)
         kgl["_block"] = _rebind(_block, kgl, interpret)
         _kernels[k] = _rebind(_kernel, kgl, interpret, launch=True)
     return _kernels[k]
 
 
-def run(rule, flags, dtype, mask, P, G, S, C, TID, CS, CE, aligned, found_inf=None):
-    """Launch ``rule`` over one group: one program per chunk.  All tables are int64 tensors
-    on the params' device; C is [n, rules.NCOEF] in the math dtype; ``found_inf``: the
-    scaler's float32 flag on the device (read when flags say FOUND_INF)."""
+def run(rule, flags, dtypes, mask, P, G, S, C, R, TID, CS, CE, aligned, found_inf=None):
+    """Launch ``rule`` over one group: one program per chunk.  As numba_engine.run, but
+    every table is an int64 tensor on the params' device; C is [n, rules.NCOEF] in the
+    math dtype; ``found_inf``: the scaler's float32 flag on the device (read when flags
+    say FOUND_INF)."""
     if TID.numel() == 0:
         return
+    if dtypes[0] != "bfloat16":  # stochastic rounding is for bfloat16 params only
+        flags = tuple((n, v and n != "STOCH_ROUND") for n, v in flags)
     kernel = build(rule, flags)
     fi = TID if found_inf is None else found_inf
-    kernel[(TID.numel(),)](P, G, S[0], S[1], S[2], C, TID, CS, CE, fi, MASK=mask,
-                           KIND=KINDS[dtype], ALIGNED=aligned, BLOCK=BLOCK,
+    kernel[(TID.numel(),)](P, G, S[0], S[1], S[2], S[3], C, R, TID, CS, CE, fi, MASK=mask,
+                           KIND=KINDS[dtypes[0]], SKIND=KINDS[dtypes[1]], ALIGNED=aligned,
+                           BLOCK=BLOCK,
                            num_warps=NUM_WARPS, enable_fp_fusion=False)
 
 
@@ -286,13 +322,14 @@ def compile_norm_ptx(dtype="float32", order=2.0, arch=90):
     return _aot(kernel, sig, const, names + ["OUT"], arch)
 
 
-def compile_ptx(rule, flags, dtype="float32", mask=3, arch=90, aligned=True):
+def compile_ptx(rule, flags, dtype="float32", mask=3, arch=90, aligned=True, sdtype=None):
     """Compile one kernel ahead of time for an NVIDIA target (no GPU needed); returns
     (ptx, metadata).  The tests read the PTX for 128-bit loads and register spills."""
     kernel = build(rule, flags, interpret=False)
-    names = ["P", "G", "S0", "S1", "S2", "TID", "CS", "CE"]
+    names = ["P", "G", "S0", "S1", "S2", "S3", "R", "TID", "CS", "CE"]
     sig = {n: "*i64" for n in names}
     sig["FI"] = "*fp32"
     sig["C"] = "*fp64" if dtype == "float64" else "*fp32"
-    const = {"MASK": mask, "KIND": KINDS[dtype], "ALIGNED": aligned, "BLOCK": 1024}
+    const = {"MASK": mask, "KIND": KINDS[dtype], "SKIND": KINDS[sdtype or dtype],
+             "ALIGNED": aligned, "BLOCK": 1024}
     return _aot(kernel, sig, const, names + ["C"], arch)

@@ -9,7 +9,6 @@ WORLD DIR``: WORLD processes on the gloo backend (CPU), every rank asserting on 
 * dcp_load:   fresh processes (any WORLD): load the checkpoint, take the same 3 steps
               on the same global batches, compare with what dcp_save wrote.
 """
-import copy
 import os
 import socket
 import sys

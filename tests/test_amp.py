@@ -111,3 +111,16 @@ def test_found_inf_read_by_the_kernel():
     ours._run(bucket, ours.param_groups[0], gptr, (None, torch.zeros(())))
     plain.step()
     assert all(map(torch.equal, raw(ours), raw(plain)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_master_weights_under_gradscaler(backend):
+    """bfloat16 params with float32 master copies: inf steps leave params, moments and
+    master copies byte for byte (train() compares), the others update the master."""
+    ps = params(torch.bfloat16)
+    opt = fusedopt.AdamW(ps, lr=1e-2, master_weights=True, backend=backend)
+    train(opt)
+    for p in ps:
+        st = opt.state[p]
+        assert st["master"].dtype == torch.float32 and int(st["step"]) == 4
+        assert torch.equal(p, st["master"].to(torch.bfloat16))

@@ -67,3 +67,18 @@ def test_norm_kernel_compiles():
     proc = subprocess.run([sys.executable, "-c", NORM_AOT], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0 and "compiled 32" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("sr", [False, True], ids=["master", "stochastic"])
+@pytest.mark.parametrize("rule", sorted(set(rules.RULES) - {"scale"}))
+def test_mixed_precision_compiles(rule, sr):
+    """bfloat16 params and grads with float32 state: with a float32 master copy (mask bit
+    3), or rounded stochastically.  Vector loads of both widths, no spills."""
+    on, mask = VARIANTS[rule]
+    on = dict(on, STOCH_ROUND=sr, SCALE_GRAD=True)
+    ptx, _ = triton_engine.compile_ptx(rule, _flags(on), "bfloat16", mask | (0 if sr else 8), 90,
+                                       sdtype="float32")
+    assert re.search(r"ld\.global(\.\w+)*\.v4\.b32", ptx), "no 128-bit loads"
+    assert "ld.local" not in ptx and "st.local" not in ptx, "register spills"
+    if sr:
+        assert "mul.lo.s32" in ptx or "mul.lo.u32" in ptx  # the hash runs on 32-bit integers

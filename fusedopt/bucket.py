@@ -1,0 +1,244 @@
+"""Plumbing between an optimizer and the engines: the params of a group, sorted into
+buckets (one per device and dtype), each with pointer tables to params and state, the
+chunk table, and one tensor holding every param's step counter, of which each
+``state["step"]`` is a 0-d view (so 20000 counters advance in one op, not 20000).
+
+Mixed precision lives here too: the dtype each param's state is kept in, the float32
+master copy of a low-precision param, and the keys of the stochastic-rounding stream.
+"""
+import operator
+
+import numpy as np
+import torch
+
+from .kernels import rules
+_REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+_GRAD = operator.attrgetter("grad")
+_PTR = torch.Tensor.data_ptr
+
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed
+    DTensor = ()
+
+
+def _local(t):
+    """The shard a DTensor holds on this rank (the engine updates local shards), else t."""
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def _dense_grad_ptr(p):
+    g = p.grad
+    return g.data_ptr() if g.is_contiguous() else -1
+
+
+def _dense_local_grad_ptr(p):
+    return _dense_grad_ptr(_local(p))
+
+
+def scalar_dtype():
+    # torch.optim's dtype for step counters
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _numba():
+    from .kernels import numba_engine
+    return numba_engine
+
+
+def _triton():
+    from .kernels import triton_engine
+    return triton_engine
+
+
+_LOW = (torch.float16, torch.bfloat16)
+_M32 = 0xFFFFFFFF
+
+
+def state_dtype(group, p):
+    """The dtype of p's state: float32 for a float16/bfloat16 param when the group asks
+    for float32 state or master weights, else the param's own (as torch)."""
+    if p.dtype in _LOW and (group.get("state_dtype") is not None or group.get("master_weights")):
+        return torch.float32
+    return p.dtype
+
+
+def has_master(group, p):
+    return bool(group.get("master_weights")) and p.dtype in _LOW
+
+
+def _name(dtype):
+    return str(_REAL.get(dtype, dtype)).replace("torch.", "")
+
+
+class _Bucket:
+    """The params of one group that share device and dtype, ready for one engine call."""
+
+    def __init__(self, opt, group, params, slots, fresh, index):
+        self.params = params
+        self.device = params[0].device
+        self.dtype = _name(params[0].dtype)
+        self.sdtype = _name(state_dtype(group, params[0]))
+        master = has_master(group, params[0])
+        self.mask = sum(1 << i for i, name in enumerate((*slots, master)) if name)
+        self.backend = opt._backend_for(self.device)
+        states = [opt.state[p] for p in params] if opt._needs_state(group) else [{}] * len(params)
+        # engines need contiguous memory: non-contiguous params are updated through a copy
+        local = [_local(p) for p in params]
+        self.work = [(i, p, p.contiguous()) for i, p in enumerate(local) if not p.is_contiguous()]
+        flat = list(local)
+        for i, _, w in self.work:
+            flat[i] = w
+        cols = [[_as_real(t) for t in flat]]
+        for name in slots:
+            if name is None:
+                cols.append(cols[0])
+                continue
+            col = []
+            for p, st in zip(params, states):
+                t = st[name]
+                if not t.is_contiguous():
+                    t = st[name] = t.contiguous()
+                col.append(_as_real(_local(t)))
+            cols.append(col)
+        cols.append([st["master"] for st in states] if master else cols[0])
+        self.tensors = cols  # keeps the tensors behind the pointer tables alive
+        self.numel = np.array([t.numel() for t in cols[0]], dtype=np.int64)
+        if opt._has_step:
+            # stacked, not read through float(): no host sync, even on the first step
+            steps = torch.stack([torch.as_tensor(st["step"]).to(self.device, scalar_dtype())
+                                 for st in states])
+            for k, st in enumerate(states):
+                st["step"] = steps[k]
+        else:  # a private count: 0 for state created by this plan, so step 1 is its first
+            steps = torch.tensor([0.0 if id(p) in fresh else 1.0 for p in params],
+                                 dtype=torch.float64, device=self.device)
+        self.steps = steps
+        math_dtype = torch.float64 if self.dtype == "float64" else torch.float32
+        self.C = torch.zeros(len(params), rules.NCOEF, dtype=math_dtype, device=self.device)
+        ptrs = np.array([[t.data_ptr() for t in col] for col in cols], dtype=np.int64)
+        self.aligned = bool(((ptrs % 16) == 0).all())
+        tid, cs, ce = _chunks(self.backend, self.numel)
+        # the stochastic-rounding stream of a param depends on its place in the optimizer,
+        # never on which other params have gradients
+        self.place = torch.tensor([(index[0] << 20 ^ i) * 0x85EBCA77 & _M32 for i in index[1]],
+                                  dtype=torch.int64, device=self.device)
+        if self.backend == "numba":
+            self.P, self.S = ptrs[0], list(ptrs[1:])
+            self.tid, self.cs, self.ce = tid, cs, ce
+            self.Cn = self.C.numpy()
+        else:
+            dev = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
+            self.P, self.S = dev(ptrs[0]), [dev(a) for a in ptrs[1:]]
+            self.tid, self.cs, self.ce = dev(tid), dev(cs), dev(ce)
+            self._gkey, self._gdev = None, None
+
+    def stream_keys(self, seed):
+        """Per param, the key of this step's stochastic-rounding stream: a function of the
+        seed, the param's place and its step count (so a restored checkpoint continues
+        the stream); the engines hash it with each element's index."""
+        k = (self.steps.to(torch.int64) * 0x9E3779B1 + self.place + (seed & _M32) * 0x27D4EB2F)
+        k = k & _M32
+        return k.numpy() if self.backend == "numba" else k
+
+    def step_value(self, capturable, found_inf=None):
+        """The step counters after this step's increment: a float if they all agree and
+        live on the CPU (torch computes its bias corrections from a Python float),
+        else (or when capturable) a float64 tensor, one value per param.  With a
+        found_inf flag on the device, the increment is 1 - found_inf."""
+        if found_inf is None:
+            self.steps += 1
+        else:
+            self.steps += 1 - found_inf.to(self.steps.dtype)
+        if self.device.type == "cpu" and not capturable and found_inf is None:
+            s = self.steps.numpy()
+            if s.size and s.min() == s.max():
+                return float(s[0])
+        return self.steps.double()
+
+    def run(self, rule, flags, gptr, coeffs, found_inf=None, keys=None):
+        for j, c in enumerate(coeffs):
+            if isinstance(c, torch.Tensor):  # a device op: no host sync
+                self.C[:, j].copy_(c)
+            elif self.backend == "numba":  # cheaper than fill_; rounds double to float32 alike
+                self.Cn[:, j] = c
+            else:
+                self.C[:, j].fill_(c)
+        for i, p, w in self.work:
+            w.copy_(p)
+        aligned = self.aligned and not (gptr % 16).any()
+        if self.backend == "numba":
+            _numba().run(rule, flags, (self.dtype, self.sdtype), self.mask, self.P, gptr, self.S,
+                         self.Cn, self.numel if keys is None else keys, self.tid, self.cs,
+                         self.ce, self.numel)
+        else:
+            if self._gkey is None or not np.array_equal(self._gkey, gptr):
+                host = torch.from_numpy(gptr)
+                if self.device.type == "cuda":
+                    host = host.pin_memory()
+                self._gkey, self._gdev = gptr, host.to(self.device, non_blocking=True)
+            _triton().run(rule, flags, (self.dtype, self.sdtype), self.mask, self.P, self._gdev,
+                          self.S, self.C, self.tid if keys is None else keys, self.tid, self.cs,
+                          self.ce, aligned, found_inf)
+        for i, p, w in self.work:
+            p.copy_(w)
+
+
+def _as_real(t):
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _chunks(backend, numel):
+    eng = _numba() if backend == "numba" else _triton()
+    chunk = eng.CHUNK
+    counts = (numel + chunk - 1) // chunk
+    tid = np.repeat(np.arange(len(numel), dtype=np.int64), counts)
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    start = (np.arange(len(tid), dtype=np.int64) - first) * chunk
+    end = np.minimum(start + chunk, numel[tid]) if len(tid) else start
+    return tid, start, end
+
+
+class _Plan:
+    def __init__(self, opt, group, params, live):
+        gi = next(i for i, g in enumerate(opt.param_groups) if g is group)
+        self.group, self.params, self.nparams, self.live = group, params, len(params), live
+        self.state_obj = opt.state
+        self.slots = opt._slots(group)
+        order, fresh = {}, set()
+        for i in live:
+            p = params[i]
+            order.setdefault((p.device, p.dtype), []).append(i)
+            if not opt._needs_state(group):
+                continue
+            st = opt.state[p]
+            if len(st) == 0 and opt._has_step:
+                opt._init_state(group, p, st)
+            sdt = state_dtype(group, p)
+            for name in self.slots:
+                if name and st.get(name) is None:
+                    st[name] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
+                    fresh.add(id(p))
+                elif name and st[name].dtype != sdt and st[name].is_floating_point():
+                    st[name] = st[name].to(sdt)
+            if has_master(group, p) and st.get("master") is None:
+                # a fresh optimizer, or a state_dict without master copies: start from the param
+                st["master"] = _local(p).detach().to(torch.float32, memory_format=torch.contiguous_format,
+                                                      copy=True)
+        self.buckets = [(idx, _Bucket(opt, group, [params[i] for i in idx], self.slots, fresh,
+                                      (gi, idx)))
+                        for idx in order.values()]
+        self.all_live = len(live) == len(params)
+        dist = any(isinstance(params[i], DTensor) for i in live)
+        self.grad_ptr = _dense_local_grad_ptr if dist else _dense_grad_ptr
+        self.single = len(self.buckets) == 1 and self.all_live
+
+    def valid(self, opt, group, params, live):
+        """Still right for this group, params and live indices (None: every param)?"""
+        live_ok = self.all_live if live is None else self.live == live
+        return (self.group is group and self.state_obj is opt.state
+                and self.nparams == len(params) and live_ok
+                and all(map(operator.is_, self.params, params))
+                and self.slots == opt._slots(group))
+
