@@ -163,6 +163,7 @@ class FusedOptimizer:
         if amp is _SKIP:
             return
         mult, found = amp
+        scaled = mult is not None
         if self._max_grad_norm is not None:
             # clip_grad_norm_ folded into the update: the norm here (one read of the
             # grads), the factor applied by the kernel with the unscale
@@ -174,7 +175,7 @@ class FusedOptimizer:
             factor = clip.clip_factor(norm, self._max_grad_norm)
             mult = factor if mult is None else mult.to(factor.device) * factor
         for group in self.param_groups:
-            self._step_group(group, (mult, found))
+            self._step_group(group, (mult, found, scaled))
 
     def _amp(self):
         """What torch.amp.GradScaler.step left on the optimizer (it does, since
@@ -191,7 +192,7 @@ class FusedOptimizer:
         inv = None if scale is None else scale.double().reciprocal().float()
         return inv, found
 
-    def _step_group(self, group, amp=(None, None)):
+    def _step_group(self, group, amp=(None, None, False)):
         params = group["params"]
         plan = self._plans.get(id(group))
         if plan is not None and plan.single and plan.valid(self, group, params, None):
@@ -224,7 +225,8 @@ class FusedOptimizer:
             self._run(bucket, group, np.fromiter(map(_PTR, keep), np.int64, len(keep)), amp)
 
     def _run(self, bucket, group, gptr, amp):
-        inv, found = amp  # the gradient's factor (1 / scale, clipping) and the inf flag
+        # the gradient's factor (1 / scale, clipping), the inf flag, whether a scaler is in it
+        inv, found, amp_scaled = amp
         if found is not None:
             found = found.to(bucket.device, torch.float32, non_blocking=True)
         step = bucket.step_value(group.get("capturable", False), found)
@@ -235,8 +237,11 @@ class FusedOptimizer:
         sr = bool(group.get("stochastic_rounding")) and bucket.dtype == "bfloat16" \
             and not bucket.mask & 8
         keys = bucket.stream_keys(group.get("sr_seed", 0)) if sr else None
+        # the gradient the step used is written back under GradScaler (unscaled, as the
+        # scaler's own pass leaves it); clipping alone leaves the gradients as they were
+        # (a write pass saved)
         flags = self._all_flags(group, SCALE_GRAD=inv is not None, FOUND_INF=found is not None,
-                                STOCH_ROUND=sr)
+                                WRITE_GRAD=amp_scaled, STOCH_ROUND=sr)
         bucket.run(self._rule, flags, gptr, coeffs, found, keys)
 
     def _sparse_step(self, group, params):

@@ -154,7 +154,8 @@ def _template(KEY, MASK, DT, SDT):
                 gv = load(g[j])
                 if SCALE_GRAD:  # see rules.FLAGS
                     gs = store(gv * h9)
-                    g[j] = gs
+                    if WRITE_GRAD:
+                        g[j] = gs
                     gv = load(gs)
                 # unused slots point at the param, maybe of another dtype: never read them
                 pv = sload(w[j]) if MASK & 8 else load(p[j])
@@ -195,7 +196,8 @@ def _build(rule, flags, dtypes, mask):
     proto = _template(key, mask, dt, sdt)
     fl = dict(flags)
     kgl = dict(globals(), rule=gl[rule], load=load, store=store, sload=sload, sstore=sstore,
-               SCALE_GRAD=fl["SCALE_GRAD"], STOCH_ROUND=fl["STOCH_ROUND"] and dtypes[0] == "bfloat16")
+               SCALE_GRAD=fl["SCALE_GRAD"], WRITE_GRAD=fl["WRITE_GRAD"],
+               STOCH_ROUND=fl["STOCH_ROUND"] and dtypes[0] == "bfloat16")
     fn = types.FunctionType(proto.__code__, kgl, proto.__name__, None, proto.__closure__)
     # numba names cache files after the qualname: one index file per variant, so that
     # processes compiling different variants at once cannot overwrite each other's entries
@@ -251,7 +253,10 @@ def norm_partials(dtype, order, G, TID, CS, CE, N):
         code = types.FunctionType(proto.__code__, dict(globals(), load=load), proto.__name__,
                                   None, proto.__closure__)
         code.__qualname__ = f"norm_{key:x}"
-        fn = _kernels[k] = numba.njit(parallel=True, cache=True, **JIT)(code)
+        # reassociation lets LLVM split the float64 sum over vector lanes: one sum is a chain
+        # of dependent adds, latency-bound at ~5x below the memory roof (the order of a
+        # float64 sum of float32 squares hardly matters; the update kernels get no fastmath)
+        fn = _kernels[k] = numba.njit(parallel=True, cache=True, fastmath={"reassoc"}, **JIT)(code)
     out = np.empty(len(TID), dtype=np.float64)
     fn(G, TID, CS, CE, N, np.float64(order), out)
     return out

@@ -26,13 +26,15 @@ The order of operations follows torch 2.13's for-loop implementations
 # ruff: noqa: F821  (ops and the flags are injected by the engines)
 
 NCOEF = 10  # h0..h9
-# SCALE_GRAD, FOUND_INF and STOCH_ROUND belong to the engines, not the rules (whose h9 is
-# free for them): SCALE_GRAD multiplies the gradient by h9 (GradScaler's 1 / scale) before
-# the rule, rounds it to the gradient's dtype and writes it back, as torch's unscale would
-# have; FOUND_INF (GPU) makes the launch read the scaler's found_inf flag and, if set, write
-# nothing; STOCH_ROUND rounds bfloat16 params stochastically instead of to nearest.
+# SCALE_GRAD, WRITE_GRAD, FOUND_INF and STOCH_ROUND belong to the engines, not the rules
+# (whose h9 is free for them): SCALE_GRAD multiplies the gradient by h9 (GradScaler's
+# 1 / scale, a clipping factor) before the rule and rounds it to the gradient's dtype;
+# WRITE_GRAD stores it back, as torch's unscale would have; FOUND_INF (GPU) makes the
+# launch read the scaler's found_inf flag and, if set, write nothing; STOCH_ROUND rounds
+# bfloat16 params stochastically instead of to nearest.
 FLAGS = ("MAXIMIZE", "WEIGHT_DECAY", "L1", "LERP_SMALL", "AMSGRAD", "DECOUPLED",
-         "CENTERED", "MOMENTUM", "NESTEROV", "SCALE_GRAD", "FOUND_INF", "STOCH_ROUND")
+         "CENTERED", "MOMENTUM", "NESTEROV", "SCALE_GRAD", "WRITE_GRAD", "FOUND_INF",
+         "STOCH_ROUND")
 
 
 def lerp(start, end, w, w_rest):

@@ -113,7 +113,8 @@ def _block(pp, gp, ap, bp, cp, wp, offs, end, key, h0, h1, h2, h3, h4, h5, h6, h
     g = _load(gp, offs, end, KIND, MASKED)
     if SCALE_GRAD:  # see rules.FLAGS
         gs = _narrow(g * h9, KIND)
-        _store_raw(gp, offs, end, gs, MASKED)
+        if WRITE_GRAD:
+            _store_raw(gp, offs, end, gs, MASKED)
         g = _widen(gs, KIND)
     if MASK & 8:
         p = _load(wp, offs, end, SKIND, MASKED)
@@ -250,7 +251,7 @@ def build(rule, flags, interpret=None):
             gl[f.__name__] = _rebind(f, gl, interpret)
         kgl = {"__name__": __name__, "tl": tl, "triton": triton, "rule": gl[rule],
                "NCOEF": tl.constexpr(rules.NCOEF),
-               **{n: tl.constexpr(v) for n, v in flags if n in ("SCALE_GRAD", "FOUND_INF", "STOCH_ROUND")}}
+               **{n: tl.constexpr(v) for n, v in flags if n in ("SCALE_GRAD", "WRITE_GRAD", "FOUND_INF", "STOCH_ROUND")}}
         for f in (_ptr, _widen, _narrow, _fmix32, _narrow_stochastic, _load, _store_raw, _store):
             kgl[f.fn.__name__] = _rebind(f, kgl, interpret)
         kgl["_block"] = _rebind(_block, kgl, interpret)

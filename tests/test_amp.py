@@ -106,9 +106,9 @@ def test_found_inf_read_by_the_kernel():
     (_, bucket), = ours._plans[id(ours.param_groups[0])].buckets
     gptr = torch.tensor([p.grad.data_ptr() for p in bucket.params]).numpy()
     before = raw(ours)
-    ours._run(bucket, ours.param_groups[0], gptr, (None, torch.ones(())))
+    ours._run(bucket, ours.param_groups[0], gptr, (None, torch.ones(()), False))
     assert all(map(torch.equal, before, raw(ours)))
-    ours._run(bucket, ours.param_groups[0], gptr, (None, torch.zeros(())))
+    ours._run(bucket, ours.param_groups[0], gptr, (None, torch.zeros(()), False))
     plain.step()
     assert all(map(torch.equal, raw(ours), raw(plain)))
 

@@ -35,7 +35,7 @@ def test_compiles_with_vector_loads(rule, arch, amp):
     te = triton_engine
     assert rule in VARIANTS, "every rule needs an AOT variant here"
     on, mask = VARIANTS[rule]
-    on = dict(on, SCALE_GRAD=amp, FOUND_INF=amp)
+    on = dict(on, SCALE_GRAD=amp, WRITE_GRAD=amp, FOUND_INF=amp)
     ptx, meta = te.compile_ptx(rule, _flags(on), "float32", mask, arch)
     assert re.search(r"ld\.global(\.\w+)*\.v4\.b32", ptx), "no 128-bit loads"
     assert re.search(r"st\.global(\.\w+)*\.v4\.b32", ptx), "no 128-bit stores"
@@ -75,7 +75,7 @@ def test_mixed_precision_compiles(rule, sr):
     """bfloat16 params and grads with float32 state: with a float32 master copy (mask bit
     3), or rounded stochastically.  Vector loads of both widths, no spills."""
     on, mask = VARIANTS[rule]
-    on = dict(on, STOCH_ROUND=sr, SCALE_GRAD=True)
+    on = dict(on, STOCH_ROUND=sr, SCALE_GRAD=True, WRITE_GRAD=True)
     ptx, _ = triton_engine.compile_ptx(rule, _flags(on), "bfloat16", mask | (0 if sr else 8), 90,
                                        sdtype="float32")
     assert re.search(r"ld\.global(\.\w+)*\.v4\.b32", ptx), "no 128-bit loads"
