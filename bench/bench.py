@@ -1,6 +1,6 @@
 """Benchmark fusedopt's step against torch's for-loop, foreach and fused steps on this machine.
 
-    python bench/bench.py --optim adam,adamw,adamax,rmsprop,adagrad,sgd \
+    python bench/bench.py --optim adam,adamw,adamax,rmsprop,adagrad,sgd,adam-bf16,adam-clip \
         --json bench/results/cpu.json --plot bench/results/cpu.png
 
 The same as ``fusedopt bench`` (see ``fusedopt bench --help``).

@@ -7,25 +7,26 @@ Mixed precision lives here too: the dtype each param's state is kept in, the flo
 master copy of a low-precision param, and the keys of the stochastic-rounding stream.
 """
 import operator
+import sys
 
 import numpy as np
 import torch
 
 from .kernels import rules
+
 _REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
-_GRAD = operator.attrgetter("grad")
-_PTR = torch.Tensor.data_ptr
 
 
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch built without distributed
-    DTensor = ()
+def _dtensor():
+    """DTensor's class, or () while torch.distributed.tensor is not imported: importing it
+    takes ~0.6 s, and a program with DTensors has imported it already."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", ()) if mod is not None else ()
 
 
 def _local(t):
     """The shard a DTensor holds on this rank (the engine updates local shards), else t."""
-    return t._local_tensor if isinstance(t, DTensor) else t
+    return t._local_tensor if isinstance(t, _dtensor()) else t
 
 
 def _dense_grad_ptr(p):
@@ -230,7 +231,7 @@ class _Plan:
                                       (gi, idx)))
                         for idx in order.values()]
         self.all_live = len(live) == len(params)
-        dist = any(isinstance(params[i], DTensor) for i in live)
+        dist = any(isinstance(params[i], _dtensor()) for i in live)
         self.grad_ptr = _dense_local_grad_ptr if dist else _dense_grad_ptr
         self.single = len(self.buckets) == 1 and self.all_live
 
