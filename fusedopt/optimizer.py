@@ -33,7 +33,8 @@ def _step_op(handle: int, params: list[torch.Tensor], grads: list[torch.Tensor])
     never sees data_ptr tables, lr or the step counters, so changing them neither breaks
     the graph nor recompiles.  ``params`` are the params with grads (declared mutated, so
     the graph orders the step after whatever made the grads; the grads too, which the
-    step unscales and clips in place); the step itself reads the optimizer's own tensors."""
+    step unscales in place under GradScaler); the step itself reads the optimizer's own
+    tensors."""
     opt = _LIVE[handle]
     own = [p for ps in opt._param_lists for p in ps if p.grad is not None]
     # where the compiler handed us copies, the update goes through the originals

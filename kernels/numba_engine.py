@@ -197,7 +197,7 @@ def _build(rule, flags, dtypes, mask):
     fl = dict(flags)
     kgl = dict(globals(), rule=gl[rule], load=load, store=store, sload=sload, sstore=sstore,
                SCALE_GRAD=fl["SCALE_GRAD"], WRITE_GRAD=fl["WRITE_GRAD"],
-               STOCH_ROUND=fl["STOCH_ROUND"] and dtypes[0] == "bfloat16")
+               STOCH_ROUND=fl["STOCH_ROUND"])
     fn = types.FunctionType(proto.__code__, kgl, proto.__name__, None, proto.__closure__)
     # numba names cache files after the qualname: one index file per variant, so that
     # processes compiling different variants at once cannot overwrite each other's entries

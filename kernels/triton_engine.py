@@ -266,8 +266,6 @@ def run(rule, flags, dtypes, mask, P, G, S, C, R, TID, CS, CE, aligned, found_in
     say FOUND_INF)."""
     if TID.numel() == 0:
         return
-    if dtypes[0] != "bfloat16":  # stochastic rounding is for bfloat16 params only
-        flags = tuple((n, v and n != "STOCH_ROUND") for n, v in flags)
     kernel = build(rule, flags)
     fi = TID if found_inf is None else found_inf
     kernel[(TID.numel(),)](P, G, S[0], S[1], S[2], S[3], C, R, TID, CS, CE, fi, MASK=mask,
