@@ -242,3 +242,25 @@ def test_stochastic_rounding_same_bits_on_both_engines_and_after_restore(name):
         assert all(map(torch.equal, a, d))
     _, e = run("numba", 6, seed=7)
     assert not all(map(torch.equal, a, e))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu.sh runs it)")
+@pytest.mark.parametrize("kw", [dict(master_weights=True), dict(stochastic_rounding=True)],
+                         ids=["master", "stochastic"])
+def test_cuda_matches_cpu(kw):
+    """The Triton engine on CUDA params (compiled, under bench/gpu.sh) gives the Numba
+    engine's bits: IEEE division and square root, explicit fmas, no contraction."""
+    cpu = make(torch.bfloat16)
+    gpu = [torch.nn.Parameter(p.detach().cuda()) for p in cpu]
+    ours = [fusedopt.Adam(ps, lr=1e-2, **kw) for ps in (cpu, gpu)]
+    ours[1].param_groups[0]["sr_seed"] = ours[0].param_groups[0].get("sr_seed", 0)
+    for s in range(5):
+        gs = grads(cpu, s)
+        give(cpu, gs)
+        give(gpu, [g.cuda() for g in gs])
+        for opt in ours:
+            opt.step()
+    for a, b in zip(cpu, gpu):
+        assert torch.equal(a, b.cpu())
+        if "master_weights" in kw:
+            assert torch.equal(ours[0].state[a]["master"], ours[1].state[b]["master"].cpu())
