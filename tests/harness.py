@@ -1,3 +1,9 @@
 """The tests use the package's parity harness (fusedopt.parity), the one `fusedopt parity` runs."""
 from fusedopt.parity import (BACKENDS, DTYPES, SHAPES, errors, initial, max_ulp,  # noqa: F401
                              run)
+
+NAMES = ["Adam", "AdamW", "Adamax", "RMSprop", "Adagrad", "SGD"]
+# one flag-rich hyperparameter set per optimizer, for the tests that run all six
+HP = {"Adam": dict(lr=1e-2, amsgrad=True, weight_decay=0.1), "AdamW": dict(lr=1e-2),
+      "Adamax": dict(lr=1e-2), "RMSprop": dict(lr=1e-3, momentum=0.9, centered=True),
+      "Adagrad": dict(lr=1e-2, lr_decay=0.01), "SGD": dict(lr=1e-2, momentum=0.9, nesterov=True)}

@@ -7,12 +7,8 @@ import pytest
 import torch
 
 import fusedopt
-from harness import BACKENDS
+from harness import BACKENDS, HP, NAMES
 
-NAMES = ["Adam", "AdamW", "Adamax", "RMSprop", "Adagrad", "SGD"]
-HP = {"Adam": dict(lr=1e-2, amsgrad=True, weight_decay=0.1), "AdamW": dict(lr=1e-2),
-      "Adamax": dict(lr=1e-2), "RMSprop": dict(lr=1e-3, momentum=0.9, centered=True),
-      "Adagrad": dict(lr=1e-2, lr_decay=0.01), "SGD": dict(lr=1e-2, momentum=0.9, nesterov=True)}
 SHAPES = [(5, 3), (7,), (65537,), (1,)]
 INF_STEPS = {0, 3}  # the first step is one of them
 

@@ -8,12 +8,8 @@ import torch
 
 import fusedopt
 from fusedopt import reference
-from harness import BACKENDS, max_ulp
+from harness import BACKENDS, HP, NAMES, max_ulp
 
-NAMES = ["Adam", "AdamW", "Adamax", "RMSprop", "Adagrad", "SGD"]
-HP = {"Adam": dict(lr=1e-2, amsgrad=True, weight_decay=0.1), "AdamW": dict(lr=1e-2),
-      "Adamax": dict(lr=1e-2), "RMSprop": dict(lr=1e-3, momentum=0.9, centered=True),
-      "Adagrad": dict(lr=1e-2, lr_decay=0.01), "SGD": dict(lr=1e-2, momentum=0.9, nesterov=True)}
 
 
 def _params(seed=0, shapes=((5, 3), (7,), (65537,), (1,))):

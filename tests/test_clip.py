@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fusedopt
-from harness import BACKENDS
+from harness import BACKENDS, NAMES
 
 SIZES = [0, 1, 7, 1023, 65537]
 ORDERS = [2.0, 1.0, math.inf, 3.5, 0.0, -math.inf]
@@ -90,7 +90,6 @@ def test_non_finite(order, bad, backend):
         fusedopt.clip_grad_norm_(grads_pair([0, 3], torch.float32)[0], 1.0, math.inf)
 
 
-NAMES = ["Adam", "AdamW", "Adamax", "RMSprop", "Adagrad", "SGD"]
 
 
 def _loop(opt, clip_first, scaler=None, steps=5):

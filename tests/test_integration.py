@@ -12,8 +12,8 @@ from torch._dynamo.utils import counters
 
 import fusedopt
 from fusedopt import parity
+from harness import NAMES
 
-NAMES = ["Adam", "AdamW", "Adamax", "RMSprop", "Adagrad", "SGD"]
 HP = {"Adam": dict(lr=1e-2, amsgrad=True), "AdamW": dict(lr=1e-2, weight_decay=0.1),
       "Adamax": dict(lr=1e-2), "RMSprop": dict(lr=1e-3, momentum=0.9, centered=True),
       "Adagrad": dict(lr=1e-2, lr_decay=0.01), "SGD": dict(lr=1e-2, momentum=0.9)}
