@@ -1,23 +1,34 @@
 #!/usr/bin/env bash
-# One command on a fresh CUDA machine (torch + triton installed): compiled-Triton parity and
-# the GPU benchmark, everything written under bench/results/gpu-<device>/.
-#   bash bench/gpu.sh
-set -euo pipefail
+# One command on a fresh CUDA machine (torch + triton installed, no network needed): the
+# GPU-only tests, the GPU benchmark and the compiled-Triton parity suite, everything
+# written under bench/results/gpu-<device>/ (and packed into $OUT when that is set).
+#   bash bench/gpu.sh            # stage limits: FUSEDOPT_GPU_LIMITS="tests bench parity" seconds
+set -uo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q -e ".[test,plot]" 2>/dev/null || python -m pip install -q --no-deps -e .
-dev=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+read -r t_tests t_bench t_parity <<< "${FUSEDOPT_GPU_LIMITS:-150 300 300}"
+py=$(command -v python3 || command -v python)
+# offline install: no build isolation (it would fetch setuptools); if even that fails, put
+# the kernels where the package expects them and run from the tree
+if ! $py -m pip install -q --no-build-isolation --no-deps -e . 2>/dev/null; then
+    [ -e fusedopt/kernels ] || ln -s ../kernels fusedopt/kernels
+    export PYTHONPATH=$PWD
+fi
+dev=$($py -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
 out="bench/results/gpu-${dev}"
 mkdir -p "$out"
-nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
-# parity with the compiled Triton engine (no interpreter) against torch.optim and float64
-python -m fusedopt parity --backends triton --steps 20 --json "$out/parity.json" | tee "$out/parity.txt"
-# the test suite on the GPU machine (engines compiled, Triton tests on CUDA tensors)
-python -m pytest -q -n 4 tests 2>&1 | tail -5 | tee "$out/tests.txt" || true
-# the GPU-only tests (CUDA-graph capture, CPU state into CUDA params, mixed precision bits
-# equal to the CPU engine's) with the compiled engine
-TRITON_INTERPRET=0 python -m pytest -q tests/test_integration.py tests/test_precision.py -k cuda -rs 2>&1 | tail -8 \
-    | tee "$out/gpu-tests.txt" || true
-python -m fusedopt bench --optim adam,adamw,adamax,rmsprop,adagrad,sgd,adam-bf16,adam-clip \
-    --workloads gpt2-124m,many-small,tiny,llama-1b --json "$out/bench.json" --plot "$out/bench.png" \
-    | tee "$out/bench.txt"
+{ nvidia-smi; $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
+    > "$out/machine.txt" 2>&1
+# CUDA-graph capture, CPU state into CUDA params, mixed-precision bits equal to the CPU engine's
+timeout "$t_tests" $py -m pytest -q -p no:cacheprovider tests/test_integration.py tests/test_precision.py \
+    -k cuda -rs 2>&1 | tee "$out/gpu-tests.txt"
+timeout "$t_bench" $py -m fusedopt bench --repeats 5 \
+    --optim adam,adamw,adamax,rmsprop,adagrad,sgd,adam-bf16,adam-clip \
+    --workloads gpt2-124m,many-small,tiny,llama-1b --json "$out/bench.json" 2>&1 | tee "$out/bench.txt"
+$py -c "import json, sys; from fusedopt import benchmark as b; d = json.load(open(sys.argv[1])); \
+b.plot(d['rows'], sys.argv[2], d['machine']['device'])" "$out/bench.json" "$out/bench.png" || true
+# parity of the compiled engine on CUDA tensors against torch.optim (CPU) and float64
+timeout "$t_parity" $py -m fusedopt parity --backends triton --steps 20 --device cuda \
+    --json "$out/parity.json" 2>&1 | tee "$out/parity.txt"
 echo "results in $out"
+if [ -n "${OUT:-}" ]; then tar czf "$OUT/results.tgz" "$out"; fi

@@ -75,8 +75,17 @@ def bench_cmd(args):
     t0 = time.time()
     for optim in optims:
         for wl in workloads:
-            rows += benchmark.bench_one(optim, wl, device, args.repeats, shapes=custom,
-                                        compile_step=args.compile, progress=_progress)
+            try:
+                new = benchmark.bench_one(optim, wl, device, args.repeats, shapes=custom,
+                                          compile_step=args.compile, progress=_progress)
+            except torch.OutOfMemoryError as e:  # one workload too big: report, go on
+                _progress(f"{optim} on {wl} skipped: {str(e).splitlines()[0]}")
+                continue
+            rows += new
+            _progress("\n" + benchmark.format_table(new))  # a long run shows figures as it goes
+            if args.json:  # and leaves them behind if it is cut short
+                with open(args.json, "w") as f:
+                    json.dump({"machine": benchmark.machine(), "rows": rows}, f, indent=1)
     print(benchmark.format_table(rows))
     extra = benchmark.first_step_times() if device.type == "cpu" and not args.quick else {}
     for k, v in extra.items():
