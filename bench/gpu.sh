@@ -23,8 +23,8 @@ mkdir -p "$out"
 timeout "$t_tests" $py -m pytest -q -p no:cacheprovider tests/test_integration.py tests/test_precision.py \
     -k cuda -rs 2>&1 | tee "$out/gpu-tests.txt"
 timeout "$t_bench" $py -m fusedopt bench --repeats 5 \
-    --optim adam,adamw,adamax,rmsprop,adagrad,sgd,adam-bf16,adam-clip \
-    --workloads gpt2-124m,many-small,tiny,llama-1b --json "$out/bench.json" 2>&1 | tee "$out/bench.txt"
+    --optim adam,adamw,sgd,adam-bf16,adam-clip,rmsprop,adagrad,adamax \
+    --workloads gpt2-124m,llama-1b,many-small,tiny --json "$out/bench.json" 2>&1 | tee "$out/bench.txt"
 $py -c "import json, sys; from fusedopt import benchmark as b; d = json.load(open(sys.argv[1])); \
 b.plot(d['rows'], sys.argv[2], d['machine']['device'])" "$out/bench.json" "$out/bench.png" || true
 # parity of the compiled engine on CUDA tensors against torch.optim (CPU) and float64

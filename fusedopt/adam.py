@@ -30,7 +30,9 @@ class Adam(FusedOptimizer, torch.optim.Adam):
         bias_correction1 = 1 - beta1 ** step
         bias_correction2 = 1 - beta2 ** step
         step_size = lr / bias_correction1
-        bc2_sqrt = bias_correction2 ** 0.5
+        # on device counters, sqrt (correctly rounded) as torch's capturable path: CUDA's
+        # pow(x, 0.5) is off by up to 2 ulp, which float64 parity on an H200 showed
+        bc2_sqrt = bias_correction2.sqrt() if torch.is_tensor(step) else bias_correction2 ** 0.5
         if group["decoupled_weight_decay"]:
             wd = 1 - lr * wd
         return (step_size, bc2_sqrt, 1 - beta1, lerp_rest(1 - beta1, f64), beta2, 1 - beta2,

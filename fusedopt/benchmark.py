@@ -56,6 +56,10 @@ def roof(numel, reads, writes, device):
     """A step function for the machine's memory roof over the optimizer's bytes, and the
     byte count: an in-place stream over float32 buffers of ``numel`` elements in which
     ``writes`` buffers are read and updated and the others only read."""
+    if device.type == "cuda":
+        # Triton vectorises the masked stream only when the length is a multiple of 16:
+        # an H200 run measured 2.98 TB/s over 970,997,028 floats, 4.1 TB/s over 1,235,814,400
+        numel = max(16, numel // 16 * 16)
     bufs = [torch.ones(numel, device=device) for _ in range(reads)]
     nbytes = (reads + writes) * 4 * numel
     from .kernels import roofline
@@ -101,7 +105,7 @@ def _steps(cls_name, hp, shapes, device, compile_step, mixed=None):
     """name -> step function, each over its own params, grads and state."""
     ours, dtype, clip, _ = mixed or ({}, torch.float32, None, 0)
     impls = {"torch-forloop": dict(foreach=False), "torch-foreach": dict(foreach=True)}
-    if cls_name in TORCH_FUSED:
+    if cls_name in TORCH_FUSED and not (cls_name == "Adagrad" and device.type == "cuda"):  # CPU-only
         impls["torch-fused"] = dict(fused=True)
     if compile_step:
         impls["torch-compile"] = dict(foreach=True)
@@ -110,12 +114,7 @@ def _steps(cls_name, hp, shapes, device, compile_step, mixed=None):
     for impl, kw in impls.items():
         cls = getattr(fusedopt if impl == "fusedopt" else torch.optim, cls_name)
         ps = _make(shapes, device, dtype)
-        try:
-            opt = cls(ps, **hp, **kw, **(ours if impl == "fusedopt" else {}))
-        except RuntimeError:  # torch's fused Adagrad is CPU-only
-            if impl != "torch-fused":
-                raise
-            continue
+        opt = cls(ps, **hp, **kw, **(ours if impl == "fusedopt" else {}))
         steps[impl] = torch.compile(opt.step) if impl == "torch-compile" else opt.step
         if clip is not None and impl != "fusedopt":
             steps[impl] = _clipped(ps, clip, kw.get("foreach", True), steps[impl])

@@ -14,6 +14,10 @@ import torch
 
 from .kernels import rules
 
+_GRAD = operator.attrgetter("grad")
+_PTR = torch.Tensor.data_ptr
+_CONTIG = torch.Tensor.is_contiguous
+
 _REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
 
 
@@ -29,13 +33,6 @@ def _local(t):
     return t._local_tensor if isinstance(t, _dtensor()) else t
 
 
-def _dense_grad_ptr(p):
-    g = p.grad
-    return g.data_ptr() if g.is_contiguous() else -1
-
-
-def _dense_local_grad_ptr(p):
-    return _dense_grad_ptr(_local(p))
 
 
 def scalar_dtype():
@@ -231,9 +228,21 @@ class _Plan:
                                       (gi, idx)))
                         for idx in order.values()]
         self.all_live = len(live) == len(params)
-        dist = any(isinstance(params[i], _dtensor()) for i in live)
-        self.grad_ptr = _dense_local_grad_ptr if dist else _dense_grad_ptr
+        self.dist = any(isinstance(params[i], _dtensor()) for i in live)
         self.single = len(self.buckets) == 1 and self.all_live
+
+    def grad_ptrs(self, params):
+        """The grads' addresses, or None when one is None, sparse or non-contiguous (the
+        general path takes those).  One C-level pass per attribute: per tensor, Python
+        work is all the host does, and on a GPU it was the step's time for small tensors."""
+        grads = list(map(_GRAD, params))
+        if self.dist:
+            grads = list(map(_local, grads))
+        try:
+            ptrs = np.fromiter(map(_PTR, grads), np.int64, len(grads))
+        except (TypeError, RuntimeError):  # None has no data_ptr, a sparse grad no storage
+            return None
+        return ptrs if all(map(_CONTIG, grads)) else None
 
     def valid(self, opt, group, params, live):
         """Still right for this group, params and live indices (None: every param)?"""

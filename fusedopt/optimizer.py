@@ -197,15 +197,9 @@ class FusedOptimizer:
         params = group["params"]
         plan = self._plans.get(id(group))
         if plan is not None and plan.single and plan.valid(self, group, params, None):
-            # fast path: one pass over the params (after the kernel has streamed the
-            # memory, each pass over 5000 tensor objects is a pass of cache misses).  A None
-            # grad raises AttributeError, a sparse one RuntimeError (no storage), and a
-            # non-contiguous one gives -1: each sends the step down the general path.
-            try:
-                gptr = np.fromiter(map(plan.grad_ptr, params), np.int64, len(params))
-            except (AttributeError, RuntimeError):
-                gptr = None
-            if gptr is not None and (gptr >= 0).all():
+            # fast path: no per-param Python beyond the attribute reads
+            gptr = plan.grad_ptrs(params)
+            if gptr is not None:
                 self._run(plan.buckets[0][1], group, gptr, amp)
                 return
         grads = list(map(_GRAD, params))
@@ -231,6 +225,10 @@ class FusedOptimizer:
         if found is not None:
             found = found.to(bucket.device, torch.float32, non_blocking=True)
         step = bucket.step_value(group.get("capturable", False), found)
+        if torch.is_tensor(step) and not torch.is_tensor(group["lr"]):
+            # float / tensor is reciprocal-then-multiply in torch (two roundings): lr as a
+            # tensor makes lr / bias_correction one correctly rounded division
+            group = {**group, "lr": torch.full((), group["lr"], dtype=step.dtype, device=step.device)}
         coeffs = self._coefficients(group, step, bucket.dtype == "float64")
         if inv is not None:
             coeffs = (*coeffs[:rules.NCOEF - 1], inv.to(bucket.device, non_blocking=True))

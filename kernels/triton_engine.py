@@ -228,8 +228,11 @@ def _rebind(fn, gl, interpret, launch=False):
     """A copy of ``fn`` (a plain function or a JITFunction) whose globals are ``gl``.
     Under the interpreter, helpers stay plain Python: each nested jit call would re-patch
     triton.language, which made the interpreted tests several times slower."""
-    py = getattr(fn, "fn", fn)
-    py = types.FunctionType(py.__code__, gl, py.__name__, py.__defaults__)
+    orig = getattr(fn, "fn", fn)
+    py = types.FunctionType(orig.__code__, gl, orig.__name__, orig.__defaults__)
+    # a launch reads which parameters are constexpr from the annotations; without them
+    # every flag became a runtime argument on the GPU (the AOT path names them itself)
+    py.__annotations__ = dict(orig.__annotations__)
     if not interpret:
         return JITFunction(py)
     return triton.jit(py) if launch else py
@@ -302,6 +305,9 @@ def _aot(kernel, sig, const, aligned_args, arch):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    # what a launch on a GPU treats as constexpr: the AOT build must see the same kernel
+    declared = {p.name for p in kernel.params if p.is_constexpr}
+    assert declared == set(const), f"constexpr parameters {sorted(declared)} != {sorted(const)}"
     sig.update({n: "constexpr" for n in const})
     attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned_args}
     src = ASTSource(kernel, signature=sig, constexprs=const, attrs=attrs)

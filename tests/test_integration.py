@@ -279,7 +279,12 @@ def test_cpu_state_into_cuda_model(name):
     cpu.step()
     gpu_params = [torch.nn.Parameter(p.detach().cuda()) for p in flat(cpu)]
     gpu = getattr(fusedopt, name)(gpu_params, **HP[name])
-    gpu.load_state_dict(cpu.state_dict())
+    # through a file, as state is moved in practice: a live state_dict shares its CPU step
+    # tensors with the optimizer that made it (torch.optim's load keeps them as they are)
+    buf = io.BytesIO()
+    torch.save(cpu.state_dict(), buf)
+    buf.seek(0)
+    gpu.load_state_dict(torch.load(buf, map_location="cpu"))
     set_grads([cpu], 1)
     for p, q in zip(cpu.param_groups[0]["params"], gpu_params):
         q.grad = p.grad.cuda()
