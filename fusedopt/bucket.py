@@ -33,8 +33,6 @@ def _local(t):
     return t._local_tensor if isinstance(t, _dtensor()) else t
 
 
-
-
 def scalar_dtype():
     # torch.optim's dtype for step counters
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32

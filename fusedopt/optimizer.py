@@ -9,18 +9,15 @@ gradients' addresses, computes the coefficients and makes one engine call per bu
 """
 import inspect
 import itertools
-import operator
 import weakref
 
 import numpy as np
 import torch
 
 from . import clip
-from .bucket import _local, _Plan
+from .bucket import _GRAD, _PTR, _local, _Plan
 from .kernels import rules
 
-_GRAD = operator.attrgetter("grad")
-_PTR = torch.Tensor.data_ptr
 
 _SKIP = object()  # _amp(): the scaler found an inf on the CPU, nothing to do
 _LIVE = weakref.WeakValueDictionary()  # handle -> optimizer, for the custom op
