@@ -68,6 +68,16 @@ def _name(dtype):
     return str(_REAL.get(dtype, dtype)).replace("torch.", "")
 
 
+def backend_for(choice, device):
+    """The engine for tensors on ``device``: "auto" is Numba on the CPU, Triton elsewhere."""
+    return choice if choice != "auto" else ("numba" if device.type == "cpu" else "triton")
+
+
+def on_device(a, device):
+    """A host table as an int64/float tensor on ``device`` (the Triton engine's tables)."""
+    return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+
 class _Bucket:
     """The params of one group that share device and dtype, ready for one engine call."""
 
@@ -78,7 +88,7 @@ class _Bucket:
         self.sdtype = _name(state_dtype(group, params[0]))
         master = has_master(group, params[0])
         self.mask = sum(1 << i for i, name in enumerate((*slots, master)) if name)
-        self.backend = opt._backend_for(self.device)
+        self.backend = backend_for(opt._backend, self.device)
         states = [opt.state[p] for p in params] if opt._needs_state(group) else [{}] * len(params)
         # engines need contiguous memory: non-contiguous params are updated through a copy
         local = [_local(p) for p in params]
@@ -125,9 +135,8 @@ class _Bucket:
             self.tid, self.cs, self.ce = tid, cs, ce
             self.Cn = self.C.numpy()
         else:
-            dev = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
-            self.P, self.S = dev(ptrs[0]), [dev(a) for a in ptrs[1:]]
-            self.tid, self.cs, self.ce = dev(tid), dev(cs), dev(ce)
+            self.P, *self.S = (on_device(a, self.device) for a in ptrs)
+            self.tid, self.cs, self.ce = (on_device(a, self.device) for a in (tid, cs, ce))
             self._gkey, self._gdev = None, None
 
     def stream_keys(self, seed):

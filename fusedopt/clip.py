@@ -41,16 +41,7 @@ class _Tables:
         self.tid, self.cs, self.ce = _opt._chunks(backend, self.numel)
 
     def on(self, device):
-        dev = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
-        return dev(self.ptrs), dev(self.tid), dev(self.cs), dev(self.ce)
-
-
-def _backend(backend, device):
-    return backend if backend != "auto" else ("numba" if device.type == "cpu" else "triton")
-
-
-def _dtype_name(dtype):
-    return str(dtype).replace("torch.", "")
+        return tuple(_opt.on_device(a, device) for a in (self.ptrs, self.tid, self.cs, self.ce))
 
 
 def total_norm(tensors, norm_type=2.0, backend="auto"):
@@ -69,14 +60,14 @@ def total_norm(tensors, norm_type=2.0, backend="auto"):
             norms += [torch.linalg.vector_norm(t, p).to(first) for t in ts]
             continue
         ts = [t.contiguous() for t in ts]
-        be = _backend(backend, device)
+        be = _opt.backend_for(backend, device)
         tab = _Tables(ts, be)
         if be == "numba":
             part = torch.from_numpy(_opt._numba().norm_partials(
-                _dtype_name(dtype), p, tab.ptrs, tab.tid, tab.cs, tab.ce, tab.numel))
+                _opt._name(dtype), p, tab.ptrs, tab.tid, tab.cs, tab.ce, tab.numel))
         else:
             G, tid, cs, ce = tab.on(device)
-            part = _opt._triton().norm_partials(_dtype_name(dtype), p, G, tid, cs, ce)
+            part = _opt._triton().norm_partials(_opt._name(dtype), p, G, tid, cs, ce)
         idx = torch.from_numpy(tab.tid).to(part.device)
         per = torch.zeros(len(ts), dtype=part.dtype, device=part.device)
         if p == math.inf:
@@ -104,13 +95,13 @@ def scale_(tensors, factor, backend="auto"):
         ts = [t for t in ts if engine and t.is_contiguous()]
         if not ts:
             continue
-        be = _backend(backend, device)
+        be = _opt.backend_for(backend, device)
         tab = _Tables(ts, be)
         math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         C = torch.zeros(len(ts), rules.NCOEF, dtype=math_dtype, device=device)
         C[:, 0] = f.to(dtype)  # torch multiplies by the factor in the gradients' dtype
         flags = tuple(sorted(dict.fromkeys(rules.FLAGS, False).items()))
-        dt = (_dtype_name(dtype),) * 2
+        dt = (_opt._name(dtype),) * 2
         if be == "numba":
             P = tab.ptrs
             _opt._numba().run("scale", flags, dt, 0, P, P, [P] * 4, C.numpy(), P, tab.tid,

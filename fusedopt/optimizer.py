@@ -33,7 +33,7 @@ def _step_op(handle: int, params: list[torch.Tensor], grads: list[torch.Tensor])
     step unscales in place under GradScaler); the step itself reads the optimizer's own
     tensors."""
     opt = _LIVE[handle]
-    own = [p for ps in opt._param_lists for p in ps if p.grad is not None]
+    own = opt._with_grads()
     # where the compiler handed us copies, the update goes through the originals
     moved = [(a, b) for a, b in zip(params, own) if a.data_ptr() != b.data_ptr()]
     for a, b in moved:
@@ -106,6 +106,11 @@ class FusedOptimizer:
         self._plans = {}
         self._param_lists = [g["params"] for g in self.param_groups]
 
+    def _with_grads(self):
+        # from _param_lists, not param_groups: under torch.compile dynamo guards on every
+        # value in param_groups, lr included
+        return [p for ps in self._param_lists for p in ps if p.grad is not None]
+
     def add_param_group(self, param_group):
         for k, v in getattr(self, "_extras", {}).items():
             param_group.setdefault(k, v)
@@ -137,11 +142,6 @@ class FusedOptimizer:
         super().__setstate__(state)
         self._register()
 
-    def _backend_for(self, device):
-        if self._backend != "auto":
-            return self._backend
-        return "numba" if device.type == "cpu" else "triton"
-
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -149,8 +149,7 @@ class FusedOptimizer:
             with torch.enable_grad():
                 loss = closure()
         if torch.compiler.is_compiling():
-            # not self.param_groups: dynamo guards on every value in it (lr included)
-            live = [p for ps in self._param_lists for p in ps if p.grad is not None]
+            live = self._with_grads()
             _step_op(self._handle, live, [p.grad for p in live])
         else:
             self._eager_step()
@@ -165,7 +164,7 @@ class FusedOptimizer:
         if self._max_grad_norm is not None:
             # clip_grad_norm_ folded into the update: the norm here (one read of the
             # grads), the factor applied by the kernel with the unscale
-            grads = [p.grad for ps in self._param_lists for p in ps if p.grad is not None]
+            grads = [p.grad for p in self._with_grads()]
             norm = clip.total_norm(grads, 2.0, self._backend)
             if mult is not None:  # the norm of the unscaled grads (the scale is a power of 2)
                 norm = norm * mult.to(norm.device)
