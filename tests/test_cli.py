@@ -12,6 +12,7 @@ from fusedopt.cli import main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
+
 def tiny_model():
     """Used through `--model test_cli:tiny_model`."""
     torch.manual_seed(0)
@@ -70,13 +71,14 @@ def test_module_entry_point():
 
 
 def test_step_split_accounts_for_the_step(capsys):
-    """bench/step_split.py: its parts are timed inside real steps, so kernel + address reads
-    never exceed the whole step, and the timing wrappers are removed afterwards."""
+    """bench/step_split.py: its parts are timed inside real steps, so in every round kernel +
+    address reads leave a non-negative rest of the step, and the timing wrappers are
+    removed afterwards."""
     from fusedopt import bucket
     before = (bucket._Plan.grad_ptrs, bucket._Bucket.run)
     main = runpy.run_path(str(ROOT / "bench" / "step_split.py"), run_name="split")["main"]
     med = main(["--optim", "rmsprop", "--workload", "tiny", "--rounds", "3"])
     assert 0 < med["kernel"] and 0 < med["address reads (cold)"]
-    assert med["kernel"] + med["address reads (cold)"] <= med["whole step"]
+    assert med["smallest rest"] >= 0 and med["rest of the step"] < med["whole step"]
     assert (bucket._Plan.grad_ptrs, bucket._Bucket.run) == before
     assert "rmsprop on tiny: 20000 tensors" in capsys.readouterr().out
