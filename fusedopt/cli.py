@@ -33,6 +33,11 @@ def parity_cmd(args, cls=None):
     if args.quick:
         cases = [c for c in cases if c[1] == parity.CASES[c[0]][-1]]
     results = []
+    if device == "cpu":  # which side is off where torch and fusedopt differ (fusedopt/arith.py)
+        from . import arith
+        off = arith.describe()
+        print("\n".join(off) if off else "torch's elementary ops (sqrt, multiply-adds, division) "
+              "on this machine are correctly rounded", end="\n\n")
     head = (f"{'optimizer':9} {'flags':44} {'dtype':8} {'err vs f64: ours/torch':>22} "
             f"{'ulp vs torch':>12} {'ulp engines':>11}  result")
     print(head)
@@ -53,7 +58,8 @@ def parity_cmd(args, cls=None):
           f"({args.steps} steps, engines: {', '.join(backends)})")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"steps": args.steps, "backends": backends, "results": results}, f,
+            json.dump({"steps": args.steps, "backends": backends, "results": results,
+                       "torch_ops_off": arith.describe() if device == "cpu" else []}, f,
                       indent=1, default=str)
     return 1 if failed else 0
 
