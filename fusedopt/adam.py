@@ -17,6 +17,10 @@ class Adam(FusedOptimizer, torch.optim.Adam):
                 "DECOUPLED": bool(group["decoupled_weight_decay"]),
                 "LERP_SMALL": lerp_small(1 - group["betas"][0])}
 
+    def _inplace_updates(self, group):
+        # torch's for-loop: param.mul_ for decoupled weight decay, then param.addcdiv_
+        return 2 if group["decoupled_weight_decay"] and group["weight_decay"] != 0 else 1
+
     def _init_state(self, group, p, state):
         state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)

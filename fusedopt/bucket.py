@@ -7,6 +7,7 @@ Mixed precision lives here too: the dtype each param's state is kept in, the flo
 master copy of a low-precision param, and the keys of the stochastic-rounding stream.
 """
 import operator
+import os
 import sys
 
 import numpy as np
@@ -89,6 +90,12 @@ class _Bucket:
         master = has_master(group, params[0])
         self.mask = sum(1 << i for i, name in enumerate((*slots, master)) if name)
         self.backend = backend_for(opt._backend, self.device)
+        if self.backend == "triton" and self.device.type == "cpu" \
+                and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                "backend='triton' runs on CUDA tensors; these params are on the CPU. Use "
+                "backend='numba' (or 'auto'), or, to test the Triton kernels on the CPU, set "
+                "TRITON_INTERPRET=1 before triton is imported (its interpreter: slow)")
         states = [opt.state[p] for p in params] if opt._needs_state(group) else [{}] * len(params)
         # engines need contiguous memory: non-contiguous params are updated through a copy
         local = [_local(p) for p in params]
@@ -109,7 +116,12 @@ class _Bucket:
                 col.append(_as_real(_local(t)))
             cols.append(col)
         cols.append([st["master"] for st in states] if master else cols[0])
-        self.tensors = cols  # keeps the tensors behind the pointer tables alive
+        self.tensors = cols
+        # the storages behind the pointer tables, held: while this plan lives none of its
+        # addresses can be freed and handed to another tensor (a param's storage replaced
+        # by `p.data = ...` stays allocated until the check before the next step notices)
+        self.storages = [t.untyped_storage() for col in cols for t in col] \
+            + [p.untyped_storage() for _, p, _ in self.work]
         self.numel = np.array([t.numel() for t in cols[0]], dtype=np.int64)
         if opt._has_step:
             # stacked, not read through float(): no host sync, even on the first step
@@ -205,17 +217,79 @@ def _chunks(backend, numel):
     return tid, start, end
 
 
+_ENGINE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64,
+                  torch.complex128)
+
+
+def _unfit(opt, group, p, g, st, slots):
+    """Why the engines cannot take param p with grad g this step, or None.  Such a param
+    is stepped by torch.optim's own for-loop instead: torch's result, or torch's error
+    (a grad of another dtype or size, state that does not fit, a missing state key)."""
+    if p.dtype not in _ENGINE_DTYPES or p.device.type not in ("cpu", "cuda"):
+        return f"a {p.dtype} param on {p.device.type}"
+    if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
+        return f"a {g.dtype} grad of shape {tuple(g.shape)} for a {p.dtype} param of shape {tuple(p.shape)}"
+    if not opt._needs_state(group):
+        return None
+    mixed = state_dtype(group, p) != p.dtype
+    for name in slots:
+        t = st.get(name) if name else None
+        if name and t is None and len(st) and opt._has_step:
+            return f"state without {name!r}"
+        if t is not None and (not torch.is_tensor(t) or t.shape != p.shape or t.device != p.device
+                              or (t.dtype != p.dtype and not (mixed and t.is_floating_point()))):
+            return f"state {name!r} that does not fit the param"
+    return None
+
+
+def _overlapping(tensors):
+    """Indices of tensors whose memory overlaps another's (a param given twice, views of
+    one storage): the engines update all chunks at once, torch one param after another."""
+    ptr = np.array([t.data_ptr() for t in tensors], dtype=np.int64)
+    end = ptr + np.array([t.numel() * t.element_size() for t in tensors], dtype=np.int64)
+    order = np.argsort(ptr, kind="stable")
+    hit = set()
+    reach, who = -1, -1
+    for k in order:
+        if ptr[k] < reach and end[k] > ptr[k]:
+            hit.update((int(k), int(who)))
+        if end[k] > reach:
+            reach, who = end[k], k
+    return hit
+
+
+_NBYTES = operator.attrgetter("nbytes")
+_DTYPE = operator.attrgetter("dtype")
+
+
 class _Plan:
-    def __init__(self, opt, group, params, live):
+    """The engine calls for one group: which params go to which bucket, and which to
+    torch's own for-loop (``fallback``).  What every cached address depends on is kept
+    here (each param's address and size in bytes, its grad's size and dtype, the state's
+    change count) and compared before every step (``proven``); the plan also holds every
+    storage its tables point into, so that no address it cached can be freed and reused
+    while it lives."""
+
+    def __init__(self, opt, group, params, live, grads):
         gi = next(i for i, g in enumerate(opt.param_groups) if g is group)
         self.group, self.params, self.nparams, self.live = group, params, len(params), live
         self.state_obj = opt.state
         self.slots = opt._slots(group)
-        order, fresh = {}, set()
+        need = opt._needs_state(group)
+        order, fresh, self.fallback = {}, set(), []
+        take = []
         for i in live:
             p = params[i]
+            st = opt.state[p] if need else {}
+            why = _unfit(opt, group, p, grads[i], st, self.slots)
+            (self.fallback if why else take).append(i)
+        for k in sorted(_overlapping([_local(params[i]) for i in take]), reverse=True):
+            self.fallback.append(take.pop(k))
+        self.fallback.sort()
+        for i in take:
+            p = params[i]
             order.setdefault((p.device, p.dtype), []).append(i)
-            if not opt._needs_state(group):
+            if not need:
                 continue
             st = opt.state[p]
             if len(st) == 0 and opt._has_step:
@@ -225,7 +299,7 @@ class _Plan:
                 if name and st.get(name) is None:
                     st[name] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
                     fresh.add(id(p))
-                elif name and st[name].dtype != sdt and st[name].is_floating_point():
+                elif name and st[name].dtype != sdt:  # float32 state asked for, or given up
                     st[name] = st[name].to(sdt)
             if has_master(group, p) and st.get("master") is None:
                 # a fresh optimizer, or a state_dict without master copies: start from the param
@@ -236,26 +310,49 @@ class _Plan:
                         for idx in order.values()]
         self.all_live = len(live) == len(params)
         self.dist = any(isinstance(params[i], _dtensor()) for i in live)
-        self.single = len(self.buckets) == 1 and self.all_live
+        self.single = len(self.buckets) == 1 and self.all_live and not self.fallback
+        self.take = take
+        local = [_local(params[i]) for i in take]
+        self.pptr = np.array([t.data_ptr() for t in local], dtype=np.int64)
+        self.pbytes = np.array([t.nbytes for t in local], dtype=np.int64)
+        self.dtypes = [t.dtype for t in local]
+        self.changes = opt.state.changes  # after this plan's own writes to the state
 
     def grad_ptrs(self, params):
-        """The grads' addresses, or None when one is None, sparse or non-contiguous (the
-        general path takes those).  One C-level pass per attribute: per tensor, Python
-        work is all the host does, and on a GPU it was the step's time for small tensors."""
+        """The fast path's check and table: the grads' addresses, or None when anything
+        is not as this plan was built for (a param's address or size, a grad's size or
+        dtype, a grad that is None, sparse or non-contiguous); the general path then
+        rebuilds.  One C-level pass per attribute: ~0.05-0.1 us per tensor each."""
         grads = list(map(_GRAD, params))
         if self.dist:
-            grads = list(map(_local, grads))
+            grads, params = list(map(_local, grads)), list(map(_local, params))
         try:
             ptrs = np.fromiter(map(_PTR, grads), np.int64, len(grads))
-        except (TypeError, RuntimeError):  # None has no data_ptr, a sparse grad no storage
+            gbytes = np.fromiter(map(_NBYTES, grads), np.int64, len(grads))
+        except (TypeError, RuntimeError, AttributeError):  # None; a sparse grad has no storage
             return None
-        return ptrs if all(map(_CONTIG, grads)) else None
+        if not (np.array_equal(gbytes, self.pbytes)
+                and np.array_equal(np.fromiter(map(_PTR, params), np.int64, len(params)), self.pptr)
+                and all(map(_CONTIG, grads))):
+            return None
+        return ptrs
+
+    def proven(self, params, grads):
+        """The general path's check: the params the engines take are where and as large
+        as when the plan was built, and their grads of the param's size and dtype."""
+        local = [_local(params[i]) for i in self.take]
+        gs = [_local(grads[i]) for i in self.take]
+        return (np.array_equal(np.fromiter(map(_PTR, local), np.int64, len(local)), self.pptr)
+                and np.array_equal(np.fromiter(map(_NBYTES, local), np.int64, len(local)), self.pbytes)
+                and np.array_equal(np.fromiter(map(_NBYTES, gs), np.int64, len(gs)), self.pbytes)
+                and list(map(_DTYPE, gs)) == self.dtypes)
 
     def valid(self, opt, group, params, live):
-        """Still right for this group, params and live indices (None: every param)?"""
+        """Still right for this group, params and live indices (None: every param), and
+        the state unchanged since?"""
         live_ok = self.all_live if live is None else self.live == live
         return (self.group is group and self.state_obj is opt.state
+                and self.changes == opt.state.changes
                 and self.nparams == len(params) and live_ok
                 and all(map(operator.is_, self.params, params))
                 and self.slots == opt._slots(group))
-

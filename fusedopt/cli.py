@@ -101,6 +101,10 @@ def bench_cmd(args):
         with open(args.json, "w") as f:
             json.dump({"machine": benchmark.machine(), "rows": rows, **extra}, f, indent=1)
     if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            sys.exit("--plot needs matplotlib: pip install 'fusedopt[plot]' (or matplotlib)")
         benchmark.plot(rows, args.plot)
     return 0, rows
 

@@ -15,10 +15,12 @@ import numpy as np
 import torch
 
 from . import clip
-from .bucket import _GRAD, _PTR, _local, _Plan
+from .bucket import _DTYPE, _GRAD, _PTR, _local, _Plan, _unfit, state_dtype
+from .state import State
 from .kernels import rules
 
 
+_IS_TENSOR = torch.is_tensor
 _SKIP = object()  # _amp(): the scaler found an inf on the CPU, nothing to do
 _LIVE = weakref.WeakValueDictionary()  # handle -> optimizer, for the custom op
 _HANDLES = itertools.count()
@@ -57,6 +59,9 @@ class FusedOptimizer:
 
     _rule = None
     _sparse_error = None
+    # GradScaler.step then hands us grad_scale and found_inf instead of unscaling the
+    # gradients in a pass of its own: the kernel unscales them (see _amp)
+    _step_supports_amp_scaling = True
     _has_step = True  # torch keeps state["step"] (all but SGD)
 
     def _needs_state(self, group):
@@ -70,6 +75,9 @@ class FusedOptimizer:
                 f"use torch.optim.{type(self).__name__} for differentiable optimizer steps")
         if backend not in ("auto", "numba", "triton"):
             raise ValueError(f"backend must be 'auto', 'numba' or 'triton', got {backend!r}")
+        for name, v in (("l1", l1), ("max_grad_norm", max_grad_norm)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise TypeError(f"{name} must be a float, got {type(v).__name__}: {v!r}")
         if not 0.0 <= l1:
             raise ValueError(f"Invalid l1 value: {l1}")
         if max_grad_norm is not None and not 0.0 <= max_grad_norm:
@@ -91,9 +99,6 @@ class FusedOptimizer:
         self._extras = extras
         super().__init__(*args, **kwargs)
         self.defaults.update(extras)
-        # GradScaler.step then hands us grad_scale and found_inf instead of unscaling the
-        # gradients in a pass of its own: the kernel unscales them (see _amp)
-        self._step_supports_amp_scaling = True
         self._register()
 
     def _register(self):
@@ -103,6 +108,8 @@ class FusedOptimizer:
 
     def _reset(self):
         """Forget the plans (rebuilt at the next step) after the groups or state changed."""
+        if not isinstance(self.state, State):
+            self.state = State(self.state)
         self._plans = {}
         self._param_lists = [g["params"] for g in self.param_groups]
 
@@ -122,21 +129,36 @@ class FusedOptimizer:
     def load_state_dict(self, state_dict):
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         saved = state_dict["state"]
-        super().load_state_dict(state_dict)
         for i, p in zip(saved_ids, (p for g in self.param_groups for p in g["params"])):
             for k, v in saved.get(i, {}).items():
-                # torch casts all state to the param's dtype: float32 moments and master
-                # copies of a bfloat16 param stay as they were saved
-                if k != "step" and torch.is_tensor(v) and v.is_floating_point() \
-                        and v.dtype != p.dtype and not p.is_complex():
-                    self.state[p][k] = v.to(p.device, copy=True)
+                # every state tensor but the step counter has the param's shape: say which
+                # does not, now, rather than at a step (torch) or never (a kernel)
+                if k != "step" and torch.is_tensor(v) and v.shape != p.shape:
+                    raise RuntimeError(
+                        f"loaded state dict has state[{i}][{k!r}] of shape {tuple(v.shape)}, "
+                        f"but param {i} has shape {tuple(p.shape)}")
+        super().load_state_dict(state_dict)
         for group in self.param_groups:
             # a torch.optim state_dict has no l1 (torch's math: 0) and no precision options
             # (kept as this optimizer was built with)
             group.setdefault("l1", 0.0)
             for k, v in self._extras.items():
                 group.setdefault(k, v)
+        owners = [(p, g) for g in self.param_groups for p in g["params"]]
+        for i, (p, group) in zip(saved_ids, owners):
+            for k, v in saved.get(i, {}).items():
+                # torch casts all state to the param's dtype: float32 moments and master
+                # copies of a bfloat16 param (state_dtype, master_weights) stay float32
+                if k != "step" and torch.is_tensor(v) and v.dtype != p.dtype \
+                        and (k == "master" or v.dtype == state_dtype(group, p)):
+                    self.state[p][k] = v.to(p.device, copy=True)
         self._reset()
+
+    _OWN = ("_max_grad_norm", "_backend", "_extras", "grad_norm")  # ours, not torch's
+
+    def __getstate__(self):
+        # torch pickles defaults, state and param_groups only; the plans are rebuilt
+        return {**super().__getstate__(), **{k: getattr(self, k) for k in self._OWN}}
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -181,6 +203,9 @@ class FusedOptimizer:
         created, no step counted -- what the for-loop gives when the scaler skips step().
         A found_inf on a GPU is read by the kernel instead (no host sync)."""
         scale, found = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if scale is not None and torch.float16 in map(_DTYPE, filter(_IS_TENSOR, map(
+                _GRAD, (p for ps in self._param_lists for p in ps)))):
+            raise ValueError("Attempting to unscale FP16 gradients.")  # GradScaler's refusal
         if found is not None and found.device.type == "cpu":
             if found.item():
                 return _SKIP
@@ -193,10 +218,11 @@ class FusedOptimizer:
         params = group["params"]
         plan = self._plans.get(id(group))
         if plan is not None and plan.single and plan.valid(self, group, params, None):
-            # fast path: no per-param Python beyond the attribute reads
+            # fast path: no per-param Python beyond the attribute reads and their check
             gptr = plan.grad_ptrs(params)
             if gptr is not None:
                 self._run(plan.buckets[0][1], group, gptr, amp)
+                self._bump_versions(group, params)
                 return
         grads = list(map(_GRAD, params))
         live = [i for i, g in enumerate(grads) if g is not None]
@@ -205,15 +231,55 @@ class FusedOptimizer:
             if amp[0] is not None:  # the scaler left unscaling to us
                 for i in sparse:
                     grads[i]._values().mul_(amp[0].to(grads[i].device))
+            changes = self.state.changes
             self._sparse_step(group, [params[i] for i in sparse])
+            if plan is not None and plan.changes == changes:  # our own writes, for other params
+                plan.changes = self.state.changes
             live = [i for i in live if not grads[i].is_sparse]
         if not live:
             return
-        if plan is None or not plan.valid(self, group, params, live):
-            plan = self._plans[id(group)] = _Plan(self, group, params, live)
+        if plan is None or not plan.valid(self, group, params, live) or not plan.proven(params, grads):
+            plan = self._plans[id(group)] = _Plan(self, group, params, live, grads)
         for idx, bucket in plan.buckets:
             keep = [_local(grads[i]).contiguous() for i in idx]
             self._run(bucket, group, np.fromiter(map(_PTR, keep), np.int64, len(keep)), amp)
+        self._bump_versions(group, [params[i] for i in plan.take])
+        if plan.fallback:
+            self._torch_step(group, [params[i] for i in plan.fallback], *amp[:2])
+
+    def _bump_versions(self, group, params):
+        # autograd's in-place check: a param's version moves as torch's in-place updates
+        # move it (so a backward through a graph that saved it raises, as after torch's step)
+        for _ in range(self._inplace_updates(group)):
+            torch._C._increment_version(params)
+
+    def _inplace_updates(self, group):
+        return 1
+
+    def _torch_step(self, group, params, mult, found):
+        """Step ``params`` with torch.optim's own for-loop (foreach=False): torch's result,
+        or torch's error, for what the engines do not take (see bucket._unfit)."""
+        if group.get("l1") or group.get("master_weights") or group.get("stochastic_rounding") \
+                or group.get("state_dtype") is not None:
+            why = [_unfit_reason(self, group, p) for p in params]
+            raise RuntimeError(
+                f"fusedopt.{type(self).__name__}: params {why} cannot be fused, and torch.optim "
+                f"has no l1, master_weights, state_dtype or stochastic_rounding to step them with")
+        if found is not None and found.item():  # a GPU scaler's inf: the step is skipped
+            return
+        if mult is not None:  # what GradScaler's unscale or the clipping would have done
+            for p in params:
+                p.grad.mul_(mult.to(p.grad.device))
+        twin = next(c for c in type(self).__mro__ if c.__module__.startswith("torch.optim."))
+        saved = self.param_groups
+        # the scaler's grad_scale and found_inf were for our kernels; the grads are unscaled
+        scaler = {k: self.__dict__.pop(k) for k in ("grad_scale", "found_inf") if k in self.__dict__}
+        self.param_groups = [{**group, "params": params, "foreach": False, "fused": False}]
+        try:
+            inspect.unwrap(twin.step)(self)
+        finally:
+            self.param_groups = saved
+            self.__dict__.update(scaler)
 
     def _run(self, bucket, group, gptr, amp):
         # the gradient's factor (1 / scale, clipping), the inf flag, whether a scaler is in it
@@ -249,7 +315,8 @@ class FusedOptimizer:
         flags["WEIGHT_DECAY"] = group.get("weight_decay", 0) != 0
         flags["L1"] = group.get("l1", 0) != 0
         flags.update(self._flags(group))
-        return tuple(sorted(flags.items()))
+        # a tensor-valued hyperparameter (momentum=torch.tensor(0.9)) gives tensor flags
+        return tuple(sorted((k, bool(v)) for k, v in flags.items()))
 
 
 def lerp_rest(w, f64):
@@ -274,3 +341,10 @@ def signature_with(torch_cls):
     params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v)
                for k, v in EXTRAS.items()]
     return sig.replace(parameters=params)
+
+
+def _unfit_reason(opt, group, p):
+    # for the error message: the param's index in its group and why it went to torch
+    st = opt.state.get(p, {})
+    why = _unfit(opt, group, p, p.grad, st, opt._slots(group)) or "overlapping another param"
+    return f"{next(i for i, q in enumerate(group['params']) if q is p)} ({why})"

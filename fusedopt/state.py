@@ -1,0 +1,102 @@
+"""``optimizer.state`` that counts its changes, so that a step knows in O(1) whether the
+state tensors its plan points at are still the ones the user sees.
+
+torch keeps ``state`` as a ``defaultdict(dict)``; users reset it (``state.clear()``,
+``del state[p]``, ``state[p]["momentum_buffer"] = t``) and torch.optim honours that at
+the next step.  Here ``State`` is a defaultdict whose every mutation, and every mutation
+of one of its per-param dicts, bumps ``State.changes``; a plan remembers the count it was
+built at and is rebuilt when it moved.  Pickling and deepcopy give plain equivalents back
+through the same classes.
+"""
+from collections import defaultdict
+
+
+class Entry(dict):
+    """One param's state dict; tells its owner about every change."""
+
+    __slots__ = ("owner",)
+
+    def __init__(self, *args, owner=None, **kw):
+        super().__init__(*args, **kw)
+        self.owner = owner
+
+    def _bump(self):
+        if self.owner is not None:
+            self.owner.changes += 1
+
+    def __reduce__(self):
+        return Entry, (dict(self),)
+
+
+def _counting(name):
+    base = getattr(dict, name)
+
+    def method(self, *args, **kw):
+        self._bump()
+        return base(self, *args, **kw)
+    method.__name__ = name
+    return method
+
+
+_MUTATORS = ("__setitem__", "__delitem__", "clear", "pop", "popitem", "setdefault", "update",
+             "__ior__")
+for _name in _MUTATORS:
+    setattr(Entry, _name, _counting(_name))
+
+
+class State(defaultdict):
+    """torch.optim's ``defaultdict(dict)`` of per-param state, counting changes."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(None, *args, **kw)
+        self.changes = 0
+        for k, v in list(dict.items(self)):
+            dict.__setitem__(self, k, _adopt(self, v))
+
+    def _bump(self):
+        self.changes += 1
+
+    def __missing__(self, key):
+        entry = Entry(owner=self)
+        dict.__setitem__(self, key, entry)
+        return entry
+
+    def __setitem__(self, key, value):
+        self.changes += 1
+        dict.__setitem__(self, key, _adopt(self, value))
+
+    def __reduce__(self):
+        return State, (dict(self),)
+
+    def __copy__(self):
+        return State(dict(self))
+
+
+    def update(self, *args, **kw):
+        for k, v in dict(*args, **kw).items():
+            self[k] = v
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+
+for _name in ("__delitem__", "clear", "pop", "popitem"):
+    setattr(State, _name, _counting(_name))
+
+
+def _adopt(owner, value):
+    """A per-param dict as an Entry of ``owner`` (a plain dict is copied into one, as
+    torch.optim copies what it loads)."""
+    if isinstance(value, Entry):
+        if value.owner is None or value.owner is owner:
+            value.owner = owner
+            return value
+    if isinstance(value, dict):
+        return Entry(value, owner=owner)
+    return value

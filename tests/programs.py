@@ -1,0 +1,284 @@
+"""Random programs of ordinary PyTorch calls, run on fusedopt and on its torch.optim twin
+side by side (tests/test_safety.py runs them in a subprocess, so that a crash fails the
+test instead of killing pytest; bench/soak.py runs many).
+
+    python tests/programs.py FIRST_SEED COUNT [numba|triton|both]
+
+Each seed picks an optimizer, an engine and ~12 operations: steps, zero_grad both ways,
+`p.data =` / `p.set_` replacements (same and other shape or dtype), memory-format
+changes, vector_to_parameters, state entry replacement and deletion, state.clear(),
+load_state_dict (good, wrong shape, missing key), add_param_group, reordering
+group["params"], GradScaler steps with an inf, frozen params, grads set to None or of
+another size or dtype.  After every operation: where torch raises, fusedopt raises the same
+exception type (and the program ends: torch's for-loop leaves a half-done step behind);
+otherwise the params agree within float32 rounding (torch's side replays its ops correctly
+rounded, fusedopt/arith.py).  Prints one line per program; exits 1 on a disagreement.
+"""
+import copy
+import os
+import random
+import sys
+import traceback
+
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton engine on CPU tensors
+import fusedopt  # noqa: E402
+from fusedopt import arith  # noqa: E402
+
+NAMES = ["Adam", "AdamW", "Adamax", "RMSprop", "Adagrad", "SGD"]
+HP = {"Adam": dict(lr=1e-2, amsgrad=True), "AdamW": dict(lr=1e-2, weight_decay=0.1),
+      "Adamax": dict(lr=1e-2), "RMSprop": dict(lr=1e-3, momentum=0.9, centered=True),
+      "Adagrad": dict(lr=1e-2), "SGD": dict(lr=1e-2, momentum=0.9)}
+SHAPES = [(5, 3), (7,), (1,), (33,), (2, 3, 4, 5)]
+
+
+class Twin:
+    """fusedopt and torch.optim on equal params; ``both(fn)`` applies fn to each side."""
+
+    def __init__(self, rng, name, backend):
+        self.rng, self.name = rng, name
+        gen = torch.Generator().manual_seed(rng.randrange(1 << 30))
+        init = [torch.randn(s, generator=gen) for s in SHAPES]
+        self.p = [[torch.nn.Parameter(t.clone()) for t in init] for _ in range(2)]
+        self.opt = [getattr(fusedopt, name)(self.p[0], backend=backend, **HP[name]),
+                    getattr(torch.optim, name)(self.p[1], foreach=False, **HP[name])]
+        self.scaler = None
+        self.low = False
+
+    def params(self, k):
+        return [p for g in self.opt[k].param_groups for p in g["params"]]
+
+    def grads(self, scale=1.0, inf=False):
+        gen = torch.Generator().manual_seed(self.rng.randrange(1 << 30))
+        gs = [torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale
+              for p in self.params(1)]
+        if inf and gs:
+            gs[self.rng.randrange(len(gs))].view(-1)[0] = float("inf")
+        for ps in (self.params(0), self.params(1)):
+            for p, g in zip(ps, gs):
+                if p.requires_grad and g.shape == p.shape:
+                    p.grad = g.clone()
+
+    def step(self, run=lambda o: o.step(), load=None):
+        """Each side's step (or ``run``), after ``load`` if given; raises Raised with both
+        sides' exception types when either raised."""
+        kinds, at_load = [], None
+        for k in range(2):
+            try:
+                if load is not None:
+                    try:
+                        self.opt[k].load_state_dict(copy.deepcopy(load))
+                    except RuntimeError:
+                        at_load = at_load or k == 0
+                        raise
+                if k:
+                    with arith.replay():  # torch's op order, each op correctly rounded
+                        _run(run, self, k)
+                else:
+                    _run(run, self, k)
+                kinds.append(None)
+            except Exception as e:  # noqa: BLE001
+                if os.environ.get("PROGRAMS_TRACE"):
+                    traceback.print_exc()
+                kinds.append(type(e).__name__)
+        if any(kinds):
+            raise Raised(*kinds, ours_at_load=at_load)
+
+
+class Raised(Exception):
+    def __init__(self, ours, theirs, ours_at_load=False):
+        super().__init__(ours, theirs)
+        self.ours, self.theirs, self.ours_at_load = ours, theirs, ours_at_load
+
+
+def _run(run, t, k):
+    run(t.opt[k]) if run.__code__.co_argcount == 1 else run(t, k)
+
+
+def op_step(t):
+    t.grads()
+    t.step()
+
+
+def op_zero_grad(t):
+    none = t.rng.random() < 0.5
+    for o in t.opt:
+        o.zero_grad(set_to_none=none)
+
+
+def op_replace_data(t):
+    k = t.rng.randrange(len(SHAPES))
+    how = t.rng.choice(["clone", "set_", "channels_last", "clone", "set_", "channels_last",
+                        "double", "shape"])
+    for ps in (t.params(0), t.params(1)):
+        if k >= len(ps):
+            return
+        p = ps[k]
+        if how == "clone":
+            p.data = p.data.clone()
+        elif how == "set_":
+            with torch.no_grad():
+                p.set_(p.detach().clone())
+        elif how == "channels_last" and p.dim() == 4:
+            p.data = p.data.to(memory_format=torch.channels_last)
+        elif how == "double":
+            p.data = p.data.double()
+        elif how == "shape":
+            p.data = torch.zeros(3) + p.data.flatten()[:1]
+
+
+def op_module_dtype(t):
+    dtype = t.rng.choice([torch.float64, torch.float16, torch.float32])
+    t.low |= dtype == torch.float16  # float16 differences stay in the values that follow
+    for ps in (t.params(0), t.params(1)):
+        for p in ps:
+            p.data = p.data.to(dtype)
+
+
+def op_vector_to_parameters(t):
+    vec = torch.randn(sum(p.numel() for p in t.params(1)),
+                      generator=torch.Generator().manual_seed(t.rng.randrange(1 << 30)))
+    for k in range(2):
+        ps = t.params(k)
+        if len({p.dtype for p in ps}) == 1:
+            torch.nn.utils.vector_to_parameters(vec.to(ps[0].dtype), ps)
+
+
+def op_state_entry(t):
+    k = t.rng.randrange(len(SHAPES))
+    how = t.rng.choice(["replace", "delete", "clear"])
+    for o, ps in zip(t.opt, (t.params(0), t.params(1))):
+        if k >= len(ps) or ps[k] not in o.state:
+            return
+    for o, ps in zip(t.opt, (t.params(0), t.params(1))):
+        p = ps[k]
+        if how == "clear":
+            o.state.clear()
+        elif how == "delete":
+            del o.state[p]
+        else:
+            st = o.state[p]
+            for key in list(st):
+                if key != "step" and torch.is_tensor(st[key]):
+                    st[key] = torch.full_like(st[key], 0.5)
+
+
+def op_load_state_dict(t):
+    how = t.rng.choice(["good", "good", "good", "shape", "missing"])
+    sd = copy.deepcopy(t.opt[1].state_dict())
+    if how != "good" and sd["state"]:
+        i = t.rng.choice(sorted(sd["state"]))
+        key = t.rng.choice([k for k in sd["state"][i] if k != "step"] or ["step"])
+        if how == "shape":
+            sd["state"][i][key] = torch.zeros(2)
+        else:
+            del sd["state"][i][key]
+    t.grads()
+    try:
+        t.step(load=sd)
+    except Raised as e:
+        # fusedopt refuses a state tensor of the wrong shape at the load (also one that a
+        # param's new shape made wrong); torch raises at a step that reaches it, with
+        # whatever it meets first there, or not at all if the param is frozen
+        if how == "shape" or e.ours_at_load:
+            assert e.ours == "RuntimeError" and e.ours_at_load, (e.ours, e.ours_at_load)
+            e.theirs = e.ours
+        raise
+
+
+def op_add_group(t):
+    init = torch.randn(6, generator=torch.Generator().manual_seed(t.rng.randrange(1 << 30)))
+    for o in t.opt:
+        o.add_param_group({"params": [torch.nn.Parameter(init.clone())]})
+
+
+def op_reorder(t):
+    g = t.rng.randrange(len(t.opt[0].param_groups))
+    perm = list(range(len(t.opt[0].param_groups[g]["params"])))
+    t.rng.shuffle(perm)
+    for o in t.opt:
+        ps = o.param_groups[g]["params"]
+        ps[:] = [ps[i] for i in perm]
+
+
+def op_scaler(t):
+    if t.scaler is None:
+        t.scaler = [torch.amp.GradScaler("cpu", init_scale=256.0) for _ in range(2)]
+        for s in t.scaler:
+            s.scale(torch.ones(()))
+    t.grads(scale=256.0, inf=t.rng.random() < 0.5)
+    t.step(run=lambda t, k: t.scaler[k].step(t.opt[k]))
+    for s in t.scaler:
+        s.update()
+
+
+def op_freeze(t):
+    k = t.rng.randrange(len(SHAPES))
+    for ps in (t.params(0), t.params(1)):
+        if k < len(ps):
+            ps[k].grad = None
+            ps[k].requires_grad_(False)
+
+
+def op_bad_grad(t):
+    k = t.rng.randrange(len(SHAPES))
+    how = t.rng.choice(["none", "none", "size", "dtype"])
+    t.grads()
+    for ps in (t.params(0), t.params(1)):
+        if k >= len(ps) or ps[k].grad is None:
+            return
+    for ps in (t.params(0), t.params(1)):
+        g = ps[k].grad
+        if how == "none":
+            ps[k].grad = None
+        elif how == "size":
+            g.data = torch.ones(4, dtype=g.dtype)
+        else:
+            g.data = g.data.double()
+    t.step()
+
+
+OPS = [op_step] * 6 + [op_zero_grad, op_replace_data, op_module_dtype, op_vector_to_parameters,
+                       op_state_entry, op_load_state_dict, op_add_group, op_reorder, op_scaler,
+                       op_freeze, op_bad_grad]
+
+
+def compare(t, where):
+    for a, b in zip(t.params(0), t.params(1)):
+        assert a.dtype == b.dtype and a.shape == b.shape, (where, a.dtype, b.dtype, a.shape, b.shape)
+        # float16: torch rounds after every op, the kernels once per step (parity.py measures
+        # which is nearer float64); here only "the same program, the same update" counts
+        tol = dict(rtol=2e-2, atol=2e-2) if t.low else dict(rtol=1e-5, atol=1e-6)
+        a, b = a.detach(), b.detach()
+        if t.low:  # torch's eps=1e-8 rounds to 0 in float16: inf or NaN
+            a, b = a[b.isfinite()], b[b.isfinite()]
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{where}: {m}")
+
+
+def program(seed, backends):
+    rng = random.Random(seed)
+    name = rng.choice(NAMES)
+    t = Twin(rng, name, rng.choice(backends))
+    done = []
+    for _ in range(12):
+        op = rng.choice(OPS)
+        done.append(op.__name__[3:])
+        try:
+            op(t)
+        except Raised as e:
+            assert e.ours == e.theirs, (seed, name, done, "fusedopt:", e.ours, "torch:", e.theirs)
+            return name, done, e.ours
+        compare(t, (seed, name, done))
+    return name, done, None
+
+
+def main(first, count, engines="numba"):
+    backends = ["numba", "triton"] if engines == "both" else [engines]
+    for seed in range(int(first), int(first) + int(count)):
+        name, done, raised = program(seed, backends)
+        print(seed, name, " ".join(done), f"raised {raised}" if raised else "", flush=True)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
