@@ -15,12 +15,11 @@ import numpy as np
 import torch
 
 from . import clip
-from .bucket import _DTYPE, _GRAD, _PTR, _local, _Plan, _unfit, state_dtype
+from .bucket import _GRAD, _PTR, _local, _Plan, _unfit, state_dtype
 from .state import State
 from .kernels import rules
 
 
-_IS_TENSOR = torch.is_tensor
 _SKIP = object()  # _amp(): the scaler found an inf on the CPU, nothing to do
 _LIVE = weakref.WeakValueDictionary()  # handle -> optimizer, for the custom op
 _HANDLES = itertools.count()
@@ -154,6 +153,13 @@ class FusedOptimizer:
                     self.state[p][k] = v.to(p.device, copy=True)
         self._reset()
 
+    def state_dict(self):
+        # plain dicts, as torch's: a checkpoint must load with torch.load(weights_only=True)
+        # and without fusedopt
+        sd = super().state_dict()
+        sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
+        return sd
+
     _OWN = ("_max_grad_norm", "_backend", "_extras", "grad_norm")  # ours, not torch's
 
     def __getstate__(self):
@@ -203,9 +209,6 @@ class FusedOptimizer:
         created, no step counted -- what the for-loop gives when the scaler skips step().
         A found_inf on a GPU is read by the kernel instead (no host sync)."""
         scale, found = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        if scale is not None and torch.float16 in map(_DTYPE, filter(_IS_TENSOR, map(
-                _GRAD, (p for ps in self._param_lists for p in ps)))):
-            raise ValueError("Attempting to unscale FP16 gradients.")  # GradScaler's refusal
         if found is not None and found.device.type == "cpu":
             if found.item():
                 return _SKIP
