@@ -37,20 +37,22 @@ def measure(name, shapes, rounds, cls):
     opt.step()
     flush = torch.empty(sum(p.numel() for p in params) * 3)
     checked, bump = bucket._Plan.grad_ptrs, optimizer.FusedOptimizer._bump_versions
-    times = {"checked": [], "first wave": []}
+    modes = {"first wave": (_first_wave, lambda *a: None), "checks": (checked, lambda *a: None),
+             "checks + versions": (checked, bump)}
+    times = {m: [] for m in modes}
     for r in range(rounds):
-        for mode in (("checked", "first wave") if r % 2 else ("first wave", "checked")):
-            bucket._Plan.grad_ptrs = checked if mode == "checked" else _first_wave
-            optimizer.FusedOptimizer._bump_versions = bump if mode == "checked" else (lambda *a: None)
+        for mode in (list(modes)[::-1] if r % 2 else list(modes)):
+            bucket._Plan.grad_ptrs, optimizer.FusedOptimizer._bump_versions = modes[mode]
             flush.fill_(r)
             t = time.perf_counter()
             opt.step()
             times[mode].append(time.perf_counter() - t)
     bucket._Plan.grad_ptrs, optimizer.FusedOptimizer._bump_versions = checked, bump
     med = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
-    per = (med["checked"] - med["first wave"]) / len(params) * 1e3  # ms -> us per tensor
-    print(f"{cls.__name__:5} {name:11} {len(params):6} tensors: first-wave reads {med['first wave']:7.2f} ms, "
-          f"checked {med['checked']:7.2f} ms: +{per:.2f} us per tensor", flush=True)
+    base = med["first wave"]
+    extra = ", ".join(f"{k} +{(med[k] - base) / len(params) * 1e3:.2f}" for k in list(modes)[1:])
+    print(f"{cls.__name__:5} {name:11} {len(params):6} tensors: first-wave step {base:7.2f} ms; "
+          f"us per tensor: {extra}", flush=True)
 
 
 def main():

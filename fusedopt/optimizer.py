@@ -224,8 +224,9 @@ class FusedOptimizer:
             # fast path: no per-param Python beyond the attribute reads and their check
             gptr = plan.grad_ptrs(params)
             if gptr is not None:
-                self._run(plan.buckets[0][1], group, gptr, amp)
+                # before the kernel: the params' headers are still in cache from the check
                 self._bump_versions(group, params)
+                self._run(plan.buckets[0][1], group, gptr, amp)
                 return
         grads = list(map(_GRAD, params))
         live = [i for i, g in enumerate(grads) if g is not None]
@@ -243,10 +244,10 @@ class FusedOptimizer:
             return
         if plan is None or not plan.valid(self, group, params, live) or not plan.proven(params, grads):
             plan = self._plans[id(group)] = _Plan(self, group, params, live, grads)
+        self._bump_versions(group, [params[i] for i in plan.take])
         for idx, bucket in plan.buckets:
             keep = [_local(grads[i]).contiguous() for i in idx]
             self._run(bucket, group, np.fromiter(map(_PTR, keep), np.int64, len(keep)), amp)
-        self._bump_versions(group, [params[i] for i in plan.take])
         if plan.fallback:
             self._torch_step(group, [params[i] for i in plan.fallback], *amp[:2])
 
