@@ -117,6 +117,7 @@ class _Bucket:
             cols.append(col)
         cols.append([st["master"] for st in states] if master else cols[0])
         self.tensors = cols
+        self.pver = None  # master weights: the params' versions after the last step
         # the storages behind the pointer tables, held: while this plan lives none of its
         # addresses can be freed and handed to another tensor (a param's storage replaced
         # by `p.data = ...` stays allocated until the check before the next step notices)
@@ -150,6 +151,17 @@ class _Bucket:
             self.P, *self.S = (on_device(a, self.device) for a in ptrs)
             self.tid, self.cs, self.ce = (on_device(a, self.device) for a in (tid, cs, ce))
             self._gkey, self._gdev = None, None
+
+    def reseed_masters(self):
+        """A param written in place from outside since the last step (its version moved
+        by more than the optimizer's own updates): its master copy starts again from it,
+        rather than overwriting the change.  Master-weight buckets only."""
+        local = [_local(p) for p in self.params]
+        ver = np.fromiter(map(_VERSION, local), np.int64, len(local))
+        if self.pver is not None:
+            for k in np.flatnonzero(ver != self.pver):
+                self.tensors[-1][k].copy_(local[k])
+        return ver
 
     def stream_keys(self, seed):
         """Per param, the key of this step's stochastic-rounding stream: a function of the
@@ -259,6 +271,7 @@ def _overlapping(tensors):
 
 
 _NBYTES = operator.attrgetter("nbytes")
+_VERSION = operator.attrgetter("_version")
 _DTYPE = operator.attrgetter("dtype")
 
 
@@ -301,8 +314,10 @@ class _Plan:
                     fresh.add(id(p))
                 elif name and st[name].dtype != sdt:  # float32 state asked for, or given up
                     st[name] = st[name].to(sdt)
-            if has_master(group, p) and st.get("master") is None:
-                # a fresh optimizer, or a state_dict without master copies: start from the param
+            if has_master(group, p) and (st.get("master") is None or not torch.equal(
+                    st["master"].to(p.dtype), _local(p).detach().contiguous())):
+                # a fresh optimizer, a state_dict without master copies, or a param changed
+                # from outside (p.data = ..., model.load_state_dict): start from the param
                 st["master"] = _local(p).detach().to(torch.float32, memory_format=torch.contiguous_format,
                                                       copy=True)
         self.buckets = [(idx, _Bucket(opt, group, [params[i] for i in idx], self.slots, fresh,

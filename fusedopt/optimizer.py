@@ -225,7 +225,7 @@ class FusedOptimizer:
             gptr = plan.grad_ptrs(params)
             if gptr is not None:
                 # before the kernel: the params' headers are still in cache from the check
-                self._bump_versions(group, params)
+                self._bump_versions(group, params, plan)
                 self._run(plan.buckets[0][1], group, gptr, amp)
                 return
         grads = list(map(_GRAD, params))
@@ -244,18 +244,22 @@ class FusedOptimizer:
             return
         if plan is None or not plan.valid(self, group, params, live) or not plan.proven(params, grads):
             plan = self._plans[id(group)] = _Plan(self, group, params, live, grads)
-        self._bump_versions(group, [params[i] for i in plan.take])
+        self._bump_versions(group, [params[i] for i in plan.take], plan)
         for idx, bucket in plan.buckets:
             keep = [_local(grads[i]).contiguous() for i in idx]
             self._run(bucket, group, np.fromiter(map(_PTR, keep), np.int64, len(keep)), amp)
         if plan.fallback:
             self._torch_step(group, [params[i] for i in plan.fallback], *amp[:2])
 
-    def _bump_versions(self, group, params):
+    def _bump_versions(self, group, params, plan):
         # autograd's in-place check: a param's version moves as torch's in-place updates
         # move it (so a backward through a graph that saved it raises, as after torch's step)
-        for _ in range(self._inplace_updates(group)):
+        masters = [(b, b.reseed_masters()) for _, b in plan.buckets if b.mask & 8]
+        n = self._inplace_updates(group)
+        for _ in range(n):
             torch._C._increment_version(params)
+        for b, ver in masters:
+            b.pver = ver + n
 
     def _inplace_updates(self, group):
         return 1

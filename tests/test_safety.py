@@ -346,3 +346,29 @@ def test_forked_child_steps_like_the_parent(name):
     assert child.exitcode == 0
     ours.step()
     assert all(torch.equal(torch.from_numpy(a), b) for a, b in zip(got, ps[0]))
+
+
+@pytest.mark.parametrize("how", ["in_place", "data", "none"])
+def test_master_weights_follow_a_param_changed_from_outside(how):
+    """master_weights=True keeps a float32 copy that the step rounds into the bfloat16
+    param; a param written from outside (model.load_state_dict copies in place, p.data =
+    ...) is noticed, and the master copy starts again from it instead of overwriting it."""
+    p = torch.nn.Parameter(torch.randn(1000).bfloat16())
+    opt = fusedopt.Adam([p], lr=1e-3, master_weights=True)
+    for s in range(2):
+        p.grad = torch.ones_like(p)
+        opt.step()
+    new = torch.full_like(p, 3.0)
+    if how == "in_place":
+        with torch.no_grad():
+            p.copy_(new)
+    elif how == "data":
+        p.data = new.clone()
+    before = p.detach().clone()
+    p.grad = torch.ones_like(p)
+    opt.step()
+    moved = (p.detach().float() - before.float()).abs().max().item()
+    assert moved < 0.05, moved  # one Adam step of lr 1e-3 (bfloat16 near 3: ulp 1/64)
+    assert torch.equal(opt.state[p]["master"].bfloat16(), p.detach())
+    if how != "none":
+        assert (p.detach().float() - 3.0).abs().max() < 0.05
