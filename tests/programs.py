@@ -60,7 +60,7 @@ class Twin:
                 if p.requires_grad and g.shape == p.shape:
                     p.grad = g.clone()
 
-    def step(self, run=lambda o: o.step(), load=None):
+    def step(self, run=lambda t, k: t.opt[k].step(), load=None):
         """Each side's step (or ``run``), after ``load`` if given; raises Raised with both
         sides' exception types when either raised."""
         kinds, at_load = [], None
@@ -74,9 +74,9 @@ class Twin:
                         raise
                 if k:
                     with arith.replay():  # torch's op order, each op correctly rounded
-                        _run(run, self, k)
+                        run(self, k)
                 else:
-                    _run(run, self, k)
+                    run(self, k)
                 kinds.append(None)
             except Exception as e:  # noqa: BLE001
                 if os.environ.get("PROGRAMS_TRACE"):
@@ -90,10 +90,6 @@ class Raised(Exception):
     def __init__(self, ours, theirs, ours_at_load=False):
         super().__init__(ours, theirs)
         self.ours, self.theirs, self.ours_at_load = ours, theirs, ours_at_load
-
-
-def _run(run, t, k):
-    run(t.opt[k]) if run.__code__.co_argcount == 1 else run(t, k)
 
 
 def op_step(t):
