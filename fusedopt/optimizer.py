@@ -249,7 +249,7 @@ class FusedOptimizer:
             keep = [_local(grads[i]).contiguous() for i in idx]
             self._run(bucket, group, np.fromiter(map(_PTR, keep), np.int64, len(keep)), amp)
         if plan.fallback:
-            self._torch_step(group, [params[i] for i in plan.fallback], *amp[:2])
+            self._torch_step(group, [params[i] for i in plan.fallback], *amp)
 
     def _bump_versions(self, group, params, plan):
         # autograd's in-place check: a param's version moves as torch's in-place updates
@@ -264,7 +264,7 @@ class FusedOptimizer:
     def _inplace_updates(self, group):
         return 1
 
-    def _torch_step(self, group, params, mult, found):
+    def _torch_step(self, group, params, mult, found, scaled):
         """Step ``params`` with torch.optim's own for-loop (foreach=False): torch's result,
         or torch's error, for what the engines do not take (see bucket._unfit)."""
         if group.get("l1") or group.get("master_weights") or group.get("stochastic_rounding") \
@@ -275,7 +275,11 @@ class FusedOptimizer:
                 f"has no l1, master_weights, state_dtype or stochastic_rounding to step them with")
         if found is not None and found.item():  # a GPU scaler's inf: the step is skipped
             return
-        if mult is not None:  # what GradScaler's unscale or the clipping would have done
+        # what GradScaler's unscale or the clipping would have done: written back under a
+        # scaler (as its unscale), else undone after the step (in place: a grad set through
+        # .data may not pass a grad assignment's checks)
+        given = [p.grad.clone() for p in params] if mult is not None and not scaled else []
+        if mult is not None:
             for p in params:
                 p.grad.mul_(mult.to(p.grad.device))
         twin = next(c for c in type(self).__mro__ if c.__module__.startswith("torch.optim."))
@@ -288,6 +292,8 @@ class FusedOptimizer:
         finally:
             self.param_groups = saved
             self.__dict__.update(scaler)
+            for p, g in zip(params, given):
+                p.grad.copy_(g)
 
     def _run(self, bucket, group, gptr, amp):
         # the gradient's factor (1 / scale, clipping), the inf flag, whether a scaler is in it

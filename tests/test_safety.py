@@ -372,3 +372,24 @@ def test_master_weights_follow_a_param_changed_from_outside(how):
     assert torch.equal(opt.state[p]["master"].bfloat16(), p.detach())
     if how != "none":
         assert (p.detach().float() - 3.0).abs().max() < 0.05
+
+
+def test_param_stepped_by_torch_is_clipped_and_its_grad_left_as_given():
+    """max_grad_norm folds clipping into the step; a param handed to torch's for-loop (its
+    grad is float64, allowed by grad_dtype=None) is clipped by the same factor, and its
+    gradient is not written (as for the params the kernel takes)."""
+    ps, _ = _twins("SGD")
+    for side in ps:
+        side[1].grad_dtype = None
+    opts = [fusedopt.SGD(ps[0], lr=0.1, max_grad_norm=0.5),
+            torch.optim.SGD(ps[1], lr=0.1, foreach=False)]
+    _grads(ps, 0)
+    for side in ps:
+        side[1].grad = side[1].grad.double()
+    given = [p.grad.clone() for p in ps[0]]
+    opts[0].step()
+    torch.nn.utils.clip_grad_norm_(ps[1], 0.5)
+    with arith.replay():
+        opts[1].step()
+    _same(ps)
+    assert all(torch.equal(p.grad, g) for p, g in zip(ps[0], given))
