@@ -94,13 +94,13 @@ def add(x, other, alpha=1):
     return fma(_like(x, alpha).expand_as(other), other, x)
 
 
-# op -> (its correctly rounded version, torch's functions that compute it, sample inputs)
 def _sample(dtype, n=(1 << 14) + 7):  # + 7: torch's scalar tail after its vector loop
     gen = torch.Generator().manual_seed(7)
     a, b, c = (torch.randn(n, generator=gen, dtype=torch.float64).to(dtype) for _ in range(3))
     return a, b, c
 
 
+# op -> (its correctly rounded version, its probe's inputs from three sample tensors)
 OPS = {
     "sqrt": (sqrt, lambda a, b, c: (a.abs(),)),
     "addcmul": (addcmul, lambda a, b, c: (a, b, c, 0.3)),
@@ -109,13 +109,16 @@ OPS = {
     "lerp, weight >= 0.5": (lerp, lambda a, b, c: (a, b, 0.9)),
     "add(alpha=)": (add, lambda a, b, c: (a, b, 0.3)),
 }
-_TORCH = {"sqrt": "sqrt", "addcmul": "addcmul", "addcdiv": "addcdiv", "lerp": "lerp",
-          "lerp, weight >= 0.5": "lerp", "add(alpha=)": "add"}  # torch.<name>
 _CALL = {"addcmul": lambda f, a: f(*a[:3], value=a[3]), "addcdiv": lambda f, a: f(*a[:3], value=a[3]),
          "add(alpha=)": lambda f, a: f(*a[:2], alpha=a[2])}
-# the torch functions and methods replay() replaces, per op
+# the torch function (torch.<first>) and methods replay() replaces, per op
 _PATCH = {"sqrt": ("sqrt", "sqrt_"), "addcmul": ("addcmul", "addcmul_"),
           "addcdiv": ("addcdiv", "addcdiv_"), "lerp": ("lerp", "lerp_"), "add(alpha=)": ("add", "add_")}
+
+
+def _base(op):
+    # "lerp, weight >= 0.5" is a second probe of lerp
+    return op.split(",")[0]
 _cache = {}
 
 
@@ -128,7 +131,7 @@ def probe():
     op of OPS where this machine's torch is not correctly rounded; {} where it is.
     Measured once per set of torch functions (a monkeypatched op is measured anew)."""
     key = tuple(id(getattr(torch.Tensor, m)) for ms in _PATCH.values() for m in ms) \
-        + tuple(id(getattr(torch, f)) for f in _TORCH.values())
+        + tuple(id(getattr(torch, ms[0])) for ms in _PATCH.values())
     if key not in _cache:
         found = {}
         for dtype in DTYPES:
@@ -136,7 +139,7 @@ def probe():
             for op, (exact, args) in OPS.items():
                 a = args(*sample)
                 call = _CALL.get(op, lambda f, a: f(*a))
-                theirs, ours = call(getattr(torch, _TORCH[op]), a), call(exact, a)
+                theirs, ours = call(getattr(torch, _PATCH[_base(op)][0]), a), call(exact, a)
                 off = theirs != ours
                 if off.any():
                     ulps = ((theirs - ours).abs() / _ulp(ours)).max().item()
@@ -161,8 +164,7 @@ def replay():
     found = probe()
     off = {}
     for op, dt in found:
-        name = op.split(",")[0]
-        off.setdefault(name, set()).add(getattr(torch, dt))
+        off.setdefault(_base(op), set()).add(getattr(torch, dt))
     saved = []
     for op, dtypes in off.items():
         exact = OPS[op][0]
