@@ -5,4 +5,5 @@ from setuptools import setup
 setup(
     packages=["fusedopt", "fusedopt.kernels"],
     package_dir={"fusedopt": "fusedopt", "fusedopt.kernels": "kernels"},
+    package_data={"fusedopt.kernels": ["host.cpp"]},  # compiled at first use (fusedopt/host.py)
 )

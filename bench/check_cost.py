@@ -1,9 +1,10 @@
 """What the per-step safety checks cost on the host, measured inside real steps.
 
 Rounds alternate, in one process on the same tensors, between the step as it is (the
-fast path re-proves every address: params' addresses, grads' sizes, contiguity; then
-moves the params' version counters) and the same step with the first-wave reads only
-(grads' addresses and contiguity, no version bump).  Each step comes after a pass over
+fast path re-reads the facts of every param, grad and state tensor, host.py, then moves
+the params' version counters), the same with the facts read in Python (the fallback
+without a compiler), and the same step with the first-wave reads only (grads' addresses
+and contiguity, no check, no version bump).  Each step comes after a pass over
 as many bytes as the step touches, as after backward in training (cold caches).
 
     python bench/check_cost.py --workloads many-small,tiny --rounds 15
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 import fusedopt
-from fusedopt import bucket, optimizer
+from fusedopt import bucket, host, optimizer
 from fusedopt.workloads import WORKLOADS
 
 
@@ -29,29 +30,42 @@ def _first_wave(self, params):
     return ptrs if all(map(bucket._CONTIG, grads)) else None
 
 
-def measure(name, shapes, rounds, cls):
+def _optimizer(cls, shapes, reader):
     params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     for p in params:
         p.grad = torch.randn(p.shape)
+    host._native = reader
     opt = cls(params, lr=1e-3)
-    opt.step()
-    flush = torch.empty(sum(p.numel() for p in params) * 3)
+    opt.step()  # the plan records its facts with this reader
+    return opt
+
+
+def measure(name, shapes, rounds, cls):
+    helper = host.native()
+    opt, opt_py = _optimizer(cls, shapes, helper), _optimizer(cls, shapes, False)
+    flush = torch.empty(sum(s.numel() for s in map(torch.Size, shapes)) * 3)
     checked, bump = bucket._Plan.grad_ptrs, optimizer.FusedOptimizer._bump_versions
-    modes = {"first wave": (_first_wave, lambda *a: None), "checks": (checked, lambda *a: None),
-             "checks + versions": (checked, bump)}
+    modes = {"first wave": (_first_wave, lambda *a: None, helper, opt),
+             "checks": (checked, lambda *a: None, helper, opt),
+             "checks + versions": (checked, bump, helper, opt),
+             "same, read in Python": (checked, bump, False, opt_py)}
     times = {m: [] for m in modes}
     for r in range(rounds):
         for mode in (list(modes)[::-1] if r % 2 else list(modes)):
-            bucket._Plan.grad_ptrs, optimizer.FusedOptimizer._bump_versions = modes[mode]
+            bucket._Plan.grad_ptrs, optimizer.FusedOptimizer._bump_versions, host._native, o = \
+                modes[mode]
             flush.fill_(r)
             t = time.perf_counter()
-            opt.step()
+            o.step()
             times[mode].append(time.perf_counter() - t)
     bucket._Plan.grad_ptrs, optimizer.FusedOptimizer._bump_versions = checked, bump
+    host._native = helper
+    assert all(len(p._plans) == 1 for p in (opt, opt_py))  # no rebuild was timed
     med = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
     base = med["first wave"]
-    extra = ", ".join(f"{k} +{(med[k] - base) / len(params) * 1e3:.2f}" for k in list(modes)[1:])
-    print(f"{cls.__name__:5} {name:11} {len(params):6} tensors: first-wave step {base:7.2f} ms; "
+    n = len(shapes)
+    extra = ", ".join(f"{k} {(med[k] - base) / n * 1e3:+.2f}" for k in list(modes)[1:])
+    print(f"{cls.__name__:5} {name:11} {n:6} tensors: first-wave step {base:7.2f} ms; "
           f"us per tensor: {extra}", flush=True)
 
 

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import torch
 
+from . import host
 from .kernels import rules
 
 _GRAD = operator.attrgetter("grad")
@@ -134,6 +135,10 @@ class _Bucket:
             steps = torch.tensor([0.0 if id(p) in fresh else 1.0 for p in params],
                                  dtype=torch.float64, device=self.device)
         self.steps = steps
+        # the state tensors as the optimizer's state holds them, whose facts are re-read
+        # before every step: `state[p][k].data = t` changes no mapping but must be noticed
+        names = [n for n in slots if n] + ["master"] * master + ["step"] * opt._has_step
+        self.watched = [_local(st[n]) for st in states for n in names if n in st]
         math_dtype = torch.float64 if self.dtype == "float64" else torch.float32
         self.C = torch.zeros(len(params), rules.NCOEF, dtype=math_dtype, device=self.device)
         ptrs = np.array([[t.data_ptr() for t in col] for col in cols], dtype=np.int64)
@@ -270,19 +275,17 @@ def _overlapping(tensors):
     return hit
 
 
-_NBYTES = operator.attrgetter("nbytes")
 _VERSION = operator.attrgetter("_version")
-_DTYPE = operator.attrgetter("dtype")
 
 
 class _Plan:
     """The engine calls for one group: which params go to which bucket, and which to
     torch's own for-loop (``fallback``).  What every cached address depends on is kept
-    here (each param's address, size in bytes and dtype, the state's change count) and
-    compared before every step (``valid``, then ``grad_ptrs`` on the fast path or
-    ``proven`` on the general one); the plan also holds every
-    storage its tables point into, so that no address it cached can be freed and reused
-    while it lives."""
+    here (the facts of each param and watched state tensor: address, size in bytes, dtype,
+    device, layout; the state's change count) and compared before every step (``valid``,
+    then ``grad_ptrs`` on the fast path or ``proven`` on the general one); the plan also
+    holds every storage its tables point into, so that no address it cached can be freed
+    and reused while it lives."""
 
     def __init__(self, opt, group, params, live, grads):
         gi = next(i for i, g in enumerate(opt.param_groups) if g is group)
@@ -328,41 +331,33 @@ class _Plan:
         self.dist = any(isinstance(params[i], _dtensor()) for i in live)
         self.single = len(self.buckets) == 1 and self.all_live and not self.fallback
         self.take = take
-        local = [_local(params[i]) for i in take]
-        self.pptr = np.array([t.data_ptr() for t in local], dtype=np.int64)
-        self.pbytes = np.array([t.nbytes for t in local], dtype=np.int64)
-        self.dtypes = [t.dtype for t in local]
+        # the facts every cached address depends on (host.py), re-read before each step
+        self.local = _local if self.dist else None
+        self.watched = [t for _, b in self.buckets for t in b.watched]
+        self.pfacts, _, self.wfacts = host.read([params[i] for i in take], self.watched, self.local)
+        # a grad the engines read in place: its param's size, dtype and device, contiguous
+        self.gwant = self.pfacts[:, 1:].copy()
+        self.gwant[:, -1] = host.CONTIGUOUS
         self.changes = opt.state.changes  # after this plan's own writes to the state
 
     def grad_ptrs(self, params):
-        """The fast path's check and table: the grads' addresses, or None when a param's
-        address moved, a grad's size in bytes is not its param's, or a grad is None,
-        sparse or non-contiguous; the general path then checks further and rebuilds.
-        Params' sizes and grads' dtypes are not read here (README, Safety: known limits).
-        One C-level pass per attribute: ~0.05-0.3 us per tensor each, cold."""
-        grads = list(map(_GRAD, params))
-        if self.dist:
-            grads, params = list(map(_local, grads)), list(map(_local, params))
-        try:
-            ptrs = np.fromiter(map(_PTR, grads), np.int64, len(grads))
-            gbytes = np.fromiter(map(_NBYTES, grads), np.int64, len(grads))
-        except (TypeError, RuntimeError, AttributeError):  # None; a sparse grad has no storage
-            return None
-        if not (np.array_equal(gbytes, self.pbytes)
-                and np.array_equal(np.fromiter(map(_PTR, params), np.int64, len(params)), self.pptr)
-                and all(map(_CONTIG, grads))):
-            return None
-        return ptrs
+        """The fast path's proof and table: the grads' addresses, or None unless every
+        param, grad and watched state tensor is where, as large, of the dtype, device and
+        layout the plan recorded (grads: their param's, contiguous, not None or sparse).
+        The general path then checks further and rebuilds."""
+        P, G, W = host.read(params, self.watched, self.local)
+        if (np.array_equal(P, self.pfacts) and np.array_equal(G[:, 1:], self.gwant)
+                and np.array_equal(W, self.wfacts)):
+            return np.ascontiguousarray(G[:, 0])
+        return None
 
-    def proven(self, params, grads):
-        """The general path's check: the params the engines take are where and as large
-        as when the plan was built, and their grads of the param's size and dtype."""
-        local = [_local(params[i]) for i in self.take]
-        gs = [_local(grads[i]) for i in self.take]
-        return (np.array_equal(np.fromiter(map(_PTR, local), np.int64, len(local)), self.pptr)
-                and np.array_equal(np.fromiter(map(_NBYTES, local), np.int64, len(local)), self.pbytes)
-                and np.array_equal(np.fromiter(map(_NBYTES, gs), np.int64, len(gs)), self.pbytes)
-                and list(map(_DTYPE, gs)) == self.dtypes)
+    def proven(self, params):
+        """The general path's proof: the params the engines take and the watched state
+        tensors are as recorded, their grads of the param's size, dtype and device (a
+        non-contiguous grad is copied there)."""
+        P, G, W = host.read([params[i] for i in self.take], self.watched, self.local)
+        return (np.array_equal(P, self.pfacts) and np.array_equal(W, self.wfacts)
+                and np.array_equal(G[:, 1:4], self.pfacts[:, 1:4]))
 
     def valid(self, opt, group, params, live):
         """Still right for this group, params and live indices (None: every param), and

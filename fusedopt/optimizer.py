@@ -14,7 +14,7 @@ import weakref
 import numpy as np
 import torch
 
-from . import clip
+from . import clip, host
 from .bucket import _GRAD, _PTR, _local, _Plan, _unfit, state_dtype
 from .state import State
 from .kernels import rules
@@ -242,7 +242,7 @@ class FusedOptimizer:
             live = [i for i in live if not grads[i].is_sparse]
         if not live:
             return
-        if plan is None or not plan.valid(self, group, params, live) or not plan.proven(params, grads):
+        if plan is None or not plan.valid(self, group, params, live) or not plan.proven(params):
             plan = self._plans[id(group)] = _Plan(self, group, params, live, grads)
         self._bump_versions(group, [params[i] for i in plan.take], plan)
         for idx, bucket in plan.buckets:
@@ -256,8 +256,7 @@ class FusedOptimizer:
         # move it (so a backward through a graph that saved it raises, as after torch's step)
         masters = [(b, b.reseed_masters()) for _, b in plan.buckets if b.mask & 8]
         n = self._inplace_updates(group)
-        for _ in range(n):
-            torch._C._increment_version(params)
+        host.bump(params, n)
         for b, ver in masters:
             b.pver = ver + n
 

@@ -1,0 +1,112 @@
+"""The facts the per-step proof compares: for each param its storage address, size in
+bytes, dtype, device and whether it is contiguous; the same for its grad and for each
+state tensor the plan's tables point at.  The plan records them when it is built and
+compares them before every step (bucket._Plan); this module only reads them.
+
+Read in Python, that is 6 attribute reads per tensor, each a Python call that misses the
+cache after backward: ~1-2 us per param per step (Adam: param, grad, 3 state tensors),
+more than the step's own work on small tensors.  So the reads are made by a small C++
+helper (kernels/host.cpp: one pass, prefetching; measured in bench/check_cost.py below
+the first wave's unchecked reads), compiled with torch's cpp_extension at first
+use and kept under ~/.cache/fusedopt (or $FUSEDOPT_BUILD_DIR), one build per torch
+version.  Without a compiler, or with FUSEDOPT_HOST=python, the same facts are read in
+Python: the same proof, only slower (a warning says why the helper is missing).
+"""
+import itertools
+import operator
+import os
+import re
+import sys
+import warnings
+
+import numpy as np
+import torch
+
+COLS = 5  # address, size in bytes, dtype, device, flags (kernels/host.cpp)
+CONTIGUOUS = 1  # the flag
+_NONE = (-1,) * COLS
+_GRAD = operator.attrgetter("grad")
+_native = None  # the compiled helper once loaded, False where it cannot be
+
+
+def _build():
+    from torch.utils import cpp_extension
+    src = os.path.join(os.path.dirname(sys.modules["fusedopt.kernels"].__file__), "host.cpp")
+    # one build per torch and Python: an extension built against another torch's headers
+    # must never be loaded (its view of a tensor's layout could differ)
+    tag = re.sub(r"[^\w.+-]", "_", f"torch{torch.__version__}-{torch.version.git_version[:12]}"
+                                   f"-py{sys.version_info.major}{sys.version_info.minor}")
+    root = os.environ.get("FUSEDOPT_BUILD_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "fusedopt")
+    build = os.path.join(root, "host-" + tag)
+    os.makedirs(build, exist_ok=True)
+    return cpp_extension.load("fusedopt_host", [src], build_directory=build,
+                              extra_cflags=["-O2"], verbose=False)
+
+
+def native():
+    """The compiled helper, built at the first call; None where it cannot be."""
+    global _native
+    if _native is None:
+        if os.environ.get("FUSEDOPT_HOST") == "python":
+            _native = False
+        else:
+            import fusedopt.kernels  # noqa: F401  (where host.cpp lies)
+            try:
+                _native = _build()
+            except Exception as e:  # no compiler, no ninja, a read-only home...
+                warnings.warn(f"fusedopt: the host helper could not be built ({type(e).__name__}: "
+                              f"{str(e).strip()[:300]}); the per-step checks run in Python, "
+                              f"~0.5 us per tensor slower. FUSEDOPT_HOST=python silences this.")
+                _native = False
+    return _native or None
+
+
+_CODES = {}  # the Python reader's own numbering of dtypes and devices
+
+
+def _code(key):
+    return _CODES.setdefault(key, len(_CODES))
+
+
+def _row(t):
+    if t is None or t.layout is not torch.strided:
+        return _NONE
+    try:
+        ptr = t.data_ptr()
+    except RuntimeError:  # no storage (a wrapper subclass)
+        return _NONE
+    return ptr, t.nbytes, _code(t.dtype), _code(t.device), CONTIGUOUS * t.is_contiguous()
+
+
+def read(params, watched, local=None):
+    """(P, G, W): int64 tables of the facts of ``params``, their grads and ``watched``,
+    one row per tensor.  ``local`` (a function) maps a DTensor to its shard: the shards'
+    facts are read, in Python."""
+    helper = native() if local is None else None
+    if helper is not None:
+        P = np.empty((len(params), COLS), np.int64)
+        G = np.empty((len(params), COLS), np.int64)
+        W = np.empty((len(watched), COLS), np.int64)
+        helper.read(params if type(params) is list else list(params),
+                    watched if type(watched) is list else list(watched), P, G, W)
+        return P, G, W
+    if local is not None:  # a DTensor's grad is a DTensor: its shard's facts, too
+        grads = [None if p.grad is None else local(p.grad) for p in params]
+        params, watched = list(map(local, params)), list(map(local, watched))
+    else:
+        grads = list(map(_GRAD, params))
+    return tuple(np.fromiter(itertools.chain.from_iterable(map(_row, ts)), np.int64,
+                             len(ts) * COLS).reshape(-1, COLS) for ts in (params, grads, watched))
+
+
+def bump(params, times):
+    """Move each param's autograd version counter ``times`` times, as that many in-place
+    updates would (torch's error for an inference tensor)."""
+    helper = native()
+    params = params if type(params) is list else list(params)
+    for _ in range(times):
+        if helper is not None:
+            helper.bump(params, 1)
+        else:
+            torch._C._increment_version(params)

@@ -1,0 +1,164 @@
+"""The facts the per-step proof compares (fusedopt/host.py): the C++ helper and the Python
+reader each notice every change that moves a kernel's address, size, dtype, device or
+layout; and the changes the first wave's fast path missed now reach torch's result."""
+import numpy as np
+import pytest
+import torch
+
+from fusedopt import arith, host
+from harness import NAMES
+from test_safety import _grads, _outcome, _same, _step, _twins
+
+
+def _helper(monkeypatch):
+    # built here also where this process reads in Python (FUSEDOPT_HOST=python); CI
+    # machines have a compiler, so the fast path they test is the helper's
+    monkeypatch.delenv("FUSEDOPT_HOST", raising=False)
+    monkeypatch.setattr(host, "_native", None)
+    helper = host.native()
+    assert helper is not None, "the C++ helper did not build on this machine"
+    return helper
+
+
+@pytest.fixture(params=["native", "python"])
+def reader(request, monkeypatch):
+    if request.param == "python":
+        monkeypatch.setattr(host, "_native", False)
+    else:
+        _helper(monkeypatch)
+    return request.param
+
+
+def _with_grads():
+    ps = [torch.nn.Parameter(torch.randn(s)) for s in ((6, 4), (6, 4), (24,))]
+    for p in ps:
+        p.grad = torch.randn(p.shape)
+    return ps
+
+
+def _no_grad(fn, *args):
+    with torch.no_grad():
+        fn(*args)
+
+
+# each change to the tensor at index 1; which table it must show in
+CHANGES = {
+    "param replaced": ("P", lambda ps, w: setattr(ps[1], "data", ps[1].data.clone())),
+    "param narrowed in place": ("P", lambda ps, w: setattr(ps[1], "data", ps[1].data[:3])),
+    "param same bytes, other dtype": ("P", lambda ps, w: setattr(
+        ps[1], "data", ps[1].data.view(torch.complex64))),
+    "param transposed": ("P", lambda ps, w: setattr(ps[1], "data", ps[1].data.t())),
+    "param set_": ("P", lambda ps, w: _no_grad(ps[1].set_, torch.zeros(6, 4))),
+    "param storage resized": ("P", lambda ps, w: ps[1].data.untyped_storage().resize_(0)),
+    "grad replaced": ("G", lambda ps, w: setattr(ps[1], "grad", ps[1].grad.clone())),
+    "grad None": ("G", lambda ps, w: setattr(ps[1], "grad", None)),
+    "grad sparse": ("G", lambda ps, w: setattr(ps[1], "grad", ps[1].grad.to_sparse())),
+    "grad of another size": ("G", lambda ps, w: setattr(ps[1].grad, "data", torch.ones(4))),
+    "grad same bytes, other dtype": ("G", lambda ps, w: setattr(
+        ps[1].grad, "data", ps[1].grad.data.view(torch.int32))),
+    "grad non-contiguous": ("G", lambda ps, w: setattr(ps[1], "grad",
+                                                       torch.randn(4, 6).t())),
+    "state swapped in place": ("W", lambda ps, w: setattr(w[1], "data", w[1].data.clone())),
+    "state narrowed in place": ("W", lambda ps, w: setattr(w[1], "data", w[1].data[:2])),
+}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_each_change_shows_in_its_row_only(reader, change):
+    ps = _with_grads()
+    watched = [torch.zeros_like(p) for p in ps]
+    before = host.read(ps, watched)
+    table, do = CHANGES[change]
+    do(ps, watched)
+    after = host.read(ps, watched)
+    for name, b, a in zip("PGW", before, after):
+        differs = [i for i in range(len(b)) if not np.array_equal(a[i], b[i])]
+        assert differs == ([1] if name == table else []), (name, differs)
+
+
+def test_unchanged_tensors_read_alike_every_time(reader):
+    ps = _with_grads()
+    watched = [torch.zeros_like(p) for p in ps]
+    for a, b in zip(host.read(ps, watched), host.read(list(ps), tuple(watched))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bump_moves_versions_and_refuses_inference_tensors_as_an_inplace_update(reader):
+    ps = _with_grads()
+    host.bump(ps, 2)
+    assert [p._version for p in ps] == [2, 2, 2]
+    with torch.inference_mode():
+        t = torch.ones(3)
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        host.bump([t], 1) if reader == "native" else t.add_(1)
+
+
+def test_the_helper_refuses_tables_of_the_wrong_size(monkeypatch):
+    helper = _helper(monkeypatch)
+    ps = _with_grads()
+    good = np.empty((3, host.COLS), np.int64)
+    with pytest.raises(ValueError, match="wrong size"):
+        helper.read(ps, [], good, np.empty((2, host.COLS), np.int64), good[:0])
+    with pytest.raises(ValueError, match="wrong size"):
+        helper.read(ps, [], good, good.astype(np.int32), good[:0])
+    with pytest.raises(TypeError):
+        helper.read(tuple(ps), [], good, good, good[:0])
+    with pytest.raises(TypeError):
+        helper.bump([1.0], 1)
+    facts = np.empty((2, host.COLS), np.int64)
+    helper.read([ps[0], "not a tensor"], [], facts, facts.copy(), good[:0])
+    assert (facts[1] == -1).all()
+
+
+# the three changes the first wave's fast path did not notice (README, Safety)
+@pytest.mark.parametrize("name", NAMES)
+def test_grad_of_the_same_width_but_another_dtype_gives_torchs_outcome(name):
+    ps, opts = _twins(name, shapes=((5, 3), (7,)), ours={})
+    for side in ps:
+        for p in side:
+            p.data = p.data.half()
+    _grads(ps, 0)
+    _step(opts)
+    _grads(ps, 1)
+    for side in ps:
+        side[1].grad.data = side[1].grad.data.view(torch.bfloat16)
+    kinds = [_outcome(opts[0].step)]
+    with arith.replay():
+        kinds.append(_outcome(opts[1].step))
+    assert kinds[0] is kinds[1]
+    if kinds[0] is None:
+        _same(ps)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_param_narrowed_in_place_gives_torchs_outcome(name):
+    ps, opts = _twins(name, shapes=((9,), (7,)))
+    _grads(ps, 0)
+    _step(opts)
+    for side in ps:
+        side[0].data = side[0].data[:4]  # the same address, fewer bytes
+    _grads(ps, 1)
+    kinds = [_outcome(opts[0].step)]
+    with arith.replay():
+        kinds.append(_outcome(opts[1].step))
+    assert kinds[0] is kinds[1]
+    if kinds[0] is None:
+        _same(ps)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_swapped_in_place_is_used_as_torch_uses_it(name):
+    ps, opts = _twins(name)
+    _grads(ps, 0)
+    _step(opts)
+    for key, t in opts[1].state[ps[1][0]].items():
+        if key != "step" and t.shape == ps[1][0].shape:
+            # each slot's storage swapped; values changed too, where they may (a doubled
+            # grad_avg could make RMSprop's centered variance negative)
+            new = t * (1 if key == "grad_avg" else 2)
+            for opt, side in zip(opts, ps):
+                opt.state[side[0]][key].data = new.clone()
+    for s in range(1, 3):
+        _grads(ps, s)
+        _step(opts)
+        _same(ps)
