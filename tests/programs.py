@@ -106,7 +106,7 @@ def op_zero_grad(t):
 def op_replace_data(t):
     k = t.rng.randrange(len(SHAPES))
     how = t.rng.choice(["clone", "set_", "channels_last", "clone", "set_", "channels_last",
-                        "double", "shape"])
+                        "double", "shape", "narrow"])
     for ps in (t.params(0), t.params(1)):
         if k >= len(ps):
             return
@@ -122,6 +122,8 @@ def op_replace_data(t):
             p.data = p.data.double()
         elif how == "shape":
             p.data = torch.zeros(3) + p.data.flatten()[:1]
+        elif how == "narrow":  # a view at the same address, fewer elements
+            p.data = p.data.flatten()[:max(1, p.numel() // 2)]
 
 
 def op_module_dtype(t):
@@ -143,7 +145,7 @@ def op_vector_to_parameters(t):
 
 def op_state_entry(t):
     k = t.rng.randrange(len(SHAPES))
-    how = t.rng.choice(["replace", "delete", "clear"])
+    how = t.rng.choice(["replace", "delete", "clear", "swap"])
     for o, ps in zip(t.opt, (t.params(0), t.params(1))):
         if k >= len(ps) or ps[k] not in o.state:
             return
@@ -157,7 +159,10 @@ def op_state_entry(t):
             st = o.state[p]
             for key in list(st):
                 if key != "step" and torch.is_tensor(st[key]):
-                    st[key] = torch.full_like(st[key], 0.5)
+                    if how == "swap":  # the storage swapped in place, the mapping unchanged
+                        st[key].data = st[key].data * (1 if key == "grad_avg" else 2)
+                    else:
+                        st[key] = torch.full_like(st[key], 0.5)
 
 
 def op_load_state_dict(t):
@@ -225,9 +230,13 @@ def op_freeze(t):
             ps[k].requires_grad_(False)
 
 
+_SAME_WIDTH = {torch.float32: torch.int32, torch.float64: torch.int64,
+               torch.float16: torch.bfloat16, torch.bfloat16: torch.float16}
+
+
 def op_bad_grad(t):
     k = t.rng.randrange(len(SHAPES))
-    how = t.rng.choice(["none", "none", "size", "dtype"])
+    how = t.rng.choice(["none", "none", "size", "dtype", "width"])
     t.grads()
     for ps in (t.params(0), t.params(1)):
         if k >= len(ps) or ps[k].grad is None:
@@ -238,6 +247,8 @@ def op_bad_grad(t):
             ps[k].grad = None
         elif how == "size":
             g.data = torch.ones(4, dtype=g.dtype)
+        elif how == "width":  # the same bytes read as another dtype
+            g.data = g.data.view(_SAME_WIDTH.get(g.dtype, g.dtype))
         else:
             g.data = g.data.double()
     t.step()
