@@ -116,6 +116,8 @@ def _steps(cls_name, hp, shapes, device, compile_step, mixed=None):
         ps = _make(shapes, device, dtype)
         opt = cls(ps, **hp, **kw, **(ours if impl == "fusedopt" else {}))
         steps[impl] = torch.compile(opt.step) if impl == "torch-compile" else opt.step
+        if impl == "fusedopt":
+            steps[HOST] = _host_only(opt.step)
         if clip is not None and impl != "fusedopt":
             steps[impl] = _clipped(ps, clip, kw.get("foreach", True), steps[impl])
     # a fifth copy of llama-1b's Adam state would not fit beside the others on one GPU
@@ -125,6 +127,25 @@ def _steps(cls_name, hp, shapes, device, compile_step, mixed=None):
         except ImportError:
             pass
     return steps
+
+
+HOST = "fusedopt-host"  # fusedopt's step with the engine calls stubbed: its host work
+
+
+def _host_only(step):
+    """The step with the engines' kernel calls replaced by nothing: what remains is the
+    host's work (checks, tables, coefficients, counters), timed like the rest.  On a GPU
+    the launches are skipped too, so this is the host's side of the step."""
+    from .kernels import numba_engine, triton_engine
+
+    def fn():
+        saved = numba_engine.run, triton_engine.run
+        numba_engine.run = triton_engine.run = lambda *a, **k: None
+        try:
+            step()
+        finally:
+            numba_engine.run, triton_engine.run = saved
+    return fn
 
 
 def _clipped(ps, max_norm, foreach, step):
@@ -162,13 +183,15 @@ def bench_one(optim, workload, device, repeats=5, shapes=None, compile_step=Fals
     if device.type == "cuda":
         torch.cuda.empty_cache()
     t_roof = statistics.median(times["roof"])
+    host_ms = statistics.median(times.pop(HOST)) * 1e3
     rows = []
     for impl, ts in times.items():
         s = statistics.median(ts)
         rows.append(dict(optimizer=optim, workload=workload, impl=impl, ms=s * 1e3,
                          tensors=len(shapes), params=numel, bytes=nbytes,
                          gparams_per_s=numel / s / 1e9, gb_per_s=nbytes / s / 1e9,
-                         pct_of_roof=100 * t_roof / s))
+                         pct_of_roof=100 * t_roof / s,
+                         host_ms=host_ms if impl == "fusedopt" else None))
     torch_rows = [r for r in rows if r["impl"].startswith("torch")]
     best = min(r["ms"] for r in torch_rows)
     for r in rows:
@@ -179,12 +202,14 @@ def bench_one(optim, workload, device, repeats=5, shapes=None, compile_step=Fals
 
 
 def format_table(rows):
-    head = f"{'optimizer':9} {'workload':11} {'impl':14} {'ms':>9} {'Gparam/s':>9} {'GB/s':>7} {'%roof':>6} {'vs best torch':>13}"
+    head = (f"{'optimizer':9} {'workload':11} {'impl':14} {'ms':>9} {'Gparam/s':>9} {'GB/s':>7} "
+            f"{'%roof':>6} {'vs best torch':>13} {'host ms':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
+        host = "" if r.get("host_ms") is None else f"{r['host_ms']:8.2f}"
         lines.append(f"{r['optimizer']:9} {r['workload']:11} {r['impl']:14} {r['ms']:9.2f} "
                      f"{r['gparams_per_s']:9.2f} {r['gb_per_s']:7.1f} {r['pct_of_roof']:6.1f} "
-                     f"{r['speedup_vs_best_torch']:12.2f}x")
+                     f"{r['speedup_vs_best_torch']:12.2f}x {host:>8}")
     return "\n".join(lines)
 
 

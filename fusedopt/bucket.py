@@ -125,16 +125,21 @@ class _Bucket:
         self.storages = [t.untyped_storage() for col in cols for t in col] \
             + [p.untyped_storage() for _, p, _ in self.work]
         self.numel = np.array([t.numel() for t in cols[0]], dtype=np.int64)
+        # step counters on the CPU unless capturable, as torch's non-capturable steps keep
+        # them: the coefficients are then Python floats, passed to the kernel as scalars
+        self.capturable = bool(group.get("capturable", False))
+        cdev = self.device if self.capturable else torch.device("cpu")
         if opt._has_step:
             # stacked, not read through float(): no host sync, even on the first step
-            steps = torch.stack([torch.as_tensor(st["step"]).to(self.device, scalar_dtype())
+            steps = torch.stack([torch.as_tensor(st["step"]).to(cdev, scalar_dtype())
                                  for st in states])
             for k, st in enumerate(states):
                 st["step"] = steps[k]
         else:  # a private count: 0 for state created by this plan, so step 1 is its first
             steps = torch.tensor([0.0 if id(p) in fresh else 1.0 for p in params],
-                                 dtype=torch.float64, device=self.device)
+                                 dtype=torch.float64, device=cdev)
         self.steps = steps
+        self.steps_np = steps.numpy() if steps.device.type == "cpu" else None  # shares memory
         # the state tensors as the optimizer's state holds them, whose facts are re-read
         # before every step: `state[p][k].data = t` changes no mapping but must be noticed
         names = [n for n in slots if n] + ["master"] * master + ["step"] * opt._has_step
@@ -147,7 +152,7 @@ class _Bucket:
         # the stochastic-rounding stream of a param depends on its place in the optimizer,
         # never on which other params have gradients
         self.place = torch.tensor([(index[0] << 20 ^ i) * 0x85EBCA77 & _M32 for i in index[1]],
-                                  dtype=torch.int64, device=self.device)
+                                  dtype=torch.int64, device=cdev)
         if self.backend == "numba":
             self.P, self.S = ptrs[0], list(ptrs[1:])
             self.tid, self.cs, self.ce = tid, cs, ce
@@ -174,7 +179,7 @@ class _Bucket:
         the stream); the engines hash it with each element's index."""
         k = (self.steps.to(torch.int64) * 0x9E3779B1 + self.place + (seed & _M32) * 0x27D4EB2F)
         k = k & _M32
-        return k.numpy() if self.backend == "numba" else k
+        return k.numpy() if self.backend == "numba" else k.to(self.device)
 
     def step_value(self, capturable, found_inf=None):
         """The step counters after this step's increment: a float if they all agree and
@@ -184,27 +189,34 @@ class _Bucket:
         if found_inf is None:
             self.steps += 1
         else:
-            self.steps += 1 - found_inf.to(self.steps.dtype)
-        if self.device.type == "cpu" and not capturable and found_inf is None:
-            s = self.steps.numpy()
+            self.steps += 1 - found_inf.to(self.steps.device, self.steps.dtype)
+        if self.steps_np is not None and not capturable and found_inf is None:
+            s = self.steps_np
             if s.size and s.min() == s.max():
                 return float(s[0])
         return self.steps.double()
 
     def run(self, rule, flags, gptr, coeffs, found_inf=None, keys=None):
-        for j, c in enumerate(coeffs):
-            if isinstance(c, torch.Tensor):  # a device op: no host sync
-                self.C[:, j].copy_(c)
-            elif self.backend == "numba":  # cheaper than fill_; rounds double to float32 alike
-                self.Cn[:, j] = c
-            else:
-                self.C[:, j].fill_(c)
+        # the same coefficients for every tensor (Python floats, the usual case): passed
+        # as one row (Numba) or as scalar arguments (Triton), the table is not written
+        uniform = not any(isinstance(c, torch.Tensor) for c in coeffs)
+        C, Cn = self.C, self.Cn if self.backend == "numba" else None
+        if uniform and self.backend == "numba":
+            Cn = np.array([coeffs], dtype=self.Cn.dtype)  # rounds double to float32 as C would
+        elif not uniform:
+            for j, c in enumerate(coeffs):
+                if isinstance(c, torch.Tensor):  # a device op: no host sync
+                    C[:, j].copy_(c)
+                elif self.backend == "numba":  # cheaper than fill_; rounds alike
+                    Cn[:, j] = c
+                else:
+                    C[:, j].fill_(c)
         for i, p, w in self.work:
             w.copy_(p)
         aligned = self.aligned and not (gptr % 16).any()
         if self.backend == "numba":
             _numba().run(rule, flags, (self.dtype, self.sdtype), self.mask, self.P, gptr, self.S,
-                         self.Cn, self.numel if keys is None else keys, self.tid, self.cs,
+                         Cn, self.numel if keys is None else keys, self.tid, self.cs,
                          self.ce, self.numel)
         else:
             if self._gkey is None or not np.array_equal(self._gkey, gptr):
@@ -213,8 +225,8 @@ class _Bucket:
                     host = host.pin_memory()
                 self._gkey, self._gdev = gptr, host.to(self.device, non_blocking=True)
             _triton().run(rule, flags, (self.dtype, self.sdtype), self.mask, self.P, self._gdev,
-                          self.S, self.C, self.tid if keys is None else keys, self.tid, self.cs,
-                          self.ce, aligned, found_inf)
+                          self.S, C, self.tid if keys is None else keys, self.tid, self.cs,
+                          self.ce, aligned, found_inf, coeffs if uniform else None)
         for i, p, w in self.work:
             p.copy_(w)
 
@@ -292,6 +304,7 @@ class _Plan:
         self.group, self.params, self.nparams, self.live = group, params, len(params), live
         self.state_obj = opt.state
         self.slots = opt._slots(group)
+        self.capturable = bool(group.get("capturable", False))  # where the counters live
         need = opt._needs_state(group)
         order, fresh, self.fallback = {}, set(), []
         take = []
@@ -367,4 +380,5 @@ class _Plan:
                 and self.changes == opt.state.changes
                 and self.nparams == len(params) and live_ok
                 and all(map(operator.is_, self.params, params))
-                and self.slots == opt._slots(group))
+                and self.slots == opt._slots(group)
+                and self.capturable == bool(group.get("capturable", False)))

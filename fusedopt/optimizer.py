@@ -205,11 +205,14 @@ class FusedOptimizer:
     def _amp(self):
         """What torch.amp.GradScaler.step left on the optimizer (it does, since
         _step_supports_amp_scaling is set): (1 / scale or None, found_inf or None), or _SKIP
-        when found_inf is set and lives on the CPU: then nothing is touched, no state
-        created, no step counted -- what the for-loop gives when the scaler skips step().
-        A found_inf on a GPU is read by the kernel instead (no host sync)."""
+        when found_inf is set: then nothing is touched, no state created, no step counted --
+        what the for-loop gives when the scaler skips step().  Where a group is capturable,
+        a found_inf on a GPU is read by the kernel instead (no host sync)."""
         scale, found = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        if found is not None and found.device.type == "cpu":
+        # read on the host where the counters are (not capturable: a GPU's flag costs one
+        # sync, as in torch's for-loop path); capturable steps read it in the kernel
+        if found is not None and (found.device.type == "cpu"
+                                  or not any(g.get("capturable") for g in self.param_groups)):
             if found.item():
                 return _SKIP
             found = None

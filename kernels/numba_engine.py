@@ -149,8 +149,9 @@ def _template(KEY, MASK, DT, SDT):
             b = numba.carray(_voidptr(S1[t]), n, SDT)[s:e]
             c = numba.carray(_voidptr(S2[t]), n, SDT)[s:e]
             w = numba.carray(_voidptr(S3[t]), n, SDT)[s:e]
-            h0, h1, h2, h3, h4 = C[t, 0], C[t, 1], C[t, 2], C[t, 3], C[t, 4]
-            h5, h6, h7, h8, h9 = C[t, 5], C[t, 6], C[t, 7], C[t, 8], C[t, 9]
+            r = t if C.shape[0] > 1 else 0  # one row: the same coefficients for all
+            h0, h1, h2, h3, h4 = C[r, 0], C[r, 1], C[r, 2], C[r, 3], C[r, 4]
+            h5, h6, h7, h8, h9 = C[r, 5], C[r, 6], C[r, 7], C[r, 8], C[r, 9]
             for j in range(e - s):
                 gv = load(g[j])
                 if SCALE_GRAD:  # see rules.FLAGS
@@ -222,7 +223,8 @@ def _build(rule, flags, dtypes, mask):
 def run(rule, flags, dtypes, mask, P, G, S, C, R, TID, CS, CE, N):
     """Apply ``rule`` to one group.  ``flags``: sorted tuple of (name, bool); ``dtypes``:
     torch dtype names of (params and grads, state and master copy); P, G, S[0..3], TID, CS,
-    CE, N: int64 arrays; C: [n, rules.NCOEF]; R: each tensor's stochastic-rounding key."""
+    CE, N: int64 arrays; C: [n, rules.NCOEF], or [1, NCOEF] when all tensors share them;
+    R: each tensor's stochastic-rounding key."""
     k = (rule, flags, dtypes, mask)
     fn = _kernels.get(k)
     if fn is None:

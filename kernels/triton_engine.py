@@ -10,6 +10,7 @@ and rounded to nearest even by hand: ``.to(tl.bfloat16)`` truncates in the inter
 import os
 import types
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -145,8 +146,16 @@ def _block(pp, gp, ap, bp, cp, wp, offs, end, key, h0, h1, h2, h3, h4, h5, h6, h
 
 
 @triton.jit
-def _kernel(P, G, S0, S1, S2, S3, C, R, TID, CS, CE, FI, MASK: tl.constexpr,
-            KIND: tl.constexpr, SKIND: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+def _coef(bits, C):
+    # a coefficient passed as a scalar argument: float64 bits in an int64, rounded once to
+    # the math dtype (C's), as a float64 written into C would be
+    return bits.to(tl.int64).to(tl.float64, bitcast=True).to(C.dtype.element_ty)
+
+
+@triton.jit
+def _kernel(P, G, S0, S1, S2, S3, C, R, TID, CS, CE, FI, H0, H1, H2, H3, H4, H5, H6, H7, H8,
+            H9, MASK: tl.constexpr, KIND: tl.constexpr, SKIND: tl.constexpr,
+            ALIGNED: tl.constexpr, UNIFORM: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(TID + pid)
     start = tl.load(CS + pid)
@@ -162,16 +171,28 @@ def _kernel(P, G, S0, S1, S2, S3, C, R, TID, CS, CE, FI, MASK: tl.constexpr,
     bp = _ptr(S1, t, SKIND, ALIGNED)
     cp = _ptr(S2, t, SKIND, ALIGNED)
     wp = _ptr(S3, t, SKIND, ALIGNED)
-    h0 = tl.load(C + t * NCOEF + 0)
-    h1 = tl.load(C + t * NCOEF + 1)
-    h2 = tl.load(C + t * NCOEF + 2)
-    h3 = tl.load(C + t * NCOEF + 3)
-    h4 = tl.load(C + t * NCOEF + 4)
-    h5 = tl.load(C + t * NCOEF + 5)
-    h6 = tl.load(C + t * NCOEF + 6)
-    h7 = tl.load(C + t * NCOEF + 7)
-    h8 = tl.load(C + t * NCOEF + 8)
-    h9 = tl.load(C + t * NCOEF + 9)
+    if UNIFORM:  # the same coefficients for every tensor: no table, no copy to the device
+        h0 = _coef(H0, C)
+        h1 = _coef(H1, C)
+        h2 = _coef(H2, C)
+        h3 = _coef(H3, C)
+        h4 = _coef(H4, C)
+        h5 = _coef(H5, C)
+        h6 = _coef(H6, C)
+        h7 = _coef(H7, C)
+        h8 = _coef(H8, C)
+        h9 = _coef(H9, C)
+    else:
+        h0 = tl.load(C + t * NCOEF + 0)
+        h1 = tl.load(C + t * NCOEF + 1)
+        h2 = tl.load(C + t * NCOEF + 2)
+        h3 = tl.load(C + t * NCOEF + 3)
+        h4 = tl.load(C + t * NCOEF + 4)
+        h5 = tl.load(C + t * NCOEF + 5)
+        h6 = tl.load(C + t * NCOEF + 6)
+        h7 = tl.load(C + t * NCOEF + 7)
+        h8 = tl.load(C + t * NCOEF + 8)
+        h9 = tl.load(C + t * NCOEF + 9)
     nfull = (end - start) // BLOCK
     for i in range(nfull):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
@@ -224,6 +245,9 @@ KINDS = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}
 _kernels = {}
 
 
+_SCALARS = [f"H{j}" for j in range(rules.NCOEF)]
+
+
 def _rebind(fn, gl, interpret, launch=False):
     """A copy of ``fn`` (a plain function or a JITFunction) whose globals are ``gl``.
     Under the interpreter, helpers stay plain Python: each nested jit call would re-patch
@@ -234,7 +258,9 @@ def _rebind(fn, gl, interpret, launch=False):
     # every flag became a runtime argument on the GPU (the AOT path names them itself)
     py.__annotations__ = dict(orig.__annotations__)
     if not interpret:
-        return JITFunction(py)
+        # coefficient bits change every step: never specialise on their values
+        return JITFunction(py, do_not_specialize=[a for a in _SCALARS
+                                                  if a in py.__code__.co_varnames])
     return triton.jit(py) if launch else py
 
 
@@ -255,25 +281,33 @@ def build(rule, flags, interpret=None):
         kgl = {"__name__": __name__, "tl": tl, "triton": triton, "rule": gl[rule],
                "NCOEF": tl.constexpr(rules.NCOEF),
                **{n: tl.constexpr(v) for n, v in flags if n in ("SCALE_GRAD", "WRITE_GRAD", "FOUND_INF", "STOCH_ROUND")}}
-        for f in (_ptr, _widen, _narrow, _fmix32, _narrow_stochastic, _load, _store_raw, _store):
+        for f in (_ptr, _widen, _narrow, _fmix32, _narrow_stochastic, _load, _store_raw, _store,
+                  _coef):
             kgl[f.fn.__name__] = _rebind(f, kgl, interpret)
         kgl["_block"] = _rebind(_block, kgl, interpret)
         _kernels[k] = _rebind(_kernel, kgl, interpret, launch=True)
     return _kernels[k]
 
 
-def run(rule, flags, dtypes, mask, P, G, S, C, R, TID, CS, CE, aligned, found_inf=None):
+_NO_COEFS = (0,) * rules.NCOEF
+
+
+def run(rule, flags, dtypes, mask, P, G, S, C, R, TID, CS, CE, aligned, found_inf=None,
+        coefs=None):
     """Launch ``rule`` over one group: one program per chunk.  As numba_engine.run, but
     every table is an int64 tensor on the params' device; C is [n, rules.NCOEF] in the
-    math dtype; ``found_inf``: the scaler's float32 flag on the device (read when flags
-    say FOUND_INF)."""
+    math dtype, read only when ``coefs`` is None: else ``coefs`` (Python floats) are every
+    tensor's coefficients, passed as scalar arguments (no device op besides the launch);
+    ``found_inf``: the scaler's float32 flag on the device (read when flags say
+    FOUND_INF)."""
     if TID.numel() == 0:
         return
     kernel = build(rule, flags)
     fi = TID if found_inf is None else found_inf
-    kernel[(TID.numel(),)](P, G, S[0], S[1], S[2], S[3], C, R, TID, CS, CE, fi, MASK=mask,
+    h = _NO_COEFS if coefs is None else np.array(coefs, np.float64).view(np.int64).tolist()
+    kernel[(TID.numel(),)](P, G, S[0], S[1], S[2], S[3], C, R, TID, CS, CE, fi, *h, MASK=mask,
                            KIND=KINDS[dtypes[0]], SKIND=KINDS[dtypes[1]], ALIGNED=aligned,
-                           BLOCK=BLOCK,
+                           UNIFORM=coefs is not None, BLOCK=BLOCK,
                            num_warps=NUM_WARPS, enable_fp_fusion=False)
 
 
@@ -327,7 +361,8 @@ def compile_norm_ptx(dtype="float32", order=2.0, arch=90):
     return _aot(kernel, sig, const, names + ["OUT"], arch)
 
 
-def compile_ptx(rule, flags, dtype="float32", mask=3, arch=90, aligned=True, sdtype=None):
+def compile_ptx(rule, flags, dtype="float32", mask=3, arch=90, aligned=True, sdtype=None,
+                uniform=True):
     """Compile one kernel ahead of time for an NVIDIA target (no GPU needed); returns
     (ptx, metadata).  The tests read the PTX for 128-bit loads and register spills."""
     kernel = build(rule, flags, interpret=False)
@@ -335,6 +370,7 @@ def compile_ptx(rule, flags, dtype="float32", mask=3, arch=90, aligned=True, sdt
     sig = {n: "*i64" for n in names}
     sig["FI"] = "*fp32"
     sig["C"] = "*fp64" if dtype == "float64" else "*fp32"
+    sig.update({h: "i64" for h in _SCALARS})
     const = {"MASK": mask, "KIND": KINDS[dtype], "SKIND": KINDS[sdtype or dtype],
-             "ALIGNED": aligned, "BLOCK": 1024}
+             "ALIGNED": aligned, "UNIFORM": uniform, "BLOCK": 1024}
     return _aot(kernel, sig, const, names + ["C"], arch)

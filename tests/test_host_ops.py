@@ -1,0 +1,71 @@
+"""Host work per step is constant in the number of tensors: a steady-state step
+dispatches the same small number of torch ops for 3 tensors as for 300 (the coefficients
+are Python floats passed to the kernel as scalars, not a table written per step), on
+both engines (Triton through its interpreter on CPU tensors)."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+import fusedopt
+from fusedopt.kernels import triton_engine
+from harness import HP, NAMES
+
+
+class _Count(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class _Launches:
+    """triton_engine.build's kernels, each launch counted and run outside the counting
+    mode: Triton's interpreter emulates device memory with torch ops of its own (a copy
+    of every argument), which a GPU launch does not make."""
+
+    def __init__(self, build):
+        self.build, self.count = build, 0
+
+    def __call__(self, *args, **kwargs):
+        kernel = self.build(*args, **kwargs)
+        outer = self
+
+        class Launcher:
+            def __getitem__(self, grid):
+                def launch(*a, **k):
+                    outer.count += 1
+                    with _disable_current_modes():
+                        kernel[grid](*a, **k)
+                return launch
+        return Launcher()
+
+
+def _ops_per_step(name, backend, n, monkeypatch):
+    launches = _Launches(triton_engine.build)
+    monkeypatch.setattr(triton_engine, "build", launches)
+    params = [torch.nn.Parameter(torch.randn(7)) for _ in range(n)]
+    opt = getattr(fusedopt, name)(params, backend=backend, **HP[name])
+    for _ in range(3):  # the plan built, the first steps' special cases over
+        for p in params:
+            p.grad = torch.randn(7)
+        opt.step()
+    launches.count = 0
+    with _Count() as count:
+        opt.step()
+    assert len(opt._plans) == 1
+    assert launches.count == (backend == "triton")  # one launch per bucket
+    return count.ops
+
+
+@pytest.mark.parametrize("backend", ["numba", "triton"])
+@pytest.mark.parametrize("name", NAMES)
+def test_ops_per_step_do_not_grow_with_the_tensor_count(name, backend, monkeypatch):
+    few = _ops_per_step(name, backend, 3, monkeypatch)
+    many = _ops_per_step(name, backend, 300, monkeypatch)
+    assert few == many
+    # the step counters' increment, and nothing per coefficient (no table fill or copy);
+    # torch.optim's step wrapper adds its profiler record_function enter and exit
+    assert [op for op in many if not op.startswith("profiler.")] == ["aten.add_.Tensor"], many
