@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import torch
 
-from . import host
+from . import flat, host
 from .kernels import rules
 
 _GRAD = operator.attrgetter("grad")
@@ -83,7 +83,7 @@ def on_device(a, device):
 class _Bucket:
     """The params of one group that share device and dtype, ready for one engine call."""
 
-    def __init__(self, opt, group, params, slots, fresh, index):
+    def __init__(self, opt, group, params, slots, fresh, index, buffers=None):
         self.params = params
         self.device = params[0].device
         self.dtype = _name(params[0].dtype)
@@ -153,6 +153,15 @@ class _Bucket:
         # never on which other params have gradients
         self.place = torch.tensor([(index[0] << 20 ^ i) * 0x85EBCA77 & _M32 for i in index[1]],
                                   dtype=torch.int64, device=cdev)
+        self.buffers, self.flat = buffers, None
+        if buffers is not None:
+            # the one-range tables: each column's buffer as a single tensor
+            bufs = [buffers.param] + [buffers.state[n] if n else buffers.param for n in slots] \
+                + [buffers.state["master"] if master else buffers.param]
+            total = np.array([buffers.numel], dtype=np.int64)
+            fptrs = np.array([[b.data_ptr()] for b in bufs], dtype=np.int64)
+            self.flat = (fptrs, np.array([buffers.grad.data_ptr()], dtype=np.int64), total,
+                         *_chunks(self.backend, total))
         if self.backend == "numba":
             self.P, self.S = ptrs[0], list(ptrs[1:])
             self.tid, self.cs, self.ce = tid, cs, ce
@@ -161,6 +170,8 @@ class _Bucket:
             self.P, *self.S = (on_device(a, self.device) for a in ptrs)
             self.tid, self.cs, self.ce = (on_device(a, self.device) for a in (tid, cs, ce))
             self._gkey, self._gdev = None, None
+            if self.flat is not None:
+                self.flat = tuple(on_device(a, self.device) for a in self.flat)
 
     def reseed_masters(self):
         """A param written in place from outside since the last step (its version moved
@@ -214,6 +225,19 @@ class _Bucket:
         for i, p, w in self.work:
             w.copy_(p)
         aligned = self.aligned and not (gptr % 16).any()
+        if self.flat is not None and uniform and keys is None \
+                and np.array_equal(gptr, self.buffers.grad_ptrs):
+            # every grad where the plan put it: one range per buffer (stochastic rounding
+            # keeps per-tensor tables: its stream is a function of each tensor's place)
+            fptrs, fgrad, total, tid, cs, ce = self.flat
+            eng = _numba() if self.backend == "numba" else _triton()
+            if self.backend == "numba":
+                eng.run(rule, flags, (self.dtype, self.sdtype), self.mask, fptrs[0], fgrad,
+                        list(fptrs[1:]), Cn, total, tid, cs, ce, total)
+            else:
+                eng.run(rule, flags, (self.dtype, self.sdtype), self.mask, fptrs[0], fgrad,
+                        list(fptrs[1:]), C, tid, tid, cs, ce, True, found_inf, coeffs)
+            return
         if self.backend == "numba":
             _numba().run(rule, flags, (self.dtype, self.sdtype), self.mask, self.P, gptr, self.S,
                          Cn, self.numel if keys is None else keys, self.tid, self.cs,
@@ -337,11 +361,21 @@ class _Plan:
                 # from outside (p.data = ..., model.load_state_dict): start from the param
                 st["master"] = _local(p).detach().to(torch.float32, memory_format=torch.contiguous_format,
                                                       copy=True)
-        self.buckets = [(idx, _Bucket(opt, group, [params[i] for i in idx], self.slots, fresh,
-                                      (gi, idx)))
-                        for idx in order.values()]
-        self.all_live = len(live) == len(params)
         self.dist = any(isinstance(params[i], _dtensor()) for i in live)
+        if group.get("flat") and self.dist:
+            raise RuntimeError("flat=True does not take DTensor params (FSDP2 shards them in "
+                               "buffers of its own): build the optimizer without flat")
+        flats = {}
+        for key, idx in order.items():  # flat=True: each bucket re-homed into buffers
+            ps = [params[i] for i in idx]
+            if group.get("flat") and flat.eligible(ps, [grads[i] for i in idx]):
+                names = [n for n in self.slots if n] + ["master"] * has_master(group, ps[0])
+                flats[key] = flat.Buffers(ps, [opt.state[p] for p in ps] if need else None,
+                                          names)
+        self.buckets = [(idx, _Bucket(opt, group, [params[i] for i in idx], self.slots, fresh,
+                                      (gi, idx), flats.get(key)))
+                        for key, idx in order.items()]
+        self.all_live = len(live) == len(params)
         self.single = len(self.buckets) == 1 and self.all_live and not self.fallback
         self.take = take
         # the facts every cached address depends on (host.py), re-read before each step

@@ -14,7 +14,7 @@ import weakref
 import numpy as np
 import torch
 
-from . import clip, host
+from . import clip, flat, host
 from .bucket import _GRAD, _PTR, _local, _Plan, _unfit, state_dtype
 from .state import State
 from .kernels import rules
@@ -67,7 +67,7 @@ class FusedOptimizer:
         return self._has_step or any(self._slots(group)) or bool(group.get("master_weights"))
 
     def __init__(self, *args, backend="auto", l1=0.0, max_grad_norm=None, state_dtype=None,
-                 master_weights=False, stochastic_rounding=False, **kwargs):
+                 master_weights=False, stochastic_rounding=False, flat=False, **kwargs):
         if kwargs.get("differentiable"):
             raise NotImplementedError(
                 f"fusedopt.{type(self).__name__} does not implement differentiable=True; "
@@ -88,7 +88,10 @@ class FusedOptimizer:
             raise ValueError("master_weights and stochastic_rounding exclude each other: with "
                              "a float32 master copy the param is only a rounded view of it")
         # group keys, so that they go into state_dict and can differ between groups
+        if not isinstance(flat, bool):
+            raise TypeError(f"flat must be True or False, got {type(flat).__name__}: {flat!r}")
         extras = dict(l1=l1, state_dtype=state_dtype, master_weights=bool(master_weights),
+                      flat=flat,
                       stochastic_rounding=bool(stochastic_rounding))
         if stochastic_rounding:  # the stream's seed: set group["sr_seed"] to change it
             extras["sr_seed"] = torch.initial_seed() & 0xFFFFFFFF
@@ -116,6 +119,36 @@ class FusedOptimizer:
         # from _param_lists, not param_groups: under torch.compile dynamo guards on every
         # value in param_groups, lr included
         return [p for ps in self._param_lists for p in ps if p.grad is not None]
+
+    def zero_grad(self, set_to_none=True):
+        # flat=True: grads still aliases of a plan's buffer are zeroed in one fill each
+        # (torch zeroes them one by one); set_to_none is torch's (grads become None)
+        if not set_to_none and self._plans:
+            rest = [g for g in self.param_groups if not self._zero_flat(g)]
+            if not rest:
+                return
+        super().zero_grad(set_to_none)
+
+    def _zero_flat(self, group):
+        plan = self._plans.get(id(group))
+        if not (group.get("flat") and plan is not None and plan.single
+                and plan.buckets[0][1].buffers is not None
+                and plan.valid(self, group, group["params"], None)):
+            return False
+        buffers = plan.buckets[0][1].buffers
+        params = group["params"]
+        _, G, _ = host.read(params, [])
+        if not np.array_equal(G[:, 0], buffers.grad_ptrs):
+            # fresh grads (after set_to_none or model.zero_grad()): every param has one,
+            # so zeroing them may as well put the buffer's zeroed aliases in their place
+            if not np.array_equal(G[:, 1:], plan.gwant):
+                return False
+            buffers.grad.zero_()
+            for p, off in zip(params, buffers.offsets.tolist()):
+                p.grad = flat.alias(buffers.grad, off, p)
+            return True
+        buffers.grad.zero_()
+        return True
 
     def add_param_group(self, param_group):
         for k, v in getattr(self, "_extras", {}).items():
@@ -247,6 +280,8 @@ class FusedOptimizer:
             return
         if plan is None or not plan.valid(self, group, params, live) or not plan.proven(params):
             plan = self._plans[id(group)] = _Plan(self, group, params, live, grads)
+            if group.get("flat"):  # the grads were re-homed into the plan's buffer
+                grads = list(map(_GRAD, params))
         self._bump_versions(group, [params[i] for i in plan.take], plan)
         for idx, bucket in plan.buckets:
             keep = [_local(grads[i]).contiguous() for i in idx]
@@ -308,8 +343,10 @@ class FusedOptimizer:
             # tensor makes lr / bias_correction one correctly rounded division
             group = {**group, "lr": torch.full((), group["lr"], dtype=step.dtype, device=step.device)}
         coeffs = self._coefficients(group, step, bucket.dtype == "float64")
-        if inv is not None:
-            coeffs = (*coeffs[:rules.NCOEF - 1], inv.to(bucket.device, non_blocking=True))
+        if inv is not None:  # a CPU tensor read costs nothing: one float for every tensor
+            inv = float(inv) if inv.device.type == "cpu" else inv.to(bucket.device,
+                                                                       non_blocking=True)
+            coeffs = (*coeffs[:rules.NCOEF - 1], inv)
         # bfloat16 params without a master copy only
         sr = bool(group.get("stochastic_rounding")) and bucket.dtype == "bfloat16" \
             and not bucket.mask & 8
@@ -347,7 +384,7 @@ def lerp_small(w):
 
 
 EXTRAS = dict(backend="auto", l1=0.0, max_grad_norm=None, state_dtype=None, master_weights=False,
-              stochastic_rounding=False)  # FusedOptimizer.__init__'s
+              stochastic_rounding=False, flat=False)  # FusedOptimizer.__init__'s
 
 
 def signature_with(torch_cls):

@@ -9,7 +9,7 @@ Each seed picks an optimizer, an engine and ~12 operations: steps, zero_grad bot
 changes, vector_to_parameters, state entry replacement and deletion, state.clear(),
 load_state_dict (good, wrong shape, missing key), add_param_group, reordering
 group["params"], GradScaler steps with an inf, frozen params, grads set to None or of
-another size or dtype.  After every operation: where torch raises, fusedopt raises the same
+another size or dtype; with flat buffers or without.  After every operation: where torch raises, fusedopt raises the same
 exception type (and the program ends: torch's for-loop leaves a half-done step behind);
 otherwise the params agree within float32 rounding (torch's side replays its ops correctly
 rounded, fusedopt/arith.py).  Prints one line per program; exits 1 on a disagreement.
@@ -41,7 +41,9 @@ class Twin:
         gen = torch.Generator().manual_seed(rng.randrange(1 << 30))
         init = [torch.randn(s, generator=gen) for s in SHAPES]
         self.p = [[torch.nn.Parameter(t.clone()) for t in init] for _ in range(2)]
-        self.opt = [getattr(fusedopt, name)(self.p[0], backend=backend, **HP[name]),
+        self.flat = rng.random() < 0.5  # params, grads and state in flat buffers
+        self.opt = [getattr(fusedopt, name)(self.p[0], backend=backend, flat=self.flat,
+                                            **HP[name]),
                     getattr(torch.optim, name)(self.p[1], foreach=False, **HP[name])]
         self.scaler = None
         self.low = False
@@ -57,7 +59,12 @@ class Twin:
             gs[self.rng.randrange(len(gs))].view(-1)[0] = float("inf")
         for ps in (self.params(0), self.params(1)):
             for p, g in zip(ps, gs):
-                if p.requires_grad and g.shape == p.shape:
+                if not (p.requires_grad and g.shape == p.shape):
+                    continue
+                if p.grad is not None and p.grad.shape == g.shape and p.grad.dtype == g.dtype \
+                        and p.grad.layout is torch.strided and self.rng.random() < 0.7:
+                    p.grad.copy_(g)  # as a backward accumulates into a zeroed grad
+                else:
                     p.grad = g.clone()
 
     def step(self, run=lambda t, k: t.opt[k].step(), load=None):
