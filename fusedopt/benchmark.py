@@ -110,15 +110,19 @@ def _steps(cls_name, hp, shapes, device, compile_step, mixed=None):
     if compile_step:
         impls["torch-compile"] = dict(foreach=True)
     impls["fusedopt"] = {}
+    impls["fusedopt-flat"] = dict(flat=True)  # grads stay the buffer's aliases: no zero_grad
     steps = {}
     for impl, kw in impls.items():
-        cls = getattr(fusedopt if impl == "fusedopt" else torch.optim, cls_name)
+        mine = impl.startswith("fusedopt")
+        cls = getattr(fusedopt if mine else torch.optim, cls_name)
         ps = _make(shapes, device, dtype)
-        opt = cls(ps, **hp, **kw, **(ours if impl == "fusedopt" else {}))
+        opt = cls(ps, **hp, **kw, **(ours if mine else {}))
         steps[impl] = torch.compile(opt.step) if impl == "torch-compile" else opt.step
-        if impl == "fusedopt":
-            steps[HOST] = _host_only(opt.step)
-        if clip is not None and impl != "fusedopt":
+        if mine:
+            steps[impl + HOST] = _host_only(opt.step)
+    if device.type == "cuda":
+        steps["fusedopt-graph"] = _graphed(cls_name, hp, shapes, device, dtype, ours)
+        if clip is not None and not mine:
             steps[impl] = _clipped(ps, clip, kw.get("foreach", True), steps[impl])
     # a fifth copy of llama-1b's Adam state would not fit beside the others on one GPU
     if device.type == "cuda" and cls_name == "Adam" and sum(p.numel() for p in ps) < 3e8:
@@ -129,7 +133,24 @@ def _steps(cls_name, hp, shapes, device, compile_step, mixed=None):
     return steps
 
 
-HOST = "fusedopt-host"  # fusedopt's step with the engine calls stubbed: its host work
+HOST = " host"  # suffix: a fusedopt step with the engine calls stubbed, its host work
+
+
+def _graphed(cls_name, hp, shapes, device, dtype, ours):
+    """A capturable=True step captured in a CUDA graph, replayed: the host's cost of a
+    replay does not grow with the tensor count."""
+    ps = _make(shapes, device, dtype)
+    opt = getattr(fusedopt, cls_name)(ps, **hp, capturable=True, **ours)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as CUDA graphs need
+        for _ in range(3):
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    return graph.replay
 
 
 def _host_only(step):
@@ -183,7 +204,8 @@ def bench_one(optim, workload, device, repeats=5, shapes=None, compile_step=Fals
     if device.type == "cuda":
         torch.cuda.empty_cache()
     t_roof = statistics.median(times["roof"])
-    host_ms = statistics.median(times.pop(HOST)) * 1e3
+    host_ms = {k[:-len(HOST)]: statistics.median(times.pop(k)) * 1e3
+               for k in list(times) if k.endswith(HOST)}
     rows = []
     for impl, ts in times.items():
         s = statistics.median(ts)
@@ -191,7 +213,7 @@ def bench_one(optim, workload, device, repeats=5, shapes=None, compile_step=Fals
                          tensors=len(shapes), params=numel, bytes=nbytes,
                          gparams_per_s=numel / s / 1e9, gb_per_s=nbytes / s / 1e9,
                          pct_of_roof=100 * t_roof / s,
-                         host_ms=host_ms if impl == "fusedopt" else None))
+                         host_ms=host_ms.get(impl)))
     torch_rows = [r for r in rows if r["impl"].startswith("torch")]
     best = min(r["ms"] for r in torch_rows)
     for r in rows:

@@ -126,8 +126,8 @@ def check_cmd(args):
     print("\n== verdict ==")
     print(f"parity: {'PASS' if not parity_failed else 'FAIL'}")
     for r in rows:
-        if r["impl"] == "fusedopt":
-            print(f"{r['optimizer']:5} {r['workload']:10} {r['ms']:8.2f} ms  "
+        if r["impl"].startswith("fusedopt"):
+            print(f"{r['optimizer']:5} {r['workload']:10} {r['impl']:14} {r['ms']:8.2f} ms  "
                   f"{r['speedup_vs_best_torch']:6.2f}x torch's best  {r['pct_of_roof']:5.1f}% of roof")
     return parity_failed
 

@@ -44,7 +44,7 @@ def test_signature_is_torchs_plus_extras(name):
     assert list(ours)[:len(theirs)] == list(theirs)
     assert all(ours[k].default == theirs[k].default for k in theirs)
     assert list(ours)[len(theirs):] == ["backend", "l1", "max_grad_norm", "state_dtype",
-                                        "master_weights", "stochastic_rounding"]
+                                        "master_weights", "stochastic_rounding", "flat"]
     assert all(ours[k].kind == inspect.Parameter.KEYWORD_ONLY for k in list(ours)[len(theirs):])
     assert issubclass(getattr(fusedopt, name), getattr(torch.optim, name))
 
