@@ -63,7 +63,7 @@ inline void prefetch_storage(const at::Tensor* t) {
 // all cold after backward: read one at a time that is ~6 cache misses in a row per
 // tensor, ~0.5 us. So a batch of tensors advances one link at a time, the next link of
 // every tensor of the batch prefetched together: one miss latency per link per batch.
-constexpr Py_ssize_t kBatch = 32;
+constexpr Py_ssize_t kBatch = 16;
 
 void facts(PyObject* list, int64_t* rows, int64_t* grad_rows) {
   const Py_ssize_t n = PyList_GET_SIZE(list);
