@@ -130,25 +130,32 @@ class FusedOptimizer:
         super().zero_grad(set_to_none)
 
     def _zero_flat(self, group):
+        buffers, aliased = self._flat_buffers(group)
+        if buffers is None:
+            return False
+        if not aliased:
+            # fresh grads (after set_to_none or model.zero_grad()): every param has one,
+            # so zeroing them may as well put the buffer's zeroed aliases in their place
+            plan = self._plans[id(group)]
+            _, G, _ = host.read(group["params"], [])
+            if not np.array_equal(G[:, 1:], plan.gwant):
+                return False
+            for p, off in zip(group["params"], buffers.offsets.tolist()):
+                p.grad = flat.alias(buffers.grad, off, p)
+        buffers.grad.zero_()
+        return True
+
+    def _flat_buffers(self, group):
+        """flat=True: (the group's buffers, whether every grad is still its alias), or
+        (None, False) where the group has no single flat plan."""
         plan = self._plans.get(id(group))
         if not (group.get("flat") and plan is not None and plan.single
                 and plan.buckets[0][1].buffers is not None
                 and plan.valid(self, group, group["params"], None)):
-            return False
+            return None, False
         buffers = plan.buckets[0][1].buffers
-        params = group["params"]
-        _, G, _ = host.read(params, [])
-        if not np.array_equal(G[:, 0], buffers.grad_ptrs):
-            # fresh grads (after set_to_none or model.zero_grad()): every param has one,
-            # so zeroing them may as well put the buffer's zeroed aliases in their place
-            if not np.array_equal(G[:, 1:], plan.gwant):
-                return False
-            buffers.grad.zero_()
-            for p, off in zip(params, buffers.offsets.tolist()):
-                p.grad = flat.alias(buffers.grad, off, p)
-            return True
-        buffers.grad.zero_()
-        return True
+        _, G, _ = host.read(group["params"], [])
+        return buffers, np.array_equal(G[:, 0], buffers.grad_ptrs)
 
     def add_param_group(self, param_group):
         for k, v in getattr(self, "_extras", {}).items():
@@ -225,7 +232,11 @@ class FusedOptimizer:
         if self._max_grad_norm is not None:
             # clip_grad_norm_ folded into the update: the norm here (one read of the
             # grads), the factor applied by the kernel with the unscale
-            grads = [p.grad for p in self._with_grads()]
+            # flat=True, every grad its buffer's alias: the norm over the buffers (one
+            # range each), not over each grad
+            flats = [self._flat_buffers(g) for g in self.param_groups]
+            grads = [b.grad for b, aliased in flats] if all(a for _, a in flats) \
+                else [p.grad for p in self._with_grads()]
             norm = clip.total_norm(grads, 2.0, self._backend)
             if mult is not None:  # the norm of the unscaled grads (the scale is a power of 2)
                 norm = norm * mult.to(norm.device)

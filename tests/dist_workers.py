@@ -4,6 +4,9 @@ WORLD DIR``: WORLD processes on the gloo backend (CPU), every rank asserting on 
 * ddp:        DDP training with fusedopt equals training with the torch.optim twin.
 * fsdp:       FSDP2 (fully_shard, DTensor params on a CPU mesh): the optimizer updates
               the local shards and equals torch.optim on the same sharding.
+* ddp_flat:   the same with flat=True and zero_grad(set_to_none=False) (the grads stay the
+              buffer's aliases), with and without DDP's gradient_as_bucket_view.
+* fsdp_flat:  flat=True with DTensor params is refused with a clear RuntimeError.
 * dcp_save:   FSDP2 training, a torch.distributed.checkpoint save after 3 steps, then 3
               more steps whose params are written to DIR as the expected continuation.
 * dcp_load:   fresh processes (any WORLD): load the checkpoint, take the same 3 steps
@@ -74,6 +77,36 @@ def ddp(rank, world, mesh, out):
         train(m, o, 1, rank, world, s)
         train(t, to, 1, rank, world, s)
         assert_close(full(m), full(t), f"ddp step {s}")
+
+
+def ddp_flat(rank, world, mesh, out):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    import fusedopt
+    for view in (False, True):
+        m, t = DDP(model(), gradient_as_bucket_view=view), DDP(model(), gradient_as_bucket_view=view)
+        o = fusedopt.AdamW(m.parameters(), lr=0.01, weight_decay=0.1, flat=True)
+        to = torch.optim.AdamW(t.parameters(), lr=0.01, weight_decay=0.1, foreach=False)
+        for s in range(STEPS + 2):
+            for mm, oo in ((m, o), (t, to)):
+                oo.zero_grad(set_to_none=False)
+                mm(batch(s, rank, world)).pow(2).mean().backward()
+                oo.step()
+            assert_close(full(m), full(t), f"ddp flat (bucket view {view}) step {s}")
+        (plan,) = o._plans.values()
+        assert plan.buckets[0][1].buffers is not None
+
+
+def fsdp_flat(rank, world, mesh, out):
+    import fusedopt
+    m = shard(model(), mesh)
+    o = fusedopt.AdamW(m.parameters(), lr=0.01, flat=True)
+    m(batch(0, rank, world)).pow(2).mean().backward()
+    try:
+        o.step()
+    except RuntimeError as e:
+        assert "flat=True does not take DTensor" in str(e), e
+    else:
+        raise AssertionError("flat=True with DTensor params stepped")
 
 
 def fsdp(rank, world, mesh, out):
