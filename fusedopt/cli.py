@@ -64,7 +64,8 @@ def parity_cmd(args, cls=None):
     return 1 if failed else 0
 
 
-OPTIMS_HELP = ("adam", "adamw", "adamax", "rmsprop", "adagrad", "sgd", "adam-bf16 (bfloat16 params,"
+OPTIMS_HELP = ("adam", "adamw", "adamax", "rmsprop", "adagrad", "sgd", "adadelta",
+               "adam-bf16 (bfloat16 params,"
                " float32 state)", "adam-clip (max_grad_norm=1 vs clip_grad_norm_ + step)")
 
 
@@ -136,7 +137,7 @@ def main(argv=None, cls=None):
     ap = argparse.ArgumentParser(prog="fusedopt", description="fused optimizer tools")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("parity", help="numerical parity against torch.optim and float64")
-    p.add_argument("--optim", help="comma list, e.g. adam,sgd (default: all six)")
+    p.add_argument("--optim", help="comma list, e.g. adam,sgd (default: all)")
     p.add_argument("--dtypes", help="comma list of torch dtypes (default: float32,float64,float16,bfloat16)")
     p.add_argument("--backends", help="numba,triton (default: those that run here)")
     p.add_argument("--steps", type=int, default=10)

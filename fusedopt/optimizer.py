@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import clip, flat, host
-from .bucket import _GRAD, _PTR, _local, _Plan, _unfit, state_dtype
+from .bucket import _GRAD, _PTR, _local, _Plan, _unfit, scalar_dtype, state_dtype
 from .state import State
 from .kernels import rules
 
@@ -62,6 +62,10 @@ class FusedOptimizer:
     # gradients in a pass of its own: the kernel unscales them (see _amp)
     _step_supports_amp_scaling = True
     _has_step = True  # torch keeps state["step"] (all but SGD)
+
+    def _init_state(self, group, p, state):
+        # torch's first entry; the slots are created by the plan (zeros of the state dtype)
+        state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
 
     def _needs_state(self, group):
         return self._has_step or any(self._slots(group)) or bool(group.get("master_weights"))

@@ -136,6 +136,7 @@ CASES = {
     "Adagrad": [dict(lr_decay=d, initial_accumulator_value=a) for d in (0, 0.01) for a in (0, 0.1)],
     "SGD": [dict(momentum=0), dict(momentum=0.9), dict(momentum=0.9, dampening=0.1),
             dict(momentum=0.9, nesterov=True)],
+    "Adadelta": [{}],
 }
 _ADAM_HP = [dict(lr=1e-2), dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6), dict(lr=2e-3, betas=(0.3, 0.9)),
             dict(lr=1e-2, betas=(0.5, 0.95))]  # beta1 < 0.5: torch's lerp switches formula
@@ -145,6 +146,8 @@ GROUP_HP = {
                 dict(lr=1e-3, alpha=0.5)],
     "Adagrad": [dict(lr=1e-2), dict(lr=3e-2, eps=1e-6), dict(lr=2e-3), dict(lr=5e-2)],
     "SGD": [dict(lr=1e-2), dict(lr=3e-2), dict(lr=2e-3), dict(lr=5e-2)],
+    "Adadelta": [dict(lr=1.0), dict(lr=0.5, rho=0.95, eps=1e-5), dict(lr=2.0, rho=0.3),
+                 dict(lr=1.0, rho=0.6)],
 }
 CROSS = [dict(maximize=False, weight_decay=0), dict(maximize=True, weight_decay=0.1),
          dict(maximize=False, weight_decay=0.05), dict(maximize=True, weight_decay=0)]

@@ -79,7 +79,16 @@ def sgd(p, g, st, lr=1e-3, momentum=0, dampening=0, nesterov=False, **hp):
     p.sub_(lr * g)
 
 
-ALGORITHMS = {f.__name__: f for f in (adam, adamw, adamax, rmsprop, adagrad, sgd)}
+def adadelta(p, g, st, lr=1.0, rho=0.9, eps=1e-6, **hp):
+    st["step"] = st.get("step", 0) + 1
+    g = _regularize(p, g, hp)
+    v = st["square_avg"] = rho * st.get("square_avg", 0 * p) + (1 - rho) * g * g
+    delta = (st.get("acc_delta", 0 * p) + eps).sqrt() / (v + eps).sqrt() * g
+    st["acc_delta"] = rho * st.get("acc_delta", 0 * p) + (1 - rho) * delta * delta
+    p.sub_(lr * delta)
+
+
+ALGORITHMS = {f.__name__: f for f in (adam, adamw, adamax, rmsprop, adagrad, sgd, adadelta)}
 
 
 def step(name, params, grads, states, **hp):

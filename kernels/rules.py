@@ -122,10 +122,21 @@ def sgd(p, g, buf, unused_b, unused_c, lr, wd, l1, keep, take, momentum, h6, h7,
     return p, buf, unused_b, unused_c
 
 
+def adadelta(p, g, sq, acc, unused_c, lr, rho, rho_rest, eps, wd, l1, h6, h7, h8, h9):
+    # torch's order: sq*rho + (1-rho)*g*g (addcmul), delta = sqrt(acc+eps) / sqrt(sq+eps)
+    # then times g (two roundings), acc likewise, p - lr*delta (add with alpha)
+    g = regularize(p, g, wd, l1)
+    sq = ops.fma(rho_rest * g, g, sq * rho)
+    delta = ops.div(ops.sqrt(acc + eps), ops.sqrt(sq + eps)) * g
+    acc = ops.fma(rho_rest * delta, delta, acc * rho)
+    p = ops.fma(-lr, delta, p)
+    return p, sq, acc, unused_c
+
+
 def scale(p, g, a, b, c, factor, h1, h2, h3, h4, h5, h6, h7, h8, h9):
     # not an optimizer: clip_grad_norm_'s multiply, run with the gradients as `p`
     return p * factor, a, b, c
 
 
-RULES = {f.__name__: f for f in (adam, adamax, rmsprop, adagrad, sgd, scale)}
+RULES = {f.__name__: f for f in (adam, adamax, rmsprop, adagrad, sgd, adadelta, scale)}
 HELPERS = (lerp, regularize)

@@ -16,6 +16,7 @@ VARIANTS = {
     "rmsprop": (dict(CENTERED=True, MOMENTUM=True, WEIGHT_DECAY=True), 7),
     "adagrad": (dict(WEIGHT_DECAY=True, L1=True), 1),
     "sgd": (dict(MOMENTUM=True, NESTEROV=True), 1),
+    "adadelta": (dict(WEIGHT_DECAY=True, MAXIMIZE=True), 3),
     "scale": ({}, 0),  # clip_grad_norm_'s multiply
 }
 

@@ -1,0 +1,23 @@
+"""Adadelta: torch.optim.Adadelta with a fused multi-tensor step (torch has no fused one)."""
+import torch
+
+from .optimizer import FusedOptimizer, signature_with
+
+
+class Adadelta(FusedOptimizer, torch.optim.Adadelta):
+    _rule = "adadelta"
+    _sparse_error = "Adadelta does not support sparse gradients"
+
+    def _slots(self, group):
+        return ("square_avg", "acc_delta", None)
+
+    def _flags(self, group):
+        return {}
+
+    def _coefficients(self, group, step, f64):
+        rho = group["rho"]
+        return (group["lr"], rho, 1 - rho, group["eps"], group["weight_decay"], group["l1"],
+                0.0, 0.0, 0.0, 0.0)
+
+
+Adadelta.__signature__ = signature_with(torch.optim.Adadelta)
