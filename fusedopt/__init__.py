@@ -4,6 +4,7 @@ from .adagrad import Adagrad
 from .adam import Adam, Adamax, AdamW
 from .clip import clip_grad_norm_
 from .rmsprop import RMSprop
+from .rprop import Rprop
 from .sgd import SGD
 
 try:  # the CPU engine: numba's one-time setup belongs to import, not to the first step
@@ -11,5 +12,6 @@ try:  # the CPU engine: numba's one-time setup belongs to import, not to the fir
 except ImportError:  # numba missing: the Triton engine still works
     pass
 
-__all__ = ["Adam", "AdamW", "Adamax", "RMSprop", "Adagrad", "SGD", "Adadelta", "clip_grad_norm_"]
+__all__ = ["Adam", "AdamW", "Adamax", "RMSprop", "Adagrad", "SGD", "Adadelta", "Rprop",
+           "clip_grad_norm_"]
 __version__ = "0.1.0"

@@ -158,7 +158,9 @@ class FusedOptimizer:
                 and plan.valid(self, group, group["params"], None)):
             return None, False
         buffers = plan.buckets[0][1].buffers
-        _, G, _ = host.read(group["params"], [])
+        P, G, _ = host.read(group["params"], [])
+        if not np.array_equal(P, plan.pfacts):  # a param moved (p.data = ..., .half())
+            return None, False
         return buffers, np.array_equal(G[:, 0], buffers.grad_ptrs)
 
     def add_param_group(self, param_group):

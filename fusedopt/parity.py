@@ -137,6 +137,7 @@ CASES = {
     "SGD": [dict(momentum=0), dict(momentum=0.9), dict(momentum=0.9, dampening=0.1),
             dict(momentum=0.9, nesterov=True)],
     "Adadelta": [{}],
+    "Rprop": [dict(etas=(0.5, 1.2)), dict(etas=(0.3, 1.5), step_sizes=(1e-4, 0.02))],
 }
 _ADAM_HP = [dict(lr=1e-2), dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6), dict(lr=2e-3, betas=(0.3, 0.9)),
             dict(lr=1e-2, betas=(0.5, 0.95))]  # beta1 < 0.5: torch's lerp switches formula
@@ -148,9 +149,11 @@ GROUP_HP = {
     "SGD": [dict(lr=1e-2), dict(lr=3e-2), dict(lr=2e-3), dict(lr=5e-2)],
     "Adadelta": [dict(lr=1.0), dict(lr=0.5, rho=0.95, eps=1e-5), dict(lr=2.0, rho=0.3),
                  dict(lr=1.0, rho=0.6)],
+    "Rprop": [dict(lr=1e-2), dict(lr=3e-3), dict(lr=2e-2), dict(lr=1e-3)],
 }
 CROSS = [dict(maximize=False, weight_decay=0), dict(maximize=True, weight_decay=0.1),
          dict(maximize=False, weight_decay=0.05), dict(maximize=True, weight_decay=0)]
+NO_WEIGHT_DECAY = {"Rprop"}  # torch's Rprop has none
 
 
 def groups_for(name, case, dtype, shapes=None):
@@ -158,6 +161,8 @@ def groups_for(name, case, dtype, shapes=None):
     maximize/weight_decay (``shapes``, if given, are dealt out over the four groups)."""
     groups = []
     for k, (hp, cross) in enumerate(zip(GROUP_HP[name], CROSS)):
+        if name in NO_WEIGHT_DECAY:
+            cross = {k: v for k, v in cross.items() if k != "weight_decay"}
         hp = {**hp, **cross, **case}
         if dtype == torch.float16 and name in ("Adam", "AdamW", "Adamax", "RMSprop"):
             hp["eps"] = max(hp.get("eps", 0), 1e-4)

@@ -88,7 +88,20 @@ def adadelta(p, g, st, lr=1.0, rho=0.9, eps=1e-6, **hp):
     p.sub_(lr * delta)
 
 
-ALGORITHMS = {f.__name__: f for f in (adam, adamw, adamax, rmsprop, adagrad, sgd, adadelta)}
+def rprop(p, g, st, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50), **hp):
+    st["step"] = st.get("step", 0) + 1
+    g = _regularize(p, g, hp)
+    prev = st.get("prev", 0 * p)
+    size = st.get("step_size", torch.full_like(p, lr))
+    s = torch.sign(g * prev)
+    factor = torch.where(s > 0, etas[1], torch.where(s < 0, etas[0], 1.0))
+    size = st["step_size"] = (size * factor).clamp(*step_sizes)
+    g = st["prev"] = torch.where(s < 0, 0.0, g)
+    p.sub_(torch.sign(g) * size)
+
+
+ALGORITHMS = {f.__name__: f for f in (adam, adamw, adamax, rmsprop, adagrad, sgd, adadelta,
+                                      rprop)}
 
 
 def step(name, params, grads, states, **hp):

@@ -133,10 +133,30 @@ def adadelta(p, g, sq, acc, unused_c, lr, rho, rho_rest, eps, wd, l1, h6, h7, h8
     return p, sq, acc, unused_c
 
 
+def rprop(p, g, prev, step_size, unused_c, etaplus, etaminus, lo, hi, one, wd, l1, h7, h8,
+          h9):
+    # torch's order: sign(g * prev) mapped to etaplus / etaminus / 1 (NaN stays NaN),
+    # step_size * that clamped to [lo, hi], g zeroed where the sign flipped, then
+    # p - sign(g) * step_size (addcmul) and prev = g.  `one` stands for 1 (no literals)
+    g = regularize(p, g, wd, l1)
+    zero = one - one
+    s = g * prev
+    factor = ops.where(s > zero, etaplus, ops.where(s < zero, etaminus,
+                                                    ops.where(s == zero, one, s)))
+    step_size = step_size * factor
+    step_size = ops.where(step_size < lo, lo, step_size)
+    step_size = ops.where(step_size > hi, hi, step_size)
+    g = ops.where(s < zero, zero, g)
+    sign = ops.where(g > zero, one, ops.where(g < zero, -one, g))
+    p = ops.fma(-sign, step_size, p)
+    return p, g, step_size, unused_c
+
+
 def scale(p, g, a, b, c, factor, h1, h2, h3, h4, h5, h6, h7, h8, h9):
     # not an optimizer: clip_grad_norm_'s multiply, run with the gradients as `p`
     return p * factor, a, b, c
 
 
-RULES = {f.__name__: f for f in (adam, adamax, rmsprop, adagrad, sgd, adadelta, scale)}
+RULES = {f.__name__: f for f in (adam, adamax, rmsprop, adagrad, sgd, adadelta, rprop,
+                                  scale)}
 HELPERS = (lerp, regularize)

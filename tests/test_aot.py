@@ -17,6 +17,7 @@ VARIANTS = {
     "adagrad": (dict(WEIGHT_DECAY=True, L1=True), 1),
     "sgd": (dict(MOMENTUM=True, NESTEROV=True), 1),
     "adadelta": (dict(WEIGHT_DECAY=True, MAXIMIZE=True), 3),
+    "rprop": (dict(MAXIMIZE=True, L1=True), 3),
     "scale": ({}, 0),  # clip_grad_norm_'s multiply
 }
 

@@ -1,0 +1,34 @@
+"""Rprop: torch.optim.Rprop with a fused multi-tensor step (torch has no fused one)."""
+import torch
+
+from .bucket import scalar_dtype, state_dtype
+from .optimizer import FusedOptimizer, signature_with
+
+
+class Rprop(FusedOptimizer, torch.optim.Rprop):
+    _rule = "rprop"
+    _sparse_error = "Rprop does not support sparse gradients"
+
+    def _slots(self, group):
+        return ("prev", "step_size", None)
+
+    def _flags(self, group):
+        return {}
+
+    def _init_state(self, group, p, state):
+        # as torch: each element's step size starts at the lr of the first step (a complex
+        # param's real and imaginary parts alike), in the state's dtype, read without a
+        # host sync when lr is a tensor
+        state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
+        state["prev"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        lr = torch.as_tensor(group["lr"], dtype=torch.float64)
+        fill = torch.complex(lr, lr) if p.is_complex() else lr
+        state["step_size"] = torch.empty_like(p, dtype=state_dtype(group, p)).copy_(
+            fill.expand(p.shape))
+
+    def _coefficients(self, group, step, f64):
+        (etaminus, etaplus), (lo, hi) = group["etas"], group["step_sizes"]
+        return (etaplus, etaminus, lo, hi, 1.0, 0.0, group["l1"], 0.0, 0.0, 0.0)
+
+
+Rprop.__signature__ = signature_with(torch.optim.Rprop)
