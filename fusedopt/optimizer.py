@@ -360,6 +360,8 @@ class FusedOptimizer:
             # tensor makes lr / bias_correction one correctly rounded division
             group = {**group, "lr": torch.full((), group["lr"], dtype=step.dtype, device=step.device)}
         coeffs = self._coefficients(group, step, bucket.dtype == "float64")
+        # a rule's own coefficients, zeros up to the engines' last one (rules.NCOEF)
+        coeffs = (*coeffs, *(0.0,) * (rules.NCOEF - len(coeffs)))
         if inv is not None:  # a CPU tensor read costs nothing: one float for every tensor
             inv = float(inv) if inv.device.type == "cpu" else inv.to(bucket.device,
                                                                        non_blocking=True)

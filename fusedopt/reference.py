@@ -100,8 +100,27 @@ def rprop(p, g, st, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50), **hp):
     p.sub_(torch.sign(g) * size)
 
 
+def radam(p, g, st, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, decoupled_weight_decay=False,
+          **hp):
+    beta1, beta2 = betas
+    t = st["step"] = st.get("step", 0) + 1
+    if decoupled_weight_decay:
+        p.mul_(1 - lr * hp.get("weight_decay", 0))
+    g = _regularize(p, g, hp, coupled=not decoupled_weight_decay)
+    m = st["exp_avg"] = beta1 * st.get("exp_avg", 0 * p) + (1 - beta1) * g
+    v = st["exp_avg_sq"] = beta2 * st.get("exp_avg_sq", 0 * p) + (1 - beta2) * g * g
+    m_hat = m / (1 - beta1 ** t)
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * t * beta2 ** t / (1 - beta2 ** t)
+    if rho_t > 5:
+        rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+        p.sub_(lr * m_hat * rect * (1 - beta2 ** t) ** 0.5 / (v.sqrt() + eps))
+    else:
+        p.sub_(lr * m_hat)
+
+
 ALGORITHMS = {f.__name__: f for f in (adam, adamw, adamax, rmsprop, adagrad, sgd, adadelta,
-                                      rprop)}
+                                      rprop, radam)}
 
 
 def step(name, params, grads, states, **hp):

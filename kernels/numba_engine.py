@@ -150,12 +150,12 @@ def _template(KEY, MASK, DT, SDT):
             c = numba.carray(_voidptr(S2[t]), n, SDT)[s:e]
             w = numba.carray(_voidptr(S3[t]), n, SDT)[s:e]
             r = t if C.shape[0] > 1 else 0  # one row: the same coefficients for all
-            h0, h1, h2, h3, h4 = C[r, 0], C[r, 1], C[r, 2], C[r, 3], C[r, 4]
-            h5, h6, h7, h8, h9 = C[r, 5], C[r, 6], C[r, 7], C[r, 8], C[r, 9]
+            h0, h1, h2, h3, h4, h5 = C[r, 0], C[r, 1], C[r, 2], C[r, 3], C[r, 4], C[r, 5]
+            h6, h7, h8, h9, h10, h11 = C[r, 6], C[r, 7], C[r, 8], C[r, 9], C[r, 10], C[r, 11]
             for j in range(e - s):
                 gv = load(g[j])
                 if SCALE_GRAD:  # see rules.FLAGS
-                    gs = store(gv * h9)
+                    gs = store(gv * h11)
                     if WRITE_GRAD:
                         g[j] = gs
                     gv = load(gs)
@@ -164,7 +164,8 @@ def _template(KEY, MASK, DT, SDT):
                 av = sload(a[j]) if MASK & 1 else pv
                 bv = sload(b[j]) if MASK & 2 else pv
                 cv = sload(c[j]) if MASK & 4 else pv
-                pv, av, bv, cv = rule(pv, gv, av, bv, cv, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9)
+                pv, av, bv, cv = rule(pv, gv, av, bv, cv, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9,
+                                     h10, h11)
                 if MASK & 8:
                     w[j] = sstore(pv)
                 if STOCH_ROUND:

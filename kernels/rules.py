@@ -2,13 +2,13 @@
 
 Every rule has the same shape, so that one engine per backend can run any of them:
 
-    rule(p, g, a, b, c, h0, ..., h9) -> (p, a, b, c)
+    rule(p, g, a, b, c, h0, ..., h11) -> (p, a, b, c)
 
 ``p`` and ``g`` are one element of a parameter and of its gradient, ``a, b, c`` the
 optimizer's state slots (a rule returns unused slots unchanged; the engine never stores
-them), ``h0..h9`` per-tensor coefficients that the optimizer class computes in float64
+them), ``h0..h11`` per-tensor coefficients that the optimizer class computes in float64
 and rounds once to the math dtype, exactly where torch.optim rounds its Python scalars
-(h9 is left to the engines: see FLAGS).
+(h11 is left to the engines: see FLAGS).
 There are no float literals here: in Numba a literal promotes float32 math to float64
 (slower, and no longer torch's arithmetic).
 
@@ -25,9 +25,9 @@ The order of operations follows torch 2.13's for-loop implementations
 """
 # ruff: noqa: F821  (ops and the flags are injected by the engines)
 
-NCOEF = 10  # h0..h9
+NCOEF = 12  # h0..h11
 # SCALE_GRAD, WRITE_GRAD, FOUND_INF and STOCH_ROUND belong to the engines, not the rules
-# (whose h9 is free for them): SCALE_GRAD multiplies the gradient by h9 (GradScaler's
+# (whose h11 is free for them): SCALE_GRAD multiplies the gradient by h11 (GradScaler's
 # 1 / scale, a clipping factor) before the rule and rounds it to the gradient's dtype;
 # WRITE_GRAD stores it back, as torch's unscale would have; FOUND_INF (GPU) makes the
 # launch read the scaler's found_inf flag and, if set, write nothing; STOCH_ROUND rounds
@@ -59,7 +59,7 @@ def regularize(p, g, wd, l1):
 
 
 def adam(p, g, m, v, vmax, step_size, bc2_sqrt, w, w_rest, beta2, beta2_rest, eps, wd, l1,
-         unused):
+         unused, h10, h11):
     # DECOUPLED (AdamW): p *= 1 - lr * wd, with 1 - lr * wd passed as `wd`
     if DECOUPLED:
         if WEIGHT_DECAY:
@@ -76,7 +76,7 @@ def adam(p, g, m, v, vmax, step_size, bc2_sqrt, w, w_rest, beta2, beta2_rest, ep
     return p, m, v, vmax
 
 
-def adamax(p, g, m, u, unused_c, clr, w, w_rest, beta2, eps, wd, l1, h7, h8, h9):
+def adamax(p, g, m, u, unused_c, clr, w, w_rest, beta2, eps, wd, l1, h7, h8, h9, h10, h11):
     g = regularize(p, g, wd, l1)
     m = lerp(m, g, w, w_rest)
     u = ops.maximum(u * beta2, ops.abs(g) + eps)
@@ -84,7 +84,8 @@ def adamax(p, g, m, u, unused_c, clr, w, w_rest, beta2, eps, wd, l1, h7, h8, h9)
     return p, m, u, unused_c
 
 
-def rmsprop(p, g, sq, buf, gavg, lr, alpha, alpha_rest, w_rest, eps, momentum, wd, l1, h8, h9):
+def rmsprop(p, g, sq, buf, gavg, lr, alpha, alpha_rest, w_rest, eps, momentum, wd, l1, h8, h9,
+            h10, h11):
     # alpha_rest = 1 - alpha is also the lerp weight of grad_avg (w_rest: 1 - that)
     g = regularize(p, g, wd, l1)
     sq = ops.fma(alpha_rest * g, g, sq * alpha)
@@ -101,14 +102,16 @@ def rmsprop(p, g, sq, buf, gavg, lr, alpha, alpha_rest, w_rest, eps, momentum, w
     return p, sq, buf, gavg
 
 
-def adagrad(p, g, acc, unused_b, unused_c, clr, eps, wd, l1, h4, h5, h6, h7, h8, h9):
+def adagrad(p, g, acc, unused_b, unused_c, clr, eps, wd, l1, h4, h5, h6, h7, h8, h9, h10,
+            h11):
     g = regularize(p, g, wd, l1)
     acc = ops.fma(g, g, acc)
     p = p + ops.div(-clr * g, ops.sqrt(acc) + eps)
     return p, acc, unused_b, unused_c
 
 
-def sgd(p, g, buf, unused_b, unused_c, lr, wd, l1, keep, take, momentum, h6, h7, h8, h9):
+def sgd(p, g, buf, unused_b, unused_c, lr, wd, l1, keep, take, momentum, h6, h7, h8, h9, h10,
+        h11):
     # keep/take: momentum and 1 - dampening, or 0 and 1 on a buffer's first step, where
     # torch starts the buffer as a copy of the gradient (buf is zero then, so 0 * buf + g == g)
     g = regularize(p, g, wd, l1)
@@ -122,7 +125,27 @@ def sgd(p, g, buf, unused_b, unused_c, lr, wd, l1, keep, take, momentum, h6, h7,
     return p, buf, unused_b, unused_c
 
 
-def adadelta(p, g, sq, acc, unused_c, lr, rho, rho_rest, eps, wd, l1, h6, h7, h8, h9):
+def radam(p, g, m, v, unused_c, lr, bc1, bc2_sqrt, w, w_rest, beta2, beta2_rest, eps, wd, l1,
+          rect, h11):
+    # torch's order: Adam's moments, then p - (m / bc1) * lr * adaptive * rect where the
+    # variance is tractable (rect > 0, computed per step on the host), else
+    # p - (m / bc1) * lr; adaptive = bc2_sqrt / (sqrt(v) + eps) as torch's float / tensor
+    # computes it: the reciprocal, then a product (bc1 / bc1 is an exact 1: no literals)
+    if DECOUPLED:
+        if WEIGHT_DECAY:
+            p = p * wd
+    g = regularize(p, g, wd, l1)
+    m = lerp(m, g, w, w_rest)
+    v = ops.fma(beta2_rest * g, g, v * beta2)
+    step = ops.div(m, bc1) * lr
+    adaptive = ops.div(ops.div(bc1, bc1), ops.sqrt(v) + eps) * bc2_sqrt
+    rectified = step * adaptive * rect
+    p = p - ops.where(rect > rect - rect, rectified, step)
+    return p, m, v, unused_c
+
+
+def adadelta(p, g, sq, acc, unused_c, lr, rho, rho_rest, eps, wd, l1, h6, h7, h8, h9, h10,
+             h11):
     # torch's order: sq*rho + (1-rho)*g*g (addcmul), delta = sqrt(acc+eps) / sqrt(sq+eps)
     # then times g (two roundings), acc likewise, p - lr*delta (add with alpha)
     g = regularize(p, g, wd, l1)
@@ -134,7 +157,7 @@ def adadelta(p, g, sq, acc, unused_c, lr, rho, rho_rest, eps, wd, l1, h6, h7, h8
 
 
 def rprop(p, g, prev, step_size, unused_c, etaplus, etaminus, lo, hi, one, wd, l1, h7, h8,
-          h9):
+          h9, h10, h11):
     # torch's order: sign(g * prev) mapped to etaplus / etaminus / 1 (NaN stays NaN),
     # step_size * that clamped to [lo, hi], g zeroed where the sign flipped, then
     # p - sign(g) * step_size (addcmul) and prev = g.  `one` stands for 1 (no literals)
@@ -152,11 +175,11 @@ def rprop(p, g, prev, step_size, unused_c, etaplus, etaminus, lo, hi, one, wd, l
     return p, g, step_size, unused_c
 
 
-def scale(p, g, a, b, c, factor, h1, h2, h3, h4, h5, h6, h7, h8, h9):
+def scale(p, g, a, b, c, factor, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11):
     # not an optimizer: clip_grad_norm_'s multiply, run with the gradients as `p`
     return p * factor, a, b, c
 
 
-RULES = {f.__name__: f for f in (adam, adamax, rmsprop, adagrad, sgd, adadelta, rprop,
+RULES = {f.__name__: f for f in (adam, adamax, rmsprop, adagrad, sgd, adadelta, rprop, radam,
                                   scale)}
 HELPERS = (lerp, regularize)

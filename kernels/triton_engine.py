@@ -109,11 +109,12 @@ def _store(ptr, offs, end, x, KIND: tl.constexpr, MASKED: tl.constexpr):
 
 @triton.jit
 def _block(pp, gp, ap, bp, cp, wp, offs, end, key, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9,
+           h10, h11,
            MASK: tl.constexpr, KIND: tl.constexpr, SKIND: tl.constexpr, MASKED: tl.constexpr):
     # MASK and the flags as in numba_engine._template
     g = _load(gp, offs, end, KIND, MASKED)
     if SCALE_GRAD:  # see rules.FLAGS
-        gs = _narrow(g * h9, KIND)
+        gs = _narrow(g * h11, KIND)
         if WRITE_GRAD:
             _store_raw(gp, offs, end, gs, MASKED)
         g = _widen(gs, KIND)
@@ -130,7 +131,7 @@ def _block(pp, gp, ap, bp, cp, wp, offs, end, key, h0, h1, h2, h3, h4, h5, h6, h
         b = _load(bp, offs, end, SKIND, MASKED)
     if MASK & 4:
         c = _load(cp, offs, end, SKIND, MASKED)
-    p, a, b, c = rule(p, g, a, b, c, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9)
+    p, a, b, c = rule(p, g, a, b, c, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11)
     if MASK & 8:
         _store(wp, offs, end, p, SKIND, MASKED)
     if STOCH_ROUND:
@@ -154,7 +155,7 @@ def _coef(bits, C):
 
 @triton.jit
 def _kernel(P, G, S0, S1, S2, S3, C, R, TID, CS, CE, FI, H0, H1, H2, H3, H4, H5, H6, H7, H8,
-            H9, MASK: tl.constexpr, KIND: tl.constexpr, SKIND: tl.constexpr,
+            H9, H10, H11, MASK: tl.constexpr, KIND: tl.constexpr, SKIND: tl.constexpr,
             ALIGNED: tl.constexpr, UNIFORM: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(TID + pid)
@@ -182,6 +183,8 @@ def _kernel(P, G, S0, S1, S2, S3, C, R, TID, CS, CE, FI, H0, H1, H2, H3, H4, H5,
         h7 = _coef(H7, C)
         h8 = _coef(H8, C)
         h9 = _coef(H9, C)
+        h10 = _coef(H10, C)
+        h11 = _coef(H11, C)
     else:
         h0 = tl.load(C + t * NCOEF + 0)
         h1 = tl.load(C + t * NCOEF + 1)
@@ -193,18 +196,20 @@ def _kernel(P, G, S0, S1, S2, S3, C, R, TID, CS, CE, FI, H0, H1, H2, H3, H4, H5,
         h7 = tl.load(C + t * NCOEF + 7)
         h8 = tl.load(C + t * NCOEF + 8)
         h9 = tl.load(C + t * NCOEF + 9)
+        h10 = tl.load(C + t * NCOEF + 10)
+        h11 = tl.load(C + t * NCOEF + 11)
     nfull = (end - start) // BLOCK
     for i in range(nfull):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
         if ALIGNED:  # chunk starts are multiples of CHUNK, hence of BLOCK
             offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
         _block(pp, gp, ap, bp, cp, wp, offs, end, key, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9,
-               MASK, KIND, SKIND, False)
+               h10, h11, MASK, KIND, SKIND, False)
     tail = start + nfull * BLOCK
     if tail < end:
         offs = tail + tl.arange(0, BLOCK)
         _block(pp, gp, ap, bp, cp, wp, offs, end, key, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9,
-               MASK, KIND, SKIND, True)
+               h10, h11, MASK, KIND, SKIND, True)
 
 
 @triton.jit

@@ -1,0 +1,39 @@
+"""RAdam: torch.optim.RAdam with a fused multi-tensor step (torch has no fused one)."""
+import torch
+
+from .adam import Adam
+from .optimizer import FusedOptimizer, lerp_rest, lerp_small, signature_with
+
+
+class RAdam(FusedOptimizer, torch.optim.RAdam):
+    _rule = "radam"
+    _sparse_error = "RAdam does not support sparse gradients"
+    _inplace_updates = Adam._inplace_updates
+
+    def _slots(self, group):
+        return ("exp_avg", "exp_avg_sq", None)
+
+    def _flags(self, group):
+        return {"DECOUPLED": bool(group["decoupled_weight_decay"]),
+                "LERP_SMALL": lerp_small(1 - group["betas"][0])}
+
+    def _coefficients(self, group, step, f64):
+        # torch's _single_tensor_radam, scalar by scalar; rect = 0 marks the unrectified
+        # steps (rho_t <= 5), per param where the counters differ
+        lr, (beta1, beta2), wd = group["lr"], group["betas"], group["weight_decay"]
+        bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
+        rho_inf = 2 / (1 - beta2) - 1
+        rho_t = rho_inf - 2 * step * (beta2 ** step) / bc2
+        ratio = (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
+        if torch.is_tensor(step):
+            rect = torch.where(rho_t > 5, ratio.clamp(min=0) ** 0.5, 0.0)
+            bc2_sqrt = bc2.sqrt()
+        else:
+            rect, bc2_sqrt = (ratio ** 0.5 if rho_t > 5 else 0.0), bc2 ** 0.5
+        if group["decoupled_weight_decay"]:
+            wd = 1 - lr * wd
+        return (lr, bc1, bc2_sqrt, 1 - beta1, lerp_rest(1 - beta1, f64), beta2, 1 - beta2,
+                group["eps"], wd, group["l1"], rect)
+
+
+RAdam.__signature__ = signature_with(torch.optim.RAdam)
