@@ -3,6 +3,7 @@ from .adadelta import Adadelta
 from .adagrad import Adagrad
 from .adam import Adam, Adamax, AdamW
 from .clip import clip_grad_norm_
+from .nadam import NAdam
 from .radam import RAdam
 from .rmsprop import RMSprop
 from .rprop import Rprop
@@ -14,5 +15,5 @@ except ImportError:  # numba missing: the Triton engine still works
     pass
 
 __all__ = ["Adam", "AdamW", "Adamax", "RMSprop", "Adagrad", "SGD", "Adadelta", "Rprop", "RAdam",
-           "clip_grad_norm_"]
+           "NAdam", "clip_grad_norm_"]
 __version__ = "0.1.0"

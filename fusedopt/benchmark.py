@@ -28,6 +28,7 @@ OPTIMS = {
     "adadelta": ("Adadelta", dict(lr=1.0), (4, 3)),
     "rprop": ("Rprop", dict(lr=1e-3), (4, 3)),
     "radam": ("RAdam", dict(lr=1e-3), (4, 3)),
+    "nadam": ("NAdam", dict(lr=1e-3), (4, 3)),
 }
 # mixed precision: fusedopt's options, the params' dtype, clipping, and our bytes per param
 # (the roof streams as many bytes).  torch has no float32 state for bfloat16 params: its

@@ -140,9 +140,21 @@ class _Bucket:
                                  dtype=torch.float64, device=cdev)
         self.steps = steps
         self.steps_np = steps.numpy() if steps.device.type == "cpu" else None  # shares memory
+        # other per-param scalars of the state (NAdam's mu_product): stacked likewise, each
+        # state entry a 0-d view, advanced in one op per step by the class
+        self.scalars = {}
+        for name in opt._scalars:
+            buf = torch.stack([torch.as_tensor(st[name]).to(cdev, scalar_dtype())
+                               for st in states])
+            for k, st in enumerate(states):
+                st[name] = buf[k]
+            self.scalars[name] = buf
+        # numpy views of the CPU ones (sharing memory): read as numbers without a torch op
+        self.scalars_np = {n: b.numpy() for n, b in self.scalars.items() if b.device.type == "cpu"}
         # the state tensors as the optimizer's state holds them, whose facts are re-read
         # before every step: `state[p][k].data = t` changes no mapping but must be noticed
-        names = [n for n in slots if n] + ["master"] * master + ["step"] * opt._has_step
+        names = [n for n in slots if n] + ["master"] * master + ["step"] * opt._has_step \
+            + list(opt._scalars)
         self.watched = [_local(st[n]) for st in states for n in names if n in st]
         math_dtype = torch.float64 if self.dtype == "float64" else torch.float32
         self.C = torch.zeros(len(params), rules.NCOEF, dtype=math_dtype, device=self.device)
@@ -206,6 +218,14 @@ class _Bucket:
             if s.size and s.min() == s.max():
                 return float(s[0])
         return self.steps.double()
+
+    def scalar_value(self, name):
+        """A per-param scalar of the state: a float where all agree on the CPU, else a
+        float64 tensor, one value per param (as step_value)."""
+        v = self.scalars_np.get(name)
+        if v is not None and not self.capturable and v.size and v.min() == v.max():
+            return float(v[0])
+        return self.scalars[name].double()
 
     def run(self, rule, flags, gptr, coeffs, found_inf=None, keys=None):
         # the same coefficients for every tensor (Python floats, the usual case): passed

@@ -64,9 +64,9 @@ def parity_cmd(args, cls=None):
     return 1 if failed else 0
 
 
-OPTIMS_HELP = ("adam", "adamw", "adamax", "rmsprop", "adagrad", "sgd", "adadelta", "rprop", "radam",
-               "adam-bf16 (bfloat16 params,"
-               " float32 state)", "adam-clip (max_grad_norm=1 vs clip_grad_norm_ + step)")
+OPTIMS_HELP = ("adam", "adamw", "adamax", "rmsprop", "adagrad", "sgd", "adadelta", "rprop",
+               "radam", "nadam", "adam-bf16 (bfloat16 params, float32 state)",
+               "adam-clip (max_grad_norm=1 vs clip_grad_norm_ + step)")
 
 
 def bench_cmd(args):

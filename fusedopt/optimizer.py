@@ -67,6 +67,11 @@ class FusedOptimizer:
         # torch's first entry; the slots are created by the plan (zeros of the state dtype)
         state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
 
+    _scalars = ()  # per-param 0-d state besides "step" (bucket.scalars)
+
+    def _advance(self, group, bucket, step, found_inf):
+        """Move the per-param scalars of the state (``_scalars``) for this step."""
+
     def _needs_state(self, group):
         return self._has_step or any(self._slots(group)) or bool(group.get("master_weights"))
 
@@ -178,7 +183,8 @@ class FusedOptimizer:
             for k, v in saved.get(i, {}).items():
                 # every state tensor but the step counter has the param's shape: say which
                 # does not, now, rather than at a step (torch) or never (a kernel)
-                if k != "step" and torch.is_tensor(v) and v.shape != p.shape:
+                if k not in ("step", *self._scalars) and torch.is_tensor(v) \
+                        and v.shape != p.shape:
                     raise RuntimeError(
                         f"loaded state dict has state[{i}][{k!r}] of shape {tuple(v.shape)}, "
                         f"but param {i} has shape {tuple(p.shape)}")
@@ -359,7 +365,9 @@ class FusedOptimizer:
             # float / tensor is reciprocal-then-multiply in torch (two roundings): lr as a
             # tensor makes lr / bias_correction one correctly rounded division
             group = {**group, "lr": torch.full((), group["lr"], dtype=step.dtype, device=step.device)}
-        coeffs = self._coefficients(group, step, bucket.dtype == "float64")
+        self._advance(group, bucket, step, found)
+        scalars = {name: bucket.scalar_value(name) for name in self._scalars}
+        coeffs = self._coefficients(group, step, bucket.dtype == "float64", **scalars)
         # a rule's own coefficients, zeros up to the engines' last one (rules.NCOEF)
         coeffs = (*coeffs, *(0.0,) * (rules.NCOEF - len(coeffs)))
         if inv is not None:  # a CPU tensor read costs nothing: one float for every tensor

@@ -139,11 +139,14 @@ CASES = {
     "Adadelta": [{}],
     "Rprop": [dict(etas=(0.5, 1.2)), dict(etas=(0.3, 1.5), step_sizes=(1e-4, 0.02))],
     "RAdam": [dict(decoupled_weight_decay=d) for d in (False, True)],
+    "NAdam": [dict(decoupled_weight_decay=d) for d in (False, True)]
+    + [dict(momentum_decay=0.02)],
 }
 _ADAM_HP = [dict(lr=1e-2), dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6), dict(lr=2e-3, betas=(0.3, 0.9)),
             dict(lr=1e-2, betas=(0.5, 0.95))]  # beta1 < 0.5: torch's lerp switches formula
 GROUP_HP = {
     "Adam": _ADAM_HP, "AdamW": _ADAM_HP, "Adamax": _ADAM_HP, "RAdam": _ADAM_HP,
+    "NAdam": _ADAM_HP,
     "RMSprop": [dict(lr=1e-2), dict(lr=3e-3, alpha=0.9, eps=1e-6), dict(lr=2e-3, alpha=0.3),
                 dict(lr=1e-3, alpha=0.5)],
     "Adagrad": [dict(lr=1e-2), dict(lr=3e-2, eps=1e-6), dict(lr=2e-3), dict(lr=5e-2)],
@@ -165,7 +168,8 @@ def groups_for(name, case, dtype, shapes=None):
         if name in NO_WEIGHT_DECAY:
             cross = {k: v for k, v in cross.items() if k != "weight_decay"}
         hp = {**hp, **cross, **case}
-        if dtype == torch.float16 and name in ("Adam", "AdamW", "Adamax", "RMSprop", "RAdam"):
+        if dtype == torch.float16 and name in ("Adam", "AdamW", "Adamax", "RMSprop", "RAdam",
+                                                   "NAdam"):
             hp["eps"] = max(hp.get("eps", 0), 1e-4)
         groups.append((shapes[k::4] if shapes else SHAPES[k], hp))
     return groups

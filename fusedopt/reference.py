@@ -94,7 +94,8 @@ def rprop(p, g, st, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50), **hp):
     prev = st.get("prev", 0 * p)
     size = st.get("step_size", torch.full_like(p, lr))
     s = torch.sign(g * prev)
-    factor = torch.where(s > 0, etas[1], torch.where(s < 0, etas[0], 1.0))
+    factor = torch.ones_like(p)  # in p's dtype (torch.where on two numbers: float32)
+    factor[s > 0], factor[s < 0] = etas[1], etas[0]
     size = st["step_size"] = (size * factor).clamp(*step_sizes)
     g = st["prev"] = torch.where(s < 0, 0.0, g)
     p.sub_(torch.sign(g) * size)
@@ -119,8 +120,26 @@ def radam(p, g, st, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, decoupled_weight_deca
         p.sub_(lr * m_hat)
 
 
+def nadam(p, g, st, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, momentum_decay=4e-3,
+          decoupled_weight_decay=False, **hp):
+    beta1, beta2 = betas
+    t = st["step"] = st.get("step", 0) + 1
+    if decoupled_weight_decay:
+        p.mul_(1 - lr * hp.get("weight_decay", 0))
+    g = _regularize(p, g, hp, coupled=not decoupled_weight_decay)
+    mu = beta1 * (1 - 0.5 * 0.96 ** (t * momentum_decay))
+    mu_next = beta1 * (1 - 0.5 * 0.96 ** ((t + 1) * momentum_decay))
+    # torch keeps mu_product in its scalar dtype (float32 unless the default is float64)
+    dt = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    prod = st["mu_product"] = float(torch.tensor(st.get("mu_product", 1.0), dtype=dt) * mu)
+    m = st["exp_avg"] = beta1 * st.get("exp_avg", 0 * p) + (1 - beta1) * g
+    v = st["exp_avg_sq"] = beta2 * st.get("exp_avg_sq", 0 * p) + (1 - beta2) * g * g
+    denom = (v / (1 - beta2 ** t)).sqrt() + eps
+    p.sub_(lr * (1 - mu) / (1 - prod) * g / denom + lr * mu_next / (1 - prod * mu_next) * m / denom)
+
+
 ALGORITHMS = {f.__name__: f for f in (adam, adamw, adamax, rmsprop, adagrad, sgd, adadelta,
-                                      rprop, radam)}
+                                      rprop, radam, nadam)}
 
 
 def step(name, params, grads, states, **hp):

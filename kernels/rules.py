@@ -125,6 +125,22 @@ def sgd(p, g, buf, unused_b, unused_c, lr, wd, l1, keep, take, momentum, h6, h7,
     return p, buf, unused_b, unused_c
 
 
+def nadam(p, g, m, v, unused_c, w, w_rest, beta2, beta2_rest, bc2, eps, c_grad, c_avg, wd, l1,
+          h10, h11):
+    # torch's order: Adam's moments, denom = sqrt(v / bc2) + eps, then two addcdiv: the
+    # gradient's share (c_grad) and the momentum's (c_avg), each rounded into p
+    if DECOUPLED:
+        if WEIGHT_DECAY:
+            p = p * wd
+    g = regularize(p, g, wd, l1)
+    m = lerp(m, g, w, w_rest)
+    v = ops.fma(beta2_rest * g, g, v * beta2)
+    denom = ops.sqrt(ops.div(v, bc2)) + eps
+    p = p + ops.div(c_grad * g, denom)
+    p = p + ops.div(c_avg * m, denom)
+    return p, m, v, unused_c
+
+
 def radam(p, g, m, v, unused_c, lr, bc1, bc2_sqrt, w, w_rest, beta2, beta2_rest, eps, wd, l1,
           rect, h11):
     # torch's order: Adam's moments, then p - (m / bc1) * lr * adaptive * rect where the
@@ -181,5 +197,5 @@ def scale(p, g, a, b, c, factor, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11):
 
 
 RULES = {f.__name__: f for f in (adam, adamax, rmsprop, adagrad, sgd, adadelta, rprop, radam,
-                                  scale)}
+                                  nadam, scale)}
 HELPERS = (lerp, regularize)

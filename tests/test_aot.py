@@ -19,6 +19,7 @@ VARIANTS = {
     "adadelta": (dict(WEIGHT_DECAY=True, MAXIMIZE=True), 3),
     "rprop": (dict(MAXIMIZE=True, L1=True), 3),
     "radam": (dict(DECOUPLED=True, WEIGHT_DECAY=True, LERP_SMALL=False), 3),
+    "nadam": (dict(DECOUPLED=True, WEIGHT_DECAY=True, MAXIMIZE=True), 3),
     "scale": ({}, 0),  # clip_grad_norm_'s multiply
 }
 

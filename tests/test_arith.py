@@ -111,6 +111,9 @@ def test_parity_check_catches_a_1ulp_error_in_our_kernels(mutation, tmp_path):
             assert not r["ok"] and r["ulp_vs_torch"] > 64, r
 
 
+# the optimizers whose rules use every kind of op torch may round differently (sqrt,
+# division, multiply-adds, lerp's two branches): the CI time of a subprocess per setting
+SUBSET = ["adam", "adamw", "adamax", "rmsprop", "adagrad", "sgd"]
 DISPATCH = {"aten-default+numba-generic": dict(ATEN_CPU_CAPABILITY="default", NUMBA_CPU_NAME="generic"),
             "aten-avx2": dict(ATEN_CPU_CAPABILITY="avx2")}
 
@@ -123,8 +126,11 @@ def test_parity_subset_under_other_dispatch(setting, tmp_path):
     matrix in test_parity.py).  On a CPU without AVX2 torch falls back by itself."""
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"), **DISPATCH[setting])
     out = subprocess.run([sys.executable, "-m", "fusedopt", "parity", "--quick", "--backends",
-                          "numba", "--dtypes", "float32,float64", "--steps", "20"],
+                          "numba", "--dtypes", "float32,float64", "--steps", "20",
+                          "--optim", ",".join(SUBSET)],
                          capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "12/12 cases pass" in out.stdout
+    # --quick: one case of each optimizer, float32 and float64
+    n = 2 * len(SUBSET)
+    assert f"{n}/{n} cases pass" in out.stdout, out.stdout[-2000:]
     assert "torch's" in out.stdout.split("optimizer")[0]  # the line on torch's own ops

@@ -1,0 +1,54 @@
+"""NAdam: torch.optim.NAdam with a fused multi-tensor step (torch has no fused one)."""
+import torch
+
+from .bucket import scalar_dtype
+from .optimizer import FusedOptimizer, lerp_rest, lerp_small, signature_with
+
+
+class NAdam(FusedOptimizer, torch.optim.NAdam):
+    _rule = "nadam"
+    _sparse_error = "NAdam does not support sparse gradients"
+    _scalars = ("mu_product",)
+
+    def _slots(self, group):
+        return ("exp_avg", "exp_avg_sq", None)
+
+    def _flags(self, group):
+        return {"DECOUPLED": bool(group["decoupled_weight_decay"]),
+                "LERP_SMALL": lerp_small(1 - group["betas"][0])}
+
+    def _inplace_updates(self, group):
+        # torch's for-loop: param.mul_ for decoupled weight decay, then two addcdiv_
+        return 3 if group["decoupled_weight_decay"] and group["weight_decay"] != 0 else 2
+
+    def _init_state(self, group, p, state):
+        state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
+        state["mu_product"] = torch.tensor(1.0, dtype=scalar_dtype())
+
+    def _mu(self, group, step):
+        return group["betas"][0] * (1.0 - 0.5 * (0.96 ** (step * group["momentum_decay"])))
+
+    def _advance(self, group, bucket, step, found_inf):
+        # torch: mu_product *= mu, in the counters' dtype (a skipped step leaves it)
+        buf = bucket.scalars["mu_product"]
+        mu = self._mu(group, step)
+        if torch.is_tensor(mu):
+            mu = mu.to(buf.dtype)
+            if found_inf is not None:
+                mu = torch.where(found_inf.to(buf.device) != 0, 1.0, mu)
+        buf *= mu
+
+    def _coefficients(self, group, step, f64, mu_product):
+        # torch's _single_tensor_nadam, scalar by scalar, with mu_product as it was rounded
+        lr, (beta1, beta2), wd = group["lr"], group["betas"], group["weight_decay"]
+        mu, mu_next = self._mu(group, step), self._mu(group, step + 1)
+        bc2 = 1 - beta2 ** step
+        c_grad = -lr * (1.0 - mu) / (1.0 - mu_product)
+        c_avg = (-lr * mu_next) / (1.0 - mu_product * mu_next)
+        if group["decoupled_weight_decay"]:
+            wd = 1 - lr * wd
+        return (1 - beta1, lerp_rest(1 - beta1, f64), beta2, 1 - beta2, bc2, group["eps"],
+                c_grad, c_avg, wd, group["l1"])
+
+
+NAdam.__signature__ = signature_with(torch.optim.NAdam)
