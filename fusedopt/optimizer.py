@@ -181,13 +181,15 @@ class FusedOptimizer:
         saved = state_dict["state"]
         for i, p in zip(saved_ids, (p for g in self.param_groups for p in g["params"])):
             for k, v in saved.get(i, {}).items():
-                # every state tensor but the step counter has the param's shape: say which
-                # does not, now, rather than at a step (torch) or never (a kernel)
-                if k not in ("step", *self._scalars) and torch.is_tensor(v) \
-                        and v.shape != p.shape:
+                # every state tensor has the param's shape but the step counter and other
+                # scalars (one element): say which does not, now, rather than at a step
+                # (torch) or never (a kernel)
+                scalar = k in ("step", *self._scalars)
+                if torch.is_tensor(v) and (v.numel() != 1 if scalar else v.shape != p.shape):
                     raise RuntimeError(
                         f"loaded state dict has state[{i}][{k!r}] of shape {tuple(v.shape)}, "
-                        f"but param {i} has shape {tuple(p.shape)}")
+                        f"but " + ("it is a scalar" if scalar else
+                                   f"param {i} has shape {tuple(p.shape)}"))
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             # a torch.optim state_dict has no l1 (torch's math: 0) and no precision options

@@ -137,6 +137,20 @@ def test_load_state_dict_of_wrong_shape_raises_naming_param_and_key():
         ours.load_state_dict(sd)
 
 
+def test_load_state_dict_with_a_scalar_of_another_shape_raises_naming_it():
+    """(found by CI's random programs) a step counter or NAdam's mu_product that is not one
+    element is refused at the load, as a moment of the wrong shape is."""
+    ps, opts = _twins("NAdam")
+    _grads(ps, 0)
+    _step(opts)
+    for key in ("step", "mu_product"):
+        sd = copy.deepcopy(opts[0].state_dict())
+        sd["state"][1][key] = torch.zeros(2)
+        with pytest.raises(RuntimeError, match=rf"state\[1\]\['{key}'\] of shape \(2,\), "
+                                               "but it is a scalar"):
+            opts[0].load_state_dict(sd)
+
+
 @pytest.mark.parametrize("name", ["Adam", "RMSprop", "Adagrad"])
 def test_load_state_dict_with_a_missing_key_raises_torchs_keyerror(name):
     ps, opts = _twins(name)
