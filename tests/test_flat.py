@@ -5,11 +5,11 @@ import copy
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedopt
 from fusedopt import arith, bucket
 from harness import HP, NAMES
+from test_host_ops import _Count  # records every torch op dispatched
 
 
 @pytest.fixture
@@ -73,16 +73,6 @@ def test_flat_steps_as_torch_whatever_zeroes_the_grads(name, backend, ranges):
     assert len({p.untyped_storage().data_ptr() for p in ms[0].parameters()}) == 1
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_zero_grad_without_set_to_none_is_one_fill():
     params = [torch.nn.Parameter(torch.randn(5)) for _ in range(40)]
     opt = fusedopt.Adam(params, flat=True)
@@ -90,7 +80,7 @@ def test_zero_grad_without_set_to_none_is_one_fill():
         p.grad = torch.randn(5)
     opt.step()
     opt.zero_grad(set_to_none=False)
-    with _Ops() as count:
+    with _Count() as count:
         opt.zero_grad(set_to_none=False)
     assert [op for op in count.ops if not op.startswith("profiler.")] == ["aten.zero_.default"]
     assert all(p.grad is not None and not p.grad.any() for p in params)
