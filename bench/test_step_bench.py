@@ -21,7 +21,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 WL = os.environ.get("FUSEDOPT_BENCH_WORKLOADS", "many-small,tiny").split(",")
 CASES = [(o, w, impl) for o in OPTIMS if o not in MIXED for w in WL
          for impl in ("torch-forloop", "torch-foreach", "torch-fused", "fusedopt")
-         if impl != "torch-fused" or OPTIMS[o][0] in TORCH_FUSED]
+         if impl != "torch-fused" or OPTIMS[o][0] in TORCH_FUSED
+         if impl == "fusedopt" or getattr(torch.optim, OPTIMS[o][0], None)]  # Lion: not in torch
 
 
 @pytest.mark.parametrize("optim,workload,impl", CASES)

@@ -2,7 +2,9 @@
 from .adadelta import Adadelta
 from .adagrad import Adagrad
 from .adam import Adam, Adamax, AdamW
+from .asgd import ASGD
 from .clip import clip_grad_norm_
+from .lion import Lion
 from .nadam import NAdam
 from .radam import RAdam
 from .rmsprop import RMSprop
@@ -15,5 +17,5 @@ except ImportError:  # numba missing: the Triton engine still works
     pass
 
 __all__ = ["Adam", "AdamW", "Adamax", "RMSprop", "Adagrad", "SGD", "Adadelta", "Rprop", "RAdam",
-           "NAdam", "clip_grad_norm_"]
+           "NAdam", "ASGD", "Lion", "clip_grad_norm_"]
 __version__ = "0.1.0"

@@ -29,6 +29,8 @@ OPTIMS = {
     "rprop": ("Rprop", dict(lr=1e-3), (4, 3)),
     "radam": ("RAdam", dict(lr=1e-3), (4, 3)),
     "nadam": ("NAdam", dict(lr=1e-3), (4, 3)),
+    "asgd": ("ASGD", dict(lr=1e-3), (3, 2)),
+    "lion": ("Lion", dict(lr=1e-4), (3, 2)),
 }
 # mixed precision: fusedopt's options, the params' dtype, clipping, and our bytes per param
 # (the roof streams as many bytes).  torch has no float32 state for bfloat16 params: its
@@ -109,6 +111,9 @@ def _steps(cls_name, hp, shapes, device, compile_step, mixed=None):
     """name -> step function, each over its own params, grads and state."""
     ours, dtype, clip, _ = mixed or ({}, torch.float32, None, 0)
     impls = {"torch-forloop": dict(foreach=False), "torch-foreach": dict(foreach=True)}
+    twin = getattr(fusedopt, cls_name).twin()
+    if not twin.__module__.startswith("torch.optim"):  # Lion: not in torch
+        impls = {"lion-pytorch": {}}
     if cls_name in TORCH_FUSED and not (cls_name == "Adagrad" and device.type == "cuda"):  # CPU-only
         impls["torch-fused"] = dict(fused=True)
     if compile_step:
@@ -118,7 +123,8 @@ def _steps(cls_name, hp, shapes, device, compile_step, mixed=None):
     steps = {}
     for impl, kw in impls.items():
         mine = impl.startswith("fusedopt")
-        cls = getattr(fusedopt if mine else torch.optim, cls_name)
+        cls = getattr(fusedopt, cls_name) if mine else twin if impl.startswith("torch") \
+            else _lion_pytorch()
         ps = _make(shapes, device, dtype)
         opt = cls(ps, **hp, **kw, **(ours if mine else {}))
         steps[impl] = torch.compile(opt.step) if impl == "torch-compile" else opt.step
@@ -135,6 +141,14 @@ def _steps(cls_name, hp, shapes, device, compile_step, mixed=None):
         except ImportError:
             pass
     return steps
+
+
+def _lion_pytorch():
+    try:
+        from lion_pytorch import Lion
+        return Lion
+    except ImportError:  # its one-tensor-at-a-time arithmetic, as written in fusedopt.lion
+        return fusedopt.lion.LionForLoop
 
 
 HOST = " host"  # suffix: a fusedopt step with the engine calls stubbed, its host work
@@ -218,7 +232,7 @@ def bench_one(optim, workload, device, repeats=5, shapes=None, compile_step=Fals
                          gparams_per_s=numel / s / 1e9, gb_per_s=nbytes / s / 1e9,
                          pct_of_roof=100 * t_roof / s,
                          host_ms=host_ms.get(impl)))
-    torch_rows = [r for r in rows if r["impl"].startswith("torch")]
+    torch_rows = [r for r in rows if not r["impl"].startswith(("fusedopt", "roof", "cupy"))]
     best = min(r["ms"] for r in torch_rows)
     for r in rows:
         r["speedup_vs_best_torch"] = best / r["ms"]

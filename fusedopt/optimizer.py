@@ -68,6 +68,9 @@ class FusedOptimizer:
         state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
 
     _scalars = ()  # per-param 0-d state besides "step" (bucket.scalars)
+    # whether _advance moves them before the update reads them (NAdam's mu_product, as
+    # torch) or after (ASGD's eta and mu: torch's step uses last step's, then updates them)
+    _advance_first = True
 
     def _advance(self, group, bucket, step, found_inf):
         """Move the per-param scalars of the state (``_scalars``) for this step."""
@@ -111,6 +114,14 @@ class FusedOptimizer:
         super().__init__(*args, **kwargs)
         self.defaults.update(extras)
         self._register()
+
+    @classmethod
+    def twin(cls):
+        """The one-tensor-at-a-time class this one replaces: torch.optim's (for Lion, which
+        torch lacks, fusedopt.lion.LionForLoop).  Its step is the fallback for params the
+        engines do not take, and the parity tests' anchor."""
+        mro = cls.__mro__
+        return mro[mro.index(FusedOptimizer) + 1]
 
     def _register(self):
         self._handle = next(_HANDLES)
@@ -344,7 +355,7 @@ class FusedOptimizer:
         if mult is not None:
             for p in params:
                 p.grad.mul_(mult.to(p.grad.device))
-        twin = next(c for c in type(self).__mro__ if c.__module__.startswith("torch.optim."))
+        twin = self.twin()
         saved = self.param_groups
         # the scaler's grad_scale and found_inf were for our kernels; the grads are unscaled
         scaler = {k: self.__dict__.pop(k) for k in ("grad_scale", "found_inf") if k in self.__dict__}
@@ -367,7 +378,8 @@ class FusedOptimizer:
             # float / tensor is reciprocal-then-multiply in torch (two roundings): lr as a
             # tensor makes lr / bias_correction one correctly rounded division
             group = {**group, "lr": torch.full((), group["lr"], dtype=step.dtype, device=step.device)}
-        self._advance(group, bucket, step, found)
+        if self._advance_first:
+            self._advance(group, bucket, step, found)
         scalars = {name: bucket.scalar_value(name) for name in self._scalars}
         coeffs = self._coefficients(group, step, bucket.dtype == "float64", **scalars)
         # a rule's own coefficients, zeros up to the engines' last one (rules.NCOEF)
@@ -386,6 +398,8 @@ class FusedOptimizer:
         flags = self._all_flags(group, SCALE_GRAD=inv is not None, FOUND_INF=found is not None,
                                 WRITE_GRAD=amp_scaled, STOCH_ROUND=sr)
         bucket.run(self._rule, flags, gptr, coeffs, found, keys)
+        if not self._advance_first:
+            self._advance(group, bucket, step, found)
 
     def _sparse_step(self, group, params):
         raise RuntimeError(self._sparse_error)

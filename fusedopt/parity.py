@@ -66,7 +66,8 @@ def run(impl, name, dtype, groups, steps=20, seed=0, backend=None, cls=None, dev
             out += ps
         return out, None
     if cls is None:
-        cls = getattr(fusedopt, name) if impl == "fusedopt" else getattr(torch.optim, name)
+        cls = getattr(fusedopt, name)
+        cls = cls if impl == "fusedopt" else cls.twin()
     pgroups = []
     for (params, _), (_, hp) in zip(data, groups):
         pgroups.append(dict(params=[torch.nn.Parameter(p.clone().to(device)) for p in params], **hp))
@@ -141,6 +142,9 @@ CASES = {
     "RAdam": [dict(decoupled_weight_decay=d) for d in (False, True)],
     "NAdam": [dict(decoupled_weight_decay=d) for d in (False, True)]
     + [dict(momentum_decay=0.02)],
+    # t0 at its default (1e6) the average is a copy of the params; small, a running mean
+    "ASGD": [{}, dict(t0=5), dict(t0=2, lambd=1e-2, alpha=0.6)],
+    "Lion": [{}, dict(betas=(0.5, 0.9))],
 }
 _ADAM_HP = [dict(lr=1e-2), dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6), dict(lr=2e-3, betas=(0.3, 0.9)),
             dict(lr=1e-2, betas=(0.5, 0.95))]  # beta1 < 0.5: torch's lerp switches formula
@@ -154,6 +158,8 @@ GROUP_HP = {
     "Adadelta": [dict(lr=1.0), dict(lr=0.5, rho=0.95, eps=1e-5), dict(lr=2.0, rho=0.3),
                  dict(lr=1.0, rho=0.6)],
     "Rprop": [dict(lr=1e-2), dict(lr=3e-3), dict(lr=2e-2), dict(lr=1e-3)],
+    "ASGD": [dict(lr=1e-2), dict(lr=3e-2), dict(lr=2e-3), dict(lr=5e-2)],
+    "Lion": [dict(lr=1e-3), dict(lr=3e-4, betas=(0.8, 0.95)), dict(lr=2e-3), dict(lr=1e-4)],
 }
 CROSS = [dict(maximize=False, weight_decay=0), dict(maximize=True, weight_decay=0.1),
          dict(maximize=False, weight_decay=0.05), dict(maximize=True, weight_decay=0)]

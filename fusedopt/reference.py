@@ -129,17 +129,44 @@ def nadam(p, g, st, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, momentum_decay=4e-3,
     g = _regularize(p, g, hp, coupled=not decoupled_weight_decay)
     mu = beta1 * (1 - 0.5 * 0.96 ** (t * momentum_decay))
     mu_next = beta1 * (1 - 0.5 * 0.96 ** ((t + 1) * momentum_decay))
-    # torch keeps mu_product in its scalar dtype (float32 unless the default is float64)
-    dt = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-    prod = st["mu_product"] = float(torch.tensor(st.get("mu_product", 1.0), dtype=dt) * mu)
+    # torch multiplies in its scalar dtype (float32 unless the default is float64)
+    prod = st["mu_product"] = float(torch.tensor(_scalar(st.get("mu_product", 1.0))) * mu)
     m = st["exp_avg"] = beta1 * st.get("exp_avg", 0 * p) + (1 - beta1) * g
     v = st["exp_avg_sq"] = beta2 * st.get("exp_avg_sq", 0 * p) + (1 - beta2) * g * g
     denom = (v / (1 - beta2 ** t)).sqrt() + eps
     p.sub_(lr * (1 - mu) / (1 - prod) * g / denom + lr * mu_next / (1 - prod * mu_next) * m / denom)
 
 
+def _scalar(x):
+    # torch keeps per-param scalar state (NAdam's mu_product, ASGD's eta and mu) in its
+    # scalar dtype: float32 unless the default dtype is float64
+    dt = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    return float(torch.tensor(x, dtype=dt))
+
+
+def asgd(p, g, st, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, **hp):
+    # eta and mu are last step's: the update uses them, then they are moved
+    t = st["step"] = st.get("step", 0) + 1
+    eta, mu = st.get("eta", _scalar(lr)), st.get("mu", 1.0)
+    g = _regularize(p, g, hp)
+    p.mul_(1 - lambd * eta).sub_(eta * g)
+    st["ax"] = p.clone() if mu == 1 else st["ax"] + mu * (p - st["ax"])
+    st["eta"] = _scalar(lr / (1 + lambd * lr * t) ** alpha)
+    st["mu"] = _scalar(1 / max(1, t - t0))
+
+
+def lion(p, g, st, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, **hp):
+    # Chen et al. (2023), Algorithm 2: the update is the sign of an interpolation of the
+    # momentum and the gradient; the momentum then moves with beta2; decay decoupled
+    beta1, beta2 = betas
+    g = _regularize(p, g, hp, coupled=False)
+    m = st.get("exp_avg", 0 * p)
+    p.mul_(1 - lr * weight_decay).sub_(lr * torch.sign(beta1 * m + (1 - beta1) * g))
+    st["exp_avg"] = beta2 * m + (1 - beta2) * g
+
+
 ALGORITHMS = {f.__name__: f for f in (adam, adamw, adamax, rmsprop, adagrad, sgd, adadelta,
-                                      rprop, radam, nadam)}
+                                      rprop, radam, nadam, asgd, lion)}
 
 
 def step(name, params, grads, states, **hp):

@@ -191,11 +191,38 @@ def rprop(p, g, prev, step_size, unused_c, etaplus, etaminus, lo, hi, one, wd, l
     return p, g, step_size, unused_c
 
 
+def asgd(p, g, ax, unused_b, unused_c, decay, eta, mu, copy_at, wd, l1, h6, h7, h8, h9, h10,
+         h11):
+    # torch's order: p * (1 - lambd * eta) (decay, rounded), then p - eta * g (add with
+    # alpha), then the average: a copy of p where mu == 1 (non-capturable torch copies),
+    # else ax + (p - ax) * mu.  copy_at is 1, or NaN where torch always blends (capturable)
+    g = regularize(p, g, wd, l1)
+    p = ops.fma(-eta, g, p * decay)
+    ax = ops.where(mu == copy_at, p, ax + (p - ax) * mu)
+    return p, ax, unused_b, unused_c
+
+
+def lion(p, g, m, unused_b, unused_c, decay, lr, beta1, beta1_rest, beta2, beta2_rest, one, l1,
+         h8, h9, h10, h11):
+    # lion-pytorch's order (fusedopt/lion.py): p * (1 - lr * wd), the sign of
+    # m * beta1 + (1 - beta1) * g (add with alpha: fused), p - lr * sign (likewise), then
+    # m * beta2 + (1 - beta2) * g.  Weight decay is decoupled (the DECOUPLED flag).  `one`
+    # stands for 1 (no literals); the sign of 0 is 0, of NaN NaN, as torch's sign
+    if WEIGHT_DECAY:
+        p = p * decay
+    g = regularize(p, g, decay, l1)
+    zero = one - one
+    c = ops.fma(beta1_rest, g, m * beta1)
+    p = ops.fma(-lr, ops.where(c > zero, one, ops.where(c < zero, -one, c)), p)
+    m = ops.fma(beta2_rest, g, m * beta2)
+    return p, m, unused_b, unused_c
+
+
 def scale(p, g, a, b, c, factor, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11):
     # not an optimizer: clip_grad_norm_'s multiply, run with the gradients as `p`
     return p * factor, a, b, c
 
 
 RULES = {f.__name__: f for f in (adam, adamax, rmsprop, adagrad, sgd, adadelta, rprop, radam,
-                                  nadam, scale)}
+                                  nadam, asgd, lion, scale)}
 HELPERS = (lerp, regularize)

@@ -67,7 +67,7 @@ def pair(build, name="AdamW", **hp):
     hp = hp or dict(lr=0.01, weight_decay=0.1)
     ours, theirs = build(), build()
     return ((ours, getattr(fusedopt, name)(ours.parameters(), **hp)),
-            (theirs, getattr(torch.optim, name)(theirs.parameters(), foreach=False, **hp)))
+            (theirs, getattr(fusedopt, name).twin()(theirs.parameters(), foreach=False, **hp)))
 
 
 def ddp(rank, world, mesh, out):

@@ -62,7 +62,7 @@ def test_unscale_in_kernel(name, dtype, backend):
     assert fused._step_supports_amp_scaling
     separate = getattr(fusedopt, name)(params(dtype), backend=backend, **HP[name])
     separate._step_supports_amp_scaling = False  # GradScaler unscales in a pass of its own
-    theirs = getattr(torch.optim, name)(params(dtype), foreach=False, **HP[name])
+    theirs = getattr(fusedopt, name).twin()(params(dtype), foreach=False, **HP[name])
     scales = train(fused)
     assert train(separate) == scales and train(theirs, check_skips=False) == scales
     assert len(set(scales)) > 1  # the scale moved: backed off at inf, grew in between

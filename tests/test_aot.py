@@ -20,6 +20,8 @@ VARIANTS = {
     "rprop": (dict(MAXIMIZE=True, L1=True), 3),
     "radam": (dict(DECOUPLED=True, WEIGHT_DECAY=True, LERP_SMALL=False), 3),
     "nadam": (dict(DECOUPLED=True, WEIGHT_DECAY=True, MAXIMIZE=True), 3),
+    "asgd": (dict(WEIGHT_DECAY=True, MAXIMIZE=True), 1),
+    "lion": (dict(WEIGHT_DECAY=True, DECOUPLED=True, MAXIMIZE=True), 1),
     "scale": ({}, 0),  # clip_grad_norm_'s multiply
 }
 

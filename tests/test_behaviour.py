@@ -22,7 +22,7 @@ def _pair(name, backend="numba", **hp):
     b = [torch.nn.Parameter(p.detach().clone()) for p in a]
     hp = {**HP[name], **hp}
     return (getattr(fusedopt, name)(a, backend=backend, **hp),
-            getattr(torch.optim, name)(b, foreach=False, **hp))
+            getattr(fusedopt, name).twin()(b, foreach=False, **hp))
 
 
 def _grads(opts, seed, skip=()):
@@ -40,13 +40,14 @@ def _flat(opt):
 @pytest.mark.parametrize("name", NAMES)
 def test_signature_is_torchs_plus_extras(name):
     ours = inspect.signature(getattr(fusedopt, name)).parameters
-    theirs = inspect.signature(getattr(torch.optim, name)).parameters
+    theirs = inspect.signature(getattr(fusedopt, name).twin()).parameters
     assert list(ours)[:len(theirs)] == list(theirs)
     assert all(ours[k].default == theirs[k].default for k in theirs)
     assert list(ours)[len(theirs):] == ["backend", "l1", "max_grad_norm", "state_dtype",
                                         "master_weights", "stochastic_rounding", "flat"]
     assert all(ours[k].kind == inspect.Parameter.KEYWORD_ONLY for k in list(ours)[len(theirs):])
-    assert issubclass(getattr(fusedopt, name), getattr(torch.optim, name))
+    # torch.optim's own class, but for Lion (not in torch)
+    assert getattr(fusedopt, name).twin() is getattr(torch.optim, name, fusedopt.lion.LionForLoop)
 
 
 BAD = [("Adam", dict(lr=-1.0)), ("Adam", dict(eps=-1.0)), ("Adam", dict(betas=(1.0, 0.9))),
@@ -54,13 +55,16 @@ BAD = [("Adam", dict(lr=-1.0)), ("Adam", dict(eps=-1.0)), ("Adam", dict(betas=(1
        ("Adamax", dict(betas=(0.9, 1.0))), ("RMSprop", dict(momentum=-0.5)), ("RMSprop", dict(alpha=-1.0)),
        ("Adagrad", dict(lr_decay=-1.0)), ("Adagrad", dict(initial_accumulator_value=-1.0)),
        ("SGD", dict(nesterov=True)), ("SGD", dict(momentum=0.9, nesterov=True, dampening=0.1)),
-       ("SGD", dict(lr=-0.1)), ("Adam", dict(lr=torch.tensor([1e-3, 1e-3])))]
+       ("SGD", dict(lr=-0.1)), ("Adam", dict(lr=torch.tensor([1e-3, 1e-3]))),
+       ("ASGD", dict(lr=-1.0)), ("ASGD", dict(weight_decay=-1.0)), ("Lion", dict(lr=-1.0)),
+       ("Lion", dict(betas=(1.0, 0.9))), ("Lion", dict(betas=(0.9, -0.1))),
+       ("Lion", dict(weight_decay=-1.0)), ("Lion", dict(lr=torch.tensor([1e-3, 1e-3])))]
 
 
 @pytest.mark.parametrize("name,kw", BAD, ids=[f"{n}-{list(k)[0]}" for n, k in BAD])
 def test_bad_hyperparameters_raise_torchs_errors(name, kw):
     with pytest.raises(Exception) as theirs:
-        getattr(torch.optim, name)(_params(), **kw)
+        getattr(fusedopt, name).twin()(_params(), **kw)
     with pytest.raises(type(theirs.value)) as ours:
         getattr(fusedopt, name)(_params(), **kw)
     assert str(ours.value) == str(theirs.value)
@@ -95,7 +99,7 @@ def test_sparse_embedding_matches_torch(name, kw):
     embs[1].load_state_dict(embs[0].state_dict())
     dense = [torch.nn.Parameter(torch.ones(3)) for _ in range(2)]
     opts = [getattr(fusedopt, name)([embs[0].weight, dense[0]], lr=0.1, **kw),
-            getattr(torch.optim, name)([embs[1].weight, dense[1]], lr=0.1, foreach=False, **kw)]
+            getattr(fusedopt, name).twin()([embs[1].weight, dense[1]], lr=0.1, foreach=False, **kw)]
     for step in range(4):
         idx = torch.randint(0, 50, (10,), generator=torch.Generator().manual_seed(step))
         for e, d, o in zip(embs, dense, opts):
@@ -232,7 +236,7 @@ def test_training_loop_matches_torch(name):
     x = torch.randn(256, 8, generator=gen)
     y = (x[:, :1] * 2 - x[:, 1:2]).sin()
     curves = []
-    for cls, kw in ((getattr(fusedopt, name), {}), (getattr(torch.optim, name), {"foreach": False})):
+    for cls, kw in ((getattr(fusedopt, name), {}), (getattr(fusedopt, name).twin(), {"foreach": False})):
         m = model()
         opt = cls(m.parameters(), **HP[name], **kw)
         losses = []
@@ -254,7 +258,7 @@ def test_reference_matches_torch_float64():
         for hp in (HP[name], {**HP[name], **extra}):
             ps = [p.detach().double() for p in _params(shapes=((100,), (4, 4)))]
             tp = [torch.nn.Parameter(p.clone()) for p in ps]
-            opt = getattr(torch.optim, name)(tp, foreach=False, **hp)
+            opt = getattr(fusedopt, name).twin()(tp, foreach=False, **hp)
             states = [{} for _ in ps]
             for s in range(10):
                 gen = torch.Generator().manual_seed(s)
@@ -275,7 +279,7 @@ def test_complex_and_noncontiguous_params(name):
     base = [torch.randn(6, 5, dtype=torch.complex64, generator=gen), torch.randn(5, 4, generator=gen).t()]
     ours = [torch.nn.Parameter(b.clone()) for b in base]
     theirs = [torch.nn.Parameter(b.clone()) for b in base]
-    opts = (getattr(fusedopt, name)(ours, **HP[name]), getattr(torch.optim, name)(theirs, foreach=False, **HP[name]))
+    opts = (getattr(fusedopt, name)(ours, **HP[name]), getattr(fusedopt, name).twin()(theirs, foreach=False, **HP[name]))
     for s in range(4):
         g = [torch.randn(b.shape, dtype=b.dtype, generator=gen) for b in base]
         g[1] = torch.randn(5, 4, generator=gen).t()  # non-contiguous grad

@@ -127,7 +127,7 @@ def test_max_grad_norm(name, amp, backend):
     scaler = (lambda: torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)) if amp else (lambda: None)
     folded = getattr(fusedopt, name)(make()[0], lr=1e-2, backend=backend, max_grad_norm=1.0)
     separate = getattr(fusedopt, name)(make()[0], lr=1e-2, backend=backend)
-    theirs = getattr(torch.optim, name)(make()[0], lr=1e-2, foreach=False)
+    theirs = getattr(fusedopt, name).twin()(make()[0], lr=1e-2, foreach=False)
     _loop(folded, None, scaler())
     _loop(separate, lambda ps, m: fusedopt.clip_grad_norm_(ps, m, backend=backend), scaler())
     _loop(theirs, torch.nn.utils.clip_grad_norm_, scaler())

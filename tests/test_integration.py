@@ -18,7 +18,8 @@ HP = {"Adam": dict(lr=1e-2, amsgrad=True), "AdamW": dict(lr=1e-2, weight_decay=0
       "Adamax": dict(lr=1e-2), "RMSprop": dict(lr=1e-3, momentum=0.9, centered=True),
       "Adagrad": dict(lr=1e-2, lr_decay=0.01), "SGD": dict(lr=1e-2, momentum=0.9),
       "Adadelta": dict(lr=1.0, rho=0.8), "Rprop": dict(lr=1e-2),
-      "RAdam": dict(lr=1e-2, betas=(0.8, 0.95)), "NAdam": dict(lr=1e-2)}
+      "RAdam": dict(lr=1e-2, betas=(0.8, 0.95)), "NAdam": dict(lr=1e-2),
+      "ASGD": dict(lr=5e-2, t0=20), "Lion": dict(lr=3e-3)}
 SHAPES = [(5, 3), (7,), (1023,), (1,)]
 
 
@@ -32,7 +33,7 @@ def twins(name, ours_kw=None, theirs_kw=None, **hp):
     hp = {**HP[name], **hp}
     a, b = params(), params()
     return (getattr(fusedopt, name)(a, **hp, **(ours_kw or {})),
-            getattr(torch.optim, name)(b, foreach=False, **hp, **(theirs_kw or {})))
+            getattr(fusedopt, name).twin()(b, foreach=False, **hp, **(theirs_kw or {})))
 
 
 def set_grads(opts, seed):
@@ -115,7 +116,7 @@ def test_compile_op_registration():
 
 # ---------------------------------------------------------------- capturable
 
-CAPTURABLE = [n for n in NAMES if "capturable" in inspect.signature(getattr(torch.optim, n)).parameters]
+CAPTURABLE = [n for n in NAMES if "capturable" in inspect.signature(getattr(fusedopt, n).twin()).parameters]
 
 
 @pytest.mark.parametrize("name", CAPTURABLE)

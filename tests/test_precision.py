@@ -37,7 +37,7 @@ def side_by_side(name, dtype, backend, rounded_twin, **kw):
     ours = make(dtype)
     opt = getattr(fusedopt, name)(ours, backend=backend, **kw, **HP[name])
     twin = [torch.nn.Parameter(p.detach().float()) for p in ours]
-    ref = getattr(torch.optim, name)(twin, foreach=False, **HP[name])
+    ref = getattr(fusedopt, name).twin()(twin, foreach=False, **HP[name])
     exact, exact_state = [p.detach().double() for p in ours], [{} for _ in ours]
     for s in range(8):
         gs = grads(ours, s)

@@ -25,7 +25,7 @@ def _twins(name, shapes=((5, 3), (7,), (65537,), (1,)), backend="numba", ours=No
     ps = [[torch.nn.Parameter(t.clone()) for t in init] for _ in range(2)]
     hp = {**HP[name], **kw}
     return ps, (getattr(fusedopt, name)(ps[0], backend=backend, **hp, **(ours or {})),
-                getattr(torch.optim, name)(ps[1], foreach=False, **hp))
+                getattr(fusedopt, name).twin()(ps[1], foreach=False, **hp))
 
 
 def _grads(ps, seed):

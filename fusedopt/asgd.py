@@ -1,0 +1,49 @@
+"""ASGD: torch.optim.ASGD with a fused multi-tensor step (torch has no fused one)."""
+import torch
+
+from .bucket import scalar_dtype
+from .optimizer import FusedOptimizer, signature_with
+
+
+class ASGD(FusedOptimizer, torch.optim.ASGD):
+    _rule = "asgd"
+    _sparse_error = "ASGD does not support sparse gradients"
+    _scalars = ("eta", "mu")
+    _advance_first = False  # torch's step uses the eta and mu of the step before
+
+    def _slots(self, group):
+        return ("ax", None, None)
+
+    def _flags(self, group):
+        return {}
+
+    def _inplace_updates(self, group):
+        return 2  # torch's for-loop: param.mul_, then param.add_
+
+    def _init_state(self, group, p, state):
+        state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
+        # torch's first eta is the lr (a tensor lr read without a host sync)
+        state["eta"] = torch.as_tensor(group["lr"]).to(scalar_dtype()).detach().clone()
+        state["mu"] = torch.tensor(1.0, dtype=scalar_dtype())
+
+    def _coefficients(self, group, step, f64, eta, mu):
+        # torch's _single_tensor_asgd: p * (1 - lambd * eta), p - eta * g; the average is
+        # a copy where mu is 1 unless capturable (NaN equals nothing: always the blend)
+        copy_at = float("nan") if group["capturable"] else 1.0
+        return (1 - group["lambd"] * eta, eta, mu, copy_at, group["weight_decay"], group["l1"])
+
+    def _advance(self, group, bucket, step, found_inf):
+        # after the update: eta = lr / (1 + lambd * lr * step) ** alpha, mu = 1 / max(1,
+        # step - t0), in float64 (torch: Python floats; capturable: the counters' dtype),
+        # stored in the state's scalar dtype; a skipped step (found_inf) leaves them
+        lr, lambd, alpha, t0 = group["lr"], group["lambd"], group["alpha"], group["t0"]
+        eta = lr / ((1 + lambd * lr * step) ** alpha)
+        mu = 1 / torch.clamp(step - t0, min=1) if torch.is_tensor(step) else 1 / max(1, step - t0)
+        for name, new in (("eta", eta), ("mu", mu)):
+            buf = bucket.scalars[name]
+            if found_inf is not None:
+                new = torch.where(found_inf.to(buf.device) != 0, buf, new)
+            buf.copy_(new) if torch.is_tensor(new) else buf.fill_(new)
+
+
+ASGD.__signature__ = signature_with(torch.optim.ASGD)
