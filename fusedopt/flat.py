@@ -17,6 +17,8 @@ the current values into a fresh buffer; between rebuilds nothing is copied.
 import numpy as np
 import torch
 
+from . import host
+
 
 def alias(buffer, offset, like):
     """A tensor of ``like``'s shape over ``buffer[offset:offset + like.numel()]``."""
@@ -59,3 +61,36 @@ class Buffers:
         itemsize = self.grad.element_size()
         self.grad_ptrs = self.grad.data_ptr() + self.offsets * itemsize
         self.numel = total
+
+
+def buffers_of(opt, group):
+    """(the group's Buffers, whether every grad is still its alias), or (None, False)
+    where the group has no single flat plan or a param moved (p.data = ..., .half())."""
+    plan = opt._plans.get(id(group))
+    if not (group.get("flat") and plan is not None and plan.single
+            and plan.buckets[0][1].buffers is not None
+            and plan.valid(opt, group, group["params"], None)):
+        return None, False
+    buffers = plan.buckets[0][1].buffers
+    P, G, _ = host.read(group["params"], [])
+    if not np.array_equal(P, plan.pfacts):
+        return None, False
+    return buffers, np.array_equal(G[:, 0], buffers.grad_ptrs)
+
+
+def zero(opt, group):
+    """zero_grad(set_to_none=False) for a flat group: one fill of its grad buffer.  Fresh
+    grads (after set_to_none or model.zero_grad(); every param has one) are replaced by
+    the buffer's zeroed aliases.  False where the group is not flat or its grads no
+    longer fit the buffer: torch's zero_grad does it."""
+    buffers, aliased = buffers_of(opt, group)
+    if buffers is None:
+        return False
+    if not aliased:
+        _, G, _ = host.read(group["params"], [])
+        if not np.array_equal(G[:, 1:], opt._plans[id(group)].gwant):
+            return False
+        for p, off in zip(group["params"], buffers.offsets.tolist()):
+            p.grad = alias(buffers.grad, off, p)
+    buffers.grad.zero_()
+    return True

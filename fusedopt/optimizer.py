@@ -144,40 +144,10 @@ class FusedOptimizer:
         # flat=True: grads still aliases of a plan's buffer are zeroed in one fill each
         # (torch zeroes them one by one); set_to_none is torch's (grads become None)
         if not set_to_none and self._plans:
-            rest = [g for g in self.param_groups if not self._zero_flat(g)]
+            rest = [g for g in self.param_groups if not flat.zero(self, g)]
             if not rest:
                 return
         super().zero_grad(set_to_none)
-
-    def _zero_flat(self, group):
-        buffers, aliased = self._flat_buffers(group)
-        if buffers is None:
-            return False
-        if not aliased:
-            # fresh grads (after set_to_none or model.zero_grad()): every param has one,
-            # so zeroing them may as well put the buffer's zeroed aliases in their place
-            plan = self._plans[id(group)]
-            _, G, _ = host.read(group["params"], [])
-            if not np.array_equal(G[:, 1:], plan.gwant):
-                return False
-            for p, off in zip(group["params"], buffers.offsets.tolist()):
-                p.grad = flat.alias(buffers.grad, off, p)
-        buffers.grad.zero_()
-        return True
-
-    def _flat_buffers(self, group):
-        """flat=True: (the group's buffers, whether every grad is still its alias), or
-        (None, False) where the group has no single flat plan."""
-        plan = self._plans.get(id(group))
-        if not (group.get("flat") and plan is not None and plan.single
-                and plan.buckets[0][1].buffers is not None
-                and plan.valid(self, group, group["params"], None)):
-            return None, False
-        buffers = plan.buckets[0][1].buffers
-        P, G, _ = host.read(group["params"], [])
-        if not np.array_equal(P, plan.pfacts):  # a param moved (p.data = ..., .half())
-            return None, False
-        return buffers, np.array_equal(G[:, 0], buffers.grad_ptrs)
 
     def add_param_group(self, param_group):
         for k, v in getattr(self, "_extras", {}).items():
@@ -259,7 +229,7 @@ class FusedOptimizer:
             # grads), the factor applied by the kernel with the unscale
             # flat=True, every grad its buffer's alias: the norm over the buffers (one
             # range each), not over each grad
-            flats = [self._flat_buffers(g) for g in self.param_groups]
+            flats = [flat.buffers_of(self, g) for g in self.param_groups]
             grads = [b.grad for b, aliased in flats] if all(a for _, a in flats) \
                 else [p.grad for p in self._with_grads()]
             norm = clip.total_norm(grads, 2.0, self._backend)

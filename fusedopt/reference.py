@@ -19,15 +19,21 @@ def _regularize(p, g, hp, coupled=True):
     return g
 
 
+def _adam_moments(p, g, st, lr, betas, decoupled, hp):
+    # the Adam family's first half: weight decay (decoupled or L2), then both moments
+    if decoupled:
+        p.mul_(1 - lr * hp.get("weight_decay", 0))
+    g = _regularize(p, g, hp, coupled=not decoupled)
+    m = st["exp_avg"] = betas[0] * st.get("exp_avg", 0 * p) + (1 - betas[0]) * g
+    v = st["exp_avg_sq"] = betas[1] * st.get("exp_avg_sq", 0 * p) + (1 - betas[1]) * g * g
+    return g, m, v
+
+
 def adam(p, g, st, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, amsgrad=False,
          decoupled_weight_decay=False, **hp):
     beta1, beta2 = betas
     t = st["step"] = st.get("step", 0) + 1
-    if decoupled_weight_decay:
-        p.mul_(1 - lr * hp.get("weight_decay", 0))
-    g = _regularize(p, g, hp, coupled=not decoupled_weight_decay)
-    m = st["exp_avg"] = beta1 * st.get("exp_avg", 0 * p) + (1 - beta1) * g
-    v = st["exp_avg_sq"] = beta2 * st.get("exp_avg_sq", 0 * p) + (1 - beta2) * g * g
+    _, m, v = _adam_moments(p, g, st, lr, betas, decoupled_weight_decay, hp)
     if amsgrad:
         v = st["max_exp_avg_sq"] = torch.maximum(st.get("max_exp_avg_sq", 0 * p), v)
     m_hat = m / (1 - beta1 ** t)
@@ -105,11 +111,7 @@ def radam(p, g, st, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, decoupled_weight_deca
           **hp):
     beta1, beta2 = betas
     t = st["step"] = st.get("step", 0) + 1
-    if decoupled_weight_decay:
-        p.mul_(1 - lr * hp.get("weight_decay", 0))
-    g = _regularize(p, g, hp, coupled=not decoupled_weight_decay)
-    m = st["exp_avg"] = beta1 * st.get("exp_avg", 0 * p) + (1 - beta1) * g
-    v = st["exp_avg_sq"] = beta2 * st.get("exp_avg_sq", 0 * p) + (1 - beta2) * g * g
+    _, m, v = _adam_moments(p, g, st, lr, betas, decoupled_weight_decay, hp)
     m_hat = m / (1 - beta1 ** t)
     rho_inf = 2 / (1 - beta2) - 1
     rho_t = rho_inf - 2 * t * beta2 ** t / (1 - beta2 ** t)
@@ -124,15 +126,11 @@ def nadam(p, g, st, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, momentum_decay=4e-3,
           decoupled_weight_decay=False, **hp):
     beta1, beta2 = betas
     t = st["step"] = st.get("step", 0) + 1
-    if decoupled_weight_decay:
-        p.mul_(1 - lr * hp.get("weight_decay", 0))
-    g = _regularize(p, g, hp, coupled=not decoupled_weight_decay)
+    g, m, v = _adam_moments(p, g, st, lr, betas, decoupled_weight_decay, hp)
     mu = beta1 * (1 - 0.5 * 0.96 ** (t * momentum_decay))
     mu_next = beta1 * (1 - 0.5 * 0.96 ** ((t + 1) * momentum_decay))
     # torch multiplies in its scalar dtype (float32 unless the default is float64)
     prod = st["mu_product"] = float(torch.tensor(_scalar(st.get("mu_product", 1.0))) * mu)
-    m = st["exp_avg"] = beta1 * st.get("exp_avg", 0 * p) + (1 - beta1) * g
-    v = st["exp_avg_sq"] = beta2 * st.get("exp_avg_sq", 0 * p) + (1 - beta2) * g * g
     denom = (v / (1 - beta2 ** t)).sqrt() + eps
     p.sub_(lr * (1 - mu) / (1 - prod) * g / denom + lr * mu_next / (1 - prod * mu_next) * m / denom)
 

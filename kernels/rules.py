@@ -58,15 +58,22 @@ def regularize(p, g, wd, l1):
     return g
 
 
-def adam(p, g, m, v, vmax, step_size, bc2_sqrt, w, w_rest, beta2, beta2_rest, eps, wd, l1,
-         unused, h10, h11):
-    # DECOUPLED (AdamW): p *= 1 - lr * wd, with 1 - lr * wd passed as `wd`
+def adam_moments(p, g, m, v, w, w_rest, beta2, beta2_rest, wd, l1):
+    # the Adam family's first half (Adam, AdamW, RAdam, NAdam): weight decay, decoupled
+    # (p *= 1 - lr * wd, passed as `wd`) or L2, then torch's exp_avg.lerp_(g, 1 - beta1)
+    # and exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     if DECOUPLED:
         if WEIGHT_DECAY:
             p = p * wd
     g = regularize(p, g, wd, l1)
     m = lerp(m, g, w, w_rest)
     v = ops.fma(beta2_rest * g, g, v * beta2)
+    return p, g, m, v
+
+
+def adam(p, g, m, v, vmax, step_size, bc2_sqrt, w, w_rest, beta2, beta2_rest, eps, wd, l1,
+         unused, h10, h11):
+    p, g, m, v = adam_moments(p, g, m, v, w, w_rest, beta2, beta2_rest, wd, l1)
     d = v
     if AMSGRAD:
         vmax = ops.maximum(vmax, v)
@@ -129,12 +136,7 @@ def nadam(p, g, m, v, unused_c, w, w_rest, beta2, beta2_rest, bc2, eps, c_grad, 
           h10, h11):
     # torch's order: Adam's moments, denom = sqrt(v / bc2) + eps, then two addcdiv: the
     # gradient's share (c_grad) and the momentum's (c_avg), each rounded into p
-    if DECOUPLED:
-        if WEIGHT_DECAY:
-            p = p * wd
-    g = regularize(p, g, wd, l1)
-    m = lerp(m, g, w, w_rest)
-    v = ops.fma(beta2_rest * g, g, v * beta2)
+    p, g, m, v = adam_moments(p, g, m, v, w, w_rest, beta2, beta2_rest, wd, l1)
     denom = ops.sqrt(ops.div(v, bc2)) + eps
     p = p + ops.div(c_grad * g, denom)
     p = p + ops.div(c_avg * m, denom)
@@ -147,12 +149,7 @@ def radam(p, g, m, v, unused_c, lr, bc1, bc2_sqrt, w, w_rest, beta2, beta2_rest,
     # variance is tractable (rect > 0, computed per step on the host), else
     # p - (m / bc1) * lr; adaptive = bc2_sqrt / (sqrt(v) + eps) as torch's float / tensor
     # computes it: the reciprocal, then a product (bc1 / bc1 is an exact 1: no literals)
-    if DECOUPLED:
-        if WEIGHT_DECAY:
-            p = p * wd
-    g = regularize(p, g, wd, l1)
-    m = lerp(m, g, w, w_rest)
-    v = ops.fma(beta2_rest * g, g, v * beta2)
+    p, g, m, v = adam_moments(p, g, m, v, w, w_rest, beta2, beta2_rest, wd, l1)
     step = ops.div(m, bc1) * lr
     adaptive = ops.div(ops.div(bc1, bc1), ops.sqrt(v) + eps) * bc2_sqrt
     rectified = step * adaptive * rect
@@ -225,4 +222,4 @@ def scale(p, g, a, b, c, factor, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11):
 
 RULES = {f.__name__: f for f in (adam, adamax, rmsprop, adagrad, sgd, adadelta, rprop, radam,
                                   nadam, asgd, lion, scale)}
-HELPERS = (lerp, regularize)
+HELPERS = (lerp, regularize, adam_moments)

@@ -4,7 +4,6 @@ the parity check still fails on a real 1-ulp error in our kernels, whether this 
 torch is correctly rounded or not (simulated both ways); and a parity subset passes under
 other dispatch settings of torch and numba than this machine's own."""
 import json
-import math
 import os
 import subprocess
 import sys
