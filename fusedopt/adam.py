@@ -1,7 +1,6 @@
 """Adam, AdamW and Adamax: torch.optim's classes with a fused multi-tensor step."""
 import torch
 
-from .bucket import scalar_dtype
 from .optimizer import FusedOptimizer, lerp_rest, lerp_small, signature_with
 
 
@@ -20,13 +19,6 @@ class Adam(FusedOptimizer, torch.optim.Adam):
     def _inplace_updates(self, group):
         # torch's for-loop: param.mul_ for decoupled weight decay, then param.addcdiv_
         return 2 if group["decoupled_weight_decay"] and group["weight_decay"] != 0 else 1
-
-    def _init_state(self, group, p, state):
-        state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if group["amsgrad"]:
-            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def _coefficients(self, group, step, f64):
         # torch's _single_tensor_adam, scalar by scalar
@@ -56,10 +48,6 @@ class Adamax(FusedOptimizer, torch.optim.Adamax):
 
     def _flags(self, group):
         return {"LERP_SMALL": lerp_small(1 - group["betas"][0])}
-
-    def _init_state(self, group, p, state):
-        Adam._init_state(self, {"amsgrad": False}, p, state)
-        state["exp_inf"] = state.pop("exp_avg_sq")
 
     def _coefficients(self, group, step, f64):
         lr, (beta1, beta2) = group["lr"], group["betas"]

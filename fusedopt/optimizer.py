@@ -53,7 +53,8 @@ class FusedOptimizer:
     """Mixin placed before a torch.optim class: ``class Adam(FusedOptimizer, torch.optim.Adam)``.
 
     Subclasses define ``_rule`` (a name in kernels/rules.py), ``_sparse_error`` and
-    ``_slots``, ``_flags``, ``_coefficients``, ``_init_state``.
+    ``_slots``, ``_flags``, ``_coefficients``; ``_init_state`` only where a state entry
+    starts as something other than zeros (the plan creates the slots, in the state dtype).
     """
 
     _rule = None

@@ -1,7 +1,6 @@
 """RMSprop: torch.optim.RMSprop with a fused multi-tensor step (torch has no fused RMSprop)."""
 import torch
 
-from .adam import Adam
 from .optimizer import FusedOptimizer, lerp_rest, lerp_small, signature_with
 
 
@@ -16,15 +15,6 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
     def _flags(self, group):
         return {"CENTERED": bool(group["centered"]), "MOMENTUM": group["momentum"] > 0,
                 "LERP_SMALL": lerp_small(1 - group["alpha"])}
-
-    def _init_state(self, group, p, state):
-        Adam._init_state(self, {"amsgrad": False}, p, state)
-        del state["exp_avg"], state["exp_avg_sq"]
-        state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if group["momentum"] > 0:
-            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if group["centered"]:
-            state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def _coefficients(self, group, step, f64):
         alpha = group["alpha"]
