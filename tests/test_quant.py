@@ -1,0 +1,69 @@
+"""Block-wise 8-bit quantization (fusedopt/quant.py): the dynamic map, nearest codes,
+per-block absmax, the error bound, and the map against bitsandbytes' where installed."""
+import pytest
+import torch
+
+from fusedopt import quant
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_dynamic_map_shape(signed):
+    q = quant.dynamic_map(signed).double()
+    assert q.numel() == 256 and torch.all(q[1:] > q[:-1])  # 256 distinct values, sorted
+    assert q[-1] == 1 and (q == 0).sum() == 1
+    if signed:  # symmetric but for 1: 127 positive values and their negatives
+        pos, neg = q[q > 0], q[q < 0]
+        assert pos.numel() == 128 and torch.equal(-neg.flip(0), pos[:-1])
+    else:
+        assert q[0] == 0 and (q > 0).sum() == 255
+    # base-10 exponents: smallest nonzero magnitude 10^-6 times a midpoint of [0.1, 1]
+    small = q[q > 0].min().item()
+    assert 1e-7 < small < 1e-6
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_dynamic_map_is_bitsandbytes(signed):
+    bnb = pytest.importorskip("bitsandbytes.functional",
+                              reason="bitsandbytes is not installed (not a test extra)")
+    assert torch.equal(quant.dynamic_map(signed), bnb.create_dynamic_map(signed))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("n", [1, 255, 256, 257, 4096 + 3])
+def test_codes_are_nearest_per_block(signed, n):
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=gen, dtype=torch.float64) * torch.rand(n, generator=gen) ** 6
+    x = x if signed else x.abs()
+    q = quant.dynamic_map(signed)
+    codes, absmax = quant.quantize(x, q)
+    assert codes.dtype == torch.uint8 and codes.shape == x.shape
+    blocks = -(-n // quant.BLOCK)
+    assert absmax.shape == (blocks,)
+    for b in range(blocks):
+        part = x[b * quant.BLOCK:(b + 1) * quant.BLOCK]
+        assert absmax[b] == part.abs().max().float()
+    scale = absmax.double().repeat_interleave(quant.BLOCK)[:n]
+    normed = x / scale
+    best = (q.double()[None, :] - normed[:, None]).abs().argmin(dim=1)
+    assert torch.equal(codes.long(), best)
+    # the error: at most half the gap to the neighbouring map value, times absmax; below
+    # the signed map's lowest value (-0.99297) the whole way to -1
+    back = quant.dequantize(codes, absmax, q, torch.float64)
+    q = q.double()
+    gaps = torch.diff(q) / 2
+    down, up = torch.cat([gaps[:1], gaps]), torch.cat([gaps, gaps[-1:]])
+    if signed:
+        down[0] = q[0] + 1
+    # (absmax is kept in float32: |x| / absmax may pass 1 by its rounding, 2^-24)
+    bound = (torch.maximum(down, up)[codes.long()] + 2.0 ** -23) * scale
+    assert torch.all((back - x).abs() <= bound)
+
+
+def test_zero_block_and_extremes():
+    q = quant.dynamic_map(True)
+    x = torch.zeros(600, dtype=torch.float64)
+    x[300], x[301] = -3.0, 3.0
+    codes, absmax = quant.quantize(x, q)
+    assert absmax[0] == 0 and absmax[1] == 3 and absmax[2] == 0
+    back = quant.dequantize(codes, absmax, q, torch.float64)
+    assert back[0] == 0 and back[300] == 3.0 * q[0].item() and back[301] == 3.0
