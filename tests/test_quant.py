@@ -67,3 +67,42 @@ def test_zero_block_and_extremes():
     assert absmax[0] == 0 and absmax[1] == 3 and absmax[2] == 0
     back = quant.dequantize(codes, absmax, q, torch.float64)
     assert back[0] == 0 and back[300] == 3.0 * q[0].item() and back[301] == 3.0
+
+
+def test_8bit_reference_adam_trains_as_float64_adam():
+    """The float64 reference of 8-bit Adam (dequantize, step, quantize) against plain
+    float64 Adam on a least-squares problem: the loss curves within 1 % of each other at
+    every step (measured: 0.1 %; first moments quantized with the unsigned map, which
+    drops their negative values, go 11.5 % off), its state really held as codes, and a
+    param under the threshold keeping float64 state."""
+    from fusedopt import reference
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(256, 64, generator=gen, dtype=torch.float64)
+    y = torch.randn(256, generator=gen, dtype=torch.float64)
+    shapes = [(64, 80), (80,)]  # 5120 elements: 8-bit; 80: float64
+
+    def loss_and_grads(ws):
+        w, b = (t.detach().requires_grad_() for t in ws)
+        loss = ((A @ w @ torch.ones(80, dtype=torch.float64) / 80 + b.mean() - y) ** 2).mean()
+        loss.backward()
+        return loss.item(), [w.grad, b.grad]
+
+    curves, states = {}, {}
+    for eight in (False, True):
+        ws = [torch.randn(s, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 0.1
+              for s in shapes]
+        st, curve = [{}, {}], []
+        for _ in range(100):
+            loss, gs = loss_and_grads(ws)
+            curve.append(loss)
+            if eight:
+                reference.step_8bit("adam", ws, gs, st, {"exp_avg": True, "exp_avg_sq": False},
+                                    lr=1e-2)
+            else:
+                reference.step("adam", ws, gs, st, lr=1e-2)
+        curves[eight], states[eight] = torch.tensor(curve), st
+    print("final loss float64", curves[False][-1].item(), "8-bit", curves[True][-1].item())
+    assert ((curves[True] - curves[False]).abs() / curves[False]).max() <= 0.01
+    codes, absmax = states[True][0]["exp_avg"]
+    assert codes.dtype == torch.uint8 and absmax.shape == (5120 // quant.BLOCK,)
+    assert states[True][1]["exp_avg"].dtype == torch.float64
