@@ -2,11 +2,11 @@
 # One command on a fresh CUDA machine (torch + triton installed, no network needed): the
 # GPU-only tests, the GPU benchmark and the compiled-Triton parity suite, everything
 # written under bench/results/gpu-<device>/ (and packed into $OUT when that is set).
-#   bash bench/gpu.sh            # stage limits: FUSEDOPT_GPU_LIMITS="tests bench parity" seconds
+#   bash bench/gpu.sh            # stage limits: FUSEDOPT_GPU_LIMITS="tests bench parity breadth" seconds
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
-read -r t_tests t_bench t_parity <<< "${FUSEDOPT_GPU_LIMITS:-150 300 300}"
+read -r t_tests t_bench t_parity t_breadth <<< "${FUSEDOPT_GPU_LIMITS:-150 300 300 200}"
 py=$(command -v python3 || command -v python)
 # offline install: no build isolation (it would fetch setuptools); if even that fails, put
 # the kernels where the package expects them and run from the tree
@@ -27,6 +27,12 @@ timeout "$t_bench" $py -m fusedopt bench --repeats 5 \
     --workloads gpt2-124m,llama-1b,many-small,tiny --json "$out/bench.json" 2>&1 | tee "$out/bench.txt"
 $py -c "import json, sys; from fusedopt import benchmark as b; d = json.load(open(sys.argv[1])); \
 b.plot(d['rows'], sys.argv[2], d['machine']['device'])" "$out/bench.json" "$out/bench.png" || true
+# the host/device split of one step, fusedopt beside torch's fused Adam (issue: host work)
+timeout 120 $py bench/profile_step.py --workload gpt2-124m --out "$out/profile-gpt2.txt" > /dev/null 2>&1
+timeout 120 $py bench/profile_step.py --workload many-small --out "$out/profile-many-small.txt" > /dev/null 2>&1
+# the algorithms torch has no fused path for (and Lion, against lion-pytorch where installed)
+timeout "$t_breadth" $py -m fusedopt bench --repeats 5 --optim adadelta,rprop,radam,nadam,asgd,lion \
+    --workloads gpt2-124m,many-small --json "$out/bench-breadth.json" 2>&1 | tee "$out/bench-breadth.txt"
 # parity of the compiled engine on CUDA tensors against torch.optim (CPU) and float64
 timeout "$t_parity" $py -m fusedopt parity --backends triton --steps 20 --device cuda \
     --json "$out/parity.json" 2>&1 | tee "$out/parity.txt"
