@@ -5,7 +5,7 @@ others (constructor, validation, state format, the anchor of the parity tests, t
 fallback for params the engines do not take); ``Lion`` is the fused step."""
 import torch
 
-from .optimizer import FusedOptimizer, signature_with
+from .optimizer import FusedOptimizer, closure_loss, signature_with
 
 
 class LionForLoop(torch.optim.Optimizer):
@@ -26,10 +26,7 @@ class LionForLoop(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             lr, (beta1, beta2), wd = float(group["lr"]), group["betas"], group["weight_decay"]
             for p in group["params"]:

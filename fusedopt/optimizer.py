@@ -208,10 +208,7 @@ class FusedOptimizer:
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         if torch.compiler.is_compiling():
             live = self._with_grads()
             _step_op(self._handle, live, [p.grad for p in live])
@@ -384,6 +381,14 @@ class FusedOptimizer:
         flags.update(self._flags(group))
         # a tensor-valued hyperparameter (momentum=torch.tensor(0.9)) gives tensor flags
         return tuple(sorted((k, bool(v)) for k, v in flags.items()))
+
+
+def closure_loss(closure):
+    """step(closure)'s loss, as torch.optim computes it: the closure run with grad enabled."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def lerp_rest(w, f64):
