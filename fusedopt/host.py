@@ -12,6 +12,7 @@ use and kept under ~/.cache/fusedopt (or $FUSEDOPT_BUILD_DIR), one build per tor
 version.  Without a compiler, or with FUSEDOPT_HOST=python, the same facts are read in
 Python: the same proof, only slower (a warning says why the helper is missing).
 """
+import hashlib
 import itertools
 import operator
 import os
@@ -32,10 +33,14 @@ _native = None  # the compiled helper once loaded, False where it cannot be
 def _build():
     from torch.utils import cpp_extension
     src = os.path.join(os.path.dirname(sys.modules["fusedopt.kernels"].__file__), "host.cpp")
-    # one build per torch and Python: an extension built against another torch's headers
-    # must never be loaded (its view of a tensor's layout could differ)
+    # one build per torch, Python and helper source: an extension built against another
+    # torch's headers must never be loaded (its view of a tensor's layout could differ),
+    # and two versions of fusedopt on one machine must not rebuild each other's helper
+    # in one directory (a process could load the other's)
+    with open(src, "rb") as f:
+        source = hashlib.sha256(f.read()).hexdigest()[:12]
     tag = re.sub(r"[^\w.+-]", "_", f"torch{torch.__version__}-{torch.version.git_version[:12]}"
-                                   f"-py{sys.version_info.major}{sys.version_info.minor}")
+                                   f"-py{sys.version_info.major}{sys.version_info.minor}-{source}")
     root = os.environ.get("FUSEDOPT_BUILD_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "fusedopt")
     build = os.path.join(root, "host-" + tag)
