@@ -1,5 +1,6 @@
 """fusedopt: fused multi-tensor optimizers (Numba on CPU, Triton on GPU), drop-in for torch.optim."""
 from .adadelta import Adadelta
+from .adafactor import Adafactor
 from .adagrad import Adagrad
 from .adam import Adam, Adamax, AdamW
 from .clip import clip_grad_norm_
@@ -14,6 +15,6 @@ try:  # the CPU engine: numba's one-time setup belongs to import, not to the fir
 except ImportError:  # numba missing: the Triton engine still works
     pass
 
-__all__ = ["Adam", "AdamW", "Adamax", "RMSprop", "Adagrad", "SGD", "Adadelta", "Rprop", "RAdam",
+__all__ = ["Adafactor", "Adam", "AdamW", "Adamax", "RMSprop", "Adagrad", "SGD", "Adadelta", "Rprop", "RAdam",
            "NAdam", "clip_grad_norm_"]
 __version__ = "0.1.0"
