@@ -29,6 +29,9 @@ OPTIMS = {
     "rprop": ("Rprop", dict(lr=1e-3), (4, 3)),
     "radam": ("RAdam", dict(lr=1e-3), (4, 3)),
     "nadam": ("NAdam", dict(lr=1e-3), (4, 3)),
+    # three passes: p and g (norm, row/column sums), g (the update's norm), p and g -> p
+    # (the factors are O(rows + cols): not counted)
+    "adafactor": ("Adafactor", dict(lr=1e-2), (5, 1)),
 }
 # mixed precision: fusedopt's options, the params' dtype, clipping, and our bytes per param
 # (the roof streams as many bytes).  torch has no float32 state for bfloat16 params: its

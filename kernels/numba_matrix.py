@@ -12,6 +12,14 @@ from . import numba_ops, rules
 from .numba_engine import _IO, _PARALLEL, _SOURCE_HASH, _kernels, _voidptr, JIT
 
 
+@numba.njit(inline="always", **JIT)
+def _kahan(s, c, x):
+    # s + x with the running compensation c (no fastmath here: the order is kept)
+    y = x - c
+    t = s + y
+    return t, (t - s) - y
+
+
 def _matrix_template(KEY, MASK, DT, SDT):
     # Each tensor viewed as matrices (leading dims folded): F[t] = (columns, rows per
     # matrix, numel); a chunk is rows RS..RE of one matrix.  Slot a is read per row, b per
@@ -37,10 +45,12 @@ def _matrix_template(KEY, MASK, DT, SDT):
             mat = RS[ci] // nrow
             cp = COFF[ci]
             tot = np.float64(0)
+            tc = np.float64(0)  # Kahan: a long float64 sum of float64 squares stays exact
             if REDUCE:
                 CPART[cp:cp + ncol] = 0
             for row in range(RS[ci], RE[ci]):
                 racc = np.float64(0)
+                rc = np.float64(0)
                 base = row * ncol
                 for j in range(ncol):
                     pv = load(p[base + j])
@@ -53,8 +63,8 @@ def _matrix_template(KEY, MASK, DT, SDT):
                     if REDUCE:
                         x2 = np.float64(x) * np.float64(x)
                         y2 = np.float64(y) * np.float64(y)
-                        tot += x2
-                        racc += y2
+                        tot, tc = _kahan(tot, tc, x2)
+                        racc, rc = _kahan(racc, rc, y2)
                         CPART[cp + j] += y2
                     else:
                         p[base + j] = store(x)

@@ -62,14 +62,14 @@ def _matrix_kernel(P, G, S0, S1, S2, C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS, C
             offs = rows[:, None] * ncol + cols[None, :]
             p = _widen(tl.load(pp + offs, mask=mask, other=0), KIND)
             g = _widen(tl.load(gp + offs, mask=mask, other=0), KIND)
-            a = p
-            b = p
-            c = p
+            a = tl.where(mask, p, 1)  # unused slots: no 0 / 0 in masked lanes
+            b = a
+            c = a
             if MASK & 1:
-                a = _widen(tl.load(ap + rows[:, None], mask=rmask[:, None], other=0), SKIND)
+                a = _widen(tl.load(ap + rows[:, None], mask=rmask[:, None], other=1), SKIND)
             if MASK & 2:
                 b = _widen(tl.load(bp + mat * ncol + cols[None, :], mask=cmask[None, :],
-                                   other=0), SKIND)
+                                   other=1), SKIND)
             if MASK & 4:
                 c = _widen(tl.load(cp + mat), SKIND)
             x, y, _b, _c = rule(p, g, a, b, c, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11)

@@ -20,6 +20,9 @@ VARIANTS = {
     "rprop": (dict(MAXIMIZE=True, L1=True), 3),
     "radam": (dict(DECOUPLED=True, WEIGHT_DECAY=True, LERP_SMALL=False), 3),
     "nadam": (dict(DECOUPLED=True, WEIGHT_DECAY=True, MAXIMIZE=True), 3),
+    # the update kernel over the rule alone (fusedopt runs it in the matrix kernel:
+    # test_matrix_kernel_compiles)
+    "adafactor": (dict(DECOUPLED=True, WEIGHT_DECAY=True, MAXIMIZE=True, L1=True), 0),
     "scale": ({}, 0),  # clip_grad_norm_'s multiply
 }
 
