@@ -17,6 +17,11 @@ from .optimizer import FusedOptimizer, signature_with
 _UNSUPPORTED = ("max_grad_norm", "master_weights", "stochastic_rounding", "state_dtype")
 
 
+def _sqrt(t):
+    # correctly rounded (numpy's IEEE sqrt): torch's CPU sqrt is not on every machine
+    return torch.as_tensor(np.sqrt(t.numpy())) if t.device.type == "cpu" else t.sqrt()
+
+
 class Adafactor(FusedOptimizer, torch.optim.Adafactor):
     _rule = "adafactor"
     _sparse_error = "Adafactor does not support sparse gradients"
@@ -64,7 +69,7 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
             bucket.shapes, bucket.tables = shapes, Tables(shapes, bucket.backend, bucket.device)
         tab, dev = bucket.tables, bucket.device
         x = {k: torch.as_tensor(getattr(tab, k), device=dev) for k in
-             ("F", "factored", "row_tensor", "col_tensor", "mat_rows", "row_mat")}
+             ("F", "factored", "row_tensor", "col_tensor")}
         lr, (eps1, eps2), d = float(group["lr"]), group["eps"], group["d"]
         if eps1 is None:  # torch: the first param with a grad decides
             eps1 = torch.finfo(next(p for p in group["params"] if p.grad is not None).dtype).eps
@@ -80,7 +85,8 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
         flags = dict(self._all_flags(group), REDUCE=True)
         one = rows.new_ones(1)
         # pass 1: |p|**2 (alpha), g**2 per row and column
-        psq, rsum, csum = self._call(bucket, tab, flags, 0, gptr, (rows, cols, one), (wd, l1))
+        psq, rsum, csum = self._call(bucket, tab, flags, 0, gptr, (rows, cols, one, one),
+                                     (wd, l1))
         op = torch.float64 if dt == torch.float64 else torch.float32
         w = step ** group["beta2_decay"]
         weight = (lambda idx: w) if not torch.is_tensor(w) else \
@@ -88,25 +94,28 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
         # torch: norm(g, dim).square_().div_(size): rounded in the param's dtype at each op
         F, flat = x["F"], ~x["factored"][x["row_tensor"]]
         ncol = F[x["row_tensor"], 0].to(op)
-        mean = torch.where(flat, rsum.to(dt), ((rsum.sqrt().to(dt) ** 2).to(op) / ncol).to(dt))
+        mean = torch.where(flat, rsum.to(dt), ((_sqrt(rsum).to(dt) ** 2).to(op) / ncol).to(dt))
         rows.lerp_(mean, weight(x["row_tensor"]))
         if colv:
             nrow = F[x["col_tensor"], 1].to(op)
-            cols.lerp_(((csum.sqrt().to(dt) ** 2).to(op) / nrow).to(dt), weight(x["col_tensor"]))
-            # torch: row_var.mean(dim=-2).clamp_(min=eps1), per matrix
-            means = torch.zeros(len(x["mat_rows"]), dtype=torch.float64, device=dev)
-            means = means.index_add_(0, x["row_mat"], rows[~flat].double()) / x["mat_rows"]
-            means = means.to(dt).clamp(min=eps1)
+            cols.lerp_(((_sqrt(csum).to(dt) ** 2).to(op) / nrow).to(dt), weight(x["col_tensor"]))
+            # torch: row_var.mean(dim=-2).clamp_(min=eps1), torch's own mean per param (its
+            # summation order: a float64 mean must agree with torch's to the last bit)
+            parts = rows.split([v.numel() for v in rowv])
+            means = torch.cat([r.view(v.shape).mean(-2).reshape(-1)
+                               for r, v in zip(parts, rowv) if v.dim() > 1]).clamp(min=eps1)
         else:
             means = one
         # pass 2: |update|**2 (denom); pass 3: the update
-        vecs, co = (rows, cols, means), (wd, l1, eps1 * eps1, 1.0)
+        vecs, co = (rows, cols, means, one), (wd, l1, eps1 * eps1, 1.0)
         usq = self._call(bucket, tab, dict(flags, SECOND=True), 7, gptr, vecs, co)[0]
-        n = torch.as_tensor(bucket.numel, dtype=torch.float64, device=usq.device).sqrt()
-        rho = torch.clamp(torch.as_tensor(step, dtype=torch.float64) ** -0.5, max=lr)
-        alpha = psq.sqrt().to(dt).double() / n
+        # torch's Python floats: max(eps2, |p| / sqrt(n)) * min(lr, 1 / sqrt(step)) and
+        # max(1, |update| / (sqrt(n) * d)), the norms rounded to the param's dtype
+        n = _sqrt(torch.as_tensor(bucket.numel, dtype=torch.float64)).to(usq.device)
+        rho = torch.clamp(1 / _sqrt(torch.as_tensor(step, dtype=torch.float64)), max=lr)
+        alpha = _sqrt(psq).to(dt).double() / n
         alpha = torch.where(alpha > eps2, alpha, eps2) * rho.to(usq.device)
-        denom = usq.sqrt().to(dt).double() / (n * d)
+        denom = _sqrt(usq).to(dt).double() / (n * d)
         denom = torch.where(denom > 1.0, denom, 1.0)
         self._call(bucket, tab, dict(flags, REDUCE=False), 7, gptr, vecs, (*co, -alpha / denom))
         for _, p, w in bucket.work:
@@ -117,17 +126,17 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
                 torch._foreach_copy_(vs, [a.view(v.shape) for a, v in zip(parts, vs)])
 
     def _call(self, bucket, tab, flags, mask, gptr, vecs, coeffs):
-        # one engine call: the small vectors' addresses per tensor (a 1-D param's column
-        # factor and mean: the last vector, a 1), the coefficients per tensor
+        # one engine call: the small vectors' addresses per tensor (vecs: rows, columns,
+        # means, and a 1 for a 1-D param's column factor and mean), coefficients per tensor
         C = bucket.C
         C.zero_()
         for j, c in enumerate(coeffs):
             C[:, j] = c.to(C.device) if torch.is_tensor(c) else c
-        rows, cols, one = vecs[0], vecs[1], vecs[-1]
+        rows, cols, means, one = vecs
         size = rows.element_size()
         S = np.stack([rows.data_ptr() + tab.roff * size,
                       np.where(tab.factored, cols.data_ptr() + tab.cbase * size, one.data_ptr()),
-                      np.where(tab.factored, vecs[2].data_ptr() + tab.mbase * size,
+                      np.where(tab.factored, means.data_ptr() + tab.mbase * size,
                                one.data_ptr())]).astype(np.int64)
         flags = tuple(sorted(flags.items()))
         dts = (bucket.dtype, bucket.dtype)

@@ -49,8 +49,7 @@ class Tables:
         self.cidx = np.where(factored[t], np.array(cbase[:-1], np.int64)[t]
                              + mat * self.F[t, 0] + j, self.ncolsum)
         self.max_cols = int(self.F[:, 0].max()) if len(F) else 1
-        # for the caller's ops on the small vectors: each row's and column's tensor, each
-        # factored matrix's rows, each row's matrix (numbered over the factored tensors)
+        # for the caller's ops on the small vectors: each row's and column's tensor
         nmat = np.where(self.F[:, 1] * self.F[:, 0] > 0,
                         self.F[:, 2] // np.maximum(self.F[:, 1] * self.F[:, 0], 1), 0)
         self.factored = factored
@@ -58,8 +57,6 @@ class Tables:
         self.mbase = np.concatenate([[0], np.cumsum(np.where(factored, nmat, 0))])[:-1]
         self.row_tensor = np.repeat(np.arange(len(F)), nmat * self.F[:, 1])
         self.col_tensor = np.repeat(np.arange(len(F)), np.where(factored, nmat * self.F[:, 0], 0))
-        self.mat_rows = np.repeat(self.F[:, 1], np.where(factored, nmat, 0))
-        self.row_mat = np.repeat(np.arange(len(self.mat_rows)), self.mat_rows)
         if backend != "numba":
             self.dev = {k: on_device(getattr(self, k), device)
                         for k in ("tid", "rs", "re", "F", "roff", "coff", "cidx")}
@@ -70,13 +67,14 @@ class Tables:
         if self.backend == "numba":
             from .kernels import numba_matrix
             tot, rows = np.zeros(nchunk), np.zeros(self.nrows if reduce else 0)
-            part = np.zeros(len(self.cidx) if reduce else 0)
+            part = np.zeros(2 * len(self.cidx) if reduce else 0)  # sums, compensations
             numba_matrix.run_matrix(rule, flags, dtypes, mask, P, G, S, C, self.tid, self.rs,
                                     self.re, self.F, self.roff, self.coff, tot, rows, part)
             if not reduce:
                 return None
             per = np.bincount(self.tid, tot, len(self.F))
-            cols = np.bincount(self.cidx, part, self.ncolsum + 1)[:-1]
+            half = len(self.cidx)
+            cols = np.bincount(self.cidx, part[:half] - part[half:], self.ncolsum + 1)[:-1]
             return tuple(torch.from_numpy(a) for a in (per, rows, cols))
         from .kernels import triton_matrix
         d = self.dev

@@ -26,7 +26,8 @@ def _matrix_template(KEY, MASK, DT, SDT):
     # column of the matrix, c once per matrix (read-only: small vectors, never stored).
     # REDUCE: sums of squares instead of stores, in float64 -- the rule's first output per
     # chunk (TOT), its second per row (ROWS, at the tensor's row offset ROFF) and per
-    # column (this chunk's partials in CPART from COFF; the caller adds them up)
+    # column (this chunk's partials in CPART from COFF, their compensations in its second
+    # half; the caller adds them up)
     def kernel(P, G, S0, S1, S2, C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS, CPART):
         if KEY == 0:
             return
@@ -46,8 +47,10 @@ def _matrix_template(KEY, MASK, DT, SDT):
             cp = COFF[ci]
             tot = np.float64(0)
             tc = np.float64(0)  # Kahan: a long float64 sum of float64 squares stays exact
+            half = CPART.shape[0] // 2  # column sums, then their Kahan compensations
             if REDUCE:
                 CPART[cp:cp + ncol] = 0
+                CPART[half + cp:half + cp + ncol] = 0
             for row in range(RS[ci], RE[ci]):
                 racc = np.float64(0)
                 rc = np.float64(0)
@@ -65,12 +68,13 @@ def _matrix_template(KEY, MASK, DT, SDT):
                         y2 = np.float64(y) * np.float64(y)
                         tot, tc = _kahan(tot, tc, x2)
                         racc, rc = _kahan(racc, rc, y2)
-                        CPART[cp + j] += y2
+                        CPART[cp + j], CPART[half + cp + j] = _kahan(
+                            CPART[cp + j], CPART[half + cp + j], y2)
                     else:
                         p[base + j] = store(x)
                 if REDUCE:
-                    ROWS[ROFF[t] + row] = racc
-            TOT[ci] = tot
+                    ROWS[ROFF[t] + row] = racc - rc
+            TOT[ci] = tot - tc
     return kernel
 
 
