@@ -14,10 +14,13 @@ from .numba_engine import _IO, _PARALLEL, _SOURCE_HASH, _kernels, _voidptr, JIT
 
 @numba.njit(inline="always", **JIT)
 def _kahan(s, c, x):
-    # s + x with the running compensation c (no fastmath here: the order is kept)
-    y = x - c
+    # s + x * x with the running compensation c (s - c is the sum; no fastmath here: the
+    # order is kept), the square's own rounding error (an fma) folded into c: float64
+    # squares of float64 values are not exact
+    x2 = x * x
+    y = x2 - c
     t = s + y
-    return t, (t - s) - y
+    return t, ((t - s) - y) - numba_ops.fma(x, x, -x2)
 
 
 def _matrix_template(KEY, MASK, DT, SDT):
@@ -64,12 +67,11 @@ def _matrix_template(KEY, MASK, DT, SDT):
                     x, y, _, _ = rule(pv, gv, av, bv, cv, h0, h1, h2, h3, h4, h5, h6, h7, h8,
                                       h9, h10, h11)
                     if REDUCE:
-                        x2 = np.float64(x) * np.float64(x)
-                        y2 = np.float64(y) * np.float64(y)
-                        tot, tc = _kahan(tot, tc, x2)
-                        racc, rc = _kahan(racc, rc, y2)
+                        y = np.float64(y)
+                        tot, tc = _kahan(tot, tc, np.float64(x))
+                        racc, rc = _kahan(racc, rc, y)
                         CPART[cp + j], CPART[half + cp + j] = _kahan(
-                            CPART[cp + j], CPART[half + cp + j], y2)
+                            CPART[cp + j], CPART[half + cp + j], y)
                     else:
                         p[base + j] = store(x)
                 if REDUCE:
