@@ -70,7 +70,9 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
         tab, dev = bucket.tables, bucket.device
         x = {k: torch.as_tensor(getattr(tab, k), device=dev) for k in
              ("F", "factored", "row_tensor", "col_tensor")}
-        lr, (eps1, eps2), d = float(group["lr"]), group["eps"], group["d"]
+        lr, (eps1, eps2), d = group["lr"], group["eps"], group["d"]
+        if torch.is_tensor(lr):  # torch reads it as a Python float; here no host sync
+            lr = lr.to(torch.float64)
         if eps1 is None:  # torch: the first param with a grad decides
             eps1 = torch.finfo(next(p for p in group["params"] if p.grad is not None).dtype).eps
         st = [self.state[p] for p in ps]
@@ -112,7 +114,8 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
         # torch's Python floats: max(eps2, |p| / sqrt(n)) * min(lr, 1 / sqrt(step)) and
         # max(1, |update| / (sqrt(n) * d)), the norms rounded to the param's dtype
         n = _sqrt(torch.as_tensor(bucket.numel, dtype=torch.float64)).to(usq.device)
-        rho = torch.clamp(1 / _sqrt(torch.as_tensor(step, dtype=torch.float64)), max=lr)
+        rho = torch.minimum(1 / _sqrt(torch.as_tensor(step, dtype=torch.float64)),
+                            torch.as_tensor(lr, dtype=torch.float64))
         alpha = _sqrt(psq).to(dt).double() / n
         alpha = torch.where(alpha > eps2, alpha, eps2) * rho.to(usq.device)
         denom = _sqrt(usq).to(dt).double() / (n * d)
