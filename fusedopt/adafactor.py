@@ -10,11 +10,12 @@ row "sums" are g**2 and its variance is its row factor (column factor and mean: 
 import numpy as np
 import torch
 
+from . import host
 from .bucket import on_device, scalar_dtype
 from .matrix import Tables
 from .optimizer import FusedOptimizer, signature_with
 
-_UNSUPPORTED = ("max_grad_norm", "master_weights", "stochastic_rounding", "state_dtype")
+_UNSUPPORTED = ("master_weights", "stochastic_rounding", "state_dtype")
 
 
 def _sqrt(t):
@@ -25,7 +26,6 @@ def _sqrt(t):
 class Adafactor(FusedOptimizer, torch.optim.Adafactor):
     _rule = "adafactor"
     _sparse_error = "Adafactor does not support sparse gradients"
-    _step_supports_amp_scaling = False  # as torch's: GradScaler unscales before step()
 
     def __init__(self, *args, **kwargs):
         for k in _UNSUPPORTED:
@@ -67,28 +67,31 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
         shapes = tuple(p.shape for p in ps)
         if getattr(bucket, "shapes", None) != shapes:  # cached with the plan, for its shapes
             bucket.shapes, bucket.tables = shapes, Tables(shapes, bucket.backend, bucket.device)
+            bucket.factors = None
         tab, dev = bucket.tables, bucket.device
-        x = {k: torch.as_tensor(getattr(tab, k), device=dev) for k in
-             ("F", "factored", "row_tensor", "col_tensor")}
+        if bucket.factors is None:
+            bucket.factors = self._rehome(group, bucket, tab)
+        rows, cols, x = bucket.factors
         lr, (eps1, eps2), d = group["lr"], group["eps"], group["d"]
         if torch.is_tensor(lr):  # torch reads it as a Python float; here no host sync
             lr = lr.to(torch.float64)
         if eps1 is None:  # torch: the first param with a grad decides
             eps1 = torch.finfo(next(p for p in group["params"] if p.grad is not None).dtype).eps
-        st = [self.state[p] for p in ps]
-        rowv = [s["row_var"] if "row_var" in s else s["variance"] for s in st]
-        colv = [s["col_var"] for s in st if "col_var" in s]
-        rows = torch.cat([v.reshape(-1) for v in rowv])
-        cols = torch.cat([v.reshape(-1) for v in colv]) if colv else rows.new_ones(1)
         for _, p, w in bucket.work:
             w.copy_(p)
         step = bucket.step_value(False)
         wd, l1 = 1 - lr * group["weight_decay"], group["l1"]
-        flags = dict(self._all_flags(group), REDUCE=True)
+        # the gradient's factor (GradScaler's 1 / scale, max_grad_norm's clipping) in every
+        # pass, the scaled gradient written back by the last (under GradScaler)
+        inv, _, scaled = amp
+        if inv is not None:
+            inv = float(inv) if inv.device.type == "cpu" else inv.to(dev)
+        flags = dict(self._all_flags(group, SCALE_GRAD=inv is not None), REDUCE=True)
+        h = (0.0,) * 6 + (inv,) if inv is not None else ()
         one = rows.new_ones(1)
         # pass 1: |p|**2 (alpha), g**2 per row and column
         psq, rsum, csum = self._call(bucket, tab, flags, 0, gptr, (rows, cols, one, one),
-                                     (wd, l1))
+                                     (wd, l1, 0.0, 0.0, 0.0, *h))
         op = torch.float64 if dt == torch.float64 else torch.float32
         w = step ** group["beta2_decay"]
         weight = (lambda idx: w) if not torch.is_tensor(w) else \
@@ -98,19 +101,18 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
         ncol = F[x["row_tensor"], 0].to(op)
         mean = torch.where(flat, rsum.to(dt), ((_sqrt(rsum).to(dt) ** 2).to(op) / ncol).to(dt))
         rows.lerp_(mean, weight(x["row_tensor"]))
-        if colv:
+        if len(x["col_tensor"]):
             nrow = F[x["col_tensor"], 1].to(op)
             cols.lerp_(((_sqrt(csum).to(dt) ** 2).to(op) / nrow).to(dt), weight(x["col_tensor"]))
-            # torch: row_var.mean(dim=-2).clamp_(min=eps1), torch's own mean per param (its
-            # summation order: a float64 mean must agree with torch's to the last bit)
-            parts = rows.split([v.numel() for v in rowv])
-            means = torch.cat([r.view(v.shape).mean(-2).reshape(-1)
-                               for r, v in zip(parts, rowv) if v.dim() > 1]).clamp(min=eps1)
+            # torch: row_var.mean(dim=-2).clamp_(min=eps1), per matrix (summed in float64)
+            means = torch.zeros(len(x["mat_rows"]), dtype=torch.float64, device=dev)
+            means = means.index_add_(0, x["row_mat"], rows[~flat].double()) / x["mat_rows"]
+            means = means.to(dt).clamp(min=eps1)
         else:
             means = one
         # pass 2: |update|**2 (denom); pass 3: the update
         vecs, co = (rows, cols, means, one), (wd, l1, eps1 * eps1, 1.0)
-        usq = self._call(bucket, tab, dict(flags, SECOND=True), 7, gptr, vecs, co)[0]
+        usq = self._call(bucket, tab, dict(flags, SECOND=True), 7, gptr, vecs, (*co, 0.0, *h))[0]
         # torch's Python floats: max(eps2, |p| / sqrt(n)) * min(lr, 1 / sqrt(step)) and
         # max(1, |update| / (sqrt(n) * d)), the norms rounded to the param's dtype
         n = _sqrt(torch.as_tensor(bucket.numel, dtype=torch.float64)).to(usq.device)
@@ -120,13 +122,46 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
         alpha = torch.where(alpha > eps2, alpha, eps2) * rho.to(usq.device)
         denom = _sqrt(usq).to(dt).double() / (n * d)
         denom = torch.where(denom > 1.0, denom, 1.0)
-        self._call(bucket, tab, dict(flags, REDUCE=False), 7, gptr, vecs, (*co, -alpha / denom))
+        self._call(bucket, tab, dict(flags, REDUCE=False, WRITE_GRAD=scaled), 7, gptr, vecs,
+                   (*co, -alpha / denom, *h))
         for _, p, w in bucket.work:
             p.copy_(w)
-        for vs, flat_v in ((rowv, rows), (colv, cols)):
-            if vs:
-                parts = flat_v.split([v.numel() for v in vs])
-                torch._foreach_copy_(vs, [a.view(v.shape) for a, v in zip(parts, vs)])
+
+    def _rehome(self, group, bucket, tab):
+        """The factors (row_var or variance, col_var) of the bucket's params as views of
+        two buffers, kept with the plan: one op per step updates them all (as the step
+        counters, bucket.py).  A state entry replaced later rebuilds the plan, and this."""
+        states = [self.state[p] for p in bucket.params]
+        rk = ["row_var" if "row_var" in s else "variance" for s in states]
+        vs = [[(s, k, s.get(k)) for s, k in zip(states, rk)],
+              [(s, "col_var", s.get("col_var")) for s in states if "col_var" in s]]
+        for (s, k, v), p in zip(vs[0], bucket.params):  # torch's errors: a missing factor,
+            c = s.get("col_var")  # then its lerp_ on the wrong shape
+            if (k == "row_var") != (p.dim() > 1) or v is None:
+                raise AssertionError("row_var and col_var should be defined when grad is "
+                                     "multidimensional" if p.dim() > 1 else
+                                     "variance should be defined when grad is a vector")
+            if v.shape != self._state_shape(k, p) or \
+                    (c is not None and c.shape != self._state_shape("col_var", p)):
+                raise RuntimeError(f"state {k!r} of shape {tuple(v.shape)} does not fit a "
+                                   f"param of shape {tuple(p.shape)}")
+        bufs = []
+        for col in vs:
+            buf = torch.cat([v.reshape(-1) for _, _, v in col]) if col else \
+                torch.ones(1, dtype=bucket.params[0].dtype, device=bucket.device)
+            for (s, k, v), piece in zip(col, buf.split([v.numel() for _, _, v in col])
+                                        if col else ()):
+                s[k] = piece.view(v.shape)
+            bufs.append(buf)
+        plan = self._plans.get(id(group))
+        if plan is not None:  # our own writes: the plan stays, and watches the views (a
+            plan.changes = self.state.changes  # `.data =` on one rebuilds it)
+            plan.watched = plan.watched + [s[k] for col in vs for s, k, _ in col]
+            plan.pfacts, _, plan.wfacts = host.read([group["params"][i] for i in plan.take],
+                                                    plan.watched, plan.local)
+        x = {k: torch.as_tensor(getattr(tab, k), device=bucket.device) for k in
+             ("F", "factored", "row_tensor", "col_tensor", "mat_rows", "row_mat")}
+        return (*bufs, x)
 
     def _call(self, bucket, tab, flags, mask, gptr, vecs, coeffs):
         # one engine call: the small vectors' addresses per tensor (vecs: rows, columns,

@@ -49,7 +49,8 @@ class Tables:
         self.cidx = np.where(factored[t], np.array(cbase[:-1], np.int64)[t]
                              + mat * self.F[t, 0] + j, self.ncolsum)
         self.max_cols = int(self.F[:, 0].max()) if len(F) else 1
-        # for the caller's ops on the small vectors: each row's and column's tensor
+        # for the caller's ops on the small vectors: each row's and column's tensor, each
+        # factored matrix's rows, each factored row's matrix
         nmat = np.where(self.F[:, 1] * self.F[:, 0] > 0,
                         self.F[:, 2] // np.maximum(self.F[:, 1] * self.F[:, 0], 1), 0)
         self.factored = factored
@@ -57,6 +58,8 @@ class Tables:
         self.mbase = np.concatenate([[0], np.cumsum(np.where(factored, nmat, 0))])[:-1]
         self.row_tensor = np.repeat(np.arange(len(F)), nmat * self.F[:, 1])
         self.col_tensor = np.repeat(np.arange(len(F)), np.where(factored, nmat * self.F[:, 0], 0))
+        self.mat_rows = np.repeat(self.F[:, 1], np.where(factored, nmat, 0))
+        self.row_mat = np.repeat(np.arange(len(self.mat_rows)), self.mat_rows)
         if backend != "numba":
             self.dev = {k: on_device(getattr(self, k), device)
                         for k in ("tid", "rs", "re", "F", "roff", "coff", "cidx")}

@@ -350,7 +350,8 @@ class FusedOptimizer:
         if mult is not None:
             for p in params:
                 p.grad.mul_(mult.to(p.grad.device))
-        twin = next(c for c in type(self).__mro__ if c.__module__.startswith("torch.optim."))
+        twin = next(c for c in type(self).__mro__ if c.__module__.startswith("torch.optim.")
+                    or c.__module__ == "torch.optim")  # torch.optim.Adafactor's module
         saved = self.param_groups
         # the scaler's grad_scale and found_inf were for our kernels; the grads are unscaled
         scaler = {k: self.__dict__.pop(k) for k in ("grad_scale", "found_inf") if k in self.__dict__}

@@ -61,6 +61,11 @@ def _matrix_template(KEY, MASK, DT, SDT):
                 for j in range(ncol):
                     pv = load(p[base + j])
                     gv = load(g[base + j])
+                    if SCALE_GRAD:  # as the update kernel (rules.FLAGS)
+                        gs = store(gv * h11)
+                        if WRITE_GRAD:
+                            g[base + j] = gs
+                        gv = load(gs)
                     av = sload(a[row]) if MASK & 1 else pv
                     bv = sload(b[mat * ncol + j]) if MASK & 2 else pv
                     cv = sload(c[mat]) if MASK & 4 else pv
@@ -97,7 +102,7 @@ def run_matrix(rule, flags, dtypes, mask, P, G, S, C, TID, RS, RE, F, ROFF, COFF
                   .hexdigest()[:15], 16) | 1
         proto = _matrix_template(key, mask, dt, sdt)
         kgl = dict(globals(), rule=gl[rule], load=load, store=store, sload=sload,
-                   REDUCE=dict(flags)["REDUCE"])
+                   **{f: dict(flags)[f] for f in ("REDUCE", "SCALE_GRAD", "WRITE_GRAD")})
         code = types.FunctionType(proto.__code__, kgl, proto.__name__, None, proto.__closure__)
         code.__qualname__ = f"matrix_{rule}_{key:x}"
         fn = _kernels[k] = numba.njit(parallel=_PARALLEL[0], cache=True, **JIT)(code)

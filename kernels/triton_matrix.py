@@ -7,7 +7,7 @@ import triton.language as tl
 from .triton_engine import _INTERPRET, _kernels, _bind, _rebind, BLOCK, KINDS, NUM_WARPS
 
 # names the kernel reads from the globals _bind supplies
-_ptr = _widen = _narrow = rule = REDUCE = NCOEF = None
+_ptr = _widen = _narrow = rule = REDUCE = SCALE_GRAD = WRITE_GRAD = NCOEF = None
 
 
 @triton.jit
@@ -62,6 +62,11 @@ def _matrix_kernel(P, G, S0, S1, S2, C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS, C
             offs = rows[:, None] * ncol + cols[None, :]
             p = _widen(tl.load(pp + offs, mask=mask, other=0), KIND)
             g = _widen(tl.load(gp + offs, mask=mask, other=0), KIND)
+            if SCALE_GRAD:  # as the update kernel (rules.FLAGS)
+                gs = _narrow(g * h11, KIND)
+                if WRITE_GRAD:
+                    tl.store(gp + offs, gs, mask=mask)
+                g = _widen(gs, KIND)
             a = tl.where(mask, p, 1)  # unused slots: no 0 / 0 in masked lanes
             b = a
             c = a
