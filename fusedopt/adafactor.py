@@ -104,10 +104,12 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
         if len(x["col_tensor"]):
             nrow = F[x["col_tensor"], 1].to(op)
             cols.lerp_(((_sqrt(csum).to(dt) ** 2).to(op) / nrow).to(dt), weight(x["col_tensor"]))
-            # torch: row_var.mean(dim=-2).clamp_(min=eps1), per matrix (summed in float64)
-            means = torch.zeros(len(x["mat_rows"]), dtype=torch.float64, device=dev)
-            means = means.index_add_(0, x["row_mat"], rows[~flat].double()) / x["mat_rows"]
-            means = means.to(dt).clamp(min=eps1)
+            # torch: row_var.mean(dim=-2).clamp_(min=eps1): torch's mean (its summation
+            # order), over the matrices of each row count at once
+            means = rows.new_empty(len(x["mat_rows"]))
+            for r, idx, mats in x["means"]:
+                means[mats] = rows[idx].view(-1, r).mean(-1)
+            means = means.clamp(min=eps1)
         else:
             means = one
         # pass 2: |update|**2 (denom); pass 3: the update
@@ -131,7 +133,7 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
         """The factors (row_var or variance, col_var) of the bucket's params as views of
         two buffers, kept with the plan: one op per step updates them all (as the step
         counters, bucket.py).  A state entry replaced later rebuilds the plan, and this."""
-        states = [self.state[p] for p in bucket.params]
+        states, dev = [self.state[p] for p in bucket.params], bucket.device
         rk = ["row_var" if "row_var" in s else "variance" for s in states]
         vs = [[(s, k, s.get(k)) for s, k in zip(states, rk)],
               [(s, "col_var", s.get("col_var")) for s in states if "col_var" in s]]
@@ -160,7 +162,12 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
             plan.pfacts, _, plan.wfacts = host.read([group["params"][i] for i in plan.take],
                                                     plan.watched, plan.local)
         x = {k: torch.as_tensor(getattr(tab, k), device=bucket.device) for k in
-             ("F", "factored", "row_tensor", "col_tensor", "mat_rows", "row_mat")}
+             ("F", "factored", "row_tensor", "col_tensor", "mat_rows")}
+        rows_at = np.flatnonzero(tab.factored[tab.row_tensor])  # the factored rows
+        x["means"] = [(int(r), torch.as_tensor(rows_at[np.isin(tab.row_mat, m)], device=dev),
+                       torch.as_tensor(m, device=dev))
+                      for r in np.unique(tab.mat_rows)
+                      for m in [np.flatnonzero(tab.mat_rows == r)]]
         return (*bufs, x)
 
     def _call(self, bucket, tab, flags, mask, gptr, vecs, coeffs):
