@@ -10,9 +10,8 @@ row "sums" are g**2 and its variance is its row factor (column factor and mean: 
 import numpy as np
 import torch
 
-from . import host
-from .bucket import on_device, scalar_dtype
-from .matrix import Tables
+from .bucket import scalar_dtype
+from .matrix import Tables, as_views
 from .optimizer import FusedOptimizer, signature_with
 
 _UNSUPPORTED = ("master_weights", "stochastic_rounding", "state_dtype")
@@ -70,8 +69,8 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
             bucket.factors = None
         tab, dev = bucket.tables, bucket.device
         if bucket.factors is None:
-            bucket.factors = self._rehome(group, bucket, tab)
-        rows, cols, x = bucket.factors
+            bucket.factors = self._rehome(group, bucket)
+        (rows, cols), x = bucket.factors, tab.on(dev)
         lr, (eps1, eps2), d = group["lr"], group["eps"], group["d"]
         if torch.is_tensor(lr):  # torch reads it as a Python float; here no host sync
             lr = lr.to(torch.float64)
@@ -106,10 +105,7 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
             cols.lerp_(((_sqrt(csum).to(dt) ** 2).to(op) / nrow).to(dt), weight(x["col_tensor"]))
             # torch: row_var.mean(dim=-2).clamp_(min=eps1): torch's mean (its summation
             # order), over the matrices of each row count at once
-            means = rows.new_empty(len(x["mat_rows"]))
-            for r, idx, mats in x["means"]:
-                means[mats] = rows[idx].view(-1, r).mean(-1)
-            means = means.clamp(min=eps1)
+            means = tab.row_means(rows, x).clamp(min=eps1)
         else:
             means = one
         # pass 2: |update|**2 (denom); pass 3: the update
@@ -129,7 +125,7 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
         for _, p, w in bucket.work:
             p.copy_(w)
 
-    def _rehome(self, group, bucket, tab):
+    def _rehome(self, group, bucket):
         """The factors (row_var or variance, col_var) of the bucket's params as views of
         two buffers, kept with the plan: one op per step updates them all (as the step
         counters, bucket.py).  A state entry replaced later rebuilds the plan, and this."""
@@ -147,49 +143,11 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
                     (c is not None and c.shape != self._state_shape("col_var", p)):
                 raise RuntimeError(f"state {k!r} of shape {tuple(v.shape)} does not fit a "
                                    f"param of shape {tuple(p.shape)}")
-        bufs = []
-        for col in vs:
-            buf = torch.cat([v.reshape(-1) for _, _, v in col]) if col else \
-                torch.ones(1, dtype=bucket.params[0].dtype, device=bucket.device)
-            for (s, k, v), piece in zip(col, buf.split([v.numel() for _, _, v in col])
-                                        if col else ()):
-                s[k] = piece.view(v.shape)
-            bufs.append(buf)
-        plan = self._plans.get(id(group))
-        if plan is not None:  # our own writes: the plan stays, and watches the views (a
-            plan.changes = self.state.changes  # `.data =` on one rebuilds it)
-            plan.watched = plan.watched + [s[k] for col in vs for s, k, _ in col]
-            plan.pfacts, _, plan.wfacts = host.read([group["params"][i] for i in plan.take],
-                                                    plan.watched, plan.local)
-        x = {k: torch.as_tensor(getattr(tab, k), device=bucket.device) for k in
-             ("F", "factored", "row_tensor", "col_tensor", "mat_rows")}
-        rows_at = np.flatnonzero(tab.factored[tab.row_tensor])  # the factored rows
-        x["means"] = [(int(r), torch.as_tensor(rows_at[np.isin(tab.row_mat, m)], device=dev),
-                       torch.as_tensor(m, device=dev))
-                      for r in np.unique(tab.mat_rows)
-                      for m in [np.flatnonzero(tab.mat_rows == r)]]
-        return (*bufs, x)
+        one = torch.ones(1, dtype=bucket.params[0].dtype, device=dev)
+        return [as_views(self, group, col, one) for col in vs]
 
     def _call(self, bucket, tab, flags, mask, gptr, vecs, coeffs):
-        # one engine call: the small vectors' addresses per tensor (vecs: rows, columns,
-        # means, and a 1 for a 1-D param's column factor and mean), coefficients per tensor
-        C = bucket.C
-        C.zero_()
-        for j, c in enumerate(coeffs):
-            C[:, j] = c.to(C.device) if torch.is_tensor(c) else c
-        rows, cols, means, one = vecs
-        size = rows.element_size()
-        S = np.stack([rows.data_ptr() + tab.roff * size,
-                      np.where(tab.factored, cols.data_ptr() + tab.cbase * size, one.data_ptr()),
-                      np.where(tab.factored, means.data_ptr() + tab.mbase * size,
-                               one.data_ptr())]).astype(np.int64)
-        flags = tuple(sorted(flags.items()))
-        dts = (bucket.dtype, bucket.dtype)
-        call = tab.reduce if dict(flags)["REDUCE"] else tab.apply
-        if bucket.backend == "numba":
-            return call(self._rule, flags, dts, mask, bucket.P, gptr, list(S), bucket.Cn)
-        S, G = on_device(S, bucket.device), on_device(gptr, bucket.device)
-        return call(self._rule, flags, dts, mask, bucket.P, G, list(S), C)
+        return tab.run(bucket, self._rule, flags, mask, gptr, vecs, coeffs)
 
 
 Adafactor.__signature__ = signature_with(torch.optim.Adafactor)

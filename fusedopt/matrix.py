@@ -12,6 +12,7 @@ call each.
 import numpy as np
 import torch
 
+from . import host
 from .bucket import _numba, _triton, on_device
 
 
@@ -101,3 +102,67 @@ class Tables:
 
     def apply(self, *args):
         self._call(*args, reduce=False)
+
+    def on(self, device):
+        """The tables the caller's torch ops index with, on ``device`` (made once)."""
+        if getattr(self, "_on", None) is None:
+            x = {k: torch.as_tensor(getattr(self, k), device=device) for k in
+                 ("F", "factored", "row_tensor", "col_tensor", "mat_rows")}
+            at = np.flatnonzero(self.factored[self.row_tensor])  # the factored rows
+            # the matrices of each row count: their rows' places, their own
+            x["means"] = [(int(r), torch.as_tensor(at[np.isin(self.row_mat, m)], device=device),
+                           torch.as_tensor(m, device=device))
+                          for r in np.unique(self.mat_rows)
+                          for m in [np.flatnonzero(self.mat_rows == r)]]
+            self._on = x
+        return self._on
+
+    def row_means(self, rows, x):
+        """Per factored matrix: torch's mean of its rows' values in ``rows`` (one value
+        per row of every tensor), the matrices of one row count in one op."""
+        means = rows.new_empty(len(x["mat_rows"]))
+        for r, idx, mats in x["means"]:
+            means[mats] = rows[idx].view(-1, r).mean(-1)
+        return means
+
+    def run(self, bucket, rule, flags, mask, gptr, vecs, coeffs):
+        """One engine call over ``bucket`` (bucket.py): ``vecs`` = (a value per row, per
+        column, per matrix, and a 1 that 1-D tensors read as column and matrix value),
+        ``coeffs`` per tensor (floats or tensors); REDUCE in ``flags`` (a dict) decides
+        between ``reduce`` and ``apply``."""
+        C = bucket.C
+        C.zero_()
+        for j, c in enumerate(coeffs):
+            C[:, j] = c.to(C.device) if torch.is_tensor(c) else c
+        rows, cols, means, one = vecs
+        size = rows.element_size()
+        S = np.stack([rows.data_ptr() + self.roff * size,
+                      np.where(self.factored, cols.data_ptr() + self.cbase * size, one.data_ptr()),
+                      np.where(self.factored, means.data_ptr() + self.mbase * size,
+                               one.data_ptr())]).astype(np.int64)
+        flags = tuple(sorted(flags.items()))
+        dts = (bucket.dtype, bucket.dtype)
+        call = self.reduce if dict(flags)["REDUCE"] else self.apply
+        if bucket.backend == "numba":
+            return call(rule, flags, dts, mask, bucket.P, gptr, list(S), bucket.Cn)
+        S, G = on_device(S, bucket.device), on_device(gptr, bucket.device)
+        return call(rule, flags, dts, mask, bucket.P, G, list(S), C)
+
+
+def as_views(opt, group, entries, empty):
+    """The state tensors ``entries`` ((state dict, key, tensor) of one group's bucket) as
+    views of one new buffer (``empty`` where there are none), for one op per step over all
+    (as the step counters, bucket.py).  Written through the state (the plan stays: these
+    are its own writes) and watched by the plan: a later `.data =` on one rebuilds it."""
+    if not entries:
+        return empty
+    buf = torch.cat([v.reshape(-1) for _, _, v in entries])
+    for (s, k, v), piece in zip(entries, buf.split([v.numel() for _, _, v in entries])):
+        s[k] = piece.view(v.shape)
+    plan = opt._plans.get(id(group))
+    if plan is not None:
+        plan.changes = opt.state.changes
+        plan.watched = plan.watched + [s[k] for s, k, _ in entries]
+        plan.pfacts, _, plan.wfacts = host.read([group["params"][i] for i in plan.take],
+                                                plan.watched, plan.local)
+    return buf

@@ -1,6 +1,7 @@
 """The matrix kernel on the CPU: any rule over tensors seen as batches of matrices, storing
 the params or (flag REDUCE) reducing squares per tensor, row and column -- the general
 reduction pass (triton_matrix.py is the GPU twin).  Built like numba_engine's kernels."""
+# ruff: noqa: F821  (rule, load, store and the flags are bound by run_matrix)
 import hashlib
 import types
 

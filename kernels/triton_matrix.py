@@ -116,3 +116,16 @@ def run_matrix(rule, flags, dtypes, mask, P, G, S, C, TID, RS, RE, F, ROFF, COFF
         P, G, S[0], S[1], S[2], C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS, CPART, MASK=mask,
         KIND=KINDS[dtypes[0]], SKIND=KINDS[dtypes[1]], BR=BLOCK // bc, BC=bc,
         num_warps=NUM_WARPS, enable_fp_fusion=False)
+
+
+def compile_matrix_ptx(rule, flags, dtype="float32", mask=7, arch=90, bc=32):
+    """The matrix kernel compiled ahead of time (as triton_engine.compile_ptx)."""
+    from .triton_engine import _aot
+    kernel = build_matrix(rule, flags, interpret=False)
+    names = ["P", "G", "S0", "S1", "S2", "TID", "RS", "RE", "F", "ROFF", "COFF"]
+    sig = {n: "*i64" for n in names}
+    f = "*fp64" if dtype == "float64" else "*fp32"
+    sig.update(C=f, TOT=f, ROWS=f, CPART=f)
+    const = {"MASK": mask, "KIND": KINDS[dtype], "SKIND": KINDS[dtype], "BR": 1024 // bc,
+             "BC": bc}
+    return _aot(kernel, sig, const, names + ["C"], arch)
