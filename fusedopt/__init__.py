@@ -1,5 +1,6 @@
 """fusedopt: fused multi-tensor optimizers (Numba on CPU, Triton on GPU), drop-in for torch.optim."""
 from .adadelta import Adadelta
+from .adafactor import Adafactor
 from .adagrad import Adagrad
 from .adam import Adam, Adamax, AdamW
 from .asgd import ASGD
@@ -17,5 +18,5 @@ except ImportError:  # numba missing: the Triton engine still works
     pass
 
 __all__ = ["Adam", "AdamW", "Adamax", "RMSprop", "Adagrad", "SGD", "Adadelta", "Rprop", "RAdam",
-           "NAdam", "ASGD", "Lion", "clip_grad_norm_"]
+           "NAdam", "ASGD", "Adafactor", "Lion", "clip_grad_norm_"]
 __version__ = "0.1.0"

@@ -94,6 +94,30 @@ def add(x, other, alpha=1):
     return fma(_like(x, alpha).expand_as(other), other, x)
 
 
+def norm(x, p="fro", dim=None, keepdim=False):
+    """The 2-norm (whole tensor, or along ``dim``) rounded once: the squares summed
+    exactly (float64 squares split into two doubles, math.fsum), then the square root.
+    torch's CPU norms sum in the dtype (float32: several ulp off on long vectors)."""
+    d = x.detach().double()
+    sq = d * d
+    err = torch.zeros_like(sq)
+    if x.dtype == torch.float64:  # d*d = sq + err exactly (Dekker)
+        h = _hi(d)
+        err = ((h * h - sq) + 2 * h * (d - h)) + (d - h) * (d - h)
+    dims = list(range(x.dim())) if dim is None else [dim] if isinstance(dim, int) else list(dim)
+    dims = [k % max(x.dim(), 1) for k in dims]
+    rest = [k for k in range(x.dim()) if k not in dims]
+    shape = [x.shape[k] for k in rest]
+    both = torch.stack([sq, err], -1).permute(*rest, *dims, x.dim()).reshape(
+        int(np.prod(shape, dtype=np.int64)), -1)
+    sums = torch.tensor([math.sqrt(math.fsum(r)) for r in both.tolist()], dtype=torch.float64)
+    out = sums.reshape(shape)
+    if keepdim:
+        for k in sorted(dims):
+            out = out.unsqueeze(k)
+    return out.to(x.dtype)
+
+
 def _sample(dtype, n=(1 << 14) + 7):  # + 7: torch's scalar tail after its vector loop
     gen = torch.Generator().manual_seed(7)
     a, b, c = (torch.randn(n, generator=gen, dtype=torch.float64).to(dtype) for _ in range(3))
@@ -108,12 +132,14 @@ OPS = {
     "lerp": (lerp, lambda a, b, c: (a, b, 0.1)),
     "lerp, weight >= 0.5": (lerp, lambda a, b, c: (a, b, 0.9)),
     "add(alpha=)": (add, lambda a, b, c: (a, b, 0.3)),
+    "norm": (norm, lambda a, b, c: (a[:1 << 14].reshape(64, 256), 2, -1)),
 }
 _CALL = {"addcmul": lambda f, a: f(*a[:3], value=a[3]), "addcdiv": lambda f, a: f(*a[:3], value=a[3]),
          "add(alpha=)": lambda f, a: f(*a[:2], alpha=a[2])}
 # the torch function (torch.<first>) and methods replay() replaces, per op
 _PATCH = {"sqrt": ("sqrt", "sqrt_"), "addcmul": ("addcmul", "addcmul_"),
-          "addcdiv": ("addcdiv", "addcdiv_"), "lerp": ("lerp", "lerp_"), "add(alpha=)": ("add", "add_")}
+          "addcdiv": ("addcdiv", "addcdiv_"), "lerp": ("lerp", "lerp_"), "add(alpha=)": ("add", "add_"),
+          "norm": ("norm",)}
 
 
 def _base(op):
@@ -185,7 +211,9 @@ def replay():
 def _replaced(orig, exact, dtypes, inplace, op):
     def fn(x, *args, **kw):
         if not (torch.is_tensor(x) and x.dtype in dtypes and x.device.type == "cpu") \
-                or (op == "add(alpha=)" and kw.get("alpha", 1) == 1 and len(args) < 2):
+                or (op == "add(alpha=)" and kw.get("alpha", 1) == 1 and len(args) < 2) \
+                or (op == "norm" and (kw.get("p", args[0] if args else 2) not in (2, "fro")
+                                      or "dtype" in kw or "out" in kw)):
             return orig(x, *args, **kw)
         out = exact(x, *args, **kw)
         if inplace:

@@ -31,6 +31,9 @@ OPTIMS = {
     "nadam": ("NAdam", dict(lr=1e-3), (4, 3)),
     "asgd": ("ASGD", dict(lr=1e-3), (3, 2)),
     "lion": ("Lion", dict(lr=1e-4), (3, 2)),
+    # three passes: p and g (norm, row/column sums), g (the update's norm), p and g -> p
+    # (the factors are O(rows + cols): not counted)
+    "adafactor": ("Adafactor", dict(lr=1e-2), (5, 1)),
 }
 # mixed precision: fusedopt's options, the params' dtype, clipping, and our bytes per param
 # (the roof streams as many bytes).  torch has no float32 state for bfloat16 params: its

@@ -76,6 +76,10 @@ class FusedOptimizer:
     def _advance(self, group, bucket, step, found_inf):
         """Move the per-param scalars of the state (``_scalars``) for this step."""
 
+    def _state_shape(self, name, p):
+        """The shape of state tensor ``name`` of param p (Adafactor's factors differ)."""
+        return p.shape
+
     def _needs_state(self, group):
         return self._has_step or any(self._slots(group)) or bool(group.get("master_weights"))
 
@@ -167,11 +171,13 @@ class FusedOptimizer:
                 # scalars (one element): say which does not, now, rather than at a step
                 # (torch) or never (a kernel)
                 scalar = k in ("step", *self._scalars)
-                if torch.is_tensor(v) and (v.numel() != 1 if scalar else v.shape != p.shape):
+                want = self._state_shape(k, p)
+                if torch.is_tensor(v) and (v.numel() != 1 if scalar else v.shape != want):
                     raise RuntimeError(
                         f"loaded state dict has state[{i}][{k!r}] of shape {tuple(v.shape)}, "
                         f"but " + ("it is a scalar" if scalar else
-                                   f"param {i} has shape {tuple(p.shape)}"))
+                                   f"param {i} has shape {tuple(p.shape)}" if want == p.shape
+                                   else f"{k!r} of param {i} has shape {tuple(want)}"))
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             # a torch.optim state_dict has no l1 (torch's math: 0) and no precision options

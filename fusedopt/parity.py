@@ -14,7 +14,7 @@ Criteria, for one optimizer, flag set, dtype and engine, after ``steps`` steps:
     right).  The rules fuse multiply-adds exactly where torch's vector kernels do: on CPU
     every float32/float64 case comes out bitwise equal.  ULP_STEPS leaves room for the
     compiled GPU engine, whose compiler contracts some multiply-adds;
-  * engines agree within 2 ulp of each other.
+  * engines agree within 2 ulp of each other (Adafactor: see ULP_FOR).
 float16 runs use eps >= 1e-4: torch's default 1e-8 rounds to 0 in float16 and turns
 torch.optim's own float16 Adam into NaN.
 """
@@ -27,6 +27,14 @@ import fusedopt
 from fusedopt import arith, reference
 
 ULP_STEPS = 64
+# Adafactor scales each param's update by norms (of the param, of the update) and by row and
+# column sums, which torch and the engines sum in different orders: every step's update
+# differs by an ulp or so of the update, not of the param, and that accumulates over the
+# steps (up to ~120 ulp measured in 20 steps, float32 and float64; the engines' sums, in
+# float64 and float32, likewise differ).  What the looser bound
+# still catches: tests/test_behaviour.py's Adafactor mutants (eps1 not squared, the step
+# counter one ahead) land far outside it.
+ULP_FOR = {"Adafactor": 256}
 
 # four param groups per run: sizes 0, 1, 7, 65537, 1023, 2-D and 3-D, many tiny tensors
 SHAPES = [[(0,), (1,), (7,), (65537,)], [(1023,), (33, 17)], [(5,), (300,), (2, 3, 4)],
@@ -61,8 +69,8 @@ def run(impl, name, dtype, groups, steps=20, seed=0, backend=None, cls=None, dev
         for (params, grads), (_, hp) in zip(data, groups):
             ps = [p.to(torch.float64) for p in params]
             states = [{} for _ in ps]
-            for gs in grads:
-                reference.step(name.lower(), ps, gs, states, **hp)
+            for gs in grads:  # dtype: the params' (Adafactor's default eps1 is its epsilon)
+                reference.step(name.lower(), ps, gs, states, dtype=dtype, **hp)
             out += ps
         return out, None
     if cls is None:
@@ -145,6 +153,8 @@ CASES = {
     # t0 at its default (1e6) the average is a copy of the params; small, a running mean
     "ASGD": [{}, dict(t0=5), dict(t0=2, lambd=1e-2, alpha=0.6)],
     "Lion": [{}, dict(betas=(0.5, 0.9))],
+    # eps1 = 0.5: the variance estimate is clamped; eps2 = 2: alpha is
+    "Adafactor": [{}, dict(beta2_decay=-0.5, d=1.5), dict(eps=(0.5, 2.0))],
 }
 _ADAM_HP = [dict(lr=1e-2), dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6), dict(lr=2e-3, betas=(0.3, 0.9)),
             dict(lr=1e-2, betas=(0.5, 0.95))]  # beta1 < 0.5: torch's lerp switches formula
@@ -160,7 +170,13 @@ GROUP_HP = {
     "Rprop": [dict(lr=1e-2), dict(lr=3e-3), dict(lr=2e-2), dict(lr=1e-3)],
     "ASGD": [dict(lr=1e-2), dict(lr=3e-2), dict(lr=2e-3), dict(lr=5e-2)],
     "Lion": [dict(lr=1e-3), dict(lr=3e-4, betas=(0.8, 0.95)), dict(lr=2e-3), dict(lr=1e-4)],
+    # lr 0.5: rho_t = 1 / sqrt(t) after the 4th step
+    "Adafactor": [dict(lr=1e-2), dict(lr=0.5), dict(lr=3e-2, beta2_decay=-0.6), dict(lr=1e-3)],
 }
+# torch's Adafactor divides by zero on an empty param (it raises; tests/test_behaviour);
+# here 1-D, 2-D, 3-D and 4-D params, rows of a matrix split over chunks
+SHAPES_FOR = {"Adafactor": [[(1,), (7,), (65537,)], [(1023,), (33, 17), (1, 5)],
+                            [(5,), (300, 257), (2, 3, 4)], [(3,)] * 8 + [(3, 4, 1, 6)]]}
 CROSS = [dict(maximize=False, weight_decay=0), dict(maximize=True, weight_decay=0.1),
          dict(maximize=False, weight_decay=0.05), dict(maximize=True, weight_decay=0)]
 NO_WEIGHT_DECAY = {"Rprop"}  # torch's Rprop has none
@@ -177,7 +193,7 @@ def groups_for(name, case, dtype, shapes=None):
         if dtype == torch.float16 and name in ("Adam", "AdamW", "Adamax", "RMSprop", "RAdam",
                                                    "NAdam"):
             hp["eps"] = max(hp.get("eps", 0), 1e-4)
-        groups.append((shapes[k::4] if shapes else SHAPES[k], hp))
+        groups.append((shapes[k::4] if shapes else SHAPES_FOR.get(name, SHAPES)[k], hp))
     return groups
 
 
@@ -220,12 +236,22 @@ def check(name, case, dtype, backends=None, steps=20, shapes=None, cls=None, dev
                                        floor=hp["lr"]))
             k += n
         out["ulp_vs_torch"] = worst
-        if worst > ULP_STEPS:
-            out["failures"].append(f"{worst:.0f} ulp from torch.optim > {ULP_STEPS}")
+        bound = ULP_FOR.get(name, ULP_STEPS)
+        if worst > bound:
+            out["failures"].append(f"{worst:.0f} ulp from torch.optim > {bound}")
     if len(backends) > 1:
-        out["ulp_between_engines"] = max_ulp(ours[backends[0]], ours[backends[1]])
-        if out["ulp_between_engines"] > 2:
-            out["failures"].append(f"engines {out['ulp_between_engines']:.0f} ulp apart")
+        a, b = ours[backends[0]], ours[backends[1]]
+        if name in ULP_FOR:  # sums of float64 (CPU) and float32 (GPU): in units as above
+            init, k, apart = initial(dtype, groups), 0, 0.0
+            for shp, hp in groups:
+                n = len(shp)
+                apart = max(apart, max_ulp(a[k:k + n], b[k:k + n], init[k:k + n], hp["lr"]))
+                k += n
+        else:
+            apart = max_ulp(a, b)
+        out["ulp_between_engines"] = apart
+        if apart > ULP_FOR.get(name, 2):
+            out["failures"].append(f"engines {apart:.0f} ulp apart")
     out["ok"] = not out["failures"]
     return out
 

@@ -6,6 +6,7 @@ step of optimizer ``name`` to lists of float64 tensors (updated in place); ``sta
 a list of dicts, one per param, kept between calls.  ``l1`` adds ``l1 * sign(param)`` to
 the gradient, after weight decay.
 """
+import math
 
 import torch
 
@@ -163,8 +164,33 @@ def lion(p, g, st, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, **hp):
     st["exp_avg"] = beta2 * m + (1 - beta2) * g
 
 
+def _norm(x):
+    # summed exactly: a float64 reference of float64 norms must not carry the rounding of
+    # one summation order (torch's or the engines')
+    return math.sqrt(math.fsum((x * x).flatten().tolist()))
+
+
+def adafactor(p, g, st, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0,
+              dtype=torch.float32, **hp):
+    # ``dtype``: the params' own (eps1's default is its machine epsilon)
+    eps1 = torch.finfo(dtype).eps if eps[0] is None else eps[0]
+    t = st["step"] = st.get("step", 0) + 1
+    w = t ** beta2_decay
+    alpha = max(eps[1], _norm(p) / p.numel() ** 0.5) * min(lr, t ** -0.5)
+    p.mul_(1 - lr * weight_decay)
+    g = _regularize(p, g, {**hp, "weight_decay": 0})
+    if g.dim() > 1:
+        r = st["row_var"] = (1 - w) * st.get("row_var", 0) + w * (g * g).mean(-1, keepdim=True)
+        c = st["col_var"] = (1 - w) * st.get("col_var", 0) + w * (g * g).mean(-2, keepdim=True)
+        v = r * c / r.mean(-2, keepdim=True).clamp(min=eps1)
+    else:
+        v = st["variance"] = (1 - w) * st.get("variance", 0) + w * g * g
+    u = g / v.clamp(min=eps1 * eps1).sqrt()
+    p.sub_(alpha / max(1.0, _norm(u) / (u.numel() ** 0.5 * d)) * u)
+
+
 ALGORITHMS = {f.__name__: f for f in (adam, adamw, adamax, rmsprop, adagrad, sgd, adadelta,
-                                      rprop, radam, nadam, asgd, lion)}
+                                      rprop, radam, nadam, asgd, lion, adafactor)}
 
 
 def step(name, params, grads, states, **hp):

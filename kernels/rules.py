@@ -32,9 +32,12 @@ NCOEF = 12  # h0..h11
 # WRITE_GRAD stores it back, as torch's unscale would have; FOUND_INF (GPU) makes the
 # launch read the scaler's found_inf flag and, if set, write nothing; STOCH_ROUND rounds
 # bfloat16 params stochastically instead of to nearest.
+# REDUCE belongs to the engines' matrix kernel (``run_matrix``): instead of storing, it sums
+# the squares of the rule's first output per tensor and of its second per row and column;
+# SECOND tells a rule with two reduction passes which one runs.
 FLAGS = ("MAXIMIZE", "WEIGHT_DECAY", "L1", "LERP_SMALL", "AMSGRAD", "DECOUPLED",
          "CENTERED", "MOMENTUM", "NESTEROV", "SCALE_GRAD", "WRITE_GRAD", "FOUND_INF",
-         "STOCH_ROUND")
+         "STOCH_ROUND", "REDUCE", "SECOND")
 
 
 def lerp(start, end, w, w_rest):
@@ -215,11 +218,33 @@ def lion(p, g, m, unused_b, unused_c, decay, lr, beta1, beta1_rest, beta2, beta2
     return p, m, unused_b, unused_c
 
 
+def adafactor(p, g, row, col, mean, wd, l1, eps1_sq, one, step_size, h5, h6, h7, h8, h9,
+              h10, h11):
+    # Run by the matrix kernel: row, col and mean are the element's row factor, column
+    # factor and its matrix's clamped row-factor mean (for a 1-D param: its variance, 1, 1).
+    # torch's order: var = row * col / mean (matmul, div_), clamp to eps1**2, rsqrt as
+    # 1 / sqrt (two roundings, as torch's CPU rsqrt), times g; then p * (1 - lr * wd) and
+    # p + step_size * update (add with alpha: one fma), step_size = -alpha / denom.
+    # The first REDUCE pass sums p**2 (alpha) and g**2 per row and column (the factors);
+    # the second (SECOND) sums update**2 (denom): the update is recomputed each time
+    # rather than stored (it is as large as the param).
+    g = regularize(p, g, wd, l1)
+    update = ops.div(one, ops.sqrt(ops.maximum(ops.div(row * col, mean), eps1_sq))) * g
+    out, sq = p, g
+    if SECOND:
+        out, sq = update, update
+    if not REDUCE:
+        if WEIGHT_DECAY:
+            p = p * wd
+        out = ops.fma(step_size, update, p)
+    return out, sq, col, mean
+
+
 def scale(p, g, a, b, c, factor, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11):
     # not an optimizer: clip_grad_norm_'s multiply, run with the gradients as `p`
     return p * factor, a, b, c
 
 
 RULES = {f.__name__: f for f in (adam, adamax, rmsprop, adagrad, sgd, adadelta, rprop, radam,
-                                  nadam, asgd, lion, scale)}
+                                  nadam, asgd, lion, adafactor, scale)}
 HELPERS = (lerp, regularize, adam_moments)

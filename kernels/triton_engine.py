@@ -269,26 +269,35 @@ def _rebind(fn, gl, interpret, launch=False):
     return triton.jit(py) if launch else py
 
 
+def _bind(rule, flags, interpret):
+    """Globals for a kernel running ``rule``: a copy of the rule with ``ops`` = triton_ops
+    and each flag a constexpr, and the engine's helpers."""
+    ops = types.ModuleType(triton_ops.__name__)
+    for name in ("div", "sqrt", "maximum", "where", "abs", "fma"):
+        setattr(ops, name, _rebind(getattr(triton_ops, name), {"tl": tl, "__name__": ops.__name__},
+                                   interpret))
+    gl = {"__name__": rules.__name__, "ops": ops, "tl": tl,
+          **{n: tl.constexpr(v) for n, v in flags}}
+    for f in (*rules.HELPERS, rules.RULES[rule]):
+        gl[f.__name__] = _rebind(f, gl, interpret)
+    kgl = {"__name__": __name__, "tl": tl, "triton": triton, "rule": gl[rule],
+           "NCOEF": tl.constexpr(rules.NCOEF),
+           **{n: tl.constexpr(v) for n, v in flags if n in ("SCALE_GRAD", "WRITE_GRAD",
+                                                             "FOUND_INF", "STOCH_ROUND",
+                                                             "REDUCE")}}
+    for f in (_ptr, _widen, _narrow, _fmix32, _narrow_stochastic, _load, _store_raw, _store,
+              _coef):
+        kgl[f.fn.__name__] = _rebind(f, kgl, interpret)
+    return kgl
+
+
 def build(rule, flags, interpret=None):
     """The kernel for one rule and flag set: a copy of _kernel whose `rule` is a copy of
     the rule with ``ops`` = triton_ops and each flag a constexpr."""
     interpret = _INTERPRET if interpret is None else interpret
     k = (rule, flags, interpret)
     if k not in _kernels:
-        ops = types.ModuleType(triton_ops.__name__)
-        for name in ("div", "sqrt", "maximum", "where", "abs", "fma"):
-            setattr(ops, name, _rebind(getattr(triton_ops, name), {"tl": tl, "__name__": ops.__name__},
-                                       interpret))
-        gl = {"__name__": rules.__name__, "ops": ops, "tl": tl,
-              **{n: tl.constexpr(v) for n, v in flags}}
-        for f in (*rules.HELPERS, rules.RULES[rule]):
-            gl[f.__name__] = _rebind(f, gl, interpret)
-        kgl = {"__name__": __name__, "tl": tl, "triton": triton, "rule": gl[rule],
-               "NCOEF": tl.constexpr(rules.NCOEF),
-               **{n: tl.constexpr(v) for n, v in flags if n in ("SCALE_GRAD", "WRITE_GRAD", "FOUND_INF", "STOCH_ROUND")}}
-        for f in (_ptr, _widen, _narrow, _fmix32, _narrow_stochastic, _load, _store_raw, _store,
-                  _coef):
-            kgl[f.fn.__name__] = _rebind(f, kgl, interpret)
+        kgl = _bind(rule, flags, interpret)
         kgl["_block"] = _rebind(_block, kgl, interpret)
         _kernels[k] = _rebind(_kernel, kgl, interpret, launch=True)
     return _kernels[k]

@@ -3,7 +3,7 @@ from fusedopt.parity import (BACKENDS, DTYPES, SHAPES, errors, initial, max_ulp,
                              run)
 
 NAMES = ["Adam", "AdamW", "Adamax", "RMSprop", "Adagrad", "SGD", "Adadelta", "Rprop", "RAdam",
-         "NAdam", "ASGD", "Lion"]
+         "NAdam", "ASGD", "Lion", "Adafactor"]
 # one flag-rich hyperparameter set per optimizer, for the tests that run them all
 HP = {"Adam": dict(lr=1e-2, amsgrad=True, weight_decay=0.1), "AdamW": dict(lr=1e-2),
       "Adamax": dict(lr=1e-2), "RMSprop": dict(lr=1e-3, momentum=0.9, centered=True),
@@ -13,4 +13,5 @@ HP = {"Adam": dict(lr=1e-2, amsgrad=True, weight_decay=0.1), "AdamW": dict(lr=1e
       "RAdam": dict(lr=2e-3, betas=(0.8, 0.95), decoupled_weight_decay=True, weight_decay=0.1),
       "NAdam": dict(lr=2e-3, momentum_decay=0.01, weight_decay=0.05),
       "ASGD": dict(lr=1e-2, t0=3, lambd=1e-3, weight_decay=0.05),
-      "Lion": dict(lr=1e-3, betas=(0.8, 0.95), weight_decay=0.1)}
+      "Lion": dict(lr=1e-3, betas=(0.8, 0.95), weight_decay=0.1),
+      "Adafactor": dict(lr=1e-2, beta2_decay=-0.7, d=1.5, weight_decay=0.05)}

@@ -71,6 +71,10 @@ def test_unscale_in_kernel(name, dtype, backend):
         assert torch.equal(a, b)
         assert torch.equal(a.grad, b.grad)  # the unscaled gradient is written back
         tol = dict(rtol=2e-6, atol=2e-7) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+        if name == "Adafactor" and dtype == torch.bfloat16:
+            # torch rounds its variance estimate and update to bfloat16 at every op (the
+            # kernel: once per step), and the update is normalized: a few ulp apart
+            tol = dict(rtol=4e-2, atol=6e-2)
         torch.testing.assert_close(a, c, **tol)
         assert int(fused.state[a].get("step", 4)) == 4  # 6 steps, 2 skipped
 

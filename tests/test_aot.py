@@ -22,6 +22,9 @@ VARIANTS = {
     "nadam": (dict(DECOUPLED=True, WEIGHT_DECAY=True, MAXIMIZE=True), 3),
     "asgd": (dict(WEIGHT_DECAY=True, MAXIMIZE=True), 1),
     "lion": (dict(WEIGHT_DECAY=True, DECOUPLED=True, MAXIMIZE=True), 1),
+    # the update kernel over the rule alone (fusedopt runs it in the matrix kernel:
+    # test_matrix_kernel_compiles)
+    "adafactor": (dict(DECOUPLED=True, WEIGHT_DECAY=True, MAXIMIZE=True, L1=True), 0),
     "scale": ({}, 0),  # clip_grad_norm_'s multiply
 }
 
@@ -88,3 +91,32 @@ def test_mixed_precision_compiles(rule, sr):
     assert "ld.local" not in ptx and "st.local" not in ptx, "register spills"
     if sr:
         assert "mul.lo.s32" in ptx or "mul.lo.u32" in ptx  # the hash runs on 32-bit integers
+
+
+MATRIX_AOT = """
+from fusedopt.kernels import rules, triton_matrix as tm
+n = 0
+for arch in (80, 90):
+    for extra, mask in (({}, 7), (dict(REDUCE=True), 0), (dict(REDUCE=True, SECOND=True), 7),
+                        (dict(SCALE_GRAD=True, WRITE_GRAD=True, WEIGHT_DECAY=True,
+                              MAXIMIZE=True, L1=True), 7)):
+        flags = dict(dict.fromkeys(rules.FLAGS, False), DECOUPLED=True, **extra)
+        for dtype in ("float32", "float64", "float16", "bfloat16"):
+            ptx, _ = tm.compile_matrix_ptx("adafactor", tuple(sorted(flags.items())), dtype,
+                                           mask, arch)
+            assert "ld.global" in ptx, (arch, extra, dtype)
+            assert "ld.local" not in ptx and "st.local" not in ptx, ("spills", arch, extra, dtype)
+            assert "div.full" not in ptx and "sqrt.approx" not in ptx, ("approx", arch, extra)
+            n += 1
+print("compiled", n)
+"""
+
+
+def test_matrix_kernel_compiles():
+    """The matrix kernel (the general reduction pass, Adafactor's update) compiles for
+    both archs, every dtype, storing and reducing, with IEEE division and square root
+    and no spills.  In a process of its own, as the norm kernel's test."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", MATRIX_AOT], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0 and "compiled 32" in proc.stdout, proc.stderr[-3000:]

@@ -69,7 +69,8 @@ def test_flat_steps_as_torch_whatever_zeroes_the_grads(name, backend, ranges):
         _same(ms)
     # steps after zero_grad(set_to_none=False) run over one range, and so do steps whose
     # plan was rebuilt (the live params changed: re-homed); fresh grads over tables
-    assert ranges["flat"] >= 5 and ranges["tables"] >= 1, ranges
+    if name != "Adafactor":  # its matrix kernel runs over each param's rows and columns
+        assert ranges["flat"] >= 5 and ranges["tables"] >= 1, ranges
     assert len({p.untyped_storage().data_ptr() for p in ms[0].parameters()}) == 1
 
 

@@ -19,7 +19,8 @@ HP = {"Adam": dict(lr=1e-2, amsgrad=True), "AdamW": dict(lr=1e-2, weight_decay=0
       "Adagrad": dict(lr=1e-2, lr_decay=0.01), "SGD": dict(lr=1e-2, momentum=0.9),
       "Adadelta": dict(lr=1.0, rho=0.8), "Rprop": dict(lr=1e-2),
       "RAdam": dict(lr=1e-2, betas=(0.8, 0.95)), "NAdam": dict(lr=1e-2),
-      "ASGD": dict(lr=5e-2, t0=20), "Lion": dict(lr=3e-3)}
+      "ASGD": dict(lr=5e-2, t0=20), "Lion": dict(lr=3e-3),
+      "Adafactor": dict(lr=1e-2, weight_decay=0.05)}
 SHAPES = [(5, 3), (7,), (1023,), (1,)]
 
 

@@ -1,0 +1,168 @@
+"""Host side of the engines' matrix kernel (kernels/numba_matrix.py, triton_matrix.py): the
+general reduction pass.  Every tensor is seen as a batch of matrices, its last two dims
+(leading dims folded into the batch; a 1-D tensor of n elements is n rows of one
+column), and the kernel runs any rule over them: storing the params, or (flag REDUCE)
+summing squares of the rule's outputs per tensor, per row and per column.
+
+``Tables`` holds, per bucket and set of shapes, the views and the chunk table (a chunk is
+up to CHUNK elements of whole rows of one matrix, so that a chunk owns its rows' sums;
+its column sums are partials, added up here).  ``reduce`` and ``apply`` make one engine
+call each.
+"""
+import numpy as np
+import torch
+
+from . import host
+from .bucket import _numba, _triton, on_device
+
+
+class Tables:
+    def __init__(self, shapes, backend, device):
+        self.backend, self.device = backend, device
+        chunk = (_numba() if backend == "numba" else _triton()).CHUNK
+        F, tid, rs, re, roff, cbase = [], [], [], [], [0], [0]
+        for t, s in enumerate(shapes):
+            n = int(np.prod(s, dtype=np.int64))
+            cols, rows = (s[-1], s[-2]) if len(s) > 1 else (1, n)
+            nmat = n // (rows * cols) if n else 0
+            F.append((cols, rows, n))
+            per = max(1, chunk // max(cols, 1))  # whole rows, about CHUNK elements
+            starts = (np.arange(nmat)[:, None] * rows
+                      + np.arange(0, rows, per)[None, :]).reshape(-1)
+            tid.append(np.full(len(starts), t))
+            rs.append(starts)
+            re.append(np.minimum(starts + per, (starts // max(rows, 1) + 1) * rows))
+            roff.append(roff[-1] + nmat * rows)
+            cbase.append(cbase[-1] + (nmat * cols if len(s) > 1 else 0))
+        cat = (lambda xs: np.concatenate(xs).astype(np.int64)) if shapes else \
+            (lambda xs: np.zeros(0, np.int64))
+        self.tid, self.rs, self.re = cat(tid), cat(rs), cat(re)
+        self.F = np.array(F, dtype=np.int64).reshape(-1, 3)
+        self.ncols = self.F[self.tid, 0]
+        self.coff = np.concatenate([[0], np.cumsum(self.ncols)])[:-1].astype(np.int64)
+        self.roff = np.array(roff[:-1], dtype=np.int64)
+        self.nrows, self.ncolsum = roff[-1], cbase[-1]
+        # each column partial's place among the tensors' column sums (1-D: dropped)
+        factored = np.array([len(s) > 1 for s in shapes], dtype=bool)
+        j = np.arange(int(self.ncols.sum())) - np.repeat(self.coff, self.ncols)
+        t = np.repeat(self.tid, self.ncols)
+        mat = np.repeat(self.rs // np.maximum(self.F[self.tid, 1], 1), self.ncols)
+        self.cidx = np.where(factored[t], np.array(cbase[:-1], np.int64)[t]
+                             + mat * self.F[t, 0] + j, self.ncolsum)
+        self.max_cols = int(self.F[:, 0].max()) if len(F) else 1
+        # for the caller's ops on the small vectors: each row's and column's tensor, each
+        # factored matrix's rows, each factored row's matrix
+        nmat = np.where(self.F[:, 1] * self.F[:, 0] > 0,
+                        self.F[:, 2] // np.maximum(self.F[:, 1] * self.F[:, 0], 1), 0)
+        self.factored = factored
+        self.cbase = np.array(cbase[:-1], np.int64)
+        self.mbase = np.concatenate([[0], np.cumsum(np.where(factored, nmat, 0))])[:-1]
+        self.row_tensor = np.repeat(np.arange(len(F)), nmat * self.F[:, 1])
+        self.col_tensor = np.repeat(np.arange(len(F)), np.where(factored, nmat * self.F[:, 0], 0))
+        self.mat_rows = np.repeat(self.F[:, 1], np.where(factored, nmat, 0))
+        self.row_mat = np.repeat(np.arange(len(self.mat_rows)), self.mat_rows)
+        if backend != "numba":
+            self.dev = {k: on_device(getattr(self, k), device)
+                        for k in ("tid", "rs", "re", "F", "roff", "coff", "cidx")}
+
+    def _call(self, rule, flags, dtypes, mask, P, G, S, C, reduce):
+        f64 = dtypes[0] == "float64"
+        nchunk = len(self.tid)
+        if self.backend == "numba":
+            from .kernels import numba_matrix
+            tot, rows = np.zeros(nchunk), np.zeros(self.nrows if reduce else 0)
+            part = np.zeros(2 * len(self.cidx) if reduce else 0)  # sums, compensations
+            numba_matrix.run_matrix(rule, flags, dtypes, mask, P, G, S, C, self.tid, self.rs,
+                                    self.re, self.F, self.roff, self.coff, tot, rows, part)
+            if not reduce:
+                return None
+            per = np.bincount(self.tid, tot, len(self.F))
+            half = len(self.cidx)
+            cols = np.bincount(self.cidx, part[:half] - part[half:], self.ncolsum + 1)[:-1]
+            return tuple(torch.from_numpy(a) for a in (per, rows, cols))
+        from .kernels import triton_matrix
+        d = self.dev
+        dt = torch.float64 if f64 else torch.float32
+        new = lambda n: torch.zeros(n, dtype=dt, device=self.device)  # noqa: E731
+        tot, rows = new(nchunk), new(self.nrows if reduce else 1)
+        part = new(len(self.cidx) if reduce else 1)
+        triton_matrix.run_matrix(rule, flags, dtypes, mask, P, G, S, C, d["tid"], d["rs"],
+                                 d["re"], d["F"], d["roff"], d["coff"], tot, rows, part,
+                                 self.max_cols)
+        if not reduce:
+            return None
+        per = new(len(self.F)).index_add_(0, d["tid"], tot)
+        cols = new(self.ncolsum + 1).index_add_(0, d["cidx"], part)[:-1]
+        return per, rows, cols
+
+    def reduce(self, *args):
+        """(per tensor: sum of the first output's squares, per row and per column of the
+        factored tensors: of the second's), float64 on the CPU, the math dtype on GPU."""
+        return self._call(*args, reduce=True)
+
+    def apply(self, *args):
+        self._call(*args, reduce=False)
+
+    def on(self, device):
+        """The tables the caller's torch ops index with, on ``device`` (made once)."""
+        if getattr(self, "_on", None) is None:
+            x = {k: torch.as_tensor(getattr(self, k), device=device) for k in
+                 ("F", "factored", "row_tensor", "col_tensor", "mat_rows")}
+            at = np.flatnonzero(self.factored[self.row_tensor])  # the factored rows
+            # the matrices of each row count: their rows' places, their own
+            x["means"] = [(int(r), torch.as_tensor(at[np.isin(self.row_mat, m)], device=device),
+                           torch.as_tensor(m, device=device))
+                          for r in np.unique(self.mat_rows)
+                          for m in [np.flatnonzero(self.mat_rows == r)]]
+            self._on = x
+        return self._on
+
+    def row_means(self, rows, x):
+        """Per factored matrix: torch's mean of its rows' values in ``rows`` (one value
+        per row of every tensor), the matrices of one row count in one op."""
+        means = rows.new_empty(len(x["mat_rows"]))
+        for r, idx, mats in x["means"]:
+            means[mats] = rows[idx].view(-1, r).mean(-1)
+        return means
+
+    def run(self, bucket, rule, flags, mask, gptr, vecs, coeffs):
+        """One engine call over ``bucket`` (bucket.py): ``vecs`` = (a value per row, per
+        column, per matrix, and a 1 that 1-D tensors read as column and matrix value),
+        ``coeffs`` per tensor (floats or tensors); REDUCE in ``flags`` (a dict) decides
+        between ``reduce`` and ``apply``."""
+        C = bucket.C
+        C.zero_()
+        for j, c in enumerate(coeffs):
+            C[:, j] = c.to(C.device) if torch.is_tensor(c) else c
+        rows, cols, means, one = vecs
+        size = rows.element_size()
+        S = np.stack([rows.data_ptr() + self.roff * size,
+                      np.where(self.factored, cols.data_ptr() + self.cbase * size, one.data_ptr()),
+                      np.where(self.factored, means.data_ptr() + self.mbase * size,
+                               one.data_ptr())]).astype(np.int64)
+        flags = tuple(sorted(flags.items()))
+        dts = (bucket.dtype, bucket.dtype)
+        call = self.reduce if dict(flags)["REDUCE"] else self.apply
+        if bucket.backend == "numba":
+            return call(rule, flags, dts, mask, bucket.P, gptr, list(S), bucket.Cn)
+        S, G = on_device(S, bucket.device), on_device(gptr, bucket.device)
+        return call(rule, flags, dts, mask, bucket.P, G, list(S), C)
+
+
+def as_views(opt, group, entries, empty):
+    """The state tensors ``entries`` ((state dict, key, tensor) of one group's bucket) as
+    views of one new buffer (``empty`` where there are none), for one op per step over all
+    (as the step counters, bucket.py).  Written through the state (the plan stays: these
+    are its own writes) and watched by the plan: a later `.data =` on one rebuilds it."""
+    if not entries:
+        return empty
+    buf = torch.cat([v.reshape(-1) for _, _, v in entries])
+    for (s, k, v), piece in zip(entries, buf.split([v.numel() for _, _, v in entries])):
+        s[k] = piece.view(v.shape)
+    plan = opt._plans.get(id(group))
+    if plan is not None:
+        plan.changes = opt.state.changes
+        plan.watched = plan.watched + [s[k] for s, k, _ in entries]
+        plan.pfacts, _, plan.wfacts = host.read([group["params"][i] for i in plan.take],
+                                                plan.watched, plan.local)
+    return buf

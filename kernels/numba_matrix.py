@@ -1,0 +1,110 @@
+"""The matrix kernel on the CPU: any rule over tensors seen as batches of matrices, storing
+the params or (flag REDUCE) reducing squares per tensor, row and column -- the general
+reduction pass (triton_matrix.py is the GPU twin).  Built like numba_engine's kernels."""
+# ruff: noqa: F821  (rule, load, store and the flags are bound by run_matrix)
+import hashlib
+import types
+
+import numba
+import numpy as np
+from numba import prange
+
+from . import numba_ops, rules
+from .numba_engine import _IO, _PARALLEL, _SOURCE_HASH, _kernels, _voidptr, JIT
+
+
+@numba.njit(inline="always", **JIT)
+def _kahan(s, c, x):
+    # s + x * x with the running compensation c (s - c is the sum; no fastmath here: the
+    # order is kept), the square's own rounding error (an fma) folded into c: float64
+    # squares of float64 values are not exact
+    x2 = x * x
+    y = x2 - c
+    t = s + y
+    return t, ((t - s) - y) - numba_ops.fma(x, x, -x2)
+
+
+def _matrix_template(KEY, MASK, DT, SDT):
+    # Each tensor viewed as matrices (leading dims folded): F[t] = (columns, rows per
+    # matrix, numel); a chunk is rows RS..RE of one matrix.  Slot a is read per row, b per
+    # column of the matrix, c once per matrix (read-only: small vectors, never stored).
+    # REDUCE: sums of squares instead of stores, in float64 -- the rule's first output per
+    # chunk (TOT), its second per row (ROWS, at the tensor's row offset ROFF) and per
+    # column (this chunk's partials in CPART from COFF, their compensations in its second
+    # half; the caller adds them up)
+    def kernel(P, G, S0, S1, S2, C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS, CPART):
+        if KEY == 0:
+            return
+        for ci in prange(TID.shape[0]):
+            t = TID[ci]
+            ncol, nrow, n = F[t, 0], F[t, 1], F[t, 2]
+            nmat = n // (ncol * nrow)
+            p = numba.carray(_voidptr(P[t]), n, DT)
+            g = numba.carray(_voidptr(G[t]), n, DT)
+            a = numba.carray(_voidptr(S0[t]), nmat * nrow, SDT)
+            b = numba.carray(_voidptr(S1[t]), nmat * ncol, SDT)
+            c = numba.carray(_voidptr(S2[t]), nmat, SDT)
+            r = t if C.shape[0] > 1 else 0
+            h0, h1, h2, h3, h4, h5 = C[r, 0], C[r, 1], C[r, 2], C[r, 3], C[r, 4], C[r, 5]
+            h6, h7, h8, h9, h10, h11 = C[r, 6], C[r, 7], C[r, 8], C[r, 9], C[r, 10], C[r, 11]
+            mat = RS[ci] // nrow
+            cp = COFF[ci]
+            tot = np.float64(0)
+            tc = np.float64(0)  # Kahan: a long float64 sum of float64 squares stays exact
+            half = CPART.shape[0] // 2  # column sums, then their Kahan compensations
+            if REDUCE:
+                CPART[cp:cp + ncol] = 0
+                CPART[half + cp:half + cp + ncol] = 0
+            for row in range(RS[ci], RE[ci]):
+                racc = np.float64(0)
+                rc = np.float64(0)
+                base = row * ncol
+                for j in range(ncol):
+                    pv = load(p[base + j])
+                    gv = load(g[base + j])
+                    if SCALE_GRAD:  # as the update kernel (rules.FLAGS)
+                        gs = store(gv * h11)
+                        if WRITE_GRAD:
+                            g[base + j] = gs
+                        gv = load(gs)
+                    av = sload(a[row]) if MASK & 1 else pv
+                    bv = sload(b[mat * ncol + j]) if MASK & 2 else pv
+                    cv = sload(c[mat]) if MASK & 4 else pv
+                    x, y, _, _ = rule(pv, gv, av, bv, cv, h0, h1, h2, h3, h4, h5, h6, h7, h8,
+                                      h9, h10, h11)
+                    if REDUCE:
+                        y = np.float64(y)
+                        tot, tc = _kahan(tot, tc, np.float64(x))
+                        racc, rc = _kahan(racc, rc, y)
+                        CPART[cp + j], CPART[half + cp + j] = _kahan(
+                            CPART[cp + j], CPART[half + cp + j], y)
+                    else:
+                        p[base + j] = store(x)
+                if REDUCE:
+                    ROWS[ROFF[t] + row] = racc - rc
+            TOT[ci] = tot - tc
+    return kernel
+
+
+def run_matrix(rule, flags, dtypes, mask, P, G, S, C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS,
+               CPART):
+    """Apply ``rule`` to one group of tensors seen as matrices (see _matrix_template), one
+    compiled call: stores the params, or (flag REDUCE) fills TOT, ROWS and CPART."""
+    k = ("matrix", rule, flags, dtypes, mask)
+    fn = _kernels.get(k)
+    if fn is None:
+        gl = {"ops": numba_ops, **dict(flags)}
+        for f in (*rules.HELPERS, rules.RULES[rule]):
+            gl[f.__name__] = numba.njit(inline="always", **JIT)(
+                types.FunctionType(f.__code__, gl, f.__name__))
+        dt, load, store = _IO[dtypes[0]]
+        sdt, sload, _ = _IO[dtypes[1]]
+        key = int(hashlib.sha256(repr((_SOURCE_HASH, k, _PARALLEL[0])).encode())
+                  .hexdigest()[:15], 16) | 1
+        proto = _matrix_template(key, mask, dt, sdt)
+        kgl = dict(globals(), rule=gl[rule], load=load, store=store, sload=sload,
+                   **{f: dict(flags)[f] for f in ("REDUCE", "SCALE_GRAD", "WRITE_GRAD")})
+        code = types.FunctionType(proto.__code__, kgl, proto.__name__, None, proto.__closure__)
+        code.__qualname__ = f"matrix_{rule}_{key:x}"
+        fn = _kernels[k] = numba.njit(parallel=_PARALLEL[0], cache=True, **JIT)(code)
+    fn(P, G, S[0], S[1], S[2], C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS, CPART)

@@ -1,0 +1,131 @@
+"""The matrix kernel in Triton: any rule over tensors seen as batches of matrices, storing
+the params or (flag REDUCE) reducing squares per tensor, row and column.  The general
+reduction pass (numba_matrix.py is the CPU twin); the rules are bound as in triton_engine."""
+import triton
+import triton.language as tl
+
+from .triton_engine import _INTERPRET, _kernels, _bind, _rebind, BLOCK, KINDS, NUM_WARPS
+
+# names the kernel reads from the globals _bind supplies
+_ptr = _widen = _narrow = rule = REDUCE = SCALE_GRAD = WRITE_GRAD = NCOEF = None
+
+
+@triton.jit
+def _matrix_kernel(P, G, S0, S1, S2, C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS, CPART,
+                   MASK: tl.constexpr, KIND: tl.constexpr, SKIND: tl.constexpr,
+                   BR: tl.constexpr, BC: tl.constexpr):
+    # as numba_engine._matrix_template: one program per chunk (rows RS..RE of one matrix),
+    # in tiles of BR rows x BC columns; sums accumulate in the math dtype (float32 unless
+    # float64), as the norm kernel's
+    pid = tl.program_id(0)
+    t = tl.load(TID + pid)
+    r0 = tl.load(RS + pid)
+    r1 = tl.load(RE + pid)
+    ncol = tl.load(F + t * 3)
+    nrow = tl.load(F + t * 3 + 1)
+    pp = _ptr(P, t, KIND, False)
+    gp = _ptr(G, t, KIND, False)
+    ap = _ptr(S0, t, SKIND, False)
+    bp = _ptr(S1, t, SKIND, False)
+    cp = _ptr(S2, t, SKIND, False)
+    h0 = tl.load(C + t * NCOEF + 0)
+    h1 = tl.load(C + t * NCOEF + 1)
+    h2 = tl.load(C + t * NCOEF + 2)
+    h3 = tl.load(C + t * NCOEF + 3)
+    h4 = tl.load(C + t * NCOEF + 4)
+    h5 = tl.load(C + t * NCOEF + 5)
+    h6 = tl.load(C + t * NCOEF + 6)
+    h7 = tl.load(C + t * NCOEF + 7)
+    h8 = tl.load(C + t * NCOEF + 8)
+    h9 = tl.load(C + t * NCOEF + 9)
+    h10 = tl.load(C + t * NCOEF + 10)
+    h11 = tl.load(C + t * NCOEF + 11)
+    mat = r0 // nrow
+    co = tl.load(COFF + pid)
+    ro = tl.load(ROFF + t)
+    if KIND == 1:
+        acc = tl.zeros([BR, BC], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BR, BC], dtype=tl.float32)
+    if REDUCE:
+        for c0 in range(0, ncol, BC):
+            cols = c0 + tl.arange(0, BC)
+            tl.store(CPART + co + cols, tl.sum(acc, 0), mask=cols < ncol)
+    for rr in range(r0, r1, BR):
+        rows = rr + tl.arange(0, BR)
+        rmask = rows < r1
+        racc = tl.sum(acc * 0, 1)
+        for c0 in range(0, ncol, BC):
+            cols = c0 + tl.arange(0, BC)
+            cmask = cols < ncol
+            mask = rmask[:, None] & cmask[None, :]
+            offs = rows[:, None] * ncol + cols[None, :]
+            p = _widen(tl.load(pp + offs, mask=mask, other=0), KIND)
+            g = _widen(tl.load(gp + offs, mask=mask, other=0), KIND)
+            if SCALE_GRAD:  # as the update kernel (rules.FLAGS)
+                gs = _narrow(g * h11, KIND)
+                if WRITE_GRAD:
+                    tl.store(gp + offs, gs, mask=mask)
+                g = _widen(gs, KIND)
+            a = tl.where(mask, p, 1)  # unused slots: no 0 / 0 in masked lanes
+            b = a
+            c = a
+            if MASK & 1:
+                a = _widen(tl.load(ap + rows[:, None], mask=rmask[:, None], other=1), SKIND)
+            if MASK & 2:
+                b = _widen(tl.load(bp + mat * ncol + cols[None, :], mask=cmask[None, :],
+                                   other=1), SKIND)
+            if MASK & 4:
+                c = _widen(tl.load(cp + mat), SKIND)
+            x, y, _b, _c = rule(p, g, a, b, c, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11)
+            if REDUCE:
+                x = tl.where(mask, x, 0)
+                y = tl.where(mask, y, 0)
+                acc += x * x
+                racc += tl.sum(y * y, 1)
+                old = tl.load(CPART + co + cols, mask=cmask, other=0)
+                tl.store(CPART + co + cols, old + tl.sum(y * y, 0), mask=cmask)
+            else:
+                tl.store(pp + offs, _narrow(x, KIND), mask=mask)
+        if REDUCE:
+            tl.store(ROWS + ro + rows, racc, mask=rmask)
+    if REDUCE:
+        tl.store(TOT + pid, tl.sum(tl.sum(acc, 1), 0))
+
+
+def build_matrix(rule, flags, interpret=None):
+    """The matrix kernel (_matrix_kernel) for one rule and flag set."""
+    interpret = _INTERPRET if interpret is None else interpret
+    k = ("matrix", rule, flags, interpret)
+    if k not in _kernels:
+        _kernels[k] = _rebind(_matrix_kernel, _bind(rule, flags, interpret), interpret,
+                              launch=True)
+    return _kernels[k]
+
+
+def run_matrix(rule, flags, dtypes, mask, P, G, S, C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS,
+               CPART, max_cols):
+    """As numba_engine.run_matrix; one launch.  Tables are int64 tensors on the device, C
+    is [n, NCOEF] in the math dtype, TOT, ROWS and CPART are of the math dtype;
+    ``max_cols``: the widest matrix (the tiles' width is the next power of 2, at most
+    BLOCK)."""
+    if TID.numel() == 0:
+        return
+    bc = min(triton.next_power_of_2(max(int(max_cols), 1)), BLOCK)
+    build_matrix(rule, flags)[(TID.numel(),)](
+        P, G, S[0], S[1], S[2], C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS, CPART, MASK=mask,
+        KIND=KINDS[dtypes[0]], SKIND=KINDS[dtypes[1]], BR=BLOCK // bc, BC=bc,
+        num_warps=NUM_WARPS, enable_fp_fusion=False)
+
+
+def compile_matrix_ptx(rule, flags, dtype="float32", mask=7, arch=90, bc=32):
+    """The matrix kernel compiled ahead of time (as triton_engine.compile_ptx)."""
+    from .triton_engine import _aot
+    kernel = build_matrix(rule, flags, interpret=False)
+    names = ["P", "G", "S0", "S1", "S2", "TID", "RS", "RE", "F", "ROFF", "COFF"]
+    sig = {n: "*i64" for n in names}
+    f = "*fp64" if dtype == "float64" else "*fp32"
+    sig.update(C=f, TOT=f, ROWS=f, CPART=f)
+    const = {"MASK": mask, "KIND": KINDS[dtype], "SKIND": KINDS[dtype], "BR": 1024 // bc,
+             "BC": bc}
+    return _aot(kernel, sig, const, names + ["C"], arch)
