@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import fusedopt
-from fusedopt.kernels import triton_engine
+from fusedopt.kernels import triton_engine, triton_matrix
 from harness import HP, NAMES
 
 
@@ -46,17 +46,20 @@ class _Launches:
 def _ops_per_step(name, backend, n, monkeypatch):
     launches = _Launches(triton_engine.build)
     monkeypatch.setattr(triton_engine, "build", launches)
+    matrix = _Launches(triton_matrix.build_matrix)  # Adafactor's kernel
+    monkeypatch.setattr(triton_matrix, "build_matrix", matrix)
     params = [torch.nn.Parameter(torch.randn(7)) for _ in range(n)]
     opt = getattr(fusedopt, name)(params, backend=backend, **HP[name])
     for _ in range(3):  # the plan built, the first steps' special cases over
         for p in params:
             p.grad = torch.randn(7)
         opt.step()
-    launches.count = 0
+    launches.count = matrix.count = 0
     with _Count() as count:
         opt.step()
     assert len(opt._plans) == 1
-    assert launches.count == (backend == "triton")  # one launch per bucket
+    # one launch per bucket (Adafactor: one per pass)
+    assert launches.count + matrix.count == (backend == "triton") * (3 if name == "Adafactor" else 1)
     return count.ops
 
 
