@@ -62,8 +62,16 @@ class Tables:
         self.mat_rows = np.repeat(self.F[:, 1], np.where(factored, nmat, 0))
         self.row_mat = np.repeat(np.arange(len(self.mat_rows)), self.mat_rows)
         if backend != "numba":
-            self.dev = {k: on_device(getattr(self, k), device)
-                        for k in ("tid", "rs", "re", "F", "roff", "coff", "cidx")}
+            self.dev = {k: on_device(getattr(self, k), device) for k in ("F", "roff", "cidx")}
+            # one launch for the one-column tensors (1-D: tiles of BLOCK rows), one for the
+            # others (tiles as wide as the widest matrix): a tile is one width per launch
+            sels = [s for s in (np.flatnonzero(self.ncols == 1), np.flatnonzero(self.ncols > 1))
+                    if len(s)]
+            self.launches = [({k: on_device(getattr(self, k)[s], device)
+                               for k in ("tid", "rs", "re", "coff")}, int(self.ncols[s].max()))
+                             for s in sels]
+            self.dev["tid"] = on_device(np.concatenate([self.tid[s] for s in sels] or
+                                                       [np.zeros(0, np.int64)]), device)
 
     def _call(self, rule, flags, dtypes, mask, P, G, S, C, reduce):
         f64 = dtypes[0] == "float64"
@@ -84,14 +92,16 @@ class Tables:
         d = self.dev
         dt = torch.float64 if f64 else torch.float32
         new = lambda n: torch.zeros(n, dtype=dt, device=self.device)  # noqa: E731
-        tot, rows = new(nchunk), new(self.nrows if reduce else 1)
-        part = new(len(self.cidx) if reduce else 1)
-        triton_matrix.run_matrix(rule, flags, dtypes, mask, P, G, S, C, d["tid"], d["rs"],
-                                 d["re"], d["F"], d["roff"], d["coff"], tot, rows, part,
-                                 self.max_cols)
+        rows, part = new(self.nrows if reduce else 1), new(len(self.cidx) if reduce else 1)
+        tots = []
+        for t, cols in self.launches:
+            tots.append(new(len(t["tid"])))
+            triton_matrix.run_matrix(rule, flags, dtypes, mask, P, G, S, C, t["tid"], t["rs"],
+                                     t["re"], d["F"], d["roff"], t["coff"], tots[-1], rows,
+                                     part, cols)
         if not reduce:
             return None
-        per = new(len(self.F)).index_add_(0, d["tid"], tot)
+        per = new(len(self.F)).index_add_(0, d["tid"], torch.cat(tots) if tots else new(0))
         cols = new(self.ncolsum + 1).index_add_(0, d["cidx"], part)[:-1]
         return per, rows, cols
 
