@@ -156,8 +156,10 @@ def probe():
     """{(op, dtype name): (fraction of elements off, largest difference in ulp)} for every
     op of OPS where this machine's torch is not correctly rounded; {} where it is.
     Measured once per set of torch functions (a monkeypatched op is measured anew)."""
-    key = tuple(id(getattr(torch.Tensor, m)) for ms in _PATCH.values() for m in ms) \
-        + tuple(id(getattr(torch, ms[0])) for ms in _PATCH.values())
+    # the functions themselves, not their ids: the cache keeps them alive, so a patched
+    # function freed after a test cannot lend its id to the next one's (a stale result)
+    key = tuple(getattr(torch.Tensor, m) for ms in _PATCH.values() for m in ms) \
+        + tuple(getattr(torch, ms[0]) for ms in _PATCH.values())
     if key not in _cache:
         found = {}
         for dtype in DTYPES:

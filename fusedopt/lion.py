@@ -51,6 +51,9 @@ class Lion(FusedOptimizer, LionForLoop):
     _sparse_error = "Lion does not support sparse gradients"
     _has_step = False  # Lion keeps no step counter
 
+    def _inplace_updates(self, group):
+        return 2  # its twin's p.mul_ (even by 1) and p.add_, as lion-pytorch
+
     def _slots(self, group):
         return ("exp_avg", None, None)
 

@@ -300,9 +300,29 @@ def program(seed, backends):
     return name, done, None
 
 
+# programs that find a known difference from torch, still open: each must still fail the
+# same way (when it passes, it is fixed: take it out of here)
+KNOWN = {
+    # Adafactor after freeze, p.data = (another size) and a grad of another size: fusedopt
+    # finds its `variance` of the old size and raises RuntimeError; torch's state for that
+    # param has row_var/col_var instead and it raises AssertionError: the two states
+    # diverged earlier in the program (found by CI on 2026-11-26, not yet understood)
+    77: "'Adafactor', ['zero_grad', 'step', 'freeze', 'replace_data', 'bad_grad'], "
+        "'fusedopt:', 'RuntimeError', 'torch:', 'AssertionError'",
+}
+
+
 def main(first, count, engines="numba"):
     backends = ["numba", "triton"] if engines == "both" else [engines]
     for seed in range(int(first), int(first) + int(count)):
+        if seed in KNOWN:
+            try:
+                program(seed, backends)
+            except AssertionError as e:
+                assert KNOWN[seed] in str(e), (seed, str(e))
+                print(seed, "known difference, still open:", KNOWN[seed], flush=True)
+                continue
+            raise AssertionError(f"program {seed} now passes: take it out of KNOWN")
         name, done, raised = program(seed, backends)
         print(seed, name, " ".join(done), f"raised {raised}" if raised else "", flush=True)
 
