@@ -11,7 +11,7 @@ import fusedopt
 from fusedopt import parity
 from fusedopt.matrix import Tables
 from fusedopt.kernels import rules
-from harness import BACKENDS
+from harness import BACKENDS, mse_losses
 
 SHAPES = [(7,), (33, 17), (2, 3, 4), (1,), (70000,), (3, 300, 257), (1, 5)]
 
@@ -165,13 +165,6 @@ def test_training_lowers_loss_as_torch(backend):
                     (torch.optim.Adafactor, dict(foreach=False))):
         m = model()
         opt = cls(m.parameters(), lr=3e-2, weight_decay=0.01, **kw)
-        losses = []
-        for _ in range(30):
-            opt.zero_grad()
-            loss = torch.nn.functional.mse_loss(m(x), y)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        curves.append(torch.tensor(losses))
+        curves.append(mse_losses(m, opt, x, y, 30))
     assert curves[0][-1] < 0.5 * curves[0][0]
     torch.testing.assert_close(curves[0], curves[1], rtol=1e-4, atol=1e-6)

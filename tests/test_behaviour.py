@@ -9,7 +9,7 @@ import torch
 
 import fusedopt
 from fusedopt import arith, reference
-from harness import BACKENDS, HP, NAMES, max_ulp
+from harness import BACKENDS, HP, NAMES, max_ulp, mse_losses
 
 
 
@@ -240,14 +240,7 @@ def test_training_loop_matches_torch(name):
     for cls, kw in ((getattr(fusedopt, name), {}), (getattr(fusedopt, name).twin(), {"foreach": False})):
         m = model()
         opt = cls(m.parameters(), **HP[name], **kw)
-        losses = []
-        for _ in range(50):
-            opt.zero_grad()
-            loss = torch.nn.functional.mse_loss(m(x), y)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        curves.append(torch.tensor(losses))
+        curves.append(mse_losses(m, opt, x, y, 50))
     assert curves[0][-1] < curves[0][0]
     assert torch.allclose(curves[0], curves[1], rtol=1e-4, atol=1e-6)
 
