@@ -7,6 +7,7 @@ param, grad, exp_avg, exp_avg_sq and writes three of them: 28 bytes per param).
 CPU: wall time after warm-up, median of repeats.  CUDA: CUDA events.
 """
 import gc
+import inspect
 import math
 import statistics
 import time
@@ -131,12 +132,13 @@ def _steps(cls_name, hp, shapes, device, compile_step, mixed=None):
         ps = _make(shapes, device, dtype)
         opt = cls(ps, **hp, **kw, **(ours if mine else {}))
         steps[impl] = torch.compile(opt.step) if impl == "torch-compile" else opt.step
+        if clip is not None and not mine:  # torch clips with clip_grad_norm_ before its step
+            steps[impl] = _clipped(ps, clip, kw.get("foreach", True), steps[impl])
         if mine:
             steps[impl + HOST] = _host_only(opt.step)
-    if device.type == "cuda":
+    # (Lion and Adafactor, like torch's Adafactor, have no capturable flag: no graph row)
+    if device.type == "cuda" and "capturable" in inspect.signature(twin).parameters:
         steps["fusedopt-graph"] = _graphed(cls_name, hp, shapes, device, dtype, ours)
-        if clip is not None and not mine:
-            steps[impl] = _clipped(ps, clip, kw.get("foreach", True), steps[impl])
     # a fifth copy of llama-1b's Adam state would not fit beside the others on one GPU
     if device.type == "cuda" and cls_name == "Adam" and sum(p.numel() for p in ps) < 3e8:
         try:
