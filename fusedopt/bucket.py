@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import torch
 
-from . import flat, host
+from . import flat, host, quant
 from .kernels import rules
 
 _GRAD = operator.attrgetter("grad")
@@ -55,11 +55,27 @@ _M32 = 0xFFFFFFFF
 
 
 def state_dtype(group, p):
-    """The dtype of p's state: float32 for a float16/bfloat16 param when the group asks
-    for float32 state or master weights, else the param's own (as torch)."""
-    if p.dtype in _LOW and (group.get("state_dtype") is not None or group.get("master_weights")):
+    """The dtype of p's state: uint8 (8-bit codes, quant.py) when the group asks for it
+    and quant.takes(p); float32 for a float16/bfloat16 param when the group asks for
+    float32 or 8-bit state or master weights; else the param's own (as torch)."""
+    want = group.get("state_dtype")
+    if want == torch.uint8 and quant.takes(p):
+        return torch.uint8
+    if p.dtype in _LOW and (want is not None or group.get("master_weights")):
         return torch.float32
     return p.dtype
+
+
+_QTABLE = {}
+
+
+def qtable(device):
+    """quant.engine_table() for the engines: numpy for Numba, a tensor on the device."""
+    t = _QTABLE.get(device)
+    if t is None:
+        t = _QTABLE[device] = quant.engine_table().numpy() if device is None \
+            else quant.engine_table().to(device)
+    return t
 
 
 def has_master(group, p):
@@ -87,9 +103,14 @@ class _Bucket:
         self.params = params
         self.device = params[0].device
         self.dtype = _name(params[0].dtype)
-        self.sdtype = _name(state_dtype(group, params[0]))
+        sdt = state_dtype(group, params[0])
+        q = sdt == torch.uint8  # 8-bit slots: the math and a master copy in float32
+        self.sdtype = "float32" if q else _name(sdt)
         master = has_master(group, params[0])
         self.mask = sum(1 << i for i, name in enumerate((*slots, master)) if name)
+        if q:
+            self.mask |= sum((16 << i) | (256 << i) * quant.signed(name)
+                             for i, name in enumerate(slots) if name)
         self.backend = backend_for(opt._backend, self.device)
         if self.backend == "triton" and self.device.type == "cpu" \
                 and os.environ.get("TRITON_INTERPRET") != "1":
@@ -117,6 +138,8 @@ class _Bucket:
                 col.append(_as_real(_local(t)))
             cols.append(col)
         cols.append([st["master"] for st in states] if master else cols[0])
+        for name in slots:  # the blocks' absmax of 8-bit slots
+            cols.append([st[name + quant.ABSMAX] for st in states] if q and name else cols[0])
         self.tensors = cols
         self.pver = None  # master weights: the params' versions after the last step
         # the storages behind the pointer tables, held: while this plan lives none of its
@@ -154,7 +177,7 @@ class _Bucket:
         # the state tensors as the optimizer's state holds them, whose facts are re-read
         # before every step: `state[p][k].data = t` changes no mapping but must be noticed
         names = [n for n in slots if n] + ["master"] * master + ["step"] * opt._has_step \
-            + list(opt._scalars)
+            + list(opt._scalars) + [n + quant.ABSMAX for n in slots if n and q]
         self.watched = [_local(st[n]) for st in states for n in names if n in st]
         math_dtype = torch.float64 if self.dtype == "float64" else torch.float32
         self.C = torch.zeros(len(params), rules.NCOEF, dtype=math_dtype, device=self.device)
@@ -174,6 +197,7 @@ class _Bucket:
             fptrs = np.array([[b.data_ptr()] for b in bufs], dtype=np.int64)
             self.flat = (fptrs, np.array([buffers.grad.data_ptr()], dtype=np.int64), total,
                          *_chunks(self.backend, total))
+        self.Q = qtable(None if self.backend == "numba" else self.device) if q else None
         if self.backend == "numba":
             self.P, self.S = ptrs[0], list(ptrs[1:])
             self.tid, self.cs, self.ce = tid, cs, ce
@@ -261,7 +285,7 @@ class _Bucket:
         if self.backend == "numba":
             _numba().run(rule, flags, (self.dtype, self.sdtype), self.mask, self.P, gptr, self.S,
                          Cn, self.numel if keys is None else keys, self.tid, self.cs,
-                         self.ce, self.numel)
+                         self.ce, self.numel, self.Q)
         else:
             if self._gkey is None or not np.array_equal(self._gkey, gptr):
                 host = torch.from_numpy(gptr)
@@ -270,7 +294,7 @@ class _Bucket:
                 self._gkey, self._gdev = gptr, host.to(self.device, non_blocking=True)
             _triton().run(rule, flags, (self.dtype, self.sdtype), self.mask, self.P, self._gdev,
                           self.S, C, self.tid if keys is None else keys, self.tid, self.cs,
-                          self.ce, aligned, found_inf, coeffs if uniform else None)
+                          self.ce, aligned, found_inf, coeffs if uniform else None, self.Q)
         for i, p, w in self.work:
             p.copy_(w)
 
@@ -304,14 +328,23 @@ def _unfit(opt, group, p, g, st, slots):
         return f"a {g.dtype} grad of shape {tuple(g.shape)} for a {p.dtype} param of shape {tuple(p.shape)}"
     if not opt._needs_state(group):
         return None
-    mixed = state_dtype(group, p) != p.dtype
+    sdt = state_dtype(group, p)
+    mixed = sdt != p.dtype
     for name in slots:
         t = st.get(name) if name else None
         if name and t is None and len(st) and opt._has_step:
             return f"state without {name!r}"
         if t is not None and (not torch.is_tensor(t) or t.shape != p.shape or t.device != p.device
-                              or (t.dtype != p.dtype and not (mixed and t.is_floating_point()))):
+                              or (t.dtype != p.dtype and not (mixed and t.is_floating_point())
+                                  and not (sdt == torch.uint8 == t.dtype))):
             return f"state {name!r} that does not fit the param"
+        if t is not None and t.dtype == torch.uint8:  # 8-bit codes: their absmax must fit
+            x = st.get(name + quant.ABSMAX)
+            if sdt != torch.uint8 and p.numel() >= quant.MIN_NUMEL:
+                return f"8-bit state {name!r} (state_dtype=torch.uint8 not asked for)"
+            if not torch.is_tensor(x) or x.shape != (quant.nblocks(p.numel()),) \
+                    or x.dtype != torch.float32 or x.device != p.device:
+                return f"8-bit state {name!r} without a fitting {name + quant.ABSMAX!r}"
     return None
 
 
@@ -362,7 +395,7 @@ class _Plan:
         self.fallback.sort()
         for i in take:
             p = params[i]
-            order.setdefault((p.device, p.dtype), []).append(i)
+            order.setdefault((p.device, p.dtype, state_dtype(group, p)), []).append(i)
             if not need:
                 continue
             st = opt.state[p]
@@ -370,9 +403,13 @@ class _Plan:
                 opt._init_state(group, p, st)
             sdt = state_dtype(group, p)
             for name in self.slots:
-                if name and st.get(name) is None:
+                if name and sdt == torch.uint8:
+                    fresh.update(quant.fit(st, name, _local(p)))
+                elif name and st.get(name) is None:
                     st[name] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
                     fresh.add(id(p))
+                elif name and st[name].dtype == torch.uint8:  # 8-bit state, now unwanted
+                    st[name] = quant.dequantize_state(st, name).to(sdt)
                 elif name and st[name].dtype != sdt:  # float32 state asked for, or given up
                     st[name] = st[name].to(sdt)
             if has_master(group, p) and (st.get("master") is None or not torch.equal(
@@ -388,7 +425,8 @@ class _Plan:
         flats = {}
         for key, idx in order.items():  # flat=True: each bucket re-homed into buffers
             ps = [params[i] for i in idx]
-            if group.get("flat") and flat.eligible(ps, [grads[i] for i in idx]):
+            if group.get("flat") and key[2] != torch.uint8 \
+                    and flat.eligible(ps, [grads[i] for i in idx]):  # 8-bit: per tensor
                 names = [n for n in self.slots if n] + ["master"] * has_master(group, ps[0])
                 flats[key] = flat.Buffers(ps, [opt.state[p] for p in ps] if need else None,
                                           names)

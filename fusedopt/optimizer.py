@@ -14,7 +14,7 @@ import weakref
 import numpy as np
 import torch
 
-from . import clip, flat, host
+from . import clip, flat, host, quant
 from .bucket import _GRAD, _PTR, _local, _Plan, _unfit, scalar_dtype, state_dtype
 from .state import State
 from .kernels import rules
@@ -98,9 +98,9 @@ class FusedOptimizer:
             raise ValueError(f"Invalid l1 value: {l1}")
         if max_grad_norm is not None and not 0.0 <= max_grad_norm:
             raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
-        if state_dtype not in (None, torch.float32):
-            raise ValueError(f"state_dtype must be None (the param's dtype) or torch.float32, "
-                             f"got {state_dtype}")
+        if state_dtype not in (None, torch.float32, torch.uint8):
+            raise ValueError(f"state_dtype must be None (the param's dtype), torch.float32 or "
+                             f"torch.uint8 (8-bit state), got {state_dtype}")
         if master_weights and stochastic_rounding:
             raise ValueError("master_weights and stochastic_rounding exclude each other: with "
                              "a float32 master copy the param is only a rounded view of it")
@@ -171,7 +171,8 @@ class FusedOptimizer:
                 # scalars (one element): say which does not, now, rather than at a step
                 # (torch) or never (a kernel)
                 scalar = k in ("step", *self._scalars)
-                want = self._state_shape(k, p)
+                want = (quant.nblocks(p.numel()),) if k.endswith(quant.ABSMAX) \
+                    else self._state_shape(k, p)
                 if torch.is_tensor(v) and (v.numel() != 1 if scalar else v.shape != want):
                     raise RuntimeError(
                         f"loaded state dict has state[{i}][{k!r}] of shape {tuple(v.shape)}, "
@@ -191,7 +192,8 @@ class FusedOptimizer:
                 # torch casts all state to the param's dtype: float32 moments and master
                 # copies of a bfloat16 param (state_dtype, master_weights) stay float32
                 if k != "step" and torch.is_tensor(v) and v.dtype != p.dtype \
-                        and (k == "master" or v.dtype == state_dtype(group, p)):
+                        and (k == "master" or v.dtype == state_dtype(group, p)
+                             or v.dtype == torch.uint8 or k.endswith(quant.ABSMAX)):
                     self.state[p][k] = v.to(p.device, copy=True)
         self._reset()
 

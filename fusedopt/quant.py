@@ -1,6 +1,6 @@
 """Block-wise 8-bit quantization of optimizer state, as in Dettmers et al., "8-bit
 Optimizers via Block-wise Quantization" (ICLR 2022), the method behind bitsandbytes' and
-torchao's 8-bit optimizers: the foundation of 8-bit state (not yet wired into the engines).
+torchao's 8-bit optimizers: the definition behind ``state_dtype=torch.uint8`` (8-bit state in the engines).
 
 A state tensor is cut into blocks of ``BLOCK`` elements (the last may be shorter); each
 block keeps one float32 ``absmax`` (the largest magnitude in it) and one uint8 code per
@@ -21,6 +21,11 @@ import torch
 BLOCK = 256
 MIN_NUMEL = 4096
 _EXPONENTS = 7  # 10^-6 ... 10^0
+# state slots that are never negative (second moments, sums of squares, step sizes) use
+# the unsigned map; every other slot (first moments, momentum, averages) the signed one
+UNSIGNED = frozenset({"exp_avg_sq", "max_exp_avg_sq", "exp_inf", "square_avg", "sum",
+                      "acc_delta", "step_size"})
+ABSMAX = "_absmax"  # state[name + ABSMAX]: the float32 absmax of each block of state[name]
 
 
 def dynamic_map(signed):
@@ -63,3 +68,103 @@ def dequantize(codes, absmax, qmap, dtype=torch.float32):
     flat = codes.reshape(-1).long()
     scale = absmax.to(dtype).repeat_interleave(BLOCK)[:flat.numel()]
     return (qmap.to(dtype)[flat] * scale).view(codes.shape)
+
+
+def signed(name):
+    return name not in UNSIGNED
+
+
+def zero_code(is_signed):
+    """The code of 0: the middle of the signed map, the first of the unsigned."""
+    return 127 if is_signed else 0
+
+
+def nblocks(numel):
+    return (numel + BLOCK - 1) // BLOCK
+
+
+def takes(p):
+    """Whether param p's state is quantized under state_dtype=torch.uint8: float32,
+    float16 and bfloat16 params of at least MIN_NUMEL elements (the full param's count:
+    a DTensor's numel is the global one); float64 and complex params keep their dtype."""
+    return p.dtype in (torch.float32, torch.float16, torch.bfloat16) and p.numel() >= MIN_NUMEL
+
+
+def zeros(p, is_signed):
+    """(codes, absmax) of a state of zeros for param p."""
+    codes = torch.full_like(p, zero_code(is_signed), dtype=torch.uint8,
+                            memory_format=torch.contiguous_format)
+    return codes, torch.zeros(nblocks(p.numel()), dtype=torch.float32, device=p.device)
+
+
+def engine_table():
+    """What the engines quantize with: float32 [2, TABLE] (row 0 the unsigned map, row 1
+    the signed one).  Columns 0-255 are the map's values (dequantization: value[code] *
+    absmax).  The rest describe the map's structure, so that a code is computed without a
+    search: y = |x| / absmax in [0, 1] falls in decade i (0-6) when it lies above the
+    midpoint ``LOW[i]`` between decade i's first value and the value below it; inside a
+    decade the map's values are the midpoints of equal parts of [0.1, 1] * 10^(i-6), so the
+    part is floor(y * R[i] - C[i]) (R = 10^(6-i) * parts / 0.9, C = 0.1 * parts / 0.9),
+    kept within the decade's codes K[i] ... KMAX[i].  Above ``TOP_MID`` (between the
+    largest value and 1) y is 1.  Codes count from the code of 0 (0 for the unsigned map,
+    127 for the signed, whose negatives mirror its positives).  The decision boundaries
+    are the map's midpoints computed in float32: a code can differ from ``quantize``'s
+    (float64) only where y lies within rounding of one."""
+    out = torch.zeros(2, TABLE, dtype=torch.float32)
+    for row, is_signed in enumerate((False, True)):
+        q = dynamic_map(is_signed)
+        out[row, :256] = q
+        pos = q[zero_code(is_signed):].double()  # 0, the positive values, 1
+        first = 1  # index in pos of decade i's first value
+        for i in range(_EXPONENTS):
+            parts = 2 ** i if is_signed else 2 ** (i + 1)
+            out[row, LOW + i] = (pos[first - 1] + pos[first]) / 2
+            out[row, R + i] = 10.0 ** (_EXPONENTS - 1 - i) * parts / 0.9
+            out[row, C + i] = 0.1 * parts / 0.9
+            out[row, K + i] = first
+            out[row, KMAX + i] = first + parts - 1
+            first += parts
+        out[row, TOP_MID] = (pos[-2] + pos[-1]) / 2
+        out[row, TOP_K] = len(pos) - 1
+    return out
+
+
+# columns of engine_table()
+LOW, R, C, K, KMAX = 256, 263, 270, 277, 284
+TOP_MID, TOP_K, TABLE = 291, 292, 296
+
+
+def fit(state, name, p):
+    """Make state[name] 8-bit codes of param p with their absmax beside them: zeros where
+    it is missing (returns {id(p)}: fresh state), quantized where it holds values (a
+    torch.optim state_dict loaded, or state_dtype changed)."""
+    t = state.get(name)
+    if t is None:
+        state[name], state[name + ABSMAX] = zeros(p, signed(name))
+        return {id(p)}
+    if t.dtype != torch.uint8:
+        codes, absmax = quantize(t, dynamic_map(signed(name)))
+        state[name], state[name + ABSMAX] = codes.to(t.device), absmax.to(t.device)
+    return set()
+
+
+def dequantize_state(state, name):
+    """state[name] (codes) as float32 values, its absmax entry removed from the state."""
+    absmax = state.pop(name + ABSMAX)
+    codes = state[name]
+    return dequantize(codes, absmax.to(codes.device), dynamic_map(signed(name)).to(codes.device))
+
+
+def float_state_dict(state_dict):
+    """A copy of an optimizer state_dict with every 8-bit state entry (codes and absmax)
+    replaced by its float32 values: what torch.optim loads (``torch.optim.AdamW(...)
+    .load_state_dict(fusedopt.quant.float_state_dict(opt.state_dict()))``), or a fusedopt
+    optimizer without state_dtype=torch.uint8."""
+    out = dict(state_dict)
+    out["state"] = {}
+    for i, st in state_dict["state"].items():
+        st = dict(st)
+        for name in [k for k in st if k + ABSMAX in st]:
+            st[name] = dequantize_state(st, name)
+        out["state"][i] = st
+    return out

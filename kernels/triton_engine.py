@@ -27,8 +27,10 @@ NUM_WARPS = 4
 
 @triton.jit
 def _ptr(table, t, KIND: tl.constexpr, ALIGNED: tl.constexpr):
-    # KIND: 0 float32, 1 float64, 2 float16, 3 bfloat16 (moved as uint16)
-    if KIND == 0:
+    # KIND: 0 float32, 1 float64, 2 float16, 3 bfloat16 (moved as uint16), 4 uint8 (codes)
+    if KIND == 4:
+        ptr = tl.load(table + t).to(tl.pointer_type(tl.uint8))
+    elif KIND == 0:
         ptr = tl.load(table + t).to(tl.pointer_type(tl.float32))
     elif KIND == 1:
         ptr = tl.load(table + t).to(tl.pointer_type(tl.float64))
@@ -107,10 +109,56 @@ def _store(ptr, offs, end, x, KIND: tl.constexpr, MASKED: tl.constexpr):
     _store_raw(ptr, offs, end, _narrow(x, KIND), MASKED)
 
 
+QBLOCK = tl.constexpr(256)  # 8-bit state: elements per absmax (fusedopt/quant.py)
+
+
 @triton.jit
-def _block(pp, gp, ap, bp, cp, wp, offs, end, key, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9,
-           h10, h11,
-           MASK: tl.constexpr, KIND: tl.constexpr, SKIND: tl.constexpr, MASKED: tl.constexpr):
+def _qload(cp, xp, offs, end, T, MASKED: tl.constexpr):
+    # 8-bit codes -> float32: the map's value (row T of quant.engine_table) times the
+    # block's absmax
+    codes = tl.load(cp + offs, mask=offs < end, other=0) if MASKED else tl.load(cp + offs)
+    return tl.load(T + codes.to(tl.int32)) * tl.load(xp + offs // QBLOCK)
+
+
+@triton.jit
+def _qstore(cp, xp, offs, end, x, T, SIGNED: tl.constexpr, BLOCK: tl.constexpr,
+            MASKED: tl.constexpr):
+    # float32 -> 8-bit codes with each block's new absmax, as numba_engine's qcode (the
+    # same float32 operations: the engines' codes are equal)
+    bits = tl.where(offs < end, x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF, 0)
+    amax = tl.max(tl.reshape(bits, [BLOCK // QBLOCK, QBLOCK]), 1)  # NaN's bits are largest
+    first = tl.min(tl.reshape(offs, [BLOCK // QBLOCK, QBLOCK]), 1)  # each block's start
+    tl.store(xp + first // QBLOCK, amax.to(tl.float32, bitcast=True), mask=first < end)
+    am = tl.reshape(tl.broadcast_to(tl.expand_dims(amax, 1), [BLOCK // QBLOCK, QBLOCK]),
+                    [BLOCK]).to(tl.float32, bitcast=True)
+    y = tl.div_rn(tl.abs(x), am)
+    r = tl.load(T + 263)
+    c = tl.load(T + 270)
+    k0 = tl.load(T + 277)
+    km = tl.load(T + 284)
+    for i in tl.static_range(1, 7):
+        s = y > tl.load(T + 256 + i)
+        r = tl.where(s, tl.load(T + 263 + i), r)
+        c = tl.where(s, tl.load(T + 270 + i), c)
+        k0 = tl.where(s, tl.load(T + 277 + i), k0)
+        km = tl.where(s, tl.load(T + 284 + i), km)
+    t = tl.fma(y, r, -c)
+    t = tl.where(t > 0, t, 0.0)
+    k = tl.minimum(k0 + t.to(tl.int32).to(tl.float32), km)
+    k = tl.where(y > tl.load(T + 291), tl.load(T + 292), k)
+    k = tl.where(y > tl.load(T + 256), k, 0.0)
+    if SIGNED:
+        code = tl.where(x >= 0, 127.0 + k, 127.0 - tl.minimum(k, 127.0))
+    else:
+        code = k
+    _store_raw(cp, offs, end, code.to(tl.uint8), MASKED)
+
+
+@triton.jit
+def _block(pp, gp, ap, bp, cp, wp, xa, xb, xc, Q, offs, end, key, h0, h1, h2, h3, h4, h5, h6,
+           h7, h8, h9, h10, h11,
+           MASK: tl.constexpr, KIND: tl.constexpr, SKIND: tl.constexpr, MASKED: tl.constexpr,
+           BLOCK: tl.constexpr):
     # MASK and the flags as in numba_engine._template
     g = _load(gp, offs, end, KIND, MASKED)
     if SCALE_GRAD:  # see rules.FLAGS
@@ -125,11 +173,18 @@ def _block(pp, gp, ap, bp, cp, wp, offs, end, key, h0, h1, h2, h3, h4, h5, h6, h
     a = p
     b = p
     c = p
-    if MASK & 1:
+    # 8-bit slots (MASK bit 16 << i; bit 256 << i: the signed map, row 1 of Q)
+    if MASK & 16:
+        a = _qload(ap, xa, offs, end, Q + ((MASK >> 8) & 1) * 296, MASKED)
+    elif MASK & 1:
         a = _load(ap, offs, end, SKIND, MASKED)
-    if MASK & 2:
+    if MASK & 32:
+        b = _qload(bp, xb, offs, end, Q + ((MASK >> 9) & 1) * 296, MASKED)
+    elif MASK & 2:
         b = _load(bp, offs, end, SKIND, MASKED)
-    if MASK & 4:
+    if MASK & 64:
+        c = _qload(cp, xc, offs, end, Q + ((MASK >> 10) & 1) * 296, MASKED)
+    elif MASK & 4:
         c = _load(cp, offs, end, SKIND, MASKED)
     p, a, b, c = rule(p, g, a, b, c, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11)
     if MASK & 8:
@@ -138,11 +193,18 @@ def _block(pp, gp, ap, bp, cp, wp, offs, end, key, h0, h1, h2, h3, h4, h5, h6, h
         _store_raw(pp, offs, end, _narrow_stochastic(p, offs, key), MASKED)
     else:
         _store(pp, offs, end, p, KIND, MASKED)
-    if MASK & 1:
+    if MASK & 16:
+        _qstore(ap, xa, offs, end, a, Q + ((MASK >> 8) & 1) * 296, (MASK >> 8) & 1, BLOCK, MASKED)
+    elif MASK & 1:
         _store(ap, offs, end, a, SKIND, MASKED)
-    if MASK & 2:
+    if MASK & 32:
+        _qstore(bp, xb, offs, end, b, Q + ((MASK >> 9) & 1) * 296, (MASK >> 9) & 1, BLOCK, MASKED)
+    elif MASK & 2:
         _store(bp, offs, end, b, SKIND, MASKED)
-    if MASK & 4:
+    if MASK & 64:
+        _qstore(cp, xc, offs, end, c, Q + ((MASK >> 10) & 1) * 296, (MASK >> 10) & 1, BLOCK,
+                MASKED)
+    elif MASK & 4:
         _store(cp, offs, end, c, SKIND, MASKED)
 
 
@@ -154,7 +216,7 @@ def _coef(bits, C):
 
 
 @triton.jit
-def _kernel(P, G, S0, S1, S2, S3, C, R, TID, CS, CE, FI, H0, H1, H2, H3, H4, H5, H6, H7, H8,
+def _kernel(P, G, S0, S1, S2, S3, A0, A1, A2, Q, C, R, TID, CS, CE, FI, H0, H1, H2, H3, H4, H5, H6, H7, H8,
             H9, H10, H11, MASK: tl.constexpr, KIND: tl.constexpr, SKIND: tl.constexpr,
             ALIGNED: tl.constexpr, UNIFORM: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -168,10 +230,14 @@ def _kernel(P, G, S0, S1, S2, S3, C, R, TID, CS, CE, FI, H0, H1, H2, H3, H4, H5,
         key = tl.load(R + t).to(tl.uint32)
     pp = _ptr(P, t, KIND, ALIGNED)
     gp = _ptr(G, t, KIND, ALIGNED)
-    ap = _ptr(S0, t, SKIND, ALIGNED)
-    bp = _ptr(S1, t, SKIND, ALIGNED)
-    cp = _ptr(S2, t, SKIND, ALIGNED)
+    # (an 8-bit slot: uint8 codes, and its blocks' absmax)
+    ap = _ptr(S0, t, SKIND + (4 - SKIND) * ((MASK >> 4) & 1), ALIGNED)
+    bp = _ptr(S1, t, SKIND + (4 - SKIND) * ((MASK >> 5) & 1), ALIGNED)
+    cp = _ptr(S2, t, SKIND + (4 - SKIND) * ((MASK >> 6) & 1), ALIGNED)
     wp = _ptr(S3, t, SKIND, ALIGNED)
+    xa = _ptr(A0, t, 0, ALIGNED)
+    xb = _ptr(A1, t, 0, ALIGNED)
+    xc = _ptr(A2, t, 0, ALIGNED)
     if UNIFORM:  # the same coefficients for every tensor: no table, no copy to the device
         h0 = _coef(H0, C)
         h1 = _coef(H1, C)
@@ -203,13 +269,13 @@ def _kernel(P, G, S0, S1, S2, S3, C, R, TID, CS, CE, FI, H0, H1, H2, H3, H4, H5,
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
         if ALIGNED:  # chunk starts are multiples of CHUNK, hence of BLOCK
             offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
-        _block(pp, gp, ap, bp, cp, wp, offs, end, key, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9,
-               h10, h11, MASK, KIND, SKIND, False)
+        _block(pp, gp, ap, bp, cp, wp, xa, xb, xc, Q, offs, end, key, h0, h1, h2, h3, h4, h5,
+               h6, h7, h8, h9, h10, h11, MASK, KIND, SKIND, False, BLOCK)
     tail = start + nfull * BLOCK
     if tail < end:
         offs = tail + tl.arange(0, BLOCK)
-        _block(pp, gp, ap, bp, cp, wp, offs, end, key, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9,
-               h10, h11, MASK, KIND, SKIND, True)
+        _block(pp, gp, ap, bp, cp, wp, xa, xb, xc, Q, offs, end, key, h0, h1, h2, h3, h4, h5,
+               h6, h7, h8, h9, h10, h11, MASK, KIND, SKIND, True, BLOCK)
 
 
 @triton.jit
@@ -285,8 +351,9 @@ def _bind(rule, flags, interpret):
            **{n: tl.constexpr(v) for n, v in flags if n in ("SCALE_GRAD", "WRITE_GRAD",
                                                              "FOUND_INF", "STOCH_ROUND",
                                                              "REDUCE")}}
+    kgl["QBLOCK"] = QBLOCK
     for f in (_ptr, _widen, _narrow, _fmix32, _narrow_stochastic, _load, _store_raw, _store,
-              _coef):
+              _coef, _qload, _qstore):
         kgl[f.fn.__name__] = _rebind(f, kgl, interpret)
     return kgl
 
@@ -307,19 +374,21 @@ _NO_COEFS = (0,) * rules.NCOEF
 
 
 def run(rule, flags, dtypes, mask, P, G, S, C, R, TID, CS, CE, aligned, found_inf=None,
-        coefs=None):
+        coefs=None, Q=None):
     """Launch ``rule`` over one group: one program per chunk.  As numba_engine.run, but
     every table is an int64 tensor on the params' device; C is [n, rules.NCOEF] in the
     math dtype, read only when ``coefs`` is None: else ``coefs`` (Python floats) are every
     tensor's coefficients, passed as scalar arguments (no device op besides the launch);
     ``found_inf``: the scaler's float32 flag on the device (read when flags say
-    FOUND_INF)."""
+    FOUND_INF); 8-bit slots as numba_engine.run (Q a float32 tensor on the device)."""
     if TID.numel() == 0:
         return
     kernel = build(rule, flags)
     fi = TID if found_inf is None else found_inf
     h = _NO_COEFS if coefs is None else np.array(coefs, np.float64).view(np.int64).tolist()
-    kernel[(TID.numel(),)](P, G, S[0], S[1], S[2], S[3], C, R, TID, CS, CE, fi, *h, MASK=mask,
+    A = S[4:7] if mask & 0x70 else (P, P, P)
+    q = C if Q is None else Q  # (unused without 8-bit slots)
+    kernel[(TID.numel(),)](P, G, S[0], S[1], S[2], S[3], *A, q, C, R, TID, CS, CE, fi, *h, MASK=mask,
                            KIND=KINDS[dtypes[0]], SKIND=KINDS[dtypes[1]], ALIGNED=aligned,
                            UNIFORM=coefs is not None, BLOCK=BLOCK,
                            num_warps=NUM_WARPS, enable_fp_fusion=False)
@@ -380,9 +449,10 @@ def compile_ptx(rule, flags, dtype="float32", mask=3, arch=90, aligned=True, sdt
     """Compile one kernel ahead of time for an NVIDIA target (no GPU needed); returns
     (ptx, metadata).  The tests read the PTX for 128-bit loads and register spills."""
     kernel = build(rule, flags, interpret=False)
-    names = ["P", "G", "S0", "S1", "S2", "S3", "R", "TID", "CS", "CE"]
+    names = ["P", "G", "S0", "S1", "S2", "S3", "A0", "A1", "A2", "R", "TID", "CS", "CE"]
     sig = {n: "*i64" for n in names}
     sig["FI"] = "*fp32"
+    sig["Q"] = "*fp32"
     sig["C"] = "*fp64" if dtype == "float64" else "*fp32"
     sig.update({h: "i64" for h in _SCALARS})
     const = {"MASK": mask, "KIND": KINDS[dtype], "SKIND": KINDS[sdtype or dtype],
