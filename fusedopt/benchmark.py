@@ -10,6 +10,7 @@ import gc
 import inspect
 import math
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -40,11 +41,18 @@ OPTIMS = {
 # (the roof streams as many bytes).  torch has no float32 state for bfloat16 params: its
 # rows keep bfloat16 state (14 B/param); with clipping, torch runs clip_grad_norm_ (one
 # read of the grads for the norm, a read and a write to scale them) before its step.
+# adamw-8bit: 8-bit moments (state_dtype=torch.uint8): p and g read and p written in
+# float32, two codes read and written, an absmax per 256 of each (16 B/param and 1/16 B);
+# torch's rows keep float32 state, bitsandbytes' and torchao's 8-bit AdamW are rows where
+# installed
 MIXED = {
     "adam-bf16": (dict(state_dtype=torch.float32), torch.bfloat16, None, 22),
     "adam-clip": (dict(max_grad_norm=1.0), torch.float32, 1.0, 32),
+    "adamw-8bit": (dict(state_dtype=torch.uint8), torch.float32, None, 16.0625),
 }
-OPTIMS.update({k: OPTIMS["adam"] for k in MIXED})
+OPTIMS.update({k: OPTIMS["adamw" if k.startswith("adamw") else "adam"] for k in MIXED})
+EIGHT_BIT = {"bitsandbytes-8bit": ("bitsandbytes.optim", "AdamW8bit"),
+             "torchao-8bit": ("torchao.optim", "AdamW8bit")}
 TORCH_FUSED = {"Adam", "AdamW", "SGD", "Adagrad"}
 
 
@@ -139,6 +147,14 @@ def _steps(cls_name, hp, shapes, device, compile_step, mixed=None):
     # (Lion and Adafactor, like torch's Adafactor, have no capturable flag: no graph row)
     if device.type == "cuda" and "capturable" in inspect.signature(twin).parameters:
         steps["fusedopt-graph"] = _graphed(cls_name, hp, shapes, device, dtype, ours)
+    if ours.get("state_dtype") == torch.uint8:
+        for impl, (mod, cls) in EIGHT_BIT.items():
+            try:
+                other = getattr(__import__(mod, fromlist=[cls]), cls)
+                steps[impl] = other(_make(shapes, device, dtype), **hp).step
+            except Exception as e:  # not installed, or no support on this device: reported
+                print(f"  .. {impl}: not run ({type(e).__name__}: {str(e).splitlines()[0][:80]})",
+                      file=sys.stderr)
     # a fifth copy of llama-1b's Adam state would not fit beside the others on one GPU
     if device.type == "cuda" and cls_name == "Adam" and sum(p.numel() for p in ps) < 3e8:
         try:
@@ -211,7 +227,8 @@ def bench_one(optim, workload, device, repeats=5, shapes=None, compile_step=Fals
     mixed = MIXED.get(optim)
     steps = _steps(cls_name, hp, shapes, device, compile_step, mixed)
     if mixed:  # the roof streams the same number of bytes as our step
-        roof_step, nbytes = roof(numel * mixed[3] // ((reads + writes) * 4), reads, writes, device)
+        roof_step, nbytes = roof(int(numel * mixed[3]) // ((reads + writes) * 4), reads, writes,
+                                 device)
     else:
         roof_step, nbytes = roof(numel, reads, writes, device)
     steps = {"roof": roof_step, **steps}
@@ -237,7 +254,8 @@ def bench_one(optim, workload, device, repeats=5, shapes=None, compile_step=Fals
                          gparams_per_s=numel / s / 1e9, gb_per_s=nbytes / s / 1e9,
                          pct_of_roof=100 * t_roof / s,
                          host_ms=host_ms.get(impl)))
-    torch_rows = [r for r in rows if not r["impl"].startswith(("fusedopt", "roof", "cupy"))]
+    torch_rows = [r for r in rows if not r["impl"].startswith(("fusedopt", "roof", "cupy"))
+                  and r["impl"] not in EIGHT_BIT]
     best = min(r["ms"] for r in torch_rows)
     for r in rows:
         r["speedup_vs_best_torch"] = best / r["ms"]

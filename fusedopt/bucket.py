@@ -138,6 +138,7 @@ class _Bucket:
                 col.append(_as_real(_local(t)))
             cols.append(col)
         cols.append([st["master"] for st in states] if master else cols[0])
+        self.master_col = len(cols) - 1
         for name in slots:  # the blocks' absmax of 8-bit slots
             cols.append([st[name + quant.ABSMAX] for st in states] if q and name else cols[0])
         self.tensors = cols
@@ -217,7 +218,7 @@ class _Bucket:
         ver = np.fromiter(map(_VERSION, local), np.int64, len(local))
         if self.pver is not None:
             for k in np.flatnonzero(ver != self.pver):
-                self.tensors[-1][k].copy_(local[k])
+                self.tensors[self.master_col][k].copy_(local[k])
         return ver
 
     def stream_keys(self, seed):

@@ -67,7 +67,8 @@ def parity_cmd(args, cls=None):
 OPTIMS_HELP = ("adam", "adamw", "adamax", "rmsprop", "adagrad", "sgd", "adadelta", "rprop",
                "radam", "nadam", "asgd", "lion",
                "adafactor", "adam-bf16 (bfloat16 params, float32 state)",
-               "adam-clip (max_grad_norm=1 vs clip_grad_norm_ + step)")
+               "adam-clip (max_grad_norm=1 vs clip_grad_norm_ + step)",
+               "adamw-8bit (state_dtype=torch.uint8 vs bitsandbytes, torchao where installed)")
 
 
 def bench_cmd(args):

@@ -23,8 +23,9 @@ class Rprop(FusedOptimizer, torch.optim.Rprop):
         state["prev"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         lr = torch.as_tensor(group["lr"], dtype=torch.float64)
         fill = torch.complex(lr, lr) if p.is_complex() else lr
-        state["step_size"] = torch.empty_like(p, dtype=state_dtype(group, p)).copy_(
-            fill.expand(p.shape))
+        sdt = state_dtype(group, p)  # (8-bit state: quantized by the plan from float32)
+        state["step_size"] = torch.empty_like(
+            p, dtype=torch.float32 if sdt == torch.uint8 else sdt).copy_(fill.expand(p.shape))
 
     def _coefficients(self, group, step, f64):
         (etaminus, etaplus), (lo, hi) = group["etas"], group["step_sizes"]
