@@ -9,7 +9,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 read -r t_tests t_bench t_parity t_breadth <<< "${FUSEDOPT_GPU_LIMITS:-150 300 300 200}"
-stages=" ${FUSEDOPT_GPU_STAGES:-tests bench profile breadth-parity breadth parity} "
+stages=" ${FUSEDOPT_GPU_STAGES:-tests bench profile breadth-parity breadth 8bit parity} "
 want() { [[ "$stages" == *" $1 "* ]]; }
 py=$(command -v python3 || command -v python)
 [ -d .gpu-deps ] && export PYTHONPATH="$PWD/.gpu-deps${PYTHONPATH:+:$PYTHONPATH}"
@@ -42,6 +42,11 @@ want breadth-parity && timeout "$t_breadth" $py -m fusedopt parity --backends tr
     | tee "$out/parity-breadth.txt"
 want breadth && timeout "$t_breadth" $py -m fusedopt bench --repeats 5 \
     --optim adadelta,rprop,radam,nadam,asgd,lion,adafactor --workloads gpt2-124m,many-small,tiny --json "$out/bench-breadth.json" 2>&1 | tee "$out/bench-breadth.txt"
+# 8-bit state: compiled Triton codes equal to Numba's, then AdamW 8-bit against torch's
+# float32 AdamW and bitsandbytes' / torchao's 8-bit AdamW where importable
+want 8bit && timeout 60 $py bench/check_8bit.py 2>&1 | tee "$out/check-8bit.txt"
+want 8bit && timeout "$t_breadth" $py -m fusedopt bench --repeats 5 --optim adamw-8bit \
+    --workloads gpt2-124m,llama-1b --json "$out/bench-8bit.json" 2>&1 | tee "$out/bench-8bit.txt"
 # parity of the compiled engine on CUDA tensors against torch.optim (CPU) and float64
 want parity && timeout "$t_parity" $py -m fusedopt parity --backends triton --steps 20 --device cuda \
     --json "$out/parity.json" 2>&1 | tee "$out/parity.txt"

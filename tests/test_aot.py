@@ -73,6 +73,10 @@ def _update_variants():
             checks = (VEC_LOADS, SPILLS) + ((HASH32,) if sr else ())
             out[f"{rule}-mixed-{sr}"] = (rule, flags, mask | (0 if sr else 8), 90, "bfloat16",
                                          "float32", checks)
+        if mask & 7:  # 8-bit state: every slot as codes, the first with the signed map
+            for arch in (80, 90):
+                out[f"{rule}-8bit-{arch}"] = (rule, on, mask | (mask & 7) << 4 | 256, arch,
+                                              "float32", "float32", (VEC_LOADS, APPROX, SPILLS))
     return out
 
 
@@ -96,6 +100,14 @@ def test_compiles_with_vector_loads(update_ptx, rule, arch, amp):
     assert rule in VARIANTS, "every rule needs an AOT variant here"
     for dtype in ("float32", "float64", "float16", "bfloat16"):
         assert update_ptx[f"{rule}-{arch}-{amp}-{dtype}"] == "ok", dtype
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("rule", sorted(r for r in rules.RULES if VARIANTS.get(r, ({}, 0))[1] & 7))
+def test_8bit_state_compiles(update_ptx, rule, arch):
+    """8-bit state (dequantize, rule, per-block absmax, requantize in one launch): float32
+    params still move with 128-bit loads, the math is IEEE, nothing spills."""
+    assert update_ptx[f"{rule}-8bit-{arch}"] == "ok"
 
 
 NORM_AOT = """
