@@ -391,6 +391,10 @@ class _Plan:
             st = opt.state[p] if need else {}
             why = _unfit(opt, group, p, grads[i], st, self.slots)
             (self.fallback if why else take).append(i)
+        self.dist = any(isinstance(params[i], _dtensor()) for i in live)
+        if self.dist and group.get("state_dtype") == torch.uint8:
+            raise RuntimeError("state_dtype=torch.uint8 does not take DTensor (FSDP2) params yet: "
+                               "their 8-bit state would not be sharded as DTensors")
         for k in sorted(_overlapping([_local(params[i]) for i in take]), reverse=True):
             self.fallback.append(take.pop(k))
         self.fallback.sort()
@@ -419,7 +423,6 @@ class _Plan:
                 # from outside (p.data = ..., model.load_state_dict): start from the param
                 st["master"] = _local(p).detach().to(torch.float32, memory_format=torch.contiguous_format,
                                                       copy=True)
-        self.dist = any(isinstance(params[i], _dtensor()) for i in live)
         if group.get("flat") and self.dist:
             raise RuntimeError("flat=True does not take DTensor params (FSDP2 shards them in "
                                "buffers of its own): build the optimizer without flat")

@@ -124,3 +124,20 @@ def test_master_weights_under_gradscaler(backend):
         st = opt.state[p]
         assert st["master"].dtype == torch.float32 and int(st["step"]) == 4
         assert torch.equal(p, st["master"].to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_8bit_state_under_gradscaler(backend):
+    """8-bit state (state_dtype=torch.uint8): the kernel's unscale gives bit for bit what
+    the scaler's own unscale pass and the step give; inf steps leave params, codes and
+    absmax byte for byte (train() compares)."""
+    opts = [fusedopt.AdamW(params(torch.float32), lr=1e-2, state_dtype=torch.uint8,
+                           backend=backend) for _ in range(2)]
+    opts[1]._step_supports_amp_scaling = False  # GradScaler unscales in a pass of its own
+    assert train(opts[0]) == train(opts[1])
+    pa, pb = (o.param_groups[0]["params"] for o in opts)
+    assert opts[0].state[pa[2]]["exp_avg"].dtype == torch.uint8  # 65537 elements: 8-bit
+    for a, b in zip(pa, pb):
+        assert torch.equal(a, b)
+        for k, v in opts[0].state[a].items():
+            assert torch.equal(v, opts[1].state[b][k]), k
