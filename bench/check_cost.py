@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 import fusedopt
-from fusedopt import bucket, host, optimizer
+from fusedopt import bucket, host, optimizer, plan
 from fusedopt.workloads import WORKLOADS
 
 
@@ -44,7 +44,7 @@ def measure(name, shapes, rounds, cls):
     helper = host.native()
     opt, opt_py = _optimizer(cls, shapes, helper), _optimizer(cls, shapes, False)
     flush = torch.empty(sum(s.numel() for s in map(torch.Size, shapes)) * 3)
-    checked, bump = bucket._Plan.grad_ptrs, optimizer.FusedOptimizer._bump_versions
+    checked, bump = plan._Plan.grad_ptrs, optimizer.FusedOptimizer._bump_versions
     modes = {"first wave": (_first_wave, lambda *a: None, helper, opt),
              "checks": (checked, lambda *a: None, helper, opt),
              "checks + versions": (checked, bump, helper, opt),
@@ -52,13 +52,13 @@ def measure(name, shapes, rounds, cls):
     times = {m: [] for m in modes}
     for r in range(rounds):
         for mode in (list(modes)[::-1] if r % 2 else list(modes)):
-            bucket._Plan.grad_ptrs, optimizer.FusedOptimizer._bump_versions, host._native, o = \
+            plan._Plan.grad_ptrs, optimizer.FusedOptimizer._bump_versions, host._native, o = \
                 modes[mode]
             flush.fill_(r)
             t = time.perf_counter()
             o.step()
             times[mode].append(time.perf_counter() - t)
-    bucket._Plan.grad_ptrs, optimizer.FusedOptimizer._bump_versions = checked, bump
+    plan._Plan.grad_ptrs, optimizer.FusedOptimizer._bump_versions = checked, bump
     host._native = helper
     assert all(len(p._plans) == 1 for p in (opt, opt_py))  # no rebuild was timed
     med = {k: float(np.median(v)) * 1e3 for k, v in times.items()}

@@ -4,7 +4,6 @@ the optimizer state's bytes per param (the sum of its tensors' sizes) and the pr
 peak resident memory (ru_maxrss).
     python bench/memory_8bit.py
 """
-import resource
 import subprocess
 import sys
 

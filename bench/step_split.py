@@ -19,6 +19,7 @@ import torch
 
 import fusedopt
 from fusedopt import bucket
+from fusedopt import plan as plans
 from fusedopt.benchmark import OPTIMS, _make, roof
 from fusedopt.workloads import WORKLOADS
 
@@ -50,7 +51,7 @@ def main(argv=None):
         opt.step()
         flush()
     times = collections.defaultdict(list)
-    undo = [_timed(bucket._Plan, "grad_ptrs", "address reads (cold)", times),
+    undo = [_timed(plans._Plan, "grad_ptrs", "address reads (cold)", times),
             _timed(bucket._Bucket, "run", "kernel", times)]
     try:
         for _ in range(a.rounds):

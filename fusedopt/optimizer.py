@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from . import clip, flat, host, quant
-from .bucket import _GRAD, _PTR, _local, _Plan, _unfit, scalar_dtype, state_dtype
+from .bucket import _GRAD, _PTR, _local, scalar_dtype, state_dtype
+from .plan import _Plan, _unfit
 from .state import State
 from .kernels import rules
 
@@ -315,7 +316,7 @@ class FusedOptimizer:
 
     def _torch_step(self, group, params, mult, found, scaled):
         """Step ``params`` with torch.optim's own for-loop (foreach=False): torch's result,
-        or torch's error, for what the engines do not take (see bucket._unfit)."""
+        or torch's error, for what the engines do not take (see plan._unfit)."""
         if group.get("l1") or group.get("master_weights") or group.get("stochastic_rounding") \
                 or group.get("state_dtype") is not None:
             why = [_unfit_reason(self, group, p) for p in params]

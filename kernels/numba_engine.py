@@ -11,6 +11,7 @@ them); the math runs in float32, or float64 for float64 params.
 import hashlib
 import inspect
 import os
+import sys
 import types
 
 import numba
@@ -181,166 +182,6 @@ def _template(KEY, MASK, DT, SDT):
     return kernel
 
 
-# 8-bit state (fusedopt/quant.py): mask bit 4 << i marks slot i as uint8 codes with a
-# float32 absmax per block of QBLOCK elements (tables A0..A2), bit 8 << i its map as signed
-QBLOCK = 256
-
-
-@numba.njit(inline="always", **JIT)
-def q7(T, o):
-    # seven columns of a row of quant.engine_table(), read into registers once per chunk
-    # (loads from the table inside the element loop kept it from vectorizing: ~4x slower)
-    return (T[o], T[o + 1], T[o + 2], T[o + 3], T[o + 4], T[o + 5], T[o + 6])
-
-
-@numba.njit(inline="always", **JIT)
-def qcode(x, amax, T, low, rs, cs, ks, kms):
-    # x's code under the map T (a row of quant.engine_table(): low, rs, cs, ks, kms are its
-    # columns LOW, R, C, K, KMAX by q7), counted from the code of 0: no search and no table
-    # lookup per element
-    y = abs(x) / amax
-    r, c, k0, km = rs[0], cs[0], ks[0], kms[0]
-    for i in range(1, 7):
-        s = y > low[i]
-        r = rs[i] if s else r
-        c = cs[i] if s else c
-        k0 = ks[i] if s else k0
-        km = kms[i] if s else km
-    t = numba_ops.fma(y, r, -c)
-    t = t if t > 0 else np.float32(0)  # (NaN: a block of zeros, 0 / 0) -> 0
-    k = min(k0 + np.float32(np.int32(t)), km)
-    k = T[292] if y > T[291] else k  # TOP_K, TOP_MID
-    return k if y > low[0] else np.float32(0)
-
-
-def _template8(KEY, MASK, DT, SDT, ADT, BDT, CDT):
-    # as _template, with slots whose mask bit 4 << i is set held as 8-bit codes: each
-    # block of QBLOCK elements is dequantized into float32 scratch, updated by the rule,
-    # and quantized again with its new absmax, in one pass over the chunk (chunks start
-    # at multiples of CHUNK, hence of QBLOCK)
-    QA, QB, QC = MASK & 16, MASK & 32, MASK & 64
-    RA, RB, RC = (MASK >> 8) & 1, (MASK >> 9) & 1, (MASK >> 10) & 1  # map rows
-    ZA, ZB, ZC = (np.float32(127 if r else 0) for r in (RA, RB, RC))  # the code of 0
-
-    def kernel(P, G, S0, S1, S2, S3, A0, A1, A2, Q, C, R, TID, CS, CE, N):
-        if KEY == 0:
-            return
-        for ci in prange(TID.shape[0]):
-            t = TID[ci]
-            s = CS[ci]
-            e = CE[ci]
-            n = N[t]
-            nb = (n + QBLOCK - 1) // QBLOCK
-            key = R[t]
-            p_ = numba.carray(_voidptr(P[t]), n, DT)
-            g_ = numba.carray(_voidptr(G[t]), n, DT)
-            a_ = numba.carray(_voidptr(S0[t]), n, ADT)
-            b_ = numba.carray(_voidptr(S1[t]), n, BDT)
-            c_ = numba.carray(_voidptr(S2[t]), n, CDT)
-            w_ = numba.carray(_voidptr(S3[t]), n, SDT)
-            xa = numba.carray(_voidptr(A0[t]), nb, np.float32)
-            xb = numba.carray(_voidptr(A1[t]), nb, np.float32)
-            xc = numba.carray(_voidptr(A2[t]), nb, np.float32)
-            qa, qb, qc = Q[RA], Q[RB], Q[RC]
-            # (one per line: numba's array analysis fails on unpacking tuples of tuples)
-            la = q7(qa, 256)
-            ra = q7(qa, 263)
-            ca = q7(qa, 270)
-            ka = q7(qa, 277)
-            kma = q7(qa, 284)
-            lb = q7(qb, 256)
-            rb = q7(qb, 263)
-            cb = q7(qb, 270)
-            kb = q7(qb, 277)
-            kmb = q7(qb, 284)
-            lc = q7(qc, 256)
-            rc = q7(qc, 263)
-            cc = q7(qc, 270)
-            kc = q7(qc, 277)
-            kmc = q7(qc, 284)
-            r = t if C.shape[0] > 1 else 0
-            h0, h1, h2, h3, h4, h5 = C[r, 0], C[r, 1], C[r, 2], C[r, 3], C[r, 4], C[r, 5]
-            h6, h7, h8, h9, h10, h11 = C[r, 6], C[r, 7], C[r, 8], C[r, 9], C[r, 10], C[r, 11]
-            fa = np.empty(QBLOCK, np.float32)
-            fb = np.empty(QBLOCK, np.float32)
-            fc = np.empty(QBLOCK, np.float32)
-            for b0 in range(s, e, QBLOCK):
-                b1 = min(b0 + QBLOCK, e)
-                m = b1 - b0
-                blk = b0 // QBLOCK
-                p, g, w = p_[b0:b1], g_[b0:b1], w_[b0:b1]
-                a, b, c = a_[b0:b1], b_[b0:b1], c_[b0:b1]
-                if QA:  # dequantize: a table lookup per element, in a loop of its own
-                    am = xa[blk]
-                    for j in range(m):
-                        fa[j] = qa[a[j]] * am
-                if QB:
-                    am = xb[blk]
-                    for j in range(m):
-                        fb[j] = qb[b[j]] * am
-                if QC:
-                    am = xc[blk]
-                    for j in range(m):
-                        fc[j] = qc[c[j]] * am
-                ma = mb = mc = np.uint32(0)  # the new absmax, as float32 bits (NaN sticks)
-                for j in range(m):
-                    gv = load(g[j])
-                    if SCALE_GRAD:
-                        gs = store(gv * h11)
-                        if WRITE_GRAD:
-                            g[j] = gs
-                        gv = load(gs)
-                    pv = sload(w[j]) if MASK & 8 else load(p[j])
-                    av = (fa[j] if QA else sload(a[j])) if MASK & 1 else pv
-                    bv = (fb[j] if QB else sload(b[j])) if MASK & 2 else pv
-                    cv = (fc[j] if QC else sload(c[j])) if MASK & 4 else pv
-                    pv, av, bv, cv = rule(pv, gv, av, bv, cv, h0, h1, h2, h3, h4, h5, h6, h7,
-                                         h8, h9, h10, h11)
-                    if MASK & 8:
-                        w[j] = sstore(pv)
-                    if STOCH_ROUND:
-                        p[j] = f32_to_bf16_stochastic(pv, b0 + j, key)
-                    else:
-                        p[j] = store(pv)
-                    if QA:
-                        fa[j] = av
-                    elif MASK & 1:
-                        a[j] = sstore(av)
-                    if QB:
-                        fb[j] = bv
-                    elif MASK & 2:
-                        b[j] = sstore(bv)
-                    if QC:
-                        fc[j] = cv
-                    elif MASK & 4:
-                        c[j] = sstore(cv)
-                if QA:  # (a loop of its own: inside the rule's it kept that from vectorizing)
-                    for j in range(m):
-                        ma = max(ma, _f32_bits(fa[j]) & np.uint32(0x7FFFFFFF))
-                    am = _bits_f32(ma)
-                    xa[blk] = am
-                    for j in range(m):
-                        k = qcode(fa[j], am, qa, la, ra, ca, ka, kma)
-                        a[j] = np.uint8(ZA + k if (fa[j] >= 0 or not RA) else ZA - min(k, ZA))
-                if QB:  # (a loop of its own: inside the rule's it kept that from vectorizing)
-                    for j in range(m):
-                        mb = max(mb, _f32_bits(fb[j]) & np.uint32(0x7FFFFFFF))
-                    am = _bits_f32(mb)
-                    xb[blk] = am
-                    for j in range(m):
-                        k = qcode(fb[j], am, qb, lb, rb, cb, kb, kmb)
-                        b[j] = np.uint8(ZB + k if (fb[j] >= 0 or not RB) else ZB - min(k, ZB))
-                if QC:  # (a loop of its own: inside the rule's it kept that from vectorizing)
-                    for j in range(m):
-                        mc = max(mc, _f32_bits(fc[j]) & np.uint32(0x7FFFFFFF))
-                    am = _bits_f32(mc)
-                    xc[blk] = am
-                    for j in range(m):
-                        k = qcode(fc[j], am, qc, lc, rc, cc, kc, kmc)
-                        c[j] = np.uint8(ZC + k if (fc[j] >= 0 or not RC) else ZC - min(k, ZC))
-    return kernel
-
-
 # numba's cache notices edits to this file only: the rules and ops go into the key
 _SOURCE_HASH = hashlib.sha256(
     (inspect.getsource(rules) + inspect.getsource(numba_ops)).encode()).hexdigest()
@@ -367,15 +208,21 @@ def _build(rule, flags, dtypes, mask):
             types.FunctionType(f.__code__, gl, f.__name__))
     dt, load, store = _IO[dtypes[0]]
     sdt, sload, sstore = _IO[dtypes[1]]
-    key = int(hashlib.sha256(repr((_SOURCE_HASH, rule, flags, dtypes, mask, _PARALLEL[0])).encode())
-              .hexdigest()[:15], 16) | 1
-    if mask & 0x70:  # 8-bit slots: uint8 codes
-        proto = _template8(key, mask, dt, sdt, *(np.uint8 if mask & (16 << i) else sdt
-                                                  for i in range(3)))
+    # an 8-bit kernel's code lives in numba_quant and calls helpers of this file: numba's
+    # cache would notice edits to numba_quant.py only
+    extra = hashlib.sha256(inspect.getsource(sys.modules[__name__]).encode()).hexdigest() \
+        if mask & 0x70 else ""
+    key = int(hashlib.sha256(repr((_SOURCE_HASH, extra, rule, flags, dtypes, mask, _PARALLEL[0]))
+                             .encode()).hexdigest()[:15], 16) | 1
+    if mask & 0x70:  # 8-bit slots: uint8 codes (numba_quant)
+        from . import numba_quant
+        proto = numba_quant.template8(key, mask, dt, sdt, *(np.uint8 if mask & (16 << i) else sdt
+                                                             for i in range(3)))
     else:
         proto = _template(key, mask, dt, sdt)
     fl = dict(flags)
-    kgl = dict(globals(), rule=gl[rule], load=load, store=store, sload=sload, sstore=sstore,
+    kgl = dict(globals(), **(numba_quant.GLOBALS if mask & 0x70 else {}), rule=gl[rule],
+               load=load, store=store, sload=sload, sstore=sstore,
                SCALE_GRAD=fl["SCALE_GRAD"], WRITE_GRAD=fl["WRITE_GRAD"],
                STOCH_ROUND=fl["STOCH_ROUND"])
     fn = types.FunctionType(proto.__code__, kgl, proto.__name__, None, proto.__closure__)
@@ -389,8 +236,8 @@ def run(rule, flags, dtypes, mask, P, G, S, C, R, TID, CS, CE, N, Q=None):
     """Apply ``rule`` to one group.  ``flags``: sorted tuple of (name, bool); ``dtypes``:
     torch dtype names of (params and grads, state and master copy); P, G, S[0..3], TID, CS,
     CE, N: int64 arrays; C: [n, rules.NCOEF], or [1, NCOEF] when all tensors share them;
-    R: each tensor's stochastic-rounding key.  8-bit slots (mask bits 4 << i): S[4 + i]
-    points at their absmax, Q is quant.engine_table() as float32 numpy."""
+    R: each tensor's stochastic-rounding key.  8-bit slots (mask bits 4 << i, numba_quant):
+    S[4 + i] points at their absmax, Q is quant.engine_table() as float32 numpy."""
     k = (rule, flags, dtypes, mask)
     fn = _kernels.get(k)
     if fn is None:

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from . import rules, triton_ops
+from . import rules, triton_ops, triton_quant
 
 # the interpreter runs programs one after another in Python: few large blocks are faster
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -109,51 +109,6 @@ def _store(ptr, offs, end, x, KIND: tl.constexpr, MASKED: tl.constexpr):
     _store_raw(ptr, offs, end, _narrow(x, KIND), MASKED)
 
 
-QBLOCK = tl.constexpr(256)  # 8-bit state: elements per absmax (fusedopt/quant.py)
-
-
-@triton.jit
-def _qload(cp, xp, offs, end, T, MASKED: tl.constexpr):
-    # 8-bit codes -> float32: the map's value (row T of quant.engine_table) times the
-    # block's absmax
-    codes = tl.load(cp + offs, mask=offs < end, other=0) if MASKED else tl.load(cp + offs)
-    return tl.load(T + codes.to(tl.int32)) * tl.load(xp + offs // QBLOCK)
-
-
-@triton.jit
-def _qstore(cp, xp, offs, end, x, T, SIGNED: tl.constexpr, BLOCK: tl.constexpr,
-            MASKED: tl.constexpr):
-    # float32 -> 8-bit codes with each block's new absmax, as numba_engine's qcode (the
-    # same float32 operations: the engines' codes are equal)
-    bits = tl.where(offs < end, x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF, 0)
-    amax = tl.max(tl.reshape(bits, [BLOCK // QBLOCK, QBLOCK]), 1)  # NaN's bits are largest
-    first = tl.min(tl.reshape(offs, [BLOCK // QBLOCK, QBLOCK]), 1)  # each block's start
-    tl.store(xp + first // QBLOCK, amax.to(tl.float32, bitcast=True), mask=first < end)
-    am = tl.reshape(tl.broadcast_to(tl.expand_dims(amax, 1), [BLOCK // QBLOCK, QBLOCK]),
-                    [BLOCK]).to(tl.float32, bitcast=True)
-    y = tl.div_rn(tl.abs(x), am)
-    r = tl.load(T + 263)
-    c = tl.load(T + 270)
-    k0 = tl.load(T + 277)
-    km = tl.load(T + 284)
-    for i in tl.static_range(1, 7):
-        s = y > tl.load(T + 256 + i)
-        r = tl.where(s, tl.load(T + 263 + i), r)
-        c = tl.where(s, tl.load(T + 270 + i), c)
-        k0 = tl.where(s, tl.load(T + 277 + i), k0)
-        km = tl.where(s, tl.load(T + 284 + i), km)
-    t = tl.fma(y, r, -c)
-    t = tl.where(t > 0, t, 0.0)
-    k = tl.minimum(k0 + t.to(tl.int32).to(tl.float32), km)
-    k = tl.where(y > tl.load(T + 291), tl.load(T + 292), k)
-    k = tl.where(y > tl.load(T + 256), k, 0.0)
-    if SIGNED:
-        code = tl.where(x >= 0, 127.0 + k, 127.0 - tl.minimum(k, 127.0))
-    else:
-        code = k
-    _store_raw(cp, offs, end, code.to(tl.uint8), MASKED)
-
-
 @triton.jit
 def _block(pp, gp, ap, bp, cp, wp, xa, xb, xc, Q, offs, end, key, h0, h1, h2, h3, h4, h5, h6,
            h7, h8, h9, h10, h11,
@@ -175,15 +130,15 @@ def _block(pp, gp, ap, bp, cp, wp, xa, xb, xc, Q, offs, end, key, h0, h1, h2, h3
     c = p
     # 8-bit slots (MASK bit 16 << i; bit 256 << i: the signed map, row 1 of Q)
     if MASK & 16:
-        a = _qload(ap, xa, offs, end, Q + ((MASK >> 8) & 1) * 296, MASKED)
+        a = _qload(ap, xa, offs, end, Q + ((MASK >> 8) & 1) * QTABLE, MASKED)
     elif MASK & 1:
         a = _load(ap, offs, end, SKIND, MASKED)
     if MASK & 32:
-        b = _qload(bp, xb, offs, end, Q + ((MASK >> 9) & 1) * 296, MASKED)
+        b = _qload(bp, xb, offs, end, Q + ((MASK >> 9) & 1) * QTABLE, MASKED)
     elif MASK & 2:
         b = _load(bp, offs, end, SKIND, MASKED)
     if MASK & 64:
-        c = _qload(cp, xc, offs, end, Q + ((MASK >> 10) & 1) * 296, MASKED)
+        c = _qload(cp, xc, offs, end, Q + ((MASK >> 10) & 1) * QTABLE, MASKED)
     elif MASK & 4:
         c = _load(cp, offs, end, SKIND, MASKED)
     p, a, b, c = rule(p, g, a, b, c, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11)
@@ -194,15 +149,15 @@ def _block(pp, gp, ap, bp, cp, wp, xa, xb, xc, Q, offs, end, key, h0, h1, h2, h3
     else:
         _store(pp, offs, end, p, KIND, MASKED)
     if MASK & 16:
-        _qstore(ap, xa, offs, end, a, Q + ((MASK >> 8) & 1) * 296, (MASK >> 8) & 1, BLOCK, MASKED)
+        _qstore(ap, xa, offs, end, a, Q + ((MASK >> 8) & 1) * QTABLE, (MASK >> 8) & 1, BLOCK, MASKED)
     elif MASK & 1:
         _store(ap, offs, end, a, SKIND, MASKED)
     if MASK & 32:
-        _qstore(bp, xb, offs, end, b, Q + ((MASK >> 9) & 1) * 296, (MASK >> 9) & 1, BLOCK, MASKED)
+        _qstore(bp, xb, offs, end, b, Q + ((MASK >> 9) & 1) * QTABLE, (MASK >> 9) & 1, BLOCK, MASKED)
     elif MASK & 2:
         _store(bp, offs, end, b, SKIND, MASKED)
     if MASK & 64:
-        _qstore(cp, xc, offs, end, c, Q + ((MASK >> 10) & 1) * 296, (MASK >> 10) & 1, BLOCK,
+        _qstore(cp, xc, offs, end, c, Q + ((MASK >> 10) & 1) * QTABLE, (MASK >> 10) & 1, BLOCK,
                 MASKED)
     elif MASK & 4:
         _store(cp, offs, end, c, SKIND, MASKED)
@@ -351,9 +306,9 @@ def _bind(rule, flags, interpret):
            **{n: tl.constexpr(v) for n, v in flags if n in ("SCALE_GRAD", "WRITE_GRAD",
                                                              "FOUND_INF", "STOCH_ROUND",
                                                              "REDUCE")}}
-    kgl["QBLOCK"] = QBLOCK
+    kgl.update(QBLOCK=triton_quant.QBLOCK, QTABLE=triton_quant.QTABLE)
     for f in (_ptr, _widen, _narrow, _fmix32, _narrow_stochastic, _load, _store_raw, _store,
-              _coef, _qload, _qstore):
+              _coef, triton_quant._qload, triton_quant._qstore):
         kgl[f.fn.__name__] = _rebind(f, kgl, interpret)
     return kgl
 

@@ -74,11 +74,11 @@ def test_step_split_accounts_for_the_step(capsys):
     """bench/step_split.py: its parts are timed inside real steps, so in every round kernel +
     address reads leave a non-negative rest of the step, and the timing wrappers are
     removed afterwards."""
-    from fusedopt import bucket
-    before = (bucket._Plan.grad_ptrs, bucket._Bucket.run)
+    from fusedopt import bucket, plan
+    before = (plan._Plan.grad_ptrs, bucket._Bucket.run)
     main = runpy.run_path(str(ROOT / "bench" / "step_split.py"), run_name="split")["main"]
     med = main(["--optim", "rmsprop", "--workload", "tiny", "--rounds", "3"])
     assert 0 < med["kernel"] and 0 < med["address reads (cold)"]
     assert med["smallest rest"] >= 0 and med["rest of the step"] < med["whole step"]
-    assert (bucket._Plan.grad_ptrs, bucket._Bucket.run) == before
+    assert (plan._Plan.grad_ptrs, bucket._Bucket.run) == before
     assert "rmsprop on tiny: 20000 tensors" in capsys.readouterr().out

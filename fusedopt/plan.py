@@ -1,0 +1,173 @@
+"""The engine calls for one param group (``_Plan``): which params go to which bucket
+(bucket.py), which to torch's own for-loop, and the proof, before every step, that every
+address the buckets' tables cached is still right.  The state a plan needs is created
+here too: zeros in the state dtype, 8-bit codes (quant.py), master copies.
+"""
+import operator
+
+import numpy as np
+import torch
+
+from . import flat, host, quant
+from .bucket import _Bucket, _dtensor, _local, has_master, state_dtype
+
+_ENGINE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64,
+                  torch.complex128)
+
+
+def _unfit(opt, group, p, g, st, slots):
+    """Why the engines cannot take param p with grad g this step, or None.  Such a param
+    is stepped by torch.optim's own for-loop instead: torch's result, or torch's error
+    (a grad of another dtype or size, state that does not fit, a missing state key)."""
+    if p.dtype not in _ENGINE_DTYPES or p.device.type not in ("cpu", "cuda"):
+        return f"a {p.dtype} param on {p.device.type}"
+    if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
+        return f"a {g.dtype} grad of shape {tuple(g.shape)} for a {p.dtype} param of shape {tuple(p.shape)}"
+    if not opt._needs_state(group):
+        return None
+    sdt = state_dtype(group, p)
+    mixed = sdt != p.dtype
+    for name in slots:
+        t = st.get(name) if name else None
+        if name and t is None and len(st) and opt._has_step:
+            return f"state without {name!r}"
+        if t is not None and (not torch.is_tensor(t) or t.shape != p.shape or t.device != p.device
+                              or (t.dtype != p.dtype and not (mixed and t.is_floating_point())
+                                  and not (sdt == torch.uint8 == t.dtype))):
+            return f"state {name!r} that does not fit the param"
+        if t is not None and t.dtype == torch.uint8:  # 8-bit codes: their absmax must fit
+            x = st.get(name + quant.ABSMAX)
+            if sdt != torch.uint8 and p.numel() >= quant.MIN_NUMEL:
+                return f"8-bit state {name!r} (state_dtype=torch.uint8 not asked for)"
+            if not torch.is_tensor(x) or x.shape != (quant.nblocks(p.numel()),) \
+                    or x.dtype != torch.float32 or x.device != p.device:
+                return f"8-bit state {name!r} without a fitting {name + quant.ABSMAX!r}"
+    return None
+
+
+def _overlapping(tensors):
+    """Indices of tensors whose memory overlaps another's (a param given twice, views of
+    one storage): the engines update all chunks at once, torch one param after another."""
+    ptr = np.array([t.data_ptr() for t in tensors], dtype=np.int64)
+    end = ptr + np.array([t.numel() * t.element_size() for t in tensors], dtype=np.int64)
+    order = np.argsort(ptr, kind="stable")
+    hit = set()
+    reach, who = -1, -1
+    for k in order:
+        if ptr[k] < reach and end[k] > ptr[k]:
+            hit.update((int(k), int(who)))
+        if end[k] > reach:
+            reach, who = end[k], k
+    return hit
+
+
+class _Plan:
+    """The engine calls for one group: which params go to which bucket, and which to
+    torch's own for-loop (``fallback``).  What every cached address depends on is kept
+    here (the facts of each param and watched state tensor: address, size in bytes, dtype,
+    device, layout; the state's change count) and compared before every step (``valid``,
+    then ``grad_ptrs`` on the fast path or ``proven`` on the general one); the plan also
+    holds every storage its tables point into, so that no address it cached can be freed
+    and reused while it lives."""
+
+    def __init__(self, opt, group, params, live, grads):
+        gi = next(i for i, g in enumerate(opt.param_groups) if g is group)
+        self.group, self.params, self.nparams, self.live = group, params, len(params), live
+        self.state_obj = opt.state
+        self.slots = opt._slots(group)
+        self.capturable = bool(group.get("capturable", False))  # where the counters live
+        need = opt._needs_state(group)
+        order, fresh, self.fallback = {}, set(), []
+        take = []
+        for i in live:
+            p = params[i]
+            st = opt.state[p] if need else {}
+            why = _unfit(opt, group, p, grads[i], st, self.slots)
+            (self.fallback if why else take).append(i)
+        self.dist = any(isinstance(params[i], _dtensor()) for i in live)
+        if self.dist and group.get("state_dtype") == torch.uint8:
+            raise RuntimeError("state_dtype=torch.uint8 does not take DTensor (FSDP2) params yet: "
+                               "their 8-bit state would not be sharded as DTensors")
+        for k in sorted(_overlapping([_local(params[i]) for i in take]), reverse=True):
+            self.fallback.append(take.pop(k))
+        self.fallback.sort()
+        for i in take:
+            p = params[i]
+            order.setdefault((p.device, p.dtype, state_dtype(group, p)), []).append(i)
+            if not need:
+                continue
+            st = opt.state[p]
+            if len(st) == 0 and opt._has_step:
+                opt._init_state(group, p, st)
+            sdt = state_dtype(group, p)
+            for name in self.slots:
+                if name and sdt == torch.uint8:
+                    fresh.update(quant.fit(st, name, _local(p)))
+                elif name and st.get(name) is None:
+                    st[name] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
+                    fresh.add(id(p))
+                elif name and st[name].dtype == torch.uint8:  # 8-bit state, now unwanted
+                    st[name] = quant.dequantize_state(st, name).to(sdt)
+                elif name and st[name].dtype != sdt:  # float32 state asked for, or given up
+                    st[name] = st[name].to(sdt)
+            if has_master(group, p) and (st.get("master") is None or not torch.equal(
+                    st["master"].to(p.dtype), _local(p).detach().contiguous())):
+                # a fresh optimizer, a state_dict without master copies, or a param changed
+                # from outside (p.data = ..., model.load_state_dict): start from the param
+                st["master"] = _local(p).detach().to(torch.float32, memory_format=torch.contiguous_format,
+                                                      copy=True)
+        if group.get("flat") and self.dist:
+            raise RuntimeError("flat=True does not take DTensor params (FSDP2 shards them in "
+                               "buffers of its own): build the optimizer without flat")
+        flats = {}
+        for key, idx in order.items():  # flat=True: each bucket re-homed into buffers
+            ps = [params[i] for i in idx]
+            if group.get("flat") and key[2] != torch.uint8 \
+                    and flat.eligible(ps, [grads[i] for i in idx]):  # 8-bit: per tensor
+                names = [n for n in self.slots if n] + ["master"] * has_master(group, ps[0])
+                flats[key] = flat.Buffers(ps, [opt.state[p] for p in ps] if need else None,
+                                          names)
+        self.buckets = [(idx, _Bucket(opt, group, [params[i] for i in idx], self.slots, fresh,
+                                      (gi, idx), flats.get(key)))
+                        for key, idx in order.items()]
+        self.all_live = len(live) == len(params)
+        self.single = len(self.buckets) == 1 and self.all_live and not self.fallback
+        self.take = take
+        # the facts every cached address depends on (host.py), re-read before each step
+        self.local = _local if self.dist else None
+        self.watched = [t for _, b in self.buckets for t in b.watched]
+        self.pfacts, _, self.wfacts = host.read([params[i] for i in take], self.watched, self.local)
+        # a grad the engines read in place: its param's size, dtype and device, contiguous
+        self.gwant = self.pfacts[:, 1:].copy()
+        self.gwant[:, -1] = host.CONTIGUOUS
+        self.changes = opt.state.changes  # after this plan's own writes to the state
+
+    def grad_ptrs(self, params):
+        """The fast path's proof and table: the grads' addresses, or None unless every
+        param, grad and watched state tensor is where, as large, of the dtype, device and
+        layout the plan recorded (grads: their param's, contiguous, not None or sparse).
+        The general path then checks further and rebuilds."""
+        P, G, W = host.read(params, self.watched, self.local)
+        if (np.array_equal(P, self.pfacts) and np.array_equal(G[:, 1:], self.gwant)
+                and np.array_equal(W, self.wfacts)):
+            return np.ascontiguousarray(G[:, 0])
+        return None
+
+    def proven(self, params):
+        """The general path's proof: the params the engines take and the watched state
+        tensors are as recorded, their grads of the param's size, dtype and device (a
+        non-contiguous grad is copied there)."""
+        P, G, W = host.read([params[i] for i in self.take], self.watched, self.local)
+        return (np.array_equal(P, self.pfacts) and np.array_equal(W, self.wfacts)
+                and np.array_equal(G[:, 1:4], self.pfacts[:, 1:4]))
+
+    def valid(self, opt, group, params, live):
+        """Still right for this group, params and live indices (None: every param), and
+        the state unchanged since?"""
+        live_ok = self.all_live if live is None else self.live == live
+        return (self.group is group and self.state_obj is opt.state
+                and self.changes == opt.state.changes
+                and self.nparams == len(params) and live_ok
+                and all(map(operator.is_, self.params, params))
+                and self.slots == opt._slots(group)
+                and self.capturable == bool(group.get("capturable", False)))
