@@ -51,6 +51,15 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
         else:
             state["variance"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
 
+    def _unfit_state(self, group, p, st):
+        # factors missing, or of another param's shape (p.data = ... of another size):
+        # torch's for-loop raises its AssertionError or RuntimeError, param by param
+        for k in (("row_var", "col_var") if p.dim() > 1 else ("variance",)) if st else ():
+            v = st.get(k)
+            if not torch.is_tensor(v) or v.shape != self._state_shape(k, p) or v.device != p.device:
+                return f"state {k!r} that does not fit the param"
+        return None
+
     def _state_shape(self, name, p):
         s = list(p.shape)
         if name in ("row_var", "col_var"):

@@ -77,6 +77,11 @@ class FusedOptimizer:
     def _advance(self, group, bucket, step, found_inf):
         """Move the per-param scalars of the state (``_scalars``) for this step."""
 
+    def _unfit_state(self, group, p, st):
+        """Why p's state, other than its slots, does not fit the engines, or None (then
+        torch's for-loop steps p: torch's error, in torch's order of params)."""
+        return None
+
     def _state_shape(self, name, p):
         """The shape of state tensor ``name`` of param p (Adafactor's factors differ)."""
         return p.shape

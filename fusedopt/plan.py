@@ -42,7 +42,7 @@ def _unfit(opt, group, p, g, st, slots):
             if not torch.is_tensor(x) or x.shape != (quant.nblocks(p.numel()),) \
                     or x.dtype != torch.float32 or x.device != p.device:
                 return f"8-bit state {name!r} without a fitting {name + quant.ABSMAX!r}"
-    return None
+    return opt._unfit_state(group, p, st)
 
 
 def _overlapping(tensors):

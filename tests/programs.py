@@ -302,14 +302,7 @@ def program(seed, backends):
 
 # programs that find a known difference from torch, still open: each must still fail the
 # same way (when it passes, it is fixed: take it out of here)
-KNOWN = {
-    # Adafactor after freeze, p.data = (another size) and a grad of another size: fusedopt
-    # finds its `variance` of the old size and raises RuntimeError; torch's state for that
-    # param has row_var/col_var instead and it raises AssertionError: the two states
-    # diverged earlier in the program (found by CI on 2026-11-26, not yet understood)
-    77: "'Adafactor', ['zero_grad', 'step', 'freeze', 'replace_data', 'bad_grad'], "
-        "'fusedopt:', 'RuntimeError', 'torch:', 'AssertionError'",
-}
+KNOWN = {}
 
 
 def main(first, count, engines="numba"):

@@ -168,3 +168,21 @@ def test_training_lowers_loss_as_torch(backend):
         curves.append(mse_losses(m, opt, x, y, 30))
     assert curves[0][-1] < 0.5 * curves[0][0]
     torch.testing.assert_close(curves[0], curves[1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [fusedopt.Adafactor, torch.optim.Adafactor])
+def test_errors_come_in_torchs_param_order(cls):
+    """(found by CI's random program 77) a 2-D param given a grad of another size, then a
+    1-D param whose variance no longer fits after ``p.data = `` (another size): torch's
+    for-loop raises at the first param (AssertionError: a vector grad, no variance); so
+    does fusedopt, rather than a RuntimeError about the second."""
+    ps = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    opt = cls(ps, lr=1e-2)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    ps[1].data = torch.randn(3)
+    ps[1].grad = torch.randn(3)
+    ps[0].grad.data = torch.ones(4)
+    with pytest.raises(AssertionError, match="variance should be defined"):
+        opt.step()
