@@ -140,11 +140,10 @@ class _StepAhead(fusedopt.Adafactor):
                                          (_StepAhead, {})])
 def test_looser_ulp_bound_catches_mutants(mutant, case):
     """Adafactor's ulp bound against torch (parity.ULP_FOR) is looser than the others';
-    real errors still exceed it many times over, in float32 and float64."""
+    real errors still exceed it many times over, in float32 and float64 (the same cases
+    without the mutation pass it: test_parity.py)."""
     bound = parity.ULP_FOR["Adafactor"]
     for dtype in (torch.float32, torch.float64):
-        good = parity.check("Adafactor", case, dtype, backends=["numba"])
-        assert good["ok"], good["failures"]
         bad = parity.check("Adafactor", case, dtype, backends=["numba"], cls=mutant)
         assert bad["ulp_vs_torch"] > 10 * bound, bad["ulp_vs_torch"]
 

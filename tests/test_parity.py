@@ -15,5 +15,11 @@ MATRIX = parity.matrix()
 @pytest.mark.parametrize("name,case,dtype", MATRIX,
                          ids=[f"{n}[{parity.case_id(c)}]-{str(d)[6:]}" for n, c, d in MATRIX])
 def test_parity(name, case, dtype):
-    result = parity.check(name, case, dtype, backends=parity.BACKENDS)
+    backends = parity.BACKENDS
+    if name == "Adafactor" and case != parity.CASES[name][0]:
+        # Triton's interpreter takes ~20 s per Adafactor case (its matrix kernel, program by
+        # program in Python) against ~2 s for Numba: the interpreted engine runs Adafactor's
+        # first case in every dtype, Numba all of them (bench/gpu.sh runs the compiled one)
+        backends = [b for b in backends if b != "triton"]
+    result = parity.check(name, case, dtype, backends=backends)
     assert result["ok"], result["failures"]
