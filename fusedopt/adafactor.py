@@ -105,9 +105,14 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
         weight = (lambda idx: w) if not torch.is_tensor(w) else \
             (lambda idx: w.to(dev, dt)[idx])  # per param where the counters differ
         # torch: norm(g, dim).square_().div_(size): rounded in the param's dtype at each op
-        F, flat = x["F"], ~x["factored"][x["row_tensor"]]
-        ncol = F[x["row_tensor"], 0].to(op)
-        mean = torch.where(flat, rsum.to(dt), ((_sqrt(rsum).to(dt) ** 2).to(op) / ncol).to(dt))
+        F = x["F"]
+        if "frows" not in x:  # the rows of factored tensors (the others: one element each)
+            x["frows"] = torch.nonzero(x["factored"][x["row_tensor"]]).reshape(-1)
+        fr = x["frows"]
+        mean = rsum.to(dt)  # a vector's variance: g**2 itself
+        if len(fr):  # only there: the formula over the (few) rows of the matrices
+            ncol = F[x["row_tensor"][fr], 0].to(op)
+            mean[fr] = ((_sqrt(rsum[fr]).to(dt) ** 2).to(op) / ncol).to(dt)
         rows.lerp_(mean, weight(x["row_tensor"]))
         if len(x["col_tensor"]):
             nrow = F[x["col_tensor"], 1].to(op)

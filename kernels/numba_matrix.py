@@ -45,6 +45,45 @@ def _lanes(v):
     return acc
 
 
+def _vector_template(MASK, EXACT):
+    # the matrix kernel's path for one-column tensors (1-D params): rows RS..RE are single
+    # elements, so the per-row work of the general path (slices, a row's lane sum) would
+    # cost more than the element.  EXACT (float64 params): the two sums keep Kahan's
+    # compensation (plain sums put float64 Adafactor's error above torch's in test_parity;
+    # Kahan's dependent chain made the float32 step 2.3x slower on 5000 x 4096); squares
+    # of float32 values are exact in float64, and a chunk sums at most CHUNK of them
+    def vector(p, g, a, b, c, mat, r0, r1, ROWS, roff, h0, h1, h2, h3, h4, h5, h6, h7, h8,
+               h9, h10, h11):
+        tot = tc = col = cc = np.float64(0)
+        pr, gr = p[r0:r1], g[r0:r1]
+        for j in range(r1 - r0):
+            pv = load(pr[j])
+            gv = load(gr[j])
+            if SCALE_GRAD:
+                gs = store(gv * h11)
+                if WRITE_GRAD:
+                    gr[j] = gs
+                gv = load(gs)
+            av = sload(a[r0 + j]) if MASK & 1 else pv
+            bv = sload(b[mat]) if MASK & 2 else pv
+            cv = sload(c[mat]) if MASK & 4 else pv
+            x, y, _, _ = rule(pv, gv, av, bv, cv, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9,
+                              h10, h11)
+            if REDUCE:
+                x64, y64 = np.float64(x), np.float64(y)
+                if EXACT:
+                    tot, tc = _kahan(tot, tc, x64)
+                    col, cc = _kahan(col, cc, y64)
+                else:
+                    tot += x64 * x64
+                    col += y64 * y64
+                ROWS[roff + r0 + j] = y64 * y64
+            else:
+                pr[j] = store(x)
+        return tot - tc, col - cc
+    return vector
+
+
 def _matrix_template(KEY, MASK, DT, SDT):
     # Each tensor viewed as matrices (leading dims folded): F[t] = (columns, rows per
     # matrix, numel); a chunk is rows RS..RE of one matrix.  Slot a is read per row, b per
@@ -76,6 +115,13 @@ def _matrix_template(KEY, MASK, DT, SDT):
             if REDUCE:
                 CPART[cp:cp + ncol] = 0
                 CPART[half + cp:half + cp + ncol] = 0
+            if ncol == 1:  # a vector: one element per row, no per-row loop (see _vector)
+                tot, col = _vector(p, g, a, b, c, mat, RS[ci], RE[ci], ROWS, ROFF[t], h0, h1, h2,
+                                   h3, h4, h5, h6, h7, h8, h9, h10, h11)
+                if REDUCE:
+                    CPART[cp], CPART[half + cp] = col, 0
+                TOT[ci] = tot
+                continue
             xs = np.empty(ncol if REDUCE else 0, np.float64)  # a row's squares
             ys = np.empty(ncol if REDUCE else 0, np.float64)
             cs, cc = CPART[cp:cp + ncol], CPART[half + cp:half + cp + ncol]
@@ -132,6 +178,9 @@ def run_matrix(rule, flags, dtypes, mask, P, G, S, C, TID, RS, RE, F, ROFF, COFF
         proto = _matrix_template(key, mask, dt, sdt)
         kgl = dict(globals(), rule=gl[rule], load=load, store=store, sload=sload,
                    **{f: dict(flags)[f] for f in ("REDUCE", "SCALE_GRAD", "WRITE_GRAD")})
+        vec = _vector_template(mask, dtypes[0] == "float64")
+        kgl["_vector"] = numba.njit(inline="always", **JIT)(
+            types.FunctionType(vec.__code__, kgl, "_vector", None, vec.__closure__))
         code = types.FunctionType(proto.__code__, kgl, proto.__name__, None, proto.__closure__)
         code.__qualname__ = f"matrix_{rule}_{key:x}"
         fn = _kernels[k] = numba.njit(parallel=_PARALLEL[0], cache=True, **JIT)(code)
