@@ -31,17 +31,17 @@ def _unfit(opt, group, p, g, st, slots):
         t = st.get(name) if name else None
         if name and t is None and len(st) and opt._has_step:
             return f"state without {name!r}"
-        if t is not None and (not torch.is_tensor(t) or t.shape != p.shape or t.device != p.device
-                              or (t.dtype != p.dtype and not (mixed and t.is_floating_point())
-                                  and not (sdt == torch.uint8 == t.dtype))):
+        if t is not None and (not torch.is_tensor(t) or t.shape != p.shape or t.device != p.device):
             return f"state {name!r} that does not fit the param"
-        if t is not None and t.dtype == torch.uint8:  # 8-bit codes: their absmax must fit
+        if t is not None and t.dtype == torch.uint8:
+            # 8-bit codes (kept, or dequantized by the plan where 8-bit state is not asked
+            # for): only with an absmax of the right size beside them
             x = st.get(name + quant.ABSMAX)
-            if sdt != torch.uint8 and p.numel() >= quant.MIN_NUMEL:
-                return f"8-bit state {name!r} (state_dtype=torch.uint8 not asked for)"
             if not torch.is_tensor(x) or x.shape != (quant.nblocks(p.numel()),) \
                     or x.dtype != torch.float32 or x.device != p.device:
                 return f"8-bit state {name!r} without a fitting {name + quant.ABSMAX!r}"
+        elif t is not None and t.dtype != p.dtype and not (mixed and t.is_floating_point()):
+            return f"state {name!r} that does not fit the param"
     return opt._unfit_state(group, p, st)
 
 

@@ -118,7 +118,8 @@ def test_threshold_and_bytes_per_param():
 def test_state_dict_both_ways():
     """An 8-bit state_dict saves codes and absmax and continues bit for bit in a new
     optimizer; quant.float_state_dict turns it into one torch.optim loads (and continues
-    close to ours); a torch.optim state_dict loads into an 8-bit optimizer by quantizing."""
+    close to ours); a group whose state_dtype is set back to None dequantizes it; a
+    torch.optim state_dict loads into an 8-bit optimizer by quantizing."""
     ps, opt, gen = _trained("AdamW")
     sd = copy.deepcopy(opt.state_dict())  # as from a file: no tensor shared with opt
     twin_ps = [torch.nn.Parameter(p.detach().clone()) for p in ps]
@@ -138,6 +139,18 @@ def test_state_dict_both_ways():
     for a, b, c in zip(ps, twin_ps, torch_ps):
         assert torch.equal(a, b)
         torch.testing.assert_close(c, a, rtol=0, atol=2e-4)
+    # the groups' state_dtype comes with the state_dict (as torch restores every group
+    # key); set back to None, the 8-bit state is dequantized at the next step
+    flt_ps = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    flt = fusedopt.AdamW(flt_ps, **HP["AdamW"])
+    flt.load_state_dict(copy.deepcopy(sd))
+    assert flt.param_groups[0]["state_dtype"] == torch.uint8
+    flt.param_groups[0]["state_dtype"] = None
+    for p in flt_ps:
+        p.grad = torch.randn_like(p)
+    flt.step()
+    assert flt.state[flt_ps[0]]["exp_avg"].dtype == torch.float32
+    assert "exp_avg_absmax" not in flt.state[flt_ps[0]]
     # torch.optim's float32 state into an 8-bit optimizer: quantized at its first step
     back_ps = [torch.nn.Parameter(p.detach().clone()) for p in torch_ps]
     back = fusedopt.AdamW(back_ps, **HP["AdamW"], state_dtype=torch.uint8)
