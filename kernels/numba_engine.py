@@ -236,7 +236,7 @@ def run(rule, flags, dtypes, mask, P, G, S, C, R, TID, CS, CE, N, Q=None):
     """Apply ``rule`` to one group.  ``flags``: sorted tuple of (name, bool); ``dtypes``:
     torch dtype names of (params and grads, state and master copy); P, G, S[0..3], TID, CS,
     CE, N: int64 arrays; C: [n, rules.NCOEF], or [1, NCOEF] when all tensors share them;
-    R: each tensor's stochastic-rounding key.  8-bit slots (mask bits 4 << i, numba_quant):
+    R: each tensor's stochastic-rounding key.  8-bit slots (mask bits 16 << i, numba_quant):
     S[4 + i] points at their absmax, Q is quant.engine_table() as float32 numpy."""
     k = (rule, flags, dtypes, mask)
     fn = _kernels.get(k)

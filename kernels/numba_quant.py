@@ -12,8 +12,8 @@ import numpy as np
 from . import numba_ops
 from .numba_engine import JIT, _bits_f32, _f32_bits
 
-# mask bit 4 << i marks slot i as uint8 codes with a float32 absmax per block of QBLOCK
-# elements (tables A0..A2), bit 8 << i its map as signed
+# mask bit 16 << i marks slot i as uint8 codes with a float32 absmax per block of QBLOCK
+# elements (tables A0..A2), bit 256 << i its map as signed
 QBLOCK = 256
 
 
@@ -72,7 +72,7 @@ def requantize(f, codes, m, T, signed):
 
 
 def template8(KEY, MASK, DT, SDT, ADT, BDT, CDT):
-    # as _template, with slots whose mask bit 4 << i is set held as 8-bit codes: each
+    # as _template, with slots whose mask bit 16 << i is set held as 8-bit codes: each
     # block of QBLOCK elements is dequantized into float32 scratch, updated by the rule,
     # and quantized again with its new absmax, in one pass over the chunk (chunks start
     # at multiples of CHUNK, hence of QBLOCK)
