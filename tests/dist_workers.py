@@ -168,6 +168,10 @@ def _worker(rank, world, port, name, out):
     try:
         from torch.distributed.device_mesh import init_device_mesh
         globals()[name](rank, world, init_device_mesh("cpu", (world,)), out)
+        # no rank tears its gloo pairs down while another still uses them (rank 0 writing
+        # the expectation after dcp_save): a peer's closed connection in gloo's background
+        # thread aborted a rank once ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
