@@ -27,8 +27,8 @@ def _grads(ps, gen):
         p.grad = torch.randn(p.shape, generator=gen)
 
 
-def _trained(name, backend="numba", steps=4):
-    ps = _params()
+def _trained(name, backend="numba", steps=4, shapes=SHAPES):
+    ps = _params(shapes=shapes)
     opt = getattr(fusedopt, name)(ps, **HP[name], state_dtype=torch.uint8, backend=backend)
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
@@ -77,10 +77,10 @@ def test_one_step_matches_float64_reference(name):
     assert wrong <= 1e-4 * total
 
 
-@pytest.mark.parametrize("name", ["AdamW", "RMSprop", "SGD"])
+@pytest.mark.parametrize("name", MOMENTS)
 def test_engines_write_equal_codes(name):
     """Numba and Triton (its interpreter here) write the same codes, absmax and params,
-    bit for bit (AdamW with amsgrad: three 8-bit slots, both maps)."""
+    bit for bit, for every rule (Adam with amsgrad: three 8-bit slots, both maps)."""
     runs = []
     for backend in ("numba", "triton"):
         ps, opt, _ = _trained(name, backend, steps=3)
@@ -245,3 +245,33 @@ def test_bfloat16_params_with_8bit_state(extra):
     assert torch.equal(st["exp_avg"], ob.state[pb[0]]["exp_avg"])
     if extra.get("master_weights"):
         assert st["master"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ["AdamW", "RMSprop"])
+def test_torch_compile_equals_eager(name):
+    """opt.step() under torch.compile(fullgraph=True) with 8-bit state: one graph, and
+    codes, absmax and params equal to the eager step's, bit for bit."""
+    from torch._dynamo.utils import counters
+    shapes = [(300, 77), (100,)]
+    opts = [getattr(fusedopt, name)(_params(shapes=shapes), **HP[name],
+                                    state_dtype=torch.uint8) for _ in range(2)]
+    torch._dynamo.reset()
+    counters.clear()
+    step = torch.compile(opts[0].step, fullgraph=True)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        for opt in opts:
+            for p, g in zip(opt.param_groups[0]["params"], grads):
+                p.grad = g.clone()
+        step()
+        opts[1].step()
+    (ca, pa), (cb, pb) = ((o.state_dict()["state"], o.param_groups[0]["params"]) for o in opts)
+    assert ca[0]["exp_avg" if name == "AdamW" else "square_avg"].dtype == torch.uint8
+    for x, y in zip(pa, pb):
+        assert torch.equal(x, y)
+    for i in ca:
+        assert ca[i].keys() == cb[i].keys()
+        for k in ca[i]:
+            assert torch.equal(ca[i][k], cb[i][k]), (i, k)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
