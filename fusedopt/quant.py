@@ -18,7 +18,9 @@ size, never a shard's, so that every rank of a sharded param decides alike.
 """
 import torch
 
-BLOCK = 256
+from .kernels import qmap
+
+BLOCK = qmap.QBLOCK
 MIN_NUMEL = 4096
 _EXPONENTS = 7  # 10^-6 ... 10^0
 # state slots that are never negative (second moments, sums of squares, step sizes) use
@@ -98,40 +100,40 @@ def zeros(p, is_signed):
 
 
 def engine_table():
-    """What the engines quantize with: float32 [2, TABLE] (row 0 the unsigned map, row 1
-    the signed one).  Columns 0-255 are the map's values (dequantization: value[code] *
-    absmax).  The rest describe the map's structure, so that a code is computed without a
-    search: y = |x| / absmax in [0, 1] falls in decade i (0-6) when it lies above the
-    midpoint ``LOW[i]`` between decade i's first value and the value below it; inside a
-    decade the map's values are the midpoints of equal parts of [0.1, 1] * 10^(i-6), so the
-    part is floor(y * R[i] - C[i]) (R = 10^(6-i) * parts / 0.9, C = 0.1 * parts / 0.9),
-    kept within the decade's codes K[i] ... KMAX[i].  Above ``TOP_MID`` (between the
-    largest value and 1) y is 1.  Codes count from the code of 0 (0 for the unsigned map,
-    127 for the signed, whose negatives mirror its positives).  The decision boundaries
-    are the map's midpoints computed in float32: a code can differ from ``quantize``'s
-    (float64) only where y lies within rounding of one."""
-    out = torch.zeros(2, TABLE, dtype=torch.float32)
+    """What the engines quantize with: float32 [2, qmap.TABLE] (row 0 the unsigned map,
+    row 1 the signed one).  Columns 0-255 are the map's values (dequantization:
+    value[code] * absmax).  The rest describe the map's structure (kernels/qmap.py), so
+    that a code is computed without a search or a table lookup per element:
+
+    - y = |x| * (1 / absmax) lies in [0, 1] (an ulp above 1 at most);
+    - its decade d (0-6) counts the boundaries ``LOW[1..6]`` below y (``LOW[i]`` is the
+      midpoint between decade i's first value and the value below it);
+    - decade d has ``parts = PARTS[d] = 2^(d+u)`` values (u = 0 for the signed map, 1 for
+      the unsigned), the midpoints of equal parts of [0.1, 1] * 10^(d-6), counted from
+      ``K = parts - u`` (codes count from the code of 0: 0 unsigned, 127 signed);
+    - the part is ``floor(parts * fma(y, P[d], -1/9))`` with ``P[d] = 10^(6-d) / 0.9``,
+      kept within [0, parts - 1];
+    - above ``TOP_MID`` (between the largest value and 1) the code is 1's; at or under
+      ``LOW[0]`` (half the smallest value) it is 0's.
+
+    Every step is a float32 operation both engines perform alike, so their codes are
+    equal; a code can differ from ``quantize``'s (float64, exact midpoints) only where y
+    lies within rounding of a midpoint."""
+    out = torch.zeros(2, qmap.TABLE, dtype=torch.float32)
     for row, is_signed in enumerate((False, True)):
         q = dynamic_map(is_signed)
         out[row, :256] = q
         pos = q[zero_code(is_signed):].double()  # 0, the positive values, 1
         first = 1  # index in pos of decade i's first value
         for i in range(_EXPONENTS):
-            parts = 2 ** i if is_signed else 2 ** (i + 1)
-            out[row, LOW + i] = (pos[first - 1] + pos[first]) / 2
-            out[row, R + i] = 10.0 ** (_EXPONENTS - 1 - i) * parts / 0.9
-            out[row, C + i] = 0.1 * parts / 0.9
-            out[row, K + i] = first
-            out[row, KMAX + i] = first + parts - 1
+            out[row, qmap.LOW + i] = (pos[first - 1] + pos[first]) / 2
+            out[row, qmap.P + i] = 10.0 ** (_EXPONENTS - 1 - i) / 0.9
+            out[row, qmap.PARTS + i] = parts = 2 ** i if is_signed else 2 ** (i + 1)
             first += parts
-        out[row, TOP_MID] = (pos[-2] + pos[-1]) / 2
-        out[row, TOP_K] = len(pos) - 1
+        out[row, qmap.NINTH] = 1 / 9
+        out[row, qmap.TOP_MID] = (pos[-2] + pos[-1]) / 2
+        out[row, qmap.TOP_K] = len(pos) - 1
     return out
-
-
-# columns of engine_table()
-LOW, R, C, K, KMAX = 256, 263, 270, 277, 284
-TOP_MID, TOP_K, TABLE = 291, 292, 296
 
 
 def fit(state, name, p):

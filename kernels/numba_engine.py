@@ -208,10 +208,14 @@ def _build(rule, flags, dtypes, mask):
             types.FunctionType(f.__code__, gl, f.__name__))
     dt, load, store = _IO[dtypes[0]]
     sdt, sload, sstore = _IO[dtypes[1]]
-    # an 8-bit kernel's code lives in numba_quant and calls helpers of this file: numba's
-    # cache would notice edits to numba_quant.py only
-    extra = hashlib.sha256(inspect.getsource(sys.modules[__name__]).encode()).hexdigest() \
-        if mask & 0x70 else ""
+    # an 8-bit kernel's code lives in numba_quant, calls helpers of this file and reads the
+    # table's columns from qmap: numba's cache would notice edits to numba_quant.py only (a
+    # stale column number would read past the table)
+    extra = ""
+    if mask & 0x70:
+        from . import qmap
+        extra = hashlib.sha256("".join(inspect.getsource(m) for m in (sys.modules[__name__], qmap))
+                               .encode()).hexdigest()
     key = int(hashlib.sha256(repr((_SOURCE_HASH, extra, rule, flags, dtypes, mask, _PARALLEL[0]))
                              .encode()).hexdigest()[:15], 16) | 1
     if mask & 0x70:  # 8-bit slots: uint8 codes (numba_quant)

@@ -9,12 +9,11 @@ again with its new absmax, in the one pass over the chunk.  numba_engine compile
 import numba
 import numpy as np
 
-from . import numba_ops
+from . import numba_ops, qmap
 from .numba_engine import JIT, _bits_f32, _f32_bits
 
 # mask bit 16 << i marks slot i as uint8 codes with a float32 absmax per block of QBLOCK
 # elements (tables A0..A2), bit 256 << i its map as signed
-QBLOCK = 256
 
 
 @numba.njit(inline="always", **JIT)
@@ -25,22 +24,20 @@ def q7(T, o):
 
 
 @numba.njit(inline="always", **JIT)
-def qcode(x, amax, T, low, rs, cs, ks, kms):
-    # x's code under the map T (a row of quant.engine_table(): low, rs, cs, ks, kms are its
-    # columns LOW, R, C, K, KMAX by q7), counted from the code of 0: no search and no table
-    # lookup per element
-    y = abs(x) / amax
-    r, c, k0, km = rs[0], cs[0], ks[0], kms[0]
+def qcode(y, low, ps, parts_, u, ninth, top_mid, top_k):
+    # the code of y = |x| / absmax under a map (quant.engine_table(), whose docstring gives
+    # the formula; low, ps, parts_: its columns LOW, P, PARTS by q7; u: 1 for the unsigned
+    # map), counted from the code of 0, as float32: compares, selects and one fma per element
+    pr = ps[0]
+    parts = parts_[0]
     for i in range(1, 7):
         s = y > low[i]
-        r = rs[i] if s else r
-        c = cs[i] if s else c
-        k0 = ks[i] if s else k0
-        km = kms[i] if s else km
-    t = numba_ops.fma(y, r, -c)
-    t = t if t > 0 else np.float32(0)  # (NaN: a block of zeros, 0 / 0) -> 0
-    k = min(k0 + np.float32(np.int32(t)), km)
-    k = T[292] if y > T[291] else k  # TOP_K, TOP_MID
+        pr = ps[i] if s else pr
+        parts = parts_[i] if s else parts
+    t = parts * numba_ops.fma(y, pr, -ninth)  # (parts is a power of 2: exact)
+    t = t if t > 0 else np.float32(0)  # (NaN: a block of zeros, 0 * inf) -> 0
+    k = min(parts - u + np.float32(np.int32(t)), parts + parts - u - np.float32(1))
+    k = top_k if y > top_mid else k
     return k if y > low[0] else np.float32(0)
 
 
@@ -59,14 +56,21 @@ def requantize(f, codes, m, T, signed):
     for j in range(m):
         mx = max(mx, _f32_bits(f[j]) & np.uint32(0x7FFFFFFF))
     absmax = _bits_f32(mx)
-    low = q7(T, 256)  # (one per line: numba's array analysis fails on unpacking tuples)
-    rs = q7(T, 263)
-    cs = q7(T, 270)
-    ks = q7(T, 277)
-    kms = q7(T, 284)
+    # y = |x| / absmax as a product: one division per block.  A subnormal absmax (moments of
+    # vanishing grads) has no finite float32 reciprocal: such blocks are scaled by 2^64
+    # first, which is exact for x and absmax alike
+    sc = np.float32(2.0 ** 64) if absmax < np.float32(2.0 ** -64) else np.float32(1)
+    inv = np.float32(1) / (absmax * sc)
+    low = q7(T, qmap.LOW)  # (one per line: numba's array analysis fails on unpacking tuples)
+    ps = q7(T, qmap.P)
+    parts = q7(T, qmap.PARTS)
+    ninth = T[qmap.NINTH]
+    top_mid = T[qmap.TOP_MID]
+    top_k = T[qmap.TOP_K]
+    u = np.float32(0 if signed else 1)
     z = np.float32(127 if signed else 0)  # the code of 0
     for j in range(m):
-        k = qcode(f[j], absmax, T, low, rs, cs, ks, kms)
+        k = qcode(abs(f[j]) * sc * inv, low, ps, parts, u, ninth, top_mid, top_k)
         codes[j] = np.uint8(z + k if (f[j] >= 0 or not signed) else z - min(k, z))
     return absmax
 
@@ -158,4 +162,4 @@ def template8(KEY, MASK, DT, SDT, ADT, BDT, CDT):
 
 
 # what template8's code looks up besides numba_engine's globals
-GLOBALS = dict(QBLOCK=QBLOCK, dequantize=dequantize, requantize=requantize)
+GLOBALS = dict(QBLOCK=qmap.QBLOCK, dequantize=dequantize, requantize=requantize)

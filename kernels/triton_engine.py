@@ -306,9 +306,9 @@ def _bind(rule, flags, interpret):
            **{n: tl.constexpr(v) for n, v in flags if n in ("SCALE_GRAD", "WRITE_GRAD",
                                                              "FOUND_INF", "STOCH_ROUND",
                                                              "REDUCE")}}
-    kgl.update(QBLOCK=triton_quant.QBLOCK, QTABLE=triton_quant.QTABLE)
+    kgl.update(QBLOCK=triton_quant.QBLOCK, QTABLE=triton_quant.QTABLE, **triton_quant.QCOLS)
     for f in (_ptr, _widen, _narrow, _fmix32, _narrow_stochastic, _load, _store_raw, _store,
-              _coef, triton_quant._qload, triton_quant._qstore):
+              _coef, triton_quant._qload, triton_quant._per_block, triton_quant._qstore):
         kgl[f.fn.__name__] = _rebind(f, kgl, interpret)
     return kgl
 

@@ -9,8 +9,13 @@ these helpers into its kernel (they call its ``_store_raw``).
 import triton
 import triton.language as tl
 
-QBLOCK = tl.constexpr(256)  # elements per absmax
-QTABLE = tl.constexpr(296)  # columns of a row of quant.engine_table()
+from . import qmap
+
+QBLOCK = tl.constexpr(qmap.QBLOCK)  # elements per absmax
+QTABLE = tl.constexpr(qmap.TABLE)  # columns of a row of quant.engine_table()
+# where the map's structure lies in a row (kernels/qmap.py), as constexprs for the kernel
+QCOLS = {n: tl.constexpr(getattr(qmap, n)) for n in ("LOW", "P", "PARTS", "NINTH", "TOP_MID",
+                                                     "TOP_K")}
 
 
 @triton.jit
@@ -22,32 +27,38 @@ def _qload(cp, xp, offs, end, T, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _per_block(v, BLOCK: tl.constexpr):
+    # one value per block of QBLOCK -> one per element of the BLOCK
+    return tl.reshape(tl.broadcast_to(tl.expand_dims(v, 1), [BLOCK // QBLOCK, QBLOCK]), [BLOCK])
+
+
+@triton.jit
 def _qstore(cp, xp, offs, end, x, T, SIGNED: tl.constexpr, BLOCK: tl.constexpr,
             MASKED: tl.constexpr):
-    # float32 -> 8-bit codes with each block's new absmax, as numba_engine's qcode (the
+    # float32 -> 8-bit codes with each block's new absmax, as numba_quant's qcode (the
     # same float32 operations: the engines' codes are equal)
     bits = tl.where(offs < end, x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF, 0)
     amax = tl.max(tl.reshape(bits, [BLOCK // QBLOCK, QBLOCK]), 1)  # NaN's bits are largest
     first = tl.min(tl.reshape(offs, [BLOCK // QBLOCK, QBLOCK]), 1)  # each block's start
     tl.store(xp + first // QBLOCK, amax.to(tl.float32, bitcast=True), mask=first < end)
-    am = tl.reshape(tl.broadcast_to(tl.expand_dims(amax, 1), [BLOCK // QBLOCK, QBLOCK]),
-                    [BLOCK]).to(tl.float32, bitcast=True)
-    y = tl.div_rn(tl.abs(x), am)
-    r = tl.load(T + 263)
-    c = tl.load(T + 270)
-    k0 = tl.load(T + 277)
-    km = tl.load(T + 284)
+    # y = |x| / absmax as numba_quant computes it: a block of subnormal absmax is scaled by
+    # 2^64 (exactly) before its one division
+    amf = amax.to(tl.float32, bitcast=True)
+    sc = tl.where(amf < 5.421010862427522e-20, 1.8446744073709552e19, 1.0)  # 2^-64, 2^64
+    inv = tl.div_rn(1.0, amf * sc)
+    y = tl.abs(x) * _per_block(sc, BLOCK) * _per_block(inv, BLOCK)
+    pr = tl.load(T + P)
+    parts = tl.load(T + PARTS)
     for i in tl.static_range(1, 7):
-        s = y > tl.load(T + 256 + i)
-        r = tl.where(s, tl.load(T + 263 + i), r)
-        c = tl.where(s, tl.load(T + 270 + i), c)
-        k0 = tl.where(s, tl.load(T + 277 + i), k0)
-        km = tl.where(s, tl.load(T + 284 + i), km)
-    t = tl.fma(y, r, -c)
+        s = y > tl.load(T + LOW + i)
+        pr = tl.where(s, tl.load(T + P + i), pr)
+        parts = tl.where(s, tl.load(T + PARTS + i), parts)
+    t = parts * tl.fma(y, pr, -tl.load(T + NINTH))
     t = tl.where(t > 0, t, 0.0)
-    k = tl.minimum(k0 + t.to(tl.int32).to(tl.float32), km)
-    k = tl.where(y > tl.load(T + 291), tl.load(T + 292), k)
-    k = tl.where(y > tl.load(T + 256), k, 0.0)
+    u = 0.0 if SIGNED else 1.0
+    k = tl.minimum(parts - u + t.to(tl.int32).to(tl.float32), parts + parts - u - 1.0)
+    k = tl.where(y > tl.load(T + TOP_MID), tl.load(T + TOP_K), k)
+    k = tl.where(y > tl.load(T + LOW), k, 0.0)
     if SIGNED:
         code = tl.where(x >= 0, 127.0 + k, 127.0 - tl.minimum(k, 127.0))
     else:

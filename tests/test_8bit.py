@@ -45,6 +45,14 @@ def test_one_step_matches_float64_reference(name):
     at most 0.01 % of elements; measured: at most 2 of ~200,000), absmax and params within float32 rounding."""
     ps, opt, gen = _trained(name)
     _grads(ps, gen)
+    wrong, total = _step_against_reference(name, ps, opt)
+    print(f"{name}: {wrong} of {total} codes differ from the float64 reference")
+    assert wrong <= 1e-4 * total
+
+
+def _step_against_reference(name, ps, opt, hp=None):
+    """One step of opt and of reference.step_8bit from opt's state: params and absmax
+    compared, codes within one of the reference's; returns (codes differing, codes)."""
     ws = [p.detach().double() for p in ps]
     states = []
     for p in ps:
@@ -56,7 +64,7 @@ def test_one_step_matches_float64_reference(name):
             st[k] = (v.clone(), absmax.clone()) if absmax is not None else v.double().clone()
         states.append(st)
     signed = {k: quant.signed(k) for st in states for k, v in st.items() if isinstance(v, tuple)}
-    hp = dict(HP[name])
+    hp = dict(HP[name] if hp is None else hp)
     reference.step_8bit(name.lower(), ws, [p.grad for p in ps], states, signed, **hp)
     opt.step()
     total = wrong = 0
@@ -73,8 +81,33 @@ def test_one_step_matches_float64_reference(name):
             total += codes.numel()
             wrong += int((diff > 0).sum())
     assert total > 0
-    print(f"{name}: {wrong} of {total} codes differ from the float64 reference")
-    assert wrong <= 1e-4 * total
+    return wrong, total
+
+
+@pytest.mark.parametrize("backend", ["numba", "triton"])
+def test_tiny_and_subnormal_blocks(backend):
+    """Blocks whose absmax is subnormal (second moments of vanishing grads: 1 / absmax
+    overflows float32) or zero keep the reference's codes: no value is taken for 1.  (The
+    grads are 0 and the moments within 2x of absmax, so that float32's own rounding of
+    subnormal values stays far below the map's gaps.)"""
+    gen = torch.Generator().manual_seed(3)
+    ps = [torch.nn.Parameter(torch.randn(8192, generator=gen))]
+    hp = dict(lr=1e-2, amsgrad=True)  # (no weight decay: it would make the moments large)
+    opt = fusedopt.Adam(ps, **hp, state_dtype=torch.uint8, backend=backend)
+    m = torch.randn(8192, generator=gen) * 1e-20
+    v = (torch.rand(8192, generator=gen) + 1) * 5e-40  # subnormal
+    m[4096:4352], v[4096:4352] = 0, 0  # a block of zeros
+    sd = opt.state_dict()
+    st = {"step": torch.tensor(5.0)}
+    for k, x in (("exp_avg", m), ("exp_avg_sq", v), ("max_exp_avg_sq", v)):
+        st[k], st[k + quant.ABSMAX] = quant.quantize(x, quant.dynamic_map(quant.signed(k)))
+    sd["state"] = {0: st}
+    opt.load_state_dict(sd)
+    ps[0].grad = torch.zeros(8192)
+    assert opt.state[ps[0]]["exp_avg_sq_absmax"].min() == 0
+    assert 0 < opt.state[ps[0]]["exp_avg_sq_absmax"].max() < torch.finfo(torch.float32).tiny
+    wrong, total = _step_against_reference("Adam", ps, opt, hp)
+    assert wrong <= 1e-4 * total, (wrong, total)
 
 
 @pytest.mark.parametrize("name", MOMENTS)

@@ -64,7 +64,10 @@ def _update_variants():
         for arch in (80, 90):
             for amp in (False, True):
                 flags = dict(on, SCALE_GRAD=amp, WRITE_GRAD=amp, FOUND_INF=amp)
-                for dtype in ("float32", "float64", "float16", "bfloat16"):
+                # the other dtypes compile (no PTX checks) once per arch, with amp on at
+                # sm_80 and off at sm_90: each of the ~260 compiles costs CI ~0.6 s
+                others = ("float64", "float16", "bfloat16") if amp == (arch == 80) else ()
+                for dtype in ("float32",) + others:
                     checks = (VEC_LOADS, VEC_STORES, APPROX, SPILLS) if dtype == "float32" else ()
                     out[f"{rule}-{arch}-{amp}-{dtype}"] = (rule, flags, mask, arch, dtype, None,
                                                           checks)
@@ -95,10 +98,12 @@ def update_ptx():
 @pytest.mark.parametrize("rule", sorted(rules.RULES))
 def test_compiles_with_vector_loads(update_ptx, rule, arch, amp):
     """float32: 128-bit loads and stores, IEEE division and square root, no spills; float64,
-    float16 and bfloat16 compile.  amp: the engine's GradScaler flags on (unscale and write
-    back the gradient, read found_inf on the device)."""
+    float16 and bfloat16 compile (at sm_80 with amp, at sm_90 without).  amp: the engine's
+    GradScaler flags on (unscale and write back the gradient, read found_inf on the
+    device)."""
     assert rule in VARIANTS, "every rule needs an AOT variant here"
-    for dtype in ("float32", "float64", "float16", "bfloat16"):
+    others = ("float64", "float16", "bfloat16") if amp == (arch == 80) else ()
+    for dtype in ("float32",) + others:
         assert update_ptx[f"{rule}-{arch}-{amp}-{dtype}"] == "ok", dtype
 
 

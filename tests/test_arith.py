@@ -110,9 +110,10 @@ def test_parity_check_catches_a_1ulp_error_in_our_kernels(mutation, tmp_path):
             assert not r["ok"] and r["ulp_vs_torch"] > 64, r
 
 
-# the optimizers whose rules use every kind of op torch may round differently (sqrt,
-# division, multiply-adds, lerp's two branches): the CI time of a subprocess per setting
-SUBSET = ["adam", "adamw", "adamax", "rmsprop", "adagrad", "sgd"]
+# optimizers whose rules together use every kind of op torch may round differently (sqrt,
+# division, multiply-adds, max, lerp's two branches, decoupled decay): the fewer, the less
+# CI time the generic-CPU subprocess spends compiling kernels afresh (~18 s each)
+SUBSET = ["adam", "adamw", "adamax", "rmsprop"]
 DISPATCH = {"aten-default+numba-generic": dict(ATEN_CPU_CAPABILITY="default", NUMBA_CPU_NAME="generic"),
             "aten-avx2": dict(ATEN_CPU_CAPABILITY="avx2")}
 
