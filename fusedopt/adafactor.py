@@ -124,7 +124,8 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
             means = one
         # pass 2: |update|**2 (denom); pass 3: the update
         vecs, co = (rows, cols, means, one), (wd, l1, eps1 * eps1, 1.0)
-        usq = self._call(bucket, tab, dict(flags, SECOND=True), 7, gptr, vecs, (*co, 0.0, *h))[0]
+        usq = self._call(bucket, tab, dict(flags, SECOND=True), 7 | 8, gptr, vecs,  # 8: a total
+                         (*co, 0.0, *h))[0]
         # torch's Python floats: max(eps2, |p| / sqrt(n)) * min(lr, 1 / sqrt(step)) and
         # max(1, |update| / (sqrt(n) * d)), the norms rounded to the param's dtype
         n = _sqrt(torch.as_tensor(bucket.numel, dtype=torch.float64)).to(usq.device)

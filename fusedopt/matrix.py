@@ -78,8 +78,15 @@ class Tables:
         nchunk = len(self.tid)
         if self.backend == "numba":
             from .kernels import numba_matrix
-            tot, rows = np.zeros(nchunk), np.zeros(self.nrows if reduce else 0)
-            part = np.zeros(2 * len(self.cidx) if reduce else 0)  # sums, compensations
+            # the kernel writes every entry of these (no zeros needed).  The rows' sums (one
+            # per element of a 1-D param: 8 bytes each) reuse one buffer: a fresh one per
+            # call cost a page fault per 4 KiB, more than the pass itself on 1-D params
+            rows = np.empty(0)
+            if reduce and not mask & 8:  # (bit 8: no row or column sums wanted)
+                if getattr(self, "_rows", None) is None:
+                    self._rows = np.empty(self.nrows)
+                rows = self._rows
+            tot, part = np.empty(nchunk), np.empty(2 * len(self.cidx) if reduce else 0)
             numba_matrix.run_matrix(rule, flags, dtypes, mask, P, G, S, C, self.tid, self.rs,
                                     self.re, self.F, self.roff, self.coff, tot, rows, part)
             if not reduce:
@@ -92,7 +99,8 @@ class Tables:
         d = self.dev
         dt = torch.float64 if f64 else torch.float32
         new = lambda n: torch.zeros(n, dtype=dt, device=self.device)  # noqa: E731
-        rows, part = new(self.nrows if reduce else 1), new(len(self.cidx) if reduce else 1)
+        rows = new(self.nrows if reduce and not mask & 8 else 1)
+        part = new(len(self.cidx) if reduce else 1)
         tots = []
         for t, cols in self.launches:
             tots.append(new(len(t["tid"])))
@@ -107,7 +115,9 @@ class Tables:
 
     def reduce(self, *args):
         """(per tensor: sum of the first output's squares, per row and per column of the
-        factored tensors: of the second's), float64 on the CPU, the math dtype on GPU."""
+        factored tensors: of the second's), float64 on the CPU, the math dtype on GPU.
+        The rows' sums on the CPU are a buffer of these tables, overwritten by the next
+        call: use them before it."""
         return self._call(*args, reduce=True)
 
     def apply(self, *args):

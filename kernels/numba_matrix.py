@@ -49,13 +49,16 @@ def _vector_template(MASK, EXACT):
     # the matrix kernel's path for one-column tensors (1-D params): rows RS..RE are single
     # elements, so the per-row work of the general path (slices, a row's lane sum) would
     # cost more than the element.  EXACT (float64 params): the two sums keep Kahan's
-    # compensation (plain sums put float64 Adafactor's error above torch's in test_parity;
-    # Kahan's dependent chain made the float32 step 2.3x slower on 5000 x 4096); squares
-    # of float32 values are exact in float64, and a chunk sums at most CHUNK of them
+    # compensation (plain sums put float64 Adafactor's error above torch's in test_parity).
+    # Else squares of float32 values are exact in float64, and a chunk sums at most CHUNK
+    # of them: MASK bit 8 (the total alone) sums them in float64 lanes (see _lanes; as a
+    # chain the adds' latency bounded the pass), else in two chains (measured: a loop
+    # storing the squares twice, to the rows and to scratch, ran slower than the chains)
     def vector(p, g, a, b, c, mat, r0, r1, ROWS, roff, h0, h1, h2, h3, h4, h5, h6, h7, h8,
                h9, h10, h11):
         tot = tc = col = cc = np.float64(0)
         pr, gr = p[r0:r1], g[r0:r1]
+        xs = np.empty(r1 - r0 if REDUCE and MASK & 8 and not EXACT else 0, np.float64)
         for j in range(r1 - r0):
             pv = load(pr[j])
             gv = load(gr[j])
@@ -73,25 +76,33 @@ def _vector_template(MASK, EXACT):
                 x64, y64 = np.float64(x), np.float64(y)
                 if EXACT:
                     tot, tc = _kahan(tot, tc, x64)
-                    col, cc = _kahan(col, cc, y64)
+                elif MASK & 8:
+                    xs[j] = x64 * x64
                 else:
                     tot += x64 * x64
-                    col += y64 * y64
-                ROWS[roff + r0 + j] = y64 * y64
+                if not MASK & 8:
+                    if EXACT:
+                        col, cc = _kahan(col, cc, y64)
+                    else:
+                        col += y64 * y64
+                    ROWS[roff + r0 + j] = y64 * y64
             else:
                 pr[j] = store(x)
+        if REDUCE and MASK & 8 and not EXACT:
+            tot = _lanes(xs)
         return tot - tc, col - cc
     return vector
 
 
-def _matrix_template(KEY, MASK, DT, SDT):
+def _matrix_template(KEY, MASK, DT, SDT, EXACT):
     # Each tensor viewed as matrices (leading dims folded): F[t] = (columns, rows per
     # matrix, numel); a chunk is rows RS..RE of one matrix.  Slot a is read per row, b per
     # column of the matrix, c once per matrix (read-only: small vectors, never stored).
     # REDUCE: sums of squares instead of stores, in float64 -- the rule's first output per
     # chunk (TOT), its second per row (ROWS, at the tensor's row offset ROFF) and per
     # column (this chunk's partials in CPART from COFF, their compensations in its second
-    # half; the caller adds them up)
+    # half, kept for float64 params only; the caller adds them up).  MASK bit 8: the
+    # caller needs TOT alone (the second output's sums are skipped)
     def kernel(P, G, S0, S1, S2, C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS, CPART):
         if KEY == 0:
             return
@@ -147,14 +158,19 @@ def _matrix_template(KEY, MASK, DT, SDT):
                     if REDUCE:
                         x64, y64 = np.float64(x), np.float64(y)
                         xs[j] = x64 * x64
-                        ys[j] = y64 * y64
-                        cs[j], cc[j] = _kahan(cs[j], cc[j], y64)  # per column: no chain
+                        if not MASK & 8:
+                            ys[j] = y64 * y64
+                            if EXACT:  # (float64 params: per column, so no chain)
+                                cs[j], cc[j] = _kahan(cs[j], cc[j], y64)
+                            else:  # squares of float32 values: exact in float64
+                                cs[j] += ys[j]
                     else:
                         pr[j] = store(x)
                 if REDUCE:
                     # a row's sums in float64 lanes (see _lanes), the chunk's total over
                     # rows with Kahan's compensation
-                    ROWS[ROFF[t] + row] = _lanes(ys)
+                    if not MASK & 8:
+                        ROWS[ROFF[t] + row] = _lanes(ys)
                     tot, tc = _kahan_add(tot, tc, _lanes(xs))
             TOT[ci] = tot - tc
     return kernel
@@ -175,7 +191,7 @@ def run_matrix(rule, flags, dtypes, mask, P, G, S, C, TID, RS, RE, F, ROFF, COFF
         sdt, sload, _ = _IO[dtypes[1]]
         key = int(hashlib.sha256(repr((_SOURCE_HASH, k, _PARALLEL[0])).encode())
                   .hexdigest()[:15], 16) | 1
-        proto = _matrix_template(key, mask, dt, sdt)
+        proto = _matrix_template(key, mask, dt, sdt, dtypes[0] == "float64")
         kgl = dict(globals(), rule=gl[rule], load=load, store=store, sload=sload,
                    **{f: dict(flags)[f] for f in ("REDUCE", "SCALE_GRAD", "WRITE_GRAD")})
         vec = _vector_template(mask, dtypes[0] == "float64")

@@ -80,14 +80,15 @@ def _matrix_kernel(P, G, S0, S1, S2, C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS, C
             x, y, _b, _c = rule(p, g, a, b, c, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11)
             if REDUCE:
                 x = tl.where(mask, x, 0)
-                y = tl.where(mask, y, 0)
                 acc += x * x
-                racc += tl.sum(y * y, 1)
-                old = tl.load(CPART + co + cols, mask=cmask, other=0)
-                tl.store(CPART + co + cols, old + tl.sum(y * y, 0), mask=cmask)
+                if not MASK & 8:  # (bit 8: the caller needs TOT alone)
+                    y = tl.where(mask, y, 0)
+                    racc += tl.sum(y * y, 1)
+                    old = tl.load(CPART + co + cols, mask=cmask, other=0)
+                    tl.store(CPART + co + cols, old + tl.sum(y * y, 0), mask=cmask)
             else:
                 tl.store(pp + offs, _narrow(x, KIND), mask=mask)
-        if REDUCE:
+        if REDUCE and not MASK & 8:
             tl.store(ROWS + ro + rows, racc, mask=rmask)
     if REDUCE:
         tl.store(TOT + pid, tl.sum(tl.sum(acc, 1), 0))

@@ -152,7 +152,7 @@ MATRIX_AOT = """
 from fusedopt.kernels import rules, triton_matrix as tm
 n = 0
 for arch in (80, 90):
-    for extra, mask in (({}, 7), (dict(REDUCE=True), 0), (dict(REDUCE=True, SECOND=True), 7),
+    for extra, mask in (({}, 7), (dict(REDUCE=True), 0), (dict(REDUCE=True, SECOND=True), 15),
                         (dict(SCALE_GRAD=True, WRITE_GRAD=True, WEIGHT_DECAY=True,
                               MAXIMIZE=True, L1=True), 7)):
         flags = dict(dict.fromkeys(rules.FLAGS, False), DECOUPLED=True, **extra)
