@@ -124,9 +124,12 @@ CAPTURABLE = [n for n in NAMES if "capturable" in inspect.signature(getattr(fuse
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_capturable_parity(name, dtype):
     """capturable=True (step counters and coefficients stay tensors) meets the parity
-    criteria against torch.optim's for-loop and float64, both engines."""
+    criteria against torch.optim's for-loop and float64: both engines in float32, Numba
+    in bfloat16 (the coefficients are the same tensors whatever the param dtype; each
+    Triton-interpreter run costs CI ~5 s)."""
     cls = functools.partial(getattr(fusedopt, name), capturable=True)
-    result = parity.check(name, {}, dtype, backends=parity.BACKENDS, cls=cls)
+    backends = parity.BACKENDS if dtype == torch.float32 else ["numba"]
+    result = parity.check(name, {}, dtype, backends=backends, cls=cls)
     assert result["ok"], result["failures"]
 
 
