@@ -308,3 +308,52 @@ def test_torch_compile_equals_eager(name):
     assert runs[0][1][0]["exp_avg" if name == "AdamW" else "square_avg"].dtype == torch.uint8
     _assert_equal_runs(*runs)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def _probe_values(qmap):
+    """Per block of 256: 1 (so that absmax is 1, and y = |x|), then values that name every
+    code: each map value, and each midpoint between neighbours moved 0.1 % down and up
+    (the neighbours are >= 0.7 % apart: every value lies clearly on one side); zeros pad
+    to quant.MIN_NUMEL."""
+    q = qmap.double()
+    mids = (q[:-1] + q[1:]) / 2
+    vals = torch.cat([q, mids * 0.999, mids * 1.001]).float()
+    blocks = vals.split(255)
+    out = torch.zeros(max(len(blocks), quant.MIN_NUMEL // 256), 256)
+    out[:, 0] = 1
+    for i, b in enumerate(blocks):
+        out[i, 1:1 + len(b)] = b
+    return out.reshape(-1)
+
+
+@pytest.mark.parametrize("backend", ["numba", "triton"])
+def test_every_code_and_boundary_of_both_maps(backend):
+    """The engines' computed code (no search: compares, selects, one fma) against the
+    nearest map value (quant.quantize, float64) for values naming every code of both
+    maps and lying on both sides of every midpoint: equal everywhere.  The signed map
+    through SGD's momentum buffer (its first step stores the grad itself), the unsigned
+    one through Adagrad's sum (0 + g * g: one float32 rounding, quantized here as stored)."""
+    for signed, make, name in ((True, lambda ps: fusedopt.SGD(ps, lr=0.1, momentum=0.9,
+                                                               state_dtype=torch.uint8,
+                                                               backend=backend),
+                                "momentum_buffer"),
+                               (False, lambda ps: fusedopt.Adagrad(ps, lr=0.1,
+                                                                   state_dtype=torch.uint8,
+                                                                   backend=backend), "sum")):
+        qmap = quant.dynamic_map(signed)
+        want = _probe_values(qmap)
+        p = torch.nn.Parameter(torch.zeros_like(want))
+        opt = make([p])
+        # the unsigned map's values arrive as squares: g = sqrt(v), and the stored value is
+        # g * g rounded to float32 (within an ulp of v, far inside the 0.1 % margins)
+        p.grad = want.clone() if signed else want.sqrt()
+        stored = p.grad if signed else p.grad * p.grad
+        opt.step()
+        codes = opt.state[p][name]
+        assert codes.dtype == torch.uint8
+        ref, absmax = quant.quantize(stored, qmap)
+        assert torch.equal(opt.state[p][name + quant.ABSMAX], absmax)
+        bad = (codes != ref).nonzero().flatten()
+        assert len(bad) == 0, (signed, bad[:5].tolist(), stored[bad[:5]].tolist(),
+                               codes[bad[:5]].tolist(), ref[bad[:5]].tolist())
+        assert set(codes.tolist()) == set(range(256)) if signed else len(set(codes.tolist())) == 256
