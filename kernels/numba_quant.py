@@ -57,9 +57,9 @@ def requantize(f, codes, m, T, signed):
         mx = max(mx, _f32_bits(f[j]) & np.uint32(0x7FFFFFFF))
     absmax = _bits_f32(mx)
     # y = |x| / absmax as a product: one division per block.  A subnormal absmax (moments of
-    # vanishing grads) has no finite float32 reciprocal: such blocks are scaled by 2^64
-    # first, which is exact for x and absmax alike
-    sc = np.float32(2.0 ** 64) if absmax < np.float32(2.0 ** -64) else np.float32(1)
+    # vanishing grads) has no finite float32 reciprocal: such blocks are scaled by
+    # 1 / qmap.TINY first, which is exact for x and absmax alike
+    sc = np.float32(1 / qmap.TINY) if absmax < np.float32(qmap.TINY) else np.float32(1)
     inv = np.float32(1) / (absmax * sc)
     low = q7(T, qmap.LOW)  # (one per line: numba's array analysis fails on unpacking tuples)
     ps = q7(T, qmap.P)

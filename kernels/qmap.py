@@ -1,6 +1,7 @@
 """The layout of a row of ``fusedopt.quant.engine_table()``, the 8-bit map as both engines
-read it: defined once here, for quant.py (which fills the table), numba_quant and
-triton_quant (which read it).  Columns 0-255 hold the map's 256 values."""
+read it, and the constants of the code's formula: defined once here, for quant.py (which
+fills the table), numba_quant and triton_quant (which read it).  Columns 0-255 hold the
+map's 256 values."""
 QBLOCK = 256  # elements per absmax
 LOW = 256  # 7 columns: LOW + i is the lowest y that decade i (10^(i-6) ... ) takes
 P = 263  # 7 columns: P + i is 10^(6-i) / 0.9, decade i's scale
@@ -9,3 +10,6 @@ NINTH = 277  # 1 / 9 (0.1 / 0.9: where a decade starts, in its own scale)
 TOP_MID = 278  # the midpoint between the map's largest value below 1 and 1
 TOP_K = 279  # the code of 1, counted from the code of 0
 TABLE = 280  # columns in a row
+# a block whose absmax is under TINY is scaled by 1 / TINY (exactly) before the reciprocal
+# of its absmax is taken: a subnormal absmax has no finite float32 reciprocal
+TINY = 2.0 ** -64

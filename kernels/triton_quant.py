@@ -13,9 +13,10 @@ from . import qmap
 
 QBLOCK = tl.constexpr(qmap.QBLOCK)  # elements per absmax
 QTABLE = tl.constexpr(qmap.TABLE)  # columns of a row of quant.engine_table()
-# where the map's structure lies in a row (kernels/qmap.py), as constexprs for the kernel
+# where the map's structure lies in a row, and TINY (kernels/qmap.py), as constexprs for
+# the kernel
 QCOLS = {n: tl.constexpr(getattr(qmap, n)) for n in ("LOW", "P", "PARTS", "NINTH", "TOP_MID",
-                                                     "TOP_K")}
+                                                     "TOP_K", "TINY")}
 
 
 @triton.jit
@@ -42,9 +43,9 @@ def _qstore(cp, xp, offs, end, x, T, SIGNED: tl.constexpr, BLOCK: tl.constexpr,
     first = tl.min(tl.reshape(offs, [BLOCK // QBLOCK, QBLOCK]), 1)  # each block's start
     tl.store(xp + first // QBLOCK, amax.to(tl.float32, bitcast=True), mask=first < end)
     # y = |x| / absmax as numba_quant computes it: a block of subnormal absmax is scaled by
-    # 2^64 (exactly) before its one division
+    # 1 / TINY (exactly) before its one division
     amf = amax.to(tl.float32, bitcast=True)
-    sc = tl.where(amf < 5.421010862427522e-20, 1.8446744073709552e19, 1.0)  # 2^-64, 2^64
+    sc = tl.where(amf < TINY, 1.0 / TINY, 1.0)
     inv = tl.div_rn(1.0, amf * sc)
     y = tl.abs(x) * _per_block(sc, BLOCK) * _per_block(inv, BLOCK)
     pr = tl.load(T + P)
