@@ -81,19 +81,21 @@ class Tables:
             # the kernel writes every entry of these (no zeros needed).  The rows' sums (one
             # per element of a 1-D param: 8 bytes each) reuse one buffer: a fresh one per
             # call cost a page fault per 4 KiB, more than the pass itself on 1-D params
-            rows = np.empty(0)
-            if reduce and not mask & 8:  # (bit 8: no row or column sums wanted)
+            rows, part = np.empty(0), np.empty(0)
+            sums = reduce and not mask & 8  # (bit 8: no row or column sums wanted)
+            if sums:
                 if getattr(self, "_rows", None) is None:
                     self._rows = np.empty(self.nrows)
                 rows = self._rows
-            tot, part = np.empty(nchunk), np.empty(2 * len(self.cidx) if reduce else 0)
+                part = np.empty((2 if f64 else 1) * len(self.cidx))  # (float64: compensations)
+            tot = np.empty(nchunk)
             numba_matrix.run_matrix(rule, flags, dtypes, mask, P, G, S, C, self.tid, self.rs,
                                     self.re, self.F, self.roff, self.coff, tot, rows, part)
             if not reduce:
                 return None
             per = np.bincount(self.tid, tot, len(self.F))
-            half = len(self.cidx)
-            cols = np.bincount(self.cidx, part[:half] - part[half:], self.ncolsum + 1)[:-1]
+            cols = numba_matrix.column_sums(part, self.cidx, self.ncolsum + 1, f64)[:-1] \
+                if sums else np.zeros(self.ncolsum)
             return tuple(torch.from_numpy(a) for a in (per, rows, cols))
         from .kernels import triton_matrix
         d = self.dev

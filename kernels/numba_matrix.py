@@ -12,6 +12,8 @@ from numba import prange
 from . import numba_ops, rules
 from .numba_engine import _IO, _PARALLEL, _SOURCE_HASH, _kernels, _voidptr, JIT
 
+TILE = 256  # columns of a row taken at once (see _matrix_template)
+
 
 @numba.njit(inline="always", **JIT)
 def _kahan(s, c, x):
@@ -45,18 +47,31 @@ def _lanes(v):
     return acc
 
 
+@numba.njit(cache=True, **JIT)
+def column_sums(part, cidx, n, exact):
+    """The matrices' column sums from the chunks' partials (matrix kernel, CPART): added in
+    chunk order (deterministic), less their compensations where ``exact``; entry i goes to
+    column cidx[i] of n (the last: dropped entries)."""
+    out = np.zeros(n)
+    half = cidx.shape[0]
+    for i in range(half):
+        out[cidx[i]] += (part[i] - part[half + i]) if exact else part[i]
+    return out
+
+
 def _vector_template(MASK, EXACT):
     # the matrix kernel's path for one-column tensors (1-D params): rows RS..RE are single
     # elements, so the per-row work of the general path (slices, a row's lane sum) would
-    # cost more than the element.  EXACT (float64 params): the two sums keep Kahan's
-    # compensation (plain sums put float64 Adafactor's error above torch's in test_parity).
+    # cost more than the element.  A 1-D tensor has no column sums (its rows are its
+    # elements: ROWS).  EXACT (float64 params): the total keeps Kahan's compensation
+    # (plain sums put float64 Adafactor's error above torch's in test_parity).
     # Else squares of float32 values are exact in float64, and a chunk sums at most CHUNK
     # of them: MASK bit 8 (the total alone) sums them in float64 lanes (see _lanes; as a
     # chain the adds' latency bounded the pass), else in two chains (measured: a loop
     # storing the squares twice, to the rows and to scratch, ran slower than the chains)
     def vector(p, g, a, b, c, mat, r0, r1, ROWS, roff, h0, h1, h2, h3, h4, h5, h6, h7, h8,
                h9, h10, h11):
-        tot = tc = col = cc = np.float64(0)
+        tot = tc = np.float64(0)
         pr, gr = p[r0:r1], g[r0:r1]
         xs = np.empty(r1 - r0 if REDUCE and MASK & 8 and not EXACT else 0, np.float64)
         for j in range(r1 - r0):
@@ -81,16 +96,12 @@ def _vector_template(MASK, EXACT):
                 else:
                     tot += x64 * x64
                 if not MASK & 8:
-                    if EXACT:
-                        col, cc = _kahan(col, cc, y64)
-                    else:
-                        col += y64 * y64
                     ROWS[roff + r0 + j] = y64 * y64
             else:
                 pr[j] = store(x)
         if REDUCE and MASK & 8 and not EXACT:
             tot = _lanes(xs)
-        return tot - tc, col - cc
+        return tot - tc
     return vector
 
 
@@ -100,9 +111,9 @@ def _matrix_template(KEY, MASK, DT, SDT, EXACT):
     # column of the matrix, c once per matrix (read-only: small vectors, never stored).
     # REDUCE: sums of squares instead of stores, in float64 -- the rule's first output per
     # chunk (TOT), its second per row (ROWS, at the tensor's row offset ROFF) and per
-    # column (this chunk's partials in CPART from COFF, their compensations in its second
-    # half, kept for float64 params only; the caller adds them up).  MASK bit 8: the
-    # caller needs TOT alone (the second output's sums are skipped)
+    # column (this chunk's partials in CPART from COFF; for float64 params their Kahan
+    # compensations in its second half; the caller adds them up).  MASK bit 8: the
+    # caller needs TOT alone (no second output's sums, and CPART is empty)
     def kernel(P, G, S0, S1, S2, C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS, CPART):
         if KEY == 0:
             return
@@ -122,56 +133,64 @@ def _matrix_template(KEY, MASK, DT, SDT, EXACT):
             cp = COFF[ci]
             tot = np.float64(0)
             tc = np.float64(0)  # Kahan: a long float64 sum of float64 squares stays exact
-            half = CPART.shape[0] // 2  # column sums, then their Kahan compensations
-            if REDUCE:
+            half = CPART.shape[0] // 2 if EXACT else 0  # the compensations' place
+            if REDUCE and not MASK & 8:
                 CPART[cp:cp + ncol] = 0
-                CPART[half + cp:half + cp + ncol] = 0
+                if EXACT:
+                    CPART[half + cp:half + cp + ncol] = 0
             if ncol == 1:  # a vector: one element per row, no per-row loop (see _vector)
-                tot, col = _vector(p, g, a, b, c, mat, RS[ci], RE[ci], ROWS, ROFF[t], h0, h1, h2,
-                                   h3, h4, h5, h6, h7, h8, h9, h10, h11)
-                if REDUCE:
-                    CPART[cp], CPART[half + cp] = col, 0
-                TOT[ci] = tot
+                TOT[ci] = _vector(p, g, a, b, c, mat, RS[ci], RE[ci], ROWS, ROFF[t], h0, h1, h2,
+                                  h3, h4, h5, h6, h7, h8, h9, h10, h11)
                 continue
-            xs = np.empty(ncol if REDUCE else 0, np.float64)  # a row's squares
-            ys = np.empty(ncol if REDUCE else 0, np.float64)
-            cs, cc = CPART[cp:cp + ncol], CPART[half + cp:half + cp + ncol]
-            bm = b[mat * ncol:(mat + 1) * ncol]
+            # a row is taken in tiles of TILE columns: its squares' scratch (and the tile
+            # of the column sums) then stays in L1 (whole rows of 3072 columns, 24 KiB a
+            # scratch array, ran pass 1 of Adafactor at a third of the speed)
+            xs = np.empty(TILE if REDUCE else 0, np.float64)  # a tile's squares
+            ys = np.empty(TILE if REDUCE else 0, np.float64)
             for row in range(RS[ci], RE[ci]):
-                # slices of the row: LLVM then vectorizes the loop (indexing whole arrays
-                # with base + j, it did not: the kernel ran at ~7 % of the memory roof)
-                pr = p[row * ncol:(row + 1) * ncol]
-                gr = g[row * ncol:(row + 1) * ncol]
-                for j in range(ncol):
-                    pv = load(pr[j])
-                    gv = load(gr[j])
-                    if SCALE_GRAD:  # as the update kernel (rules.FLAGS)
-                        gs = store(gv * h11)
-                        if WRITE_GRAD:
-                            gr[j] = gs
-                        gv = load(gs)
-                    av = sload(a[row]) if MASK & 1 else pv
-                    bv = sload(bm[j]) if MASK & 2 else pv
-                    cv = sload(c[mat]) if MASK & 4 else pv
-                    x, y, _, _ = rule(pv, gv, av, bv, cv, h0, h1, h2, h3, h4, h5, h6, h7, h8,
-                                      h9, h10, h11)
+                rsum = rc = np.float64(0)
+                for j0 in range(0, ncol, TILE):
+                    m = min(TILE, ncol - j0)
+                    # slices: LLVM then vectorizes the loop (indexing whole arrays with
+                    # base + j, it did not: the kernel ran at ~7 % of the memory roof)
+                    pr = p[row * ncol + j0:row * ncol + j0 + m]
+                    gr = g[row * ncol + j0:row * ncol + j0 + m]
+                    bt = b[mat * ncol + j0:mat * ncol + j0 + m]
+                    cs = CPART[cp + j0:cp + j0 + m]
+                    cc = CPART[half + cp + j0:half + cp + j0 + m]
+                    for j in range(m):
+                        pv = load(pr[j])
+                        gv = load(gr[j])
+                        if SCALE_GRAD:  # as the update kernel (rules.FLAGS)
+                            gs = store(gv * h11)
+                            if WRITE_GRAD:
+                                gr[j] = gs
+                            gv = load(gs)
+                        av = sload(a[row]) if MASK & 1 else pv
+                        bv = sload(bt[j]) if MASK & 2 else pv
+                        cv = sload(c[mat]) if MASK & 4 else pv
+                        x, y, _, _ = rule(pv, gv, av, bv, cv, h0, h1, h2, h3, h4, h5, h6, h7,
+                                          h8, h9, h10, h11)
+                        if REDUCE:
+                            x64, y64 = np.float64(x), np.float64(y)
+                            xs[j] = x64 * x64
+                            if not MASK & 8:
+                                y2 = y64 * y64
+                                ys[j] = y2
+                                if EXACT:  # (float64 params: per column, so no chain)
+                                    cs[j], cc[j] = _kahan(cs[j], cc[j], y64)
+                                else:  # squares of float32 values: exact in float64
+                                    cs[j] += y2
+                        else:
+                            pr[j] = store(x)
                     if REDUCE:
-                        x64, y64 = np.float64(x), np.float64(y)
-                        xs[j] = x64 * x64
+                        # a tile's sums in float64 lanes (see _lanes), added up over the
+                        # row's tiles and the chunk's rows with Kahan's compensation
                         if not MASK & 8:
-                            ys[j] = y64 * y64
-                            if EXACT:  # (float64 params: per column, so no chain)
-                                cs[j], cc[j] = _kahan(cs[j], cc[j], y64)
-                            else:  # squares of float32 values: exact in float64
-                                cs[j] += ys[j]
-                    else:
-                        pr[j] = store(x)
-                if REDUCE:
-                    # a row's sums in float64 lanes (see _lanes), the chunk's total over
-                    # rows with Kahan's compensation
-                    if not MASK & 8:
-                        ROWS[ROFF[t] + row] = _lanes(ys)
-                    tot, tc = _kahan_add(tot, tc, _lanes(xs))
+                            rsum, rc = _kahan_add(rsum, rc, _lanes(ys[:m]))
+                        tot, tc = _kahan_add(tot, tc, _lanes(xs[:m]))
+                if REDUCE and not MASK & 8:
+                    ROWS[ROFF[t] + row] = rsum - rc
             TOT[ci] = tot - tc
     return kernel
 
