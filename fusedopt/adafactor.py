@@ -7,30 +7,17 @@ order and dtype, so that the factors come out as torch's wherever the sums agree
 would buy nothing on vectors this small).  A 1-D param is n rows of one column: its
 row "sums" are g**2 and its variance is its row factor (column factor and mean: 1).
 """
-import numpy as np
 import torch
 
 from .bucket import scalar_dtype
-from .matrix import Tables, as_views
+from .matrix import Factored, exact_sqrt
 from .optimizer import FusedOptimizer, signature_with
 
-_UNSUPPORTED = ("master_weights", "stochastic_rounding", "state_dtype")
 
-
-def _sqrt(t):
-    # correctly rounded (numpy's IEEE sqrt): torch's CPU sqrt is not on every machine
-    return torch.as_tensor(np.sqrt(t.numpy())) if t.device.type == "cpu" else t.sqrt()
-
-
-class Adafactor(FusedOptimizer, torch.optim.Adafactor):
+class Adafactor(Factored, FusedOptimizer, torch.optim.Adafactor):
     _rule = "adafactor"
     _sparse_error = "Adafactor does not support sparse gradients"
-
-    def __init__(self, *args, **kwargs):
-        for k in _UNSUPPORTED:
-            if kwargs.get(k):
-                raise ValueError(f"fusedopt.Adafactor does not support {k}")
-        super().__init__(*args, **kwargs)
+    _refuses = ("master_weights", "stochastic_rounding", "state_dtype")
 
     def _slots(self, group):
         return (None, None, None)  # the factors are not param-shaped: gathered per step
@@ -51,35 +38,13 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
         else:
             state["variance"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
 
-    def _unfit_state(self, group, p, st):
-        # factors missing, or of another param's shape (p.data = ... of another size):
-        # torch's for-loop raises its AssertionError or RuntimeError, param by param
-        for k in (("row_var", "col_var") if p.dim() > 1 else ("variance",)) if st else ():
-            v = st.get(k)
-            if not torch.is_tensor(v) or v.shape != self._state_shape(k, p) or v.device != p.device:
-                return f"state {k!r} that does not fit the param"
-        return None
-
-    def _state_shape(self, name, p):
-        s = list(p.shape)
-        if name in ("row_var", "col_var"):
-            s[-1 if name == "row_var" else -2] = 1
-        return torch.Size(s)
-
     def _run(self, bucket, group, gptr, amp):
-        ps, dt = bucket.params, bucket.params[0].dtype
+        dt = bucket.params[0].dtype
         if dt.is_complex:
             raise RuntimeError("Adafactor does not support complex parameters")
         if 0 in bucket.numel:  # torch: a norm of 0 / sqrt(0)
             raise ZeroDivisionError("float division by zero")
-        shapes = tuple(p.shape for p in ps)
-        if getattr(bucket, "shapes", None) != shapes:  # cached with the plan, for its shapes
-            bucket.shapes, bucket.tables = shapes, Tables(shapes, bucket.backend, bucket.device)
-            bucket.factors = None
-        tab, dev = bucket.tables, bucket.device
-        if bucket.factors is None:
-            bucket.factors = self._rehome(group, bucket)
-        (rows, cols), x = bucket.factors, tab.on(dev)
+        tab, (rows, cols) = self._factors(group, bucket)
         lr, (eps1, eps2), d = group["lr"], group["eps"], group["d"]
         if torch.is_tensor(lr):  # torch reads it as a Python float; here no host sync
             lr = lr.to(torch.float64)
@@ -88,81 +53,44 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
         for _, p, w in bucket.work:
             w.copy_(p)
         step = bucket.step_value(False)
-        wd, l1 = 1 - lr * group["weight_decay"], group["l1"]
         # the gradient's factor (GradScaler's 1 / scale, max_grad_norm's clipping) in every
         # pass, the scaled gradient written back by the last (under GradScaler)
         inv, _, scaled = amp
         if inv is not None:
-            inv = float(inv) if inv.device.type == "cpu" else inv.to(dev)
+            inv = float(inv) if inv.device.type == "cpu" else inv.to(bucket.device)
         flags = dict(self._all_flags(group, SCALE_GRAD=inv is not None), REDUCE=True)
         h = (0.0,) * 6 + (inv,) if inv is not None else ()
+        run = lambda fl, mask, vecs, co: tab.run(bucket, self._rule, fl, mask, gptr, vecs,  # noqa: E731
+                                                 (*co, *h))
         one = rows.new_ones(1)
-        # pass 1: |p|**2 (alpha), g**2 per row and column
-        psq, rsum, csum = self._call(bucket, tab, flags, 0, gptr, (rows, cols, one, one),
-                                     (wd, l1, 0.0, 0.0, 0.0, *h))
-        op = torch.float64 if dt == torch.float64 else torch.float32
+        # pass 1: |p|**2 (alpha), g**2 per row and column; the factors' lerp (per param
+        # where the step counters differ), and per matrix the mean of its row factor
+        co = (1 - lr * group["weight_decay"], group["l1"])
+        psq, rsum, csum = run(flags, 0, (rows, cols, one, one), (*co, 0.0, 0.0, 0.0))
         w = step ** group["beta2_decay"]
-        weight = (lambda idx: w) if not torch.is_tensor(w) else \
-            (lambda idx: w.to(dev, dt)[idx])  # per param where the counters differ
-        # torch: norm(g, dim).square_().div_(size): rounded in the param's dtype at each op
-        F = x["F"]
-        if "frows" not in x:  # the rows of factored tensors (the others: one element each)
-            x["frows"] = torch.nonzero(x["factored"][x["row_tensor"]]).reshape(-1)
-        fr = x["frows"]
-        mean = rsum.to(dt)  # a vector's variance: g**2 itself
-        if len(fr):  # only there: the formula over the (few) rows of the matrices
-            ncol = F[x["row_tensor"][fr], 0].to(op)
-            mean[fr] = ((_sqrt(rsum[fr]).to(dt) ** 2).to(op) / ncol).to(dt)
-        rows.lerp_(mean, weight(x["row_tensor"]))
+        x = tab.on(bucket.device)
+        weight = (lambda k: w) if not torch.is_tensor(w) else (lambda k: w.to(rows)[x[k]])
+        rmean, cmean = tab.factor_means(rsum, csum, dt)
+        rows.lerp_(rmean, weight("row_tensor"))
+        means = one
         if len(x["col_tensor"]):
-            nrow = F[x["col_tensor"], 1].to(op)
-            cols.lerp_(((_sqrt(csum).to(dt) ** 2).to(op) / nrow).to(dt), weight(x["col_tensor"]))
-            # torch: row_var.mean(dim=-2).clamp_(min=eps1): torch's mean (its summation
-            # order), over the matrices of each row count at once
-            means = tab.row_means(rows, x).clamp(min=eps1)
-        else:
-            means = one
-        # pass 2: |update|**2 (denom); pass 3: the update
-        vecs, co = (rows, cols, means, one), (wd, l1, eps1 * eps1, 1.0)
-        usq = self._call(bucket, tab, dict(flags, SECOND=True), 7 | 8, gptr, vecs,  # 8: a total
-                         (*co, 0.0, *h))[0]
+            cols.lerp_(cmean, weight("col_tensor"))
+            means = tab.row_means(rows, x).clamp(min=eps1)  # torch's mean, clamped
+        # pass 2: |update|**2 (denom; mask 8: the total alone); pass 3: the update
+        vecs, co = (rows, cols, means, one), (*co, eps1 * eps1, 1.0)
+        usq = run(dict(flags, SECOND=True), 7 | 8, vecs, (*co, 0.0))[0]
         # torch's Python floats: max(eps2, |p| / sqrt(n)) * min(lr, 1 / sqrt(step)) and
         # max(1, |update| / (sqrt(n) * d)), the norms rounded to the param's dtype
-        n = _sqrt(torch.as_tensor(bucket.numel, dtype=torch.float64)).to(usq.device)
-        rho = torch.minimum(1 / _sqrt(torch.as_tensor(step, dtype=torch.float64)),
-                            torch.as_tensor(lr, dtype=torch.float64))
-        alpha = _sqrt(psq).to(dt).double() / n
-        alpha = torch.where(alpha > eps2, alpha, eps2) * rho.to(usq.device)
-        denom = _sqrt(usq).to(dt).double() / (n * d)
+        f64 = lambda v: torch.as_tensor(v, dtype=torch.float64)  # noqa: E731
+        n = exact_sqrt(f64(bucket.numel)).to(usq.device)
+        rho = torch.minimum(1 / exact_sqrt(f64(step)), f64(lr)).to(usq.device)
+        alpha = exact_sqrt(psq).to(dt).double() / n
+        alpha = torch.where(alpha > eps2, alpha, eps2) * rho
+        denom = exact_sqrt(usq).to(dt).double() / (n * d)
         denom = torch.where(denom > 1.0, denom, 1.0)
-        self._call(bucket, tab, dict(flags, REDUCE=False, WRITE_GRAD=scaled), 7, gptr, vecs,
-                   (*co, -alpha / denom, *h))
+        run(dict(flags, REDUCE=False, WRITE_GRAD=scaled), 7, vecs, (*co, -alpha / denom))
         for _, p, w in bucket.work:
             p.copy_(w)
-
-    def _rehome(self, group, bucket):
-        """The factors (row_var or variance, col_var) of the bucket's params as views of
-        two buffers, kept with the plan: one op per step updates them all (as the step
-        counters, bucket.py).  A state entry replaced later rebuilds the plan, and this."""
-        states, dev = [self.state[p] for p in bucket.params], bucket.device
-        rk = ["row_var" if "row_var" in s else "variance" for s in states]
-        vs = [[(s, k, s.get(k)) for s, k in zip(states, rk)],
-              [(s, "col_var", s.get("col_var")) for s in states if "col_var" in s]]
-        for (s, k, v), p in zip(vs[0], bucket.params):  # torch's errors: a missing factor,
-            c = s.get("col_var")  # then its lerp_ on the wrong shape
-            if (k == "row_var") != (p.dim() > 1) or v is None:
-                raise AssertionError("row_var and col_var should be defined when grad is "
-                                     "multidimensional" if p.dim() > 1 else
-                                     "variance should be defined when grad is a vector")
-            if v.shape != self._state_shape(k, p) or \
-                    (c is not None and c.shape != self._state_shape("col_var", p)):
-                raise RuntimeError(f"state {k!r} of shape {tuple(v.shape)} does not fit a "
-                                   f"param of shape {tuple(p.shape)}")
-        one = torch.ones(1, dtype=bucket.params[0].dtype, device=dev)
-        return [as_views(self, group, col, one) for col in vs]
-
-    def _call(self, bucket, tab, flags, mask, gptr, vecs, coeffs):
-        return tab.run(bucket, self._rule, flags, mask, gptr, vecs, coeffs)
 
 
 Adafactor.__signature__ = signature_with(torch.optim.Adafactor)

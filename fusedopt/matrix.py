@@ -7,13 +7,19 @@ summing squares of the rule's outputs per tensor, per row and per column.
 ``Tables`` holds, per bucket and set of shapes, the views and the chunk table (a chunk is
 up to CHUNK elements of whole rows of one matrix, so that a chunk owns its rows' sums;
 its column sums are partials, added up here).  ``reduce`` and ``apply`` make one engine
-call each.
+call each.  ``Factored`` is what an optimizer with a factored second moment shares.
 """
 import numpy as np
 import torch
 
 from . import host
 from .bucket import _numba, _triton, on_device
+
+
+def exact_sqrt(t):
+    """Correctly rounded sqrt (numpy's IEEE one on the CPU): torch's CPU sqrt is not, on
+    every machine."""
+    return torch.as_tensor(np.sqrt(t.numpy())) if t.device.type == "cpu" else t.sqrt()
 
 
 class Tables:
@@ -139,6 +145,21 @@ class Tables:
             self._on = x
         return self._on
 
+    def factor_means(self, rsum, csum, dt):
+        """torch's ``norm(g, dim=-1 or -2).square_().div_(size)`` from the float64 sums of
+        squares per row (of factored tensors) and column, rounded in the param's dtype
+        ``dt`` at each op as torch's are; a 1-D tensor's rows are its g**2 (rounded)."""
+        x, op = self.on(self.device), torch.float64 if dt == torch.float64 else torch.float32
+        if "frows" not in x:  # the rows of factored tensors (the others: one element each)
+            x["frows"] = torch.nonzero(x["factored"][x["row_tensor"]]).reshape(-1)
+        fr, F = x["frows"], x["F"]
+        rmean = rsum.to(dt)
+        if len(fr):  # only there: the formula over the (few) rows of the matrices
+            rmean[fr] = ((exact_sqrt(rsum[fr]).to(dt) ** 2).to(op)
+                         / F[x["row_tensor"][fr], 0].to(op)).to(dt)
+        cmean = ((exact_sqrt(csum).to(dt) ** 2).to(op) / F[x["col_tensor"], 1].to(op)).to(dt)
+        return rmean, cmean
+
     def row_means(self, rows, x):
         """Per factored matrix: torch's mean of its rows' values in ``rows`` (one value
         per row of every tensor), the matrices of one row count in one op."""
@@ -188,3 +209,61 @@ def as_views(opt, group, entries, empty):
         plan.pfacts, _, plan.wfacts = host.read([group["params"][i] for i in plan.take],
                                                 plan.watched, plan.local)
     return buf
+
+
+class Factored:
+    """Mixin (before FusedOptimizer) for a second moment kept as factors, torch's
+    Adafactor's state: a row factor ``row_var`` and a column factor ``col_var`` (the last
+    dim, then the one before, reduced to 1) for a param of 2 or more dims, one value per
+    element (``variance``) for a 1-D one.  Their shapes and checks, and per bucket the
+    matrix tables of its shapes and the factors as views of two buffers."""
+
+    def _factor_names(self, p):
+        return ("row_var", "col_var") if p.dim() > 1 else ("variance",)
+
+    def _state_shape(self, name, p):
+        s = list(p.shape)
+        if name in ("row_var", "col_var"):
+            s[-1 if name == "row_var" else -2] = 1
+        return torch.Size(s)
+
+    def _unfit_state(self, group, p, st):
+        # factors missing, or of another param's shape (p.data = ... of another size):
+        # torch's for-loop raises its AssertionError or RuntimeError, param by param
+        for k in self._factor_names(p) if st else ():
+            v = st.get(k)
+            if not torch.is_tensor(v) or v.shape != self._state_shape(k, p) or v.device != p.device:
+                return f"state {k!r} that does not fit the param"
+        return None
+
+    def _factors(self, group, bucket):
+        """(Tables, (row factors, column factors)) of the bucket, cached with its plan:
+        made again when its shapes change (the tables) or its plan is rebuilt."""
+        shapes = tuple(p.shape for p in bucket.params)
+        if getattr(bucket, "shapes", None) != shapes:
+            bucket.shapes, bucket.tables = shapes, Tables(shapes, bucket.backend, bucket.device)
+            bucket.factors = None
+        if bucket.factors is None:
+            bucket.factors = self._views(group, bucket)
+        return bucket.tables, bucket.factors
+
+    def _views(self, group, bucket):
+        # the factors (row_var or variance, col_var) as views of two buffers, so that one
+        # op per step updates them all (as the step counters, bucket.py).  A state entry
+        # replaced later rebuilds the plan, and these
+        states, dev = [self.state[p] for p in bucket.params], bucket.device
+        rk = ["row_var" if "row_var" in s else "variance" for s in states]
+        vs = [[(s, k, s.get(k)) for s, k in zip(states, rk)],
+              [(s, "col_var", s.get("col_var")) for s in states if "col_var" in s]]
+        for (s, k, v), p in zip(vs[0], bucket.params):  # torch's errors: a missing factor,
+            c = s.get("col_var")  # then its lerp_ on the wrong shape
+            if (k == "row_var") != (p.dim() > 1) or v is None:
+                raise AssertionError("row_var and col_var should be defined when grad is "
+                                     "multidimensional" if p.dim() > 1 else
+                                     "variance should be defined when grad is a vector")
+            if v.shape != self._state_shape(k, p) or \
+                    (c is not None and c.shape != self._state_shape("col_var", p)):
+                raise RuntimeError(f"state {k!r} of shape {tuple(v.shape)} does not fit a "
+                                   f"param of shape {tuple(p.shape)}")
+        one = torch.ones(1, dtype=bucket.params[0].dtype, device=dev)
+        return [as_views(self, group, col, one) for col in vs]

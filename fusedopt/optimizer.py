@@ -64,6 +64,7 @@ class FusedOptimizer:
     # gradients in a pass of its own: the kernel unscales them (see _amp)
     _step_supports_amp_scaling = True
     _has_step = True  # torch keeps state["step"] (all but SGD)
+    _refuses = ()  # of master_weights, state_dtype, stochastic_rounding: those it lacks
 
     def _init_state(self, group, p, state):
         # torch's first entry; the slots are created by the plan (zeros of the state dtype)
@@ -95,6 +96,10 @@ class FusedOptimizer:
             raise NotImplementedError(
                 f"fusedopt.{type(self).__name__} does not implement differentiable=True; "
                 f"use torch.optim.{type(self).__name__} for differentiable optimizer steps")
+        for k, v in (("master_weights", master_weights), ("state_dtype", state_dtype),
+                     ("stochastic_rounding", stochastic_rounding)):
+            if v and k in self._refuses:
+                raise ValueError(f"fusedopt.{type(self).__name__} does not support {k}")
         if backend not in ("auto", "numba", "triton"):
             raise ValueError(f"backend must be 'auto', 'numba' or 'triton', got {backend!r}")
         for name, v in (("l1", l1), ("max_grad_norm", max_grad_norm)):

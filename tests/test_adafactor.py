@@ -118,10 +118,17 @@ def test_state_shapes_and_state_dict_both_ways():
 class _Eps1Unsquared(fusedopt.Adafactor):
     """Mutant: the variance clamped at eps1 instead of eps1**2."""
 
-    def _call(self, bucket, tab, flags, mask, gptr, vecs, coeffs):
-        if len(coeffs) > 2:
-            coeffs = (*coeffs[:2], coeffs[2] ** 0.5, *coeffs[3:])
-        return super()._call(bucket, tab, flags, mask, gptr, vecs, coeffs)
+    def _factors(self, group, bucket):
+        tab, factors = super()._factors(group, bucket)
+
+        class Tables:  # the bucket's tables, their engine calls given sqrt(coefficient 2)
+            def __getattr__(self, name):
+                return getattr(tab, name)
+
+            def run(self, bucket, rule, flags, mask, gptr, vecs, coeffs):
+                coeffs = (*coeffs[:2], coeffs[2] ** 0.5, *coeffs[3:])
+                return tab.run(bucket, rule, flags, mask, gptr, vecs, coeffs)
+        return Tables(), factors
 
 
 class _StepAhead(fusedopt.Adafactor):
