@@ -72,7 +72,9 @@ def _vector_template(MASK, EXACT):
     def vector(p, g, a, b, c, mat, r0, r1, ROWS, roff, h0, h1, h2, h3, h4, h5, h6, h7, h8,
                h9, h10, h11):
         tot = tc = np.float64(0)
-        pr, gr = p[r0:r1], g[r0:r1]
+        # slices, not base + j indexing of whole arrays: else LLVM does not vectorize
+        pr, gr, ar = p[r0:r1], g[r0:r1], a[r0:r1]
+        rows = ROWS[roff + r0:roff + r1] if REDUCE and not MASK & 8 else ROWS[:0]
         xs = np.empty(r1 - r0 if REDUCE and MASK & 8 and not EXACT else 0, np.float64)
         for j in range(r1 - r0):
             pv = load(pr[j])
@@ -82,7 +84,7 @@ def _vector_template(MASK, EXACT):
                 if WRITE_GRAD:
                     gr[j] = gs
                 gv = load(gs)
-            av = sload(a[r0 + j]) if MASK & 1 else pv
+            av = sload(ar[j]) if MASK & 1 else pv
             bv = sload(b[mat]) if MASK & 2 else pv
             cv = sload(c[mat]) if MASK & 4 else pv
             x, y, _, _ = rule(pv, gv, av, bv, cv, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9,
@@ -96,7 +98,7 @@ def _vector_template(MASK, EXACT):
                 else:
                     tot += x64 * x64
                 if not MASK & 8:
-                    ROWS[roff + r0 + j] = y64 * y64
+                    rows[j] = y64 * y64
             else:
                 pr[j] = store(x)
         if REDUCE and MASK & 8 and not EXACT:
