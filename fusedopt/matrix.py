@@ -237,13 +237,12 @@ class Factored:
         return None
 
     def _factors(self, group, bucket):
-        """(Tables, (row factors, column factors)) of the bucket, cached with its plan:
-        made again when its shapes change (the tables) or its plan is rebuilt."""
-        shapes = tuple(p.shape for p in bucket.params)
-        if getattr(bucket, "shapes", None) != shapes:
-            bucket.shapes, bucket.tables = shapes, Tables(shapes, bucket.backend, bucket.device)
-            bucket.factors = None
-        if bucket.factors is None:
+        """(Tables, (row factors, column factors)) of the bucket, made at its first step:
+        a bucket lives as long as its plan, which is rebuilt when a param's shape changes
+        (host.py's facts hold a digest of the sizes)."""
+        if getattr(bucket, "factors", None) is None:
+            shapes = tuple(p.shape for p in bucket.params)
+            bucket.tables = Tables(shapes, bucket.backend, bucket.device)
             bucket.factors = self._views(group, bucket)
         return bucket.tables, bucket.factors
 

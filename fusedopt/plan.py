@@ -137,9 +137,10 @@ class _Plan:
         self.local = _local if self.dist else None
         self.watched = [t for _, b in self.buckets for t in b.watched]
         self.pfacts, _, self.wfacts = host.read([params[i] for i in take], self.watched, self.local)
-        # a grad the engines read in place: its param's size, dtype and device, contiguous
+        # a grad the engines read in place: its param's size, dtype, device and shape,
+        # contiguous
         self.gwant = self.pfacts[:, 1:].copy()
-        self.gwant[:, -1] = host.CONTIGUOUS
+        self.gwant[:, -1] |= host.CONTIGUOUS
         self.changes = opt.state.changes  # after this plan's own writes to the state
 
     def grad_ptrs(self, params):
@@ -155,11 +156,12 @@ class _Plan:
 
     def proven(self, params):
         """The general path's proof: the params the engines take and the watched state
-        tensors are as recorded, their grads of the param's size, dtype and device (a
-        non-contiguous grad is copied there)."""
+        tensors are as recorded, their grads of the param's size, dtype, device and
+        shape (a non-contiguous grad is copied there)."""
         P, G, W = host.read([params[i] for i in self.take], self.watched, self.local)
         return (np.array_equal(P, self.pfacts) and np.array_equal(W, self.wfacts)
-                and np.array_equal(G[:, 1:4], self.pfacts[:, 1:4]))
+                and np.array_equal(G[:, 1:4], self.pfacts[:, 1:4])
+                and host.same_shapes(G, self.pfacts))
 
     def valid(self, opt, group, params, live):
         """Still right for this group, params and live indices (None: every param), and

@@ -3,7 +3,7 @@
 //
 // read(params, watched, P, G, W): for params[i] its own facts into row i of P and its
 // grad's into row i of G; for watched[j] (state tensors) into row j of W. A row is
-// (data address, size in bytes, dtype, device, contiguous); -1 throughout where there is no
+// (data address, size in bytes, dtype, device, flags); -1 throughout where there is no
 // strided tensor with storage to describe (no grad, a sparse grad, a wrapper subclass).
 // bump(params, times): autograd's version counter of each param, moved `times` times.
 //
@@ -21,6 +21,16 @@ namespace {
 constexpr Py_ssize_t kCols = 5;
 constexpr int64_t kContiguous = 1;
 
+// the flags: bit 0 contiguous, the bits above a digest of the sizes (host.py's _digest
+// computes the same), so that a param reshaped in place (p.data = p.data.view(...): same
+// address and bytes) no longer matches the plan built for its old shape
+int64_t flags(const at::Tensor& t) {
+  uint64_t h = 0;
+  for (int64_t s : t.sizes()) h = h * 1000003u + static_cast<uint64_t>(s) + 1;
+  return (t.is_contiguous() ? kContiguous : 0) |
+         static_cast<int64_t>((h & ((uint64_t(1) << 61) - 1)) << 1);
+}
+
 void describe(const at::Tensor* tp, int64_t* row) {
   if (!tp || !tp->defined() || tp->layout() != at::kStrided || !tp->has_storage()) {
     for (Py_ssize_t k = 0; k < kCols; ++k) row[k] = -1;
@@ -33,7 +43,7 @@ void describe(const at::Tensor* tp, int64_t* row) {
   row[1] = static_cast<int64_t>(t.nbytes());
   row[2] = static_cast<int64_t>(t.scalar_type());
   row[3] = static_cast<int64_t>(t.device().type()) * 65536 + t.device().index() + 1;
-  row[4] = t.is_contiguous() ? kContiguous : 0;
+  row[4] = flags(t);
 }
 
 // a writable int64 buffer of exactly rows x kCols, or a Python error

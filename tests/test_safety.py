@@ -80,6 +80,30 @@ def test_param_storage_replaced_after_a_step(name, how):
         _same(ps)
 
 
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("what", ["param", "grad"])
+def test_reshaped_in_place_after_a_step_gives_torchs_result_or_error(name, what):
+    """p.data = p.data.view(...) (or the grad's): the same address and bytes, another
+    shape.  The plan notices (the facts hold a digest of the sizes) and torch's for-loop
+    decides: torch's error where the state keeps the old shape, as torch's own step
+    raises; never a silent step over the old layout."""
+    ps, opts = _twins(name)
+    _grads(ps, 0)
+    _step(opts)
+    _grads(ps, 1)
+    for side in ps:
+        t = side[0] if what == "param" else side[0].grad
+        t.data = t.data.view(3, 5)
+        if what == "param":
+            side[0].grad = side[0].grad.view(3, 5)
+    kinds = [_outcome(opts[0].step)]
+    with arith.replay():
+        kinds.append(_outcome(opts[1].step))
+    assert kinds[0] is kinds[1]
+    if kinds[0] is None:
+        _same(ps)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.bfloat16])
 def test_module_dtype_change_after_a_step_raises_as_torch(dtype):
     """The issue's crash: model.half() after a step.  torch's Adam then raises (its float32
