@@ -25,6 +25,9 @@ def _unfit(opt, group, p, g, st, slots):
         return f"a {g.dtype} grad of shape {tuple(g.shape)} for a {p.dtype} param of shape {tuple(p.shape)}"
     if not opt._needs_state(group):
         return None
+    for name in ("step", *opt._scalars) if opt._has_step else ():
+        if name in st and not torch.is_tensor(st[name]):  # (a Python number: torch decides)
+            return f"state {name!r} that is not a tensor"
     sdt = state_dtype(group, p)
     mixed = sdt != p.dtype
     for name in slots:
@@ -46,19 +49,37 @@ def _unfit(opt, group, p, g, st, slots):
 
 
 def _overlapping(tensors):
-    """Indices of tensors whose memory overlaps another's (a param given twice, views of
-    one storage): the engines update all chunks at once, torch one param after another."""
-    ptr = np.array([t.data_ptr() for t in tensors], dtype=np.int64)
-    end = ptr + np.array([t.numel() * t.element_size() for t in tensors], dtype=np.int64)
-    order = np.argsort(ptr, kind="stable")
-    hit = set()
-    reach, who = -1, -1
-    for k in order:
-        if ptr[k] < reach and end[k] > ptr[k]:
-            hit.update((int(k), int(who)))
-        if end[k] > reach:
-            reach, who = end[k], k
+    """Indices of tensors whose memory overlaps another's on the same device (a param
+    given twice, views of one storage): the engines update all chunks at once, torch one
+    param after another."""
+    hit, devices = set(), {}
+    for k, t in enumerate(tensors):
+        devices.setdefault(t.device, []).append(k)
+    for ks in devices.values():
+        ptr = np.array([tensors[k].data_ptr() for k in ks], dtype=np.int64)
+        end = ptr + np.array([tensors[k].numel() * tensors[k].element_size() for k in ks],
+                             dtype=np.int64)
+        reach, who = -1, -1
+        for k in np.argsort(ptr, kind="stable"):
+            if ptr[k] < reach and end[k] > ptr[k]:
+                hit.update((ks[k], ks[who]))
+            if end[k] > reach:
+                reach, who = end[k], k
     return hit
+
+
+def _sharing(opt, params, take, need):
+    """Positions in ``take`` of the params whose memory, or whose state tensors' (step
+    counters included), overlaps another of these tensors: a param given twice, a step
+    counter shared by two params (torch counts it up once per param), a moment that is
+    the param itself or another moment.  torch's for-loop steps those params."""
+    tensors, owner = [], []
+    for k, i in enumerate(take):
+        st = opt.state[params[i]] if need else {}
+        for t in [params[i], *(v for v in st.values() if torch.is_tensor(v))]:
+            tensors.append(_local(t))
+            owner.append(k)
+    return {owner[j] for j in _overlapping(tensors)}
 
 
 class _Plan:
@@ -88,7 +109,7 @@ class _Plan:
         if self.dist and group.get("state_dtype") == torch.uint8:
             raise RuntimeError("state_dtype=torch.uint8 does not take DTensor (FSDP2) params yet: "
                                "their 8-bit state would not be sharded as DTensors")
-        for k in sorted(_overlapping([_local(params[i]) for i in take]), reverse=True):
+        for k in sorted(_sharing(opt, params, take, need), reverse=True):
             self.fallback.append(take.pop(k))
         self.fallback.sort()
         for i in take:

@@ -104,6 +104,57 @@ def test_reshaped_in_place_after_a_step_gives_torchs_result_or_error(name, what)
         _same(ps)
 
 
+def _state_cases():
+    # (name, how) for each optimizer's state: its step counter (shared between two
+    # params, or a Python number), its param-shaped moments (one the param itself, two
+    # one tensor); read from torch's twin after one step
+    cases = []
+    for name in NAMES:
+        p = torch.nn.Parameter(torch.zeros(5, 3))
+        p.grad = torch.ones(5, 3)
+        opt = getattr(fusedopt, name).twin()([p], **HP[name])
+        opt.step()
+        st = opt.state[p]
+        moments = [k for k, v in st.items() if torch.is_tensor(v) and v.shape == p.shape]
+        hows = ["step_shared", "step_number"] * ("step" in st) + ["moment_is_param"] * \
+            (len(moments) > 0) + ["moments_shared"] * (len(moments) > 1)
+        cases += [(name, how) for how in hows]
+    return cases
+
+
+@pytest.mark.parametrize("name,how", _state_cases())
+def test_state_sharing_memory_or_not_a_tensor_gives_torchs_result_or_error(name, how):
+    """State a user made odd between steps: one step counter for two params (torch
+    counts it up once per param), a moment that is the param's own memory or another
+    moment, a step that is a Python number.  The engines update all of a param's tensors
+    at once, so the plan hands such params to torch's for-loop: torch's result or error."""
+    ps, opts = _twins(name)
+    _grads(ps, 0)
+    _step(opts)
+    for side, opt in zip(ps, opts):
+        st = opt.state[side[0]]
+        moments = sorted(k for k, v in st.items() if torch.is_tensor(v) and v.shape == side[0].shape)
+        if how == "step_shared":
+            opt.state[side[1]]["step"] = st["step"]
+        elif how == "step_number":
+            st["step"] = float(st["step"])
+        elif how == "moment_is_param":
+            st[moments[0]] = side[0].data
+        else:
+            st[moments[1]] = st[moments[0]]
+    for s in range(1, 3):
+        _grads(ps, s)
+        kinds = [_outcome(opts[0].step)]
+        with arith.replay():
+            kinds.append(_outcome(opts[1].step))
+        assert kinds[0] is kinds[1]
+        if kinds[0] is not None:
+            break
+        for a, b in zip(*ps):  # (a moment that is another can take a root of < 0: NaN)
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7,
+                                       equal_nan=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.bfloat16])
 def test_module_dtype_change_after_a_step_raises_as_torch(dtype):
     """The issue's crash: model.half() after a step.  torch's Adam then raises (its float32
