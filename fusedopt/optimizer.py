@@ -437,5 +437,6 @@ def signature_with(torch_cls):
 def _unfit_reason(opt, group, p):
     # for the error message: the param's index in its group and why it went to torch
     st = opt.state.get(p, {})
-    why = _unfit(opt, group, p, p.grad, st, opt._slots(group)) or "overlapping another param"
+    why = _unfit(opt, group, p, p.grad, st, opt._slots(group)) or \
+        "its memory or its state's shared with another param or state tensor"
     return f"{next(i for i, q in enumerate(group['params']) if q is p)} ({why})"
