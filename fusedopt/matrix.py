@@ -153,7 +153,13 @@ class Tables:
         if "frows" not in x:  # the rows of factored tensors (the others: one element each)
             x["frows"] = torch.nonzero(x["factored"][x["row_tensor"]]).reshape(-1)
         fr, F = x["frows"], x["F"]
-        rmean = rsum.to(dt)
+        if self.backend == "numba" and dt == torch.float32:  # (a buffer of these tables)
+            from .kernels import numba_matrix
+            if getattr(self, "_rmean", None) is None:
+                self._rmean = np.empty(self.nrows, np.float32)
+            rmean = torch.from_numpy(numba_matrix.to_float32(rsum.numpy(), self._rmean))
+        else:
+            rmean = rsum.to(dt)
         if len(fr):  # only there: the formula over the (few) rows of the matrices
             rmean[fr] = ((exact_sqrt(rsum[fr]).to(dt) ** 2).to(op)
                          / F[x["row_tensor"][fr], 0].to(op)).to(dt)

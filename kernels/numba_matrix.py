@@ -59,6 +59,17 @@ def column_sums(part, cidx, n, exact):
     return out
 
 
+@numba.njit(parallel=True, cache=True, **JIT)
+def to_float32(x, out):
+    """out[:] = x (float64) rounded to float32, over the threads: torch's .to(float32) of
+    the rows' sums (one per element of a 1-D param) ran on one thread, into fresh pages."""
+    for b in prange((x.shape[0] + 65535) // 65536):
+        xs, os = x[b * 65536:(b + 1) * 65536], out[b * 65536:(b + 1) * 65536]
+        for i in range(xs.shape[0]):
+            os[i] = np.float32(xs[i])
+    return out
+
+
 def _vector_template(MASK, EXACT):
     # the matrix kernel's path for one-column tensors (1-D params): rows RS..RE are single
     # elements, so the per-row work of the general path (slices, a row's lane sum) would
