@@ -55,6 +55,20 @@ def _outcome(fn):
     return None
 
 
+def _same_outcome(ps, opts, equal_nan=False):
+    """One step of each: the same error type, or (none) the same params.  Returns the
+    error type."""
+    kinds = [_outcome(opts[0].step)]
+    with arith.replay():
+        kinds.append(_outcome(opts[1].step))
+    assert kinds[0] is kinds[1]
+    if kinds[0] is None:
+        for a, b in zip(*ps):
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7,
+                                       equal_nan=equal_nan)
+    return kinds[0]
+
+
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("how", ["data_clone", "set_", "vector_to_parameters", "channels_last"])
 def test_param_storage_replaced_after_a_step(name, how):
@@ -96,12 +110,7 @@ def test_reshaped_in_place_after_a_step_gives_torchs_result_or_error(name, what)
         t.data = t.data.view(3, 5)
         if what == "param":
             side[0].grad = side[0].grad.view(3, 5)
-    kinds = [_outcome(opts[0].step)]
-    with arith.replay():
-        kinds.append(_outcome(opts[1].step))
-    assert kinds[0] is kinds[1]
-    if kinds[0] is None:
-        _same(ps)
+    _same_outcome(ps, opts)
 
 
 def _state_cases():
@@ -144,15 +153,9 @@ def test_state_sharing_memory_or_not_a_tensor_gives_torchs_result_or_error(name,
             st[moments[1]] = st[moments[0]]
     for s in range(1, 3):
         _grads(ps, s)
-        kinds = [_outcome(opts[0].step)]
-        with arith.replay():
-            kinds.append(_outcome(opts[1].step))
-        assert kinds[0] is kinds[1]
-        if kinds[0] is not None:
+        # (a moment that is another can take a root of < 0: NaN on both sides)
+        if _same_outcome(ps, opts, equal_nan=True) is not None:
             break
-        for a, b in zip(*ps):  # (a moment that is another can take a root of < 0: NaN)
-            torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7,
-                                       equal_nan=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.bfloat16])
@@ -276,12 +279,7 @@ def test_grad_of_another_size_or_dtype_gives_torchs_result_or_error(name, how):
     for side in ps:
         g = side[1].grad
         g.data = torch.ones(4) if how == "size" else g.data.double()
-    kinds = [_outcome(opts[0].step)]
-    with arith.replay():
-        kinds.append(_outcome(opts[1].step))
-    assert kinds[0] is kinds[1]
-    if kinds[0] is None:
-        _same(ps)
+    _same_outcome(ps, opts)
 
 
 def test_version_counters_move_as_torchs_so_autograd_sees_the_update():
