@@ -77,8 +77,14 @@ def _sharing(opt, params, take, need):
     for k, i in enumerate(take):
         st = opt.state[params[i]] if need else {}
         for t in [params[i], *(v for v in st.values() if torch.is_tensor(v))]:
-            tensors.append(_local(t))
-            owner.append(k)
+            t = _local(t)
+            try:  # (a sparse or storage-less tensor has no memory to share)
+                has_memory = t.layout is torch.strided and t.untyped_storage().nbytes() > 0
+            except (RuntimeError, NotImplementedError):
+                has_memory = False
+            if has_memory:
+                tensors.append(t)
+                owner.append(k)
     return {owner[j] for j in _overlapping(tensors)}
 
 
