@@ -1,0 +1,74 @@
+"""Memory safety (continued from test_safety.py): a param or grad reshaped in place, state
+tensors that share memory or are not tensors.  The plan must notice each and hand the
+param to torch's for-loop: torch's result or error, never a silent step over memory
+laid out as the plan last saw it."""
+import pytest
+import torch
+
+import fusedopt
+from harness import HP, NAMES
+from test_safety import _grads, _same_outcome, _step, _twins
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("what", ["param", "grad"])
+def test_reshaped_in_place_after_a_step_gives_torchs_result_or_error(name, what):
+    """p.data = p.data.view(...) (or the grad's): the same address and bytes, another
+    shape.  The plan notices (the facts hold a digest of the sizes) and torch's for-loop
+    decides: torch's error where the state keeps the old shape, as torch's own step
+    raises; never a silent step over the old layout."""
+    ps, opts = _twins(name)
+    _grads(ps, 0)
+    _step(opts)
+    _grads(ps, 1)
+    for side in ps:
+        t = side[0] if what == "param" else side[0].grad
+        t.data = t.data.view(3, 5)
+        if what == "param":
+            side[0].grad = side[0].grad.view(3, 5)
+    _same_outcome(ps, opts)
+
+
+def _state_cases():
+    # (name, how) for each optimizer's state: its step counter (shared between two
+    # params, or a Python number), its param-shaped moments (one the param itself, two
+    # one tensor); read from torch's twin after one step
+    cases = []
+    for name in NAMES:
+        p = torch.nn.Parameter(torch.zeros(5, 3))
+        p.grad = torch.ones(5, 3)
+        opt = getattr(fusedopt, name).twin()([p], **HP[name])
+        opt.step()
+        st = opt.state[p]
+        moments = [k for k, v in st.items() if torch.is_tensor(v) and v.shape == p.shape]
+        hows = ["step_shared", "step_number"] * ("step" in st) + ["moment_is_param"] * \
+            (len(moments) > 0) + ["moments_shared"] * (len(moments) > 1)
+        cases += [(name, how) for how in hows]
+    return cases
+
+
+@pytest.mark.parametrize("name,how", _state_cases())
+def test_state_sharing_memory_or_not_a_tensor_gives_torchs_result_or_error(name, how):
+    """State a user made odd between steps: one step counter for two params (torch
+    counts it up once per param), a moment that is the param's own memory or another
+    moment, a step that is a Python number.  The engines update all of a param's tensors
+    at once, so the plan hands such params to torch's for-loop: torch's result or error."""
+    ps, opts = _twins(name)
+    _grads(ps, 0)
+    _step(opts)
+    for side, opt in zip(ps, opts):
+        st = opt.state[side[0]]
+        moments = sorted(k for k, v in st.items() if torch.is_tensor(v) and v.shape == side[0].shape)
+        if how == "step_shared":
+            opt.state[side[1]]["step"] = st["step"]
+        elif how == "step_number":
+            st["step"] = float(st["step"])
+        elif how == "moment_is_param":
+            st[moments[0]] = side[0].data
+        else:
+            st[moments[1]] = st[moments[0]]
+    for s in range(1, 3):
+        _grads(ps, s)
+        # (a moment that is another can take a root of < 0: NaN on both sides)
+        if _same_outcome(ps, opts, equal_nan=True) is not None:
+            break
