@@ -344,7 +344,8 @@ def test_these_tests_under_heap_checking():
     # and with the facts read in Python (host.py), as on a machine without a compiler
     env = dict(os.environ, **HEAP_CHECK, FUSEDOPT_HOST="python")
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "test_host.py", "test_aliasing.py", "-k", "not random_programs and not heap_checking"],
+                          "test_host.py", "test_aliasing.py",
+                          "-k", "not random_programs and not heap_checking"],
                          capture_output=True, text=True, env=env, timeout=1200, cwd=HERE)
     assert out.returncode == 0, out.stdout[-3000:]
 
