@@ -55,7 +55,7 @@ def _outcome(fn):
     return None
 
 
-def _same_outcome(ps, opts, equal_nan=False):
+def _same_outcome(ps, opts, equal_nan=False, rtol=1e-6, atol=1e-7):
     """One step of each: the same error type, or (none) the same params.  Returns the
     error type."""
     kinds = [_outcome(opts[0].step)]
@@ -64,7 +64,7 @@ def _same_outcome(ps, opts, equal_nan=False):
     assert kinds[0] is kinds[1]
     if kinds[0] is None:
         for a, b in zip(*ps):
-            torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7,
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=rtol, atol=atol,
                                        equal_nan=equal_nan)
     return kinds[0]
 
