@@ -82,13 +82,13 @@ class Tables:
     def _call(self, rule, flags, dtypes, mask, P, G, S, C, reduce):
         f64 = dtypes[0] == "float64"
         nchunk = len(self.tid)
+        sums = reduce and not mask & 8  # row and column sums wanted (bit 8: the total alone)
         if self.backend == "numba":
             from .kernels import numba_matrix
             # the kernel writes every entry of these (no zeros needed).  The rows' sums (one
             # per element of a 1-D param: 8 bytes each) reuse one buffer: a fresh one per
             # call cost a page fault per 4 KiB, more than the pass itself on 1-D params
             rows, part = np.empty(0), np.empty(0)
-            sums = reduce and not mask & 8  # (bit 8: no row or column sums wanted)
             if sums:
                 if getattr(self, "_rows", None) is None:
                     self._rows = np.empty(self.nrows)
@@ -107,8 +107,7 @@ class Tables:
         d = self.dev
         dt = torch.float64 if f64 else torch.float32
         new = lambda n: torch.zeros(n, dtype=dt, device=self.device)  # noqa: E731
-        rows = new(self.nrows if reduce and not mask & 8 else 1)
-        part = new(len(self.cidx) if reduce else 1)
+        rows, part = new(self.nrows if sums else 1), new(len(self.cidx) if sums else 1)
         tots = []
         for t, cols in self.launches:
             tots.append(new(len(t["tid"])))
@@ -118,7 +117,8 @@ class Tables:
         if not reduce:
             return None
         per = new(len(self.F)).index_add_(0, d["tid"], torch.cat(tots) if tots else new(0))
-        cols = new(self.ncolsum + 1).index_add_(0, d["cidx"], part)[:-1]
+        cols = new(self.ncolsum + 1).index_add_(0, d["cidx"], part)[:-1] if sums else \
+            new(self.ncolsum)
         return per, rows, cols
 
     def reduce(self, *args):

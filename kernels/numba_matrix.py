@@ -78,8 +78,8 @@ def _vector_template(MASK, EXACT):
     # (plain sums put float64 Adafactor's error above torch's in test_parity).
     # Else squares of float32 values are exact in float64, and a chunk sums at most CHUNK
     # of them: MASK bit 8 (the total alone) sums them in float64 lanes (see _lanes; as a
-    # chain the adds' latency bounded the pass), else in two chains (measured: a loop
-    # storing the squares twice, to the rows and to scratch, ran slower than the chains)
+    # chain the adds' latency bounded the pass), else in one chain beside the rows' stores
+    # (measured: a loop storing the squares twice, to the rows and to scratch, ran slower)
     def vector(p, g, a, b, c, mat, r0, r1, ROWS, roff, h0, h1, h2, h3, h4, h5, h6, h7, h8,
                h9, h10, h11):
         tot = tc = np.float64(0)

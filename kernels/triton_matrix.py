@@ -47,7 +47,7 @@ def _matrix_kernel(P, G, S0, S1, S2, C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS, C
         acc = tl.zeros([BR, BC], dtype=tl.float64)
     else:
         acc = tl.zeros([BR, BC], dtype=tl.float32)
-    if REDUCE:
+    if REDUCE and not MASK & 8:  # (bit 8: no column partials, and CPART has one entry)
         for c0 in range(0, ncol, BC):
             cols = c0 + tl.arange(0, BC)
             tl.store(CPART + co + cols, tl.sum(acc, 0), mask=cols < ncol)
