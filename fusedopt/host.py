@@ -25,6 +25,10 @@ import torch
 
 COLS = 5  # address, size in bytes, dtype, device, flags (kernels/host.cpp)
 CONTIGUOUS = 1  # the flags' bit 0; the bits above it are a digest of the sizes (_digest)
+# a grad's flags bit 62 (above the digest): its memory meets memory the step writes
+# (another param's, a moment's: `p1.grad = p0.detach()`), which torch reads before or
+# after that tensor's update by param order, the engines at any time (read(..., written))
+MEETS = 1 << 62
 _NONE = (-1,) * COLS
 _GRAD = operator.attrgetter("grad")
 _native = None  # the compiled helper once loaded, False where it cannot be
@@ -99,25 +103,72 @@ def _row(t):
             CONTIGUOUS * t.is_contiguous() | _digest(t.shape))
 
 
-def read(params, watched, local=None):
+def span(t):
+    """[start, end) of the memory a tensor's elements may lie in: its own bytes when
+    contiguous, else all of its storage's (kernels/host.cpp takes the same)."""
+    if t.is_contiguous():
+        return t.data_ptr(), t.data_ptr() + t.nbytes
+    s = t.untyped_storage()
+    return s.data_ptr(), s.data_ptr() + s.nbytes()
+
+
+def ranges(tensors):
+    """The memory of ``tensors`` (strided, with storage) as sorted, disjoint [start, end)
+    rows of an int64 array: what ``read(..., written=)`` checks grads against."""
+    spans = sorted(s for s in map(span, tensors) if s[1] > s[0])
+    out = []
+    for s, e in spans:
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return np.array(out, np.int64).reshape(-1, 2)
+
+
+def meets(written, start, end):
+    """For each [start, end) (arrays), whether it meets one of the ``written`` ranges:
+    the last range that starts before its end ends after its start."""
+    if not len(written):
+        return np.zeros(np.shape(start), bool)
+    k = np.searchsorted(written[:, 0], end, "left") - 1
+    return (k >= 0) & (end > start) & (written[np.maximum(k, 0), 1] > start)
+
+
+def owned(tensors):
+    """Whether every tensor's memory is an allocation of its own (the CPU allocator's),
+    as the helper tells; False without it.  Then read() need not search for a fresh grad."""
+    helper = native()
+    return helper is not None and helper.owned(list(tensors))
+
+
+def read(params, watched, local=None, written=None, owned=False):
     """(P, G, W): int64 tables of the facts of ``params``, their grads and ``watched``,
     one row per tensor.  ``local`` (a function) maps a DTensor to its shard: the shards'
-    facts are read, in Python."""
+    facts are read, in Python.  ``written`` (ranges()): a grad whose memory (span())
+    meets one of them has MEETS set in its flags; ``owned``: owned() of the tensors
+    ``written`` was made of (the helper then skips grads that are fresh allocations)."""
     helper = native() if local is None else None
     if helper is not None:
         P = np.empty((len(params), COLS), np.int64)
         G = np.empty((len(params), COLS), np.int64)
         W = np.empty((len(watched), COLS), np.int64)
         helper.read(params if type(params) is list else list(params),
-                    watched if type(watched) is list else list(watched), P, G, W)
+                    watched if type(watched) is list else list(watched), P, G, W, written,
+                    owned)
         return P, G, W
     if local is not None:  # a DTensor's grad is a DTensor: its shard's facts, too
         grads = [None if p.grad is None else local(p.grad) for p in params]
         params, watched = list(map(local, params)), list(map(local, watched))
     else:
         grads = list(map(_GRAD, params))
-    return tuple(np.fromiter(itertools.chain.from_iterable(map(_row, ts)), np.int64,
-                             len(ts) * COLS).reshape(-1, COLS) for ts in (params, grads, watched))
+    P, G, W = (np.fromiter(itertools.chain.from_iterable(map(_row, ts)), np.int64,
+                           len(ts) * COLS).reshape(-1, COLS) for ts in (params, grads, watched))
+    if written is not None and len(G):
+        start, end = G[:, 0].copy(), G[:, 0] + G[:, 1]
+        for i in np.flatnonzero((G[:, 0] != -1) & ((G[:, -1] & CONTIGUOUS) == 0)):
+            start[i], end[i] = span(grads[i])
+        G[:, -1] |= np.where(meets(written, start, end) & (G[:, 0] != -1), MEETS, 0)
+    return P, G, W
 
 
 def bump(params, times):

@@ -12,7 +12,6 @@ call each.  ``Factored`` is what an optimizer with a factored second moment shar
 import numpy as np
 import torch
 
-from . import host
 from .bucket import _numba, _triton, on_device
 
 
@@ -212,8 +211,7 @@ def as_views(opt, group, entries, empty):
     if plan is not None:
         plan.changes = opt.state.changes
         plan.watched = plan.watched + [s[k] for s, k, _ in entries]
-        plan.pfacts, _, plan.wfacts = host.read([group["params"][i] for i in plan.take],
-                                                plan.watched, plan.local)
+        plan.record(group["params"])
     return buf
 
 

@@ -68,24 +68,49 @@ def _overlapping(tensors):
     return hit
 
 
+def _memory(state, params, idx, need):
+    """(tensors, owners): the params at ``idx`` and their ``state`` tensors (step counters
+    included) that have memory on a CPU or GPU, each with the index of its param."""
+    tensors, owner = [], []
+    for i in idx:
+        st = (state.get(params[i]) or {}) if need else {}
+        for t in [params[i], *(v for v in st.values() if torch.is_tensor(v))]:
+            t = _local(t)
+            try:  # (a sparse or storage-less tensor has no memory to share)
+                has_memory = t.layout is torch.strided and t.device.type in ("cpu", "cuda") \
+                    and t.untyped_storage().nbytes() > 0
+            except (RuntimeError, NotImplementedError):
+                has_memory = False
+            if has_memory:
+                tensors.append(t)
+                owner.append(i)
+    return tensors, owner
+
+
 def _sharing(opt, params, take, need):
     """Positions in ``take`` of the params whose memory, or whose state tensors' (step
     counters included), overlaps another of these tensors: a param given twice, a step
     counter shared by two params (torch counts it up once per param), a moment that is
     the param itself or another moment.  torch's for-loop steps those params."""
-    tensors, owner = [], []
-    for k, i in enumerate(take):
-        st = opt.state[params[i]] if need else {}
-        for t in [params[i], *(v for v in st.values() if torch.is_tensor(v))]:
-            t = _local(t)
-            try:  # (a sparse or storage-less tensor has no memory to share)
-                has_memory = t.layout is torch.strided and t.untyped_storage().nbytes() > 0
-            except (RuntimeError, NotImplementedError):
-                has_memory = False
-            if has_memory:
-                tensors.append(t)
-                owner.append(k)
-    return {owner[j] for j in _overlapping(tensors)}
+    tensors, owner = _memory(opt.state, params, take, need)
+    pos = {i: k for k, i in enumerate(take)}
+    return {pos[owner[j]] for j in _overlapping(tensors)}
+
+
+def _meeting(opt, params, live, grads, need):
+    """Indices of the params whose grad meets memory the step writes (a live param's or
+    its state's: `p1.grad = p0.detach()`), and of the params that memory belongs to:
+    torch reads such a grad before or after that update, by param order; the engines
+    update all at once.  torch's for-loop steps them all, in its order."""
+    tensors, owner = _memory(opt.state, params, live, need)
+    gs = [i for i in live if grads[i].layout is torch.strided and grads[i].device.type in ("cpu", "cuda")]
+    spans = np.array([host.span(_local(grads[i])) for i in gs], np.int64).reshape(-1, 2)
+    out = set()
+    for k in np.flatnonzero(host.meets(host.ranges(tensors), spans[:, 0], spans[:, 1])):
+        s, e = spans[k]
+        out.add(gs[k])  # and the owners of what it meets (rare: a scan of every tensor)
+        out.update(o for t, o in zip(tensors, owner) if host.span(t)[0] < e and s < host.span(t)[1])
+    return out
 
 
 class _Plan:
@@ -117,6 +142,9 @@ class _Plan:
                                "their 8-bit state would not be sharded as DTensors")
         for k in sorted(_sharing(opt, params, take, need), reverse=True):
             self.fallback.append(take.pop(k))
+        meeting = _meeting(opt, params, live, grads, need)
+        self.fallback += [i for i in take if i in meeting]
+        take = [i for i in take if i not in meeting]
         self.fallback.sort()
         for i in take:
             p = params[i]
@@ -163,19 +191,41 @@ class _Plan:
         # the facts every cached address depends on (host.py), re-read before each step
         self.local = _local if self.dist else None
         self.watched = [t for _, b in self.buckets for t in b.watched]
-        self.pfacts, _, self.wfacts = host.read([params[i] for i in take], self.watched, self.local)
+        self.need = need
+        self.record(params)
+        self.changes = opt.state.changes  # after this plan's own writes to the state
+
+    def record(self, params):
+        """Read and keep what the proof compares: the facts every cached address depends
+        on (host.py), and the memory this group's step writes, which no grad may meet."""
+        self.pfacts, _, self.wfacts = host.read([params[i] for i in self.take], self.watched,
+                                                self.local)
         # a grad the engines read in place: its param's size, dtype, device and shape,
-        # contiguous
+        # contiguous, not meeting written memory
         self.gwant = self.pfacts[:, 1:].copy()
         self.gwant[:, -1] |= host.CONTIGUOUS
-        self.changes = opt.state.changes  # after this plan's own writes to the state
+        tensors = _memory(self.state_obj, params, self.live, self.need)[0]
+        self.written, self.owned = host.ranges(tensors), host.owned(tensors)
+        if self.fallback:
+            # torch's for-loop writes these params and their state: their facts too, so
+            # that the memory written stays as recorded; their grads must not meet what
+            # the engines write (meeting each other's memory is why they are there:
+            # torch steps them in its order)
+            self.fparams = [params[i] for i in self.fallback]
+            self.fwatched = [v for p in self.fparams for v in
+                             ((self.state_obj.get(p) or {}) if self.need else {}).values()
+                             if torch.is_tensor(v)]
+            self.ffacts = host.read(self.fparams, self.fwatched, self.local)[::2]
+            self.engine_written = host.ranges(_memory(self.state_obj, params, self.take,
+                                                      self.need)[0])
 
     def grad_ptrs(self, params):
         """The fast path's proof and table: the grads' addresses, or None unless every
         param, grad and watched state tensor is where, as large, of the dtype, device and
-        layout the plan recorded (grads: their param's, contiguous, not None or sparse).
-        The general path then checks further and rebuilds."""
-        P, G, W = host.read(params, self.watched, self.local)
+        layout the plan recorded (grads: their param's, contiguous, not None or sparse,
+        not meeting memory the step writes).  The general path then checks further and
+        rebuilds."""
+        P, G, W = host.read(params, self.watched, self.local, self.written, self.owned)
         if (np.array_equal(P, self.pfacts) and np.array_equal(G[:, 1:], self.gwant)
                 and np.array_equal(W, self.wfacts)):
             return np.ascontiguousarray(G[:, 0])
@@ -184,11 +234,19 @@ class _Plan:
     def proven(self, params):
         """The general path's proof: the params the engines take and the watched state
         tensors are as recorded, their grads of the param's size, dtype, device and
-        shape (a non-contiguous grad is copied there)."""
-        P, G, W = host.read([params[i] for i in self.take], self.watched, self.local)
+        shape (a non-contiguous grad is copied there), and no grad meets memory the
+        step writes."""
+        P, G, W = host.read([params[i] for i in self.take], self.watched, self.local,
+                            self.written, self.owned)
+        if self.fallback:
+            FP, FG, FW = host.read(self.fparams, self.fwatched, self.local,
+                                   self.engine_written, self.owned)
+            if not (np.array_equal(FP, self.ffacts[0]) and np.array_equal(FW, self.ffacts[1])
+                    and not (FG[:, -1] & host.MEETS).any()):
+                return False
         return (np.array_equal(P, self.pfacts) and np.array_equal(W, self.wfacts)
                 and np.array_equal(G[:, 1:4], self.pfacts[:, 1:4])
-                and host.same_shapes(G, self.pfacts))
+                and host.same_shapes(G, self.pfacts) and not (G[:, -1] & host.MEETS).any())
 
     def valid(self, opt, group, params, live):
         """Still right for this group, params and live indices (None: every param), and

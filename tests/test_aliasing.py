@@ -72,3 +72,54 @@ def test_state_sharing_memory_or_not_a_tensor_gives_torchs_result_or_error(name,
         # (a moment that is another can take a root of < 0: NaN on both sides)
         if _same_outcome(ps, opts, equal_nan=True) is not None:
             break
+
+
+MEETING = ["earlier_param", "later_param", "own_param", "own_moment", "other_moment",
+           "numpy_view_of_param", "own_param_via_dlpack"]
+
+
+def _meet(how, side, opt):
+    # side: the five params of one twin; a grad made to meet memory its step writes
+    if how == "earlier_param":  # torch updates p2 before reading it as p4's grad
+        side[4].grad = side[2].detach()
+    elif how == "later_param":  # ... and reads p4 as p2's grad before updating it
+        side[2].grad = side[4].detach()
+    elif how == "own_param":  # (AdamW decays p before reading its grad)
+        side[2].grad = side[2].detach()
+    elif how == "numpy_view_of_param":  # another storage over the same memory
+        side[4].grad = torch.from_numpy(side[2].detach().numpy())
+    elif how == "own_param_via_dlpack":
+        # a step later (the plan rebuilt for the new param by then), a grad that is an
+        # allocation of its own, its storage held by nothing else (DLPack holds the
+        # tensor), under its param's memory (as own_param, this differs from torch's
+        # deterministically with AdamW's decay)
+        if not hasattr(side[2], "_under"):
+            side[2]._under = side[2].detach().clone()
+            side[2].data = torch.from_dlpack(side[2]._under)
+        else:
+            side[2].grad = side[2]._under
+    else:
+        st = opt.state[side[2]]
+        moments = sorted(k for k, v in st.items() if torch.is_tensor(v) and v.shape == side[2].shape)
+        if not moments:
+            return False
+        (side[2] if how == "own_moment" else side[4]).grad = st[moments[0]]
+    return True
+
+
+@pytest.mark.parametrize("how", MEETING)
+@pytest.mark.parametrize("name", NAMES)
+def test_a_grad_that_meets_memory_the_step_writes_gives_torchs_result(name, how):
+    """A grad that is another param's memory (`p1.grad = p0.detach()`), its own param's,
+    a moment's, or a storage of its own over such memory (numpy): torch reads it before
+    or after that tensor's update, by param order; the engines update every chunk at
+    once.  The plan notices (each step, host.read's MEETS) and torch's for-loop steps
+    those params: torch's result, also the steps after."""
+    ps, opts = _twins(name, shapes=((5, 3), (7,), (65537,), (1,), (65537,)))
+    _grads(ps, 0)
+    _step(opts)
+    for s in range(1, 4):
+        _grads(ps, s)
+        if not all(_meet(how, side, opt) for side, opt in zip(ps, opts)):
+            pytest.skip(f"{name} keeps no param-shaped moment")
+        _same_outcome(ps, opts, replay_ours=True)

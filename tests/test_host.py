@@ -108,6 +108,32 @@ def test_the_helper_refuses_tables_of_the_wrong_size(monkeypatch):
     facts = np.empty((2, host.COLS), np.int64)
     helper.read([ps[0], "not a tensor"], [], facts, facts.copy(), good[:0])
     assert (facts[1] == -1).all()
+    with pytest.raises(ValueError, match="int64 pairs"):
+        helper.read(ps, [], good, good.copy(), good[:0], np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="int64 pairs"):
+        helper.read(ps, [], good, good.copy(), good[:0], np.zeros(3, np.int64))
+
+
+def test_grads_meeting_written_memory_are_flagged_alike_by_both_readers(reader):
+    """host.read's MEETS: exactly the grads whose memory (their bytes; a non-contiguous
+    one's storage) meets a written range; a fresh grad skips the search only where every
+    written tensor is an allocation of its own (a DLPack alias is not)."""
+    buf, w0, gbuf, under = torch.zeros(100), torch.zeros(10), torch.zeros(40), torch.randn(10)
+    written = [buf[:50], w0, torch.from_dlpack(under)]
+    grads = {"fresh": (torch.randn(10), False), "straddles a range's end": (buf[45:55], True),
+             "same storage, outside the ranges": (buf[60:70], False),
+             "a written tensor": (w0, True), "flat, first": (gbuf[:10], False),
+             "flat, second": (gbuf[10:20], False),
+             "non-contiguous, storage meets": (buf[50:70:2], True),
+             "fresh, under a DLPack alias": (under, True), "empty": (buf[10:10], False)}
+    ps = [torch.nn.Parameter(torch.zeros(g.shape)) for g, _ in grads.values()]
+    for p, (g, _) in zip(ps, grads.values()):
+        p.grad = g
+    _, G, _ = host.read(ps, [], None, host.ranges(written), host.owned(written))
+    assert dict(zip(grads, (G[:, -1] & host.MEETS) != 0)) == {k: m for k, (_, m) in grads.items()}
+    _, G0, _ = host.read(ps, [])
+    np.testing.assert_array_equal(G0, G & ~host.MEETS)  # nothing else differs
+    assert not host.owned(written) and host.owned(written[:2]) == (reader == "native")
 
 
 # the three changes the first wave's fast path did not notice (README, Safety)

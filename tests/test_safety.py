@@ -2,6 +2,7 @@
 steps (issue: cached addresses are a cache, never the truth).  Each class of case has a
 named test here; tests/programs.py interleaves them at random, in a subprocess with
 glibc's heap checking on, so that a stray write aborts it and a crash fails the test."""
+import contextlib
 import copy
 import os
 import pickle
@@ -55,10 +56,12 @@ def _outcome(fn):
     return None
 
 
-def _same_outcome(ps, opts, equal_nan=False, rtol=1e-6, atol=1e-7):
+def _same_outcome(ps, opts, equal_nan=False, rtol=1e-6, atol=1e-7, replay_ours=False):
     """One step of each: the same error type, or (none) the same params.  Returns the
-    error type."""
-    kinds = [_outcome(opts[0].step)]
+    error type.  ``replay_ours``: our step too under arith.replay (where it hands params
+    to torch's for-loop, that loop then rounds as the twin's does on every CPU)."""
+    with arith.replay() if replay_ours else contextlib.nullcontext():
+        kinds = [_outcome(opts[0].step)]
     with arith.replay():
         kinds.append(_outcome(opts[1].step))
     assert kinds[0] is kinds[1]
