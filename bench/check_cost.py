@@ -1,8 +1,9 @@
 """What the per-step safety checks cost on the host, measured inside real steps.
 
 Rounds alternate, in one process on the same tensors, between the step as it is (the
-fast path re-reads the facts of every param, grad and state tensor, host.py, then moves
-the params' version counters), the same with the facts read in Python (the fallback
+fast path re-reads the facts of every param, grad and state tensor, host.py, checks that
+no grad meets memory the step writes, then moves the params' version counters), the same
+without that grads' memory check, the same with the facts read in Python (the fallback
 without a compiler), and the same step with the first-wave reads only (grads' addresses
 and contiguity, no check, no version bump).  Each step comes after a pass over
 as many bytes as the step touches, as after backward in training (cold caches).
@@ -30,6 +31,18 @@ def _first_wave(self, params):
     return ptrs if all(map(bucket._CONTIG, grads)) else None
 
 
+_CHECKED = plan._Plan.grad_ptrs
+
+
+def _grads_memory_unchecked(self, params):
+    # the full check but for the grads' memory against the memory the step writes
+    written, self.written = self.written, None
+    try:
+        return _CHECKED(self, params)
+    finally:
+        self.written = written
+
+
 def _optimizer(cls, shapes, reader):
     params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     for p in params:
@@ -46,6 +59,7 @@ def measure(name, shapes, rounds, cls):
     flush = torch.empty(sum(s.numel() for s in map(torch.Size, shapes)) * 3)
     checked, bump = plan._Plan.grad_ptrs, optimizer.FusedOptimizer._bump_versions
     modes = {"first wave": (_first_wave, lambda *a: None, helper, opt),
+             "checks but grads' memory": (_grads_memory_unchecked, lambda *a: None, helper, opt),
              "checks": (checked, lambda *a: None, helper, opt),
              "checks + versions": (checked, bump, helper, opt),
              "same, read in Python": (checked, bump, False, opt_py)}

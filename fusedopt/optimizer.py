@@ -16,7 +16,7 @@ import torch
 
 from . import clip, flat, host, quant
 from .bucket import _GRAD, _PTR, _local, scalar_dtype, state_dtype
-from .plan import _Plan, _unfit
+from .plan import _Plan, refuse_torch, torch_step
 from .state import State
 from .kernels import rules
 
@@ -305,12 +305,14 @@ class FusedOptimizer:
             plan = self._plans[id(group)] = _Plan(self, group, params, live, grads)
             if group.get("flat"):  # the grads were re-homed into the plan's buffer
                 grads = list(map(_GRAD, params))
+        if plan.fallback:  # (before the engines: no half-done step)
+            refuse_torch(self, group, [params[i] for i in plan.fallback])
         self._bump_versions(group, [params[i] for i in plan.take], plan)
         for idx, bucket in plan.buckets:
             keep = [_local(grads[i]).contiguous() for i in idx]
             self._run(bucket, group, np.fromiter(map(_PTR, keep), np.int64, len(keep)), amp)
         if plan.fallback:
-            self._torch_step(group, [params[i] for i in plan.fallback], *amp)
+            torch_step(self, group, [params[i] for i in plan.fallback], *amp)
 
     def _bump_versions(self, group, params, plan):
         # autograd's in-place check: a param's version moves as torch's in-place updates
@@ -323,37 +325,6 @@ class FusedOptimizer:
 
     def _inplace_updates(self, group):
         return 1
-
-    def _torch_step(self, group, params, mult, found, scaled):
-        """Step ``params`` with torch.optim's own for-loop (foreach=False): torch's result,
-        or torch's error, for what the engines do not take (see plan._unfit)."""
-        if group.get("l1") or group.get("master_weights") or group.get("stochastic_rounding") \
-                or group.get("state_dtype") is not None:
-            why = [_unfit_reason(self, group, p) for p in params]
-            raise RuntimeError(
-                f"fusedopt.{type(self).__name__}: params {why} cannot be fused, and torch.optim "
-                f"has no l1, master_weights, state_dtype or stochastic_rounding to step them with")
-        if found is not None and found.item():  # a GPU scaler's inf: the step is skipped
-            return
-        # what GradScaler's unscale or the clipping would have done: written back under a
-        # scaler (as its unscale), else undone after the step (in place: a grad set through
-        # .data may not pass a grad assignment's checks)
-        given = [p.grad.clone() for p in params] if mult is not None and not scaled else []
-        if mult is not None:
-            for p in params:
-                p.grad.mul_(mult.to(p.grad.device))
-        twin = self.twin()
-        saved = self.param_groups
-        # the scaler's grad_scale and found_inf were for our kernels; the grads are unscaled
-        scaler = {k: self.__dict__.pop(k) for k in ("grad_scale", "found_inf") if k in self.__dict__}
-        self.param_groups = [{**group, "params": params, "foreach": False, "fused": False}]
-        try:
-            inspect.unwrap(twin.step)(self)
-        finally:
-            self.param_groups = saved
-            self.__dict__.update(scaler)
-            for p, g in zip(params, given):
-                p.grad.copy_(g)
 
     def _run(self, bucket, group, gptr, amp):
         # the gradient's factor (1 / scale, clipping), the inf flag, whether a scaler is in it
@@ -432,11 +403,3 @@ def signature_with(torch_cls):
     params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v)
                for k, v in EXTRAS.items()]
     return sig.replace(parameters=params)
-
-
-def _unfit_reason(opt, group, p):
-    # for the error message: the param's index in its group and why it went to torch
-    st = opt.state.get(p, {})
-    why = _unfit(opt, group, p, p.grad, st, opt._slots(group)) or \
-        "its memory or its state's shared with another param or state tensor"
-    return f"{next(i for i, q in enumerate(group['params']) if q is p)} ({why})"

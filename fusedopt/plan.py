@@ -3,6 +3,7 @@
 address the buckets' tables cached is still right.  The state a plan needs is created
 here too: zeros in the state dtype, 8-bit codes (quant.py), master copies.
 """
+import inspect
 import operator
 
 import numpy as np
@@ -258,3 +259,49 @@ class _Plan:
                 and all(map(operator.is_, self.params, params))
                 and self.slots == opt._slots(group)
                 and self.capturable == bool(group.get("capturable", False)))
+
+
+def refuse_torch(opt, group, params):
+    """torch.optim has no l1, master_weights, state_dtype or stochastic_rounding: params
+    the engines do not take are then a RuntimeError naming them and why (before the
+    engines run: no half-done step)."""
+    if group.get("l1") or group.get("master_weights") or group.get("stochastic_rounding") \
+            or group.get("state_dtype") is not None:
+        why = [_unfit_reason(opt, group, p) for p in params]
+        raise RuntimeError(
+            f"fusedopt.{type(opt).__name__}: params {why} cannot be fused, and torch.optim "
+            f"has no l1, master_weights, state_dtype or stochastic_rounding to step them with")
+
+
+def torch_step(opt, group, params, mult, found, scaled):
+    """Step ``params`` with torch.optim's own for-loop (foreach=False): torch's result,
+    or torch's error, for what the engines do not take (see plan._unfit)."""
+    if found is not None and found.item():  # a GPU scaler's inf: the step is skipped
+        return
+    # what GradScaler's unscale or the clipping would have done: written back under a
+    # scaler (as its unscale), else undone after the step (in place: a grad set through
+    # .data may not pass a grad assignment's checks)
+    given = [p.grad.clone() for p in params] if mult is not None and not scaled else []
+    if mult is not None:
+        for p in params:
+            p.grad.mul_(mult.to(p.grad.device))
+    twin = opt.twin()
+    saved = opt.param_groups
+    # the scaler's grad_scale and found_inf were for our kernels; the grads are unscaled
+    scaler = {k: opt.__dict__.pop(k) for k in ("grad_scale", "found_inf") if k in opt.__dict__}
+    opt.param_groups = [{**group, "params": params, "foreach": False, "fused": False}]
+    try:
+        inspect.unwrap(twin.step)(opt)
+    finally:
+        opt.param_groups = saved
+        opt.__dict__.update(scaler)
+        for p, g in zip(params, given):
+            p.grad.copy_(g)
+
+
+def _unfit_reason(opt, group, p):
+    # for the error message: the param's index in its group and why it went to torch
+    st = opt.state.get(p, {})
+    why = _unfit(opt, group, p, p.grad, st, opt._slots(group)) or \
+        "its memory, its state's or its grad's overlapping a param or state tensor"
+    return f"{next(i for i, q in enumerate(group['params']) if q is p)} ({why})"

@@ -123,3 +123,19 @@ def test_a_grad_that_meets_memory_the_step_writes_gives_torchs_result(name, how)
         if not all(_meet(how, side, opt) for side, opt in zip(ps, opts)):
             pytest.skip(f"{name} keeps no param-shaped moment")
         _same_outcome(ps, opts, replay_ours=True)
+
+
+def test_a_grad_meeting_written_memory_with_8bit_state_is_a_clear_error():
+    """torch.optim has no 8-bit state to step such a param with: a RuntimeError naming
+    the params and why, before any memory is touched."""
+    ps = [torch.nn.Parameter(torch.randn(8192)) for _ in range(3)]
+    for p in ps:
+        p.grad = torch.randn(8192)
+    opt = fusedopt.Adam(ps, state_dtype=torch.uint8)
+    opt.step()
+    ps[2].grad = ps[0].detach()
+    before = [p.detach().clone() for p in ps]
+    with pytest.raises(RuntimeError, match=r"params \[.0 \(.*grad.*, .2 \(.*grad.*\] cannot be fused"):
+        opt.step()
+    for p, b in zip(ps, before):
+        assert torch.equal(p.detach(), b)
