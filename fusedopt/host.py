@@ -112,17 +112,30 @@ def span(t):
     return s.data_ptr(), s.data_ptr() + s.nbytes()
 
 
-def ranges(tensors):
-    """The memory of ``tensors`` (strided, with storage) as sorted, disjoint [start, end)
-    rows of an int64 array: what ``read(..., written=)`` checks grads against."""
-    spans = sorted(s for s in map(span, tensors) if s[1] > s[0])
-    out = []
-    for s, e in spans:
-        if out and s <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], e)
-        else:
-            out.append([s, e])
-    return np.array(out, np.int64).reshape(-1, 2)
+def spans(tensors):
+    """span() of each tensor as two int64 arrays (start, end), read in one pass; empty
+    (0, 0) where a tensor has no memory (sparse, no storage, no bytes, meta)."""
+    W = read([], tensors)[2]
+    start, end = W[:, 0].copy(), W[:, 0] + W[:, 1]
+    none = (W[:, 0] <= 0) | (W[:, 1] <= 0)
+    for k in np.flatnonzero(~none & ((W[:, -1] & CONTIGUOUS) == 0)):
+        start[k], end[k] = span(tensors[k])
+    start[none] = end[none] = 0
+    return start, end
+
+
+def ranges(start, end):
+    """The memory [start, end) (spans()) as sorted, disjoint [start, end) rows of an int64
+    array: what ``read(..., written=)`` checks grads against.  (Addresses are compared
+    across devices: CUDA's unified addressing gives host and devices one address space.)"""
+    keep = end > start
+    order = np.argsort(start[keep], kind="stable")
+    s, e = start[keep][order], end[keep][order]
+    if not len(s):
+        return np.empty((0, 2), np.int64)
+    reach = np.maximum.accumulate(e)
+    first = np.flatnonzero(np.r_[True, s[1:] > reach[:-1]])  # where a merged range begins
+    return np.stack([s[first], reach[np.r_[first[1:] - 1, len(s) - 1]]], axis=1)
 
 
 def meets(written, start, end):

@@ -305,14 +305,15 @@ class FusedOptimizer:
             plan = self._plans[id(group)] = _Plan(self, group, params, live, grads)
             if group.get("flat"):  # the grads were re-homed into the plan's buffer
                 grads = list(map(_GRAD, params))
-        if plan.fallback:  # (before the engines: no half-done step)
+        if plan.fallback:
+            # first: an error of torch's there ends the step before the engines ran (no
+            # param, grad or state of the two sets shares memory: the order is free)
             refuse_torch(self, group, [params[i] for i in plan.fallback])
+            torch_step(self, group, [params[i] for i in plan.fallback], *amp)
         self._bump_versions(group, [params[i] for i in plan.take], plan)
         for idx, bucket in plan.buckets:
             keep = [_local(grads[i]).contiguous() for i in idx]
             self._run(bucket, group, np.fromiter(map(_PTR, keep), np.int64, len(keep)), amp)
-        if plan.fallback:
-            torch_step(self, group, [params[i] for i in plan.fallback], *amp)
 
     def _bump_versions(self, group, params, plan):
         # autograd's in-place check: a param's version moves as torch's in-place updates

@@ -49,43 +49,34 @@ def _unfit(opt, group, p, g, st, slots):
     return opt._unfit_state(group, p, st)
 
 
-def _overlapping(tensors):
-    """Indices of tensors whose memory overlaps another's on the same device (a param
-    given twice, views of one storage): the engines update all chunks at once, torch one
-    param after another."""
-    hit, devices = set(), {}
-    for k, t in enumerate(tensors):
-        devices.setdefault(t.device, []).append(k)
-    for ks in devices.values():
-        ptr = np.array([tensors[k].data_ptr() for k in ks], dtype=np.int64)
-        end = ptr + np.array([tensors[k].numel() * tensors[k].element_size() for k in ks],
-                             dtype=np.int64)
-        reach, who = -1, -1
-        for k in np.argsort(ptr, kind="stable"):
-            if ptr[k] < reach and end[k] > ptr[k]:
-                hit.update((ks[k], ks[who]))
-            if end[k] > reach:
-                reach, who = end[k], k
-    return hit
+def _overlapping(start, end):
+    """Indices of the [start, end) ranges that overlap another (a param given twice, views
+    of one storage): the engines update all chunks at once, torch one param after
+    another.  A sweep in order of start: a range that starts before the reach of those
+    before it overlaps the one that reached furthest (and every overlapping one is found
+    so, as each is either that one or starts inside it)."""
+    keep = np.flatnonzero(end > start)
+    order = keep[np.argsort(start[keep], kind="stable")]
+    s, e = start[order], end[order]
+    if len(s) < 2:
+        return set()
+    reach = np.maximum.accumulate(e)
+    who = np.maximum.accumulate(np.where(e == reach, np.arange(len(e)), 0))
+    q = np.flatnonzero(s[1:] < reach[:-1]) + 1
+    return set(order[q].tolist()) | set(order[who[q - 1]].tolist())
 
 
 def _memory(state, params, idx, need):
-    """(tensors, owners): the params at ``idx`` and their ``state`` tensors (step counters
-    included) that have memory on a CPU or GPU, each with the index of its param."""
+    """(tensors, owners, start, end): the params at ``idx`` and their ``state`` tensors
+    (step counters included), each with the index of its param and the [start, end) of
+    its memory (host.spans: empty where it has none)."""
     tensors, owner = [], []
     for i in idx:
         st = (state.get(params[i]) or {}) if need else {}
-        for t in [params[i], *(v for v in st.values() if torch.is_tensor(v))]:
-            t = _local(t)
-            try:  # (a sparse or storage-less tensor has no memory to share)
-                has_memory = t.layout is torch.strided and t.device.type in ("cpu", "cuda") \
-                    and t.untyped_storage().nbytes() > 0
-            except (RuntimeError, NotImplementedError):
-                has_memory = False
-            if has_memory:
-                tensors.append(t)
-                owner.append(i)
-    return tensors, owner
+        for t in (params[i], *(v for v in st.values() if torch.is_tensor(v))):
+            tensors.append(_local(t))
+            owner.append(i)
+    return (tensors, owner, *host.spans(tensors))
 
 
 def _sharing(opt, params, take, need):
@@ -93,24 +84,24 @@ def _sharing(opt, params, take, need):
     counters included), overlaps another of these tensors: a param given twice, a step
     counter shared by two params (torch counts it up once per param), a moment that is
     the param itself or another moment.  torch's for-loop steps those params."""
-    tensors, owner = _memory(opt.state, params, take, need)
+    _, owner, start, end = _memory(opt.state, params, take, need)
     pos = {i: k for k, i in enumerate(take)}
-    return {pos[owner[j]] for j in _overlapping(tensors)}
+    return {pos[owner[j]] for j in _overlapping(start, end)}
 
 
-def _meeting(opt, params, live, grads, need):
+def _meeting(opt, params, live, need, local):
     """Indices of the params whose grad meets memory the step writes (a live param's or
     its state's: `p1.grad = p0.detach()`), and of the params that memory belongs to:
     torch reads such a grad before or after that update, by param order; the engines
-    update all at once.  torch's for-loop steps them all, in its order."""
-    tensors, owner = _memory(opt.state, params, live, need)
-    gs = [i for i in live if grads[i].layout is torch.strided and grads[i].device.type in ("cpu", "cuda")]
-    spans = np.array([host.span(_local(grads[i])) for i in gs], np.int64).reshape(-1, 2)
+    update all at once.  torch's for-loop steps them all, in its order.  (The grads are
+    checked by host.read, as at every step.)"""
+    _, owner, start, end = _memory(opt.state, params, live, need)
+    G = host.read([params[i] for i in live], [], local, host.ranges(start, end))[1]
     out = set()
-    for k in np.flatnonzero(host.meets(host.ranges(tensors), spans[:, 0], spans[:, 1])):
-        s, e = spans[k]
-        out.add(gs[k])  # and the owners of what it meets (rare: a scan of every tensor)
-        out.update(o for t, o in zip(tensors, owner) if host.span(t)[0] < e and s < host.span(t)[1])
+    for k in np.flatnonzero(G[:, -1] & host.MEETS):  # rare: the owners of what it meets
+        s, e = host.span(_local(params[live[k]].grad))
+        out.add(live[k])
+        out.update(owner[j] for j in np.flatnonzero((start < e) & (s < end)))
     return out
 
 
@@ -143,7 +134,7 @@ class _Plan:
                                "their 8-bit state would not be sharded as DTensors")
         for k in sorted(_sharing(opt, params, take, need), reverse=True):
             self.fallback.append(take.pop(k))
-        meeting = _meeting(opt, params, live, grads, need)
+        meeting = _meeting(opt, params, live, need, _local if self.dist else None)
         self.fallback += [i for i in take if i in meeting]
         take = [i for i in take if i not in meeting]
         self.fallback.sort()
@@ -205,8 +196,8 @@ class _Plan:
         # contiguous, not meeting written memory
         self.gwant = self.pfacts[:, 1:].copy()
         self.gwant[:, -1] |= host.CONTIGUOUS
-        tensors = _memory(self.state_obj, params, self.live, self.need)[0]
-        self.written, self.owned = host.ranges(tensors), host.owned(tensors)
+        tensors, _, start, end = _memory(self.state_obj, params, self.live, self.need)
+        self.written, self.owned = host.ranges(start, end), host.owned(tensors)
         if self.fallback:
             # torch's for-loop writes these params and their state: their facts too, so
             # that the memory written stays as recorded; their grads must not meet what
@@ -217,8 +208,8 @@ class _Plan:
                              ((self.state_obj.get(p) or {}) if self.need else {}).values()
                              if torch.is_tensor(v)]
             self.ffacts = host.read(self.fparams, self.fwatched, self.local)[::2]
-            self.engine_written = host.ranges(_memory(self.state_obj, params, self.take,
-                                                      self.need)[0])
+            self.engine_written = host.ranges(*_memory(self.state_obj, params, self.take,
+                                                       self.need)[2:])
 
     def grad_ptrs(self, params):
         """The fast path's proof and table: the grads' addresses, or None unless every

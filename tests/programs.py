@@ -9,7 +9,7 @@ Each seed picks an optimizer, an engine and ~12 operations: steps, zero_grad bot
 changes, vector_to_parameters, state entry replacement and deletion, state.clear(),
 load_state_dict (good, wrong shape, missing key), add_param_group, reordering
 group["params"], GradScaler steps with an inf, frozen params, grads set to None or of
-another size or dtype; with flat buffers or without.  After every operation: where torch raises, fusedopt raises the same
+another size or dtype, grads that are memory the step writes; with flat buffers or without.  After every operation: where torch raises, fusedopt raises the same
 exception type (and the program ends: torch's for-loop leaves a half-done step behind);
 otherwise the params agree within float32 rounding (torch's side replays its ops correctly
 rounded, fusedopt/arith.py).  Prints one line per program; exits 1 on a disagreement.
@@ -52,6 +52,7 @@ class Twin:
                     getattr(fusedopt, name).twin()(self.p[1], foreach=False, **HP[name])]
         self.scaler = None
         self.low = False
+        self.meets = []  # params whose grad is memory the step writes (op_grad_meets)
 
     def params(self, k):
         return [p for g in self.opt[k].param_groups for p in g["params"]]
@@ -62,12 +63,15 @@ class Twin:
               for p in self.params(1)]
         if inf and gs:
             gs[self.rng.randrange(len(gs))].view(-1)[0] = float("inf")
+        # one draw for both sides: a grad that aliases memory the step writes (op_grad_meets)
+        # must be written through, or replaced, alike on both
+        into = [self.rng.random() < 0.7 for _ in gs]
         for ps in (self.params(0), self.params(1)):
-            for p, g in zip(ps, gs):
+            for p, g, keep in zip(ps, gs, into):
                 if not (p.requires_grad and g.shape == p.shape):
                     continue
                 if p.grad is not None and p.grad.shape == g.shape and p.grad.dtype == g.dtype \
-                        and p.grad.layout is torch.strided and self.rng.random() < 0.7:
+                        and p.grad.layout is torch.strided and keep:
                     p.grad.copy_(g)  # as a backward accumulates into a zeroed grad
                 else:
                     p.grad = g.clone()
@@ -152,7 +156,9 @@ def op_vector_to_parameters(t):
     for k in range(2):
         ps = t.params(k)
         if len({p.dtype for p in ps}) == 1:
-            torch.nn.utils.vector_to_parameters(vec.to(ps[0].dtype), ps)
+            # a copy per side (vec.to(float32) would be vec itself: both sides' params
+            # would be one memory, and every later comparison vacuous)
+            torch.nn.utils.vector_to_parameters(vec.to(ps[0].dtype, copy=True), ps)
 
 
 def op_state_entry(t):
@@ -220,6 +226,13 @@ def op_scaler(t):
         t.scaler = [torch.amp.GradScaler("cpu", init_scale=256.0) for _ in range(2)]
         for s in t.scaler:
             s.scale(torch.ones(()))
+    # (a step skipped for an inf leaves the grads scaled, as torch's fused optimizers do;
+    # torch's for-loop unscales them in place: a grad that is a param's memory would
+    # show that difference, which README states: those grads are replaced first)
+    for p in t.meets:
+        if p.grad is not None:
+            p.grad = p.grad.clone()
+    t.meets.clear()
     t.grads(scale=256.0, inf=t.rng.random() < 0.5)
     try:
         t.step(run=lambda t, k: t.scaler[k].step(t.opt[k]))
@@ -266,9 +279,43 @@ def op_bad_grad(t):
     t.step()
 
 
+def _meets(t, side, k, j, how):
+    # the memory param k's grad is to alias on one side: a prefix of param j, of its own
+    # memory, or of param j's state tensor `how`; None where there is none that fits
+    ps, o = t.params(side), t.opt[side]
+    p = ps[k]
+    src = p if how == "own" else ps[j] if how == "other" else o.state.get(ps[j], {}).get(how)
+    if not torch.is_tensor(src) or src.dtype != p.dtype or src.numel() < p.numel() \
+            or not src.is_contiguous() or src.device != p.device:
+        return None
+    return src.detach().view(-1)[:p.numel()].view(p.shape)
+
+
+def op_grad_meets(t):
+    """A grad that is memory the step writes (another param's, its own, a state tensor's):
+    torch reads it before or after that tensor's update, in param order.  (Not with flat
+    buffers: a plan built there moves the params into new buffers, and a view of the old
+    memory no longer tracks them, README.)"""
+    if t.flat:
+        return
+    t.grads()
+    n = len(t.params(1))
+    k, j = t.rng.randrange(n), t.rng.randrange(n)
+    keys = sorted(key for key, v in t.opt[1].state.get(t.params(1)[j], {}).items()
+                  if torch.is_tensor(v) and v.dim() > 0)
+    how = t.rng.choice(["own", "other", "other", *keys])
+    views = [_meets(t, side, k, j, how) for side in (0, 1)]
+    if None in views or not t.params(1)[k].requires_grad:
+        return
+    for ps, v in zip((t.params(0), t.params(1)), views):
+        ps[k].grad = v
+    t.meets += [ps[k] for ps in (t.params(0), t.params(1))]
+    t.step()
+
+
 OPS = [op_step] * 6 + [op_zero_grad, op_replace_data, op_module_dtype, op_vector_to_parameters,
                        op_state_entry, op_load_state_dict, op_add_group, op_reorder, op_scaler,
-                       op_freeze, op_bad_grad]
+                       op_freeze, op_bad_grad, op_grad_meets]
 
 
 def compare(t, where):
@@ -280,7 +327,9 @@ def compare(t, where):
         a, b = a.detach(), b.detach()
         if t.low:  # torch's eps=1e-8 rounds to 0 in float16: inf or NaN
             a, b = a[b.isfinite()], b[b.isfinite()]
-        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{where}: {m}")
+        # (NaN where both are: a grad that is a second moment's memory, op_grad_meets,
+        # can make it negative for both)
+        torch.testing.assert_close(a, b, **tol, equal_nan=True, msg=lambda m: f"{where}: {m}")
 
 
 def program(seed, backends):

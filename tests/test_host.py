@@ -129,7 +129,7 @@ def test_grads_meeting_written_memory_are_flagged_alike_by_both_readers(reader):
     ps = [torch.nn.Parameter(torch.zeros(g.shape)) for g, _ in grads.values()]
     for p, (g, _) in zip(ps, grads.values()):
         p.grad = g
-    _, G, _ = host.read(ps, [], None, host.ranges(written), host.owned(written))
+    _, G, _ = host.read(ps, [], None, host.ranges(*host.spans(written)), host.owned(written))
     assert dict(zip(grads, (G[:, -1] & host.MEETS) != 0)) == {k: m for k, (_, m) in grads.items()}
     _, G0, _ = host.read(ps, [])
     np.testing.assert_array_equal(G0, G & ~host.MEETS)  # nothing else differs
@@ -179,3 +179,15 @@ def test_state_swapped_in_place_is_used_as_torch_uses_it(name):
         _grads(ps, s)
         _step(opts)
         _same(ps)
+
+
+def test_ranges_merge_what_overlaps_or_touches_and_drop_what_is_empty():
+    start = np.array([50, 0, 10, 30, 5, 70, 90, 90], np.int64)
+    end = np.array([60, 10, 20, 40, 8, 75, 90, 95], np.int64)
+    np.testing.assert_array_equal(host.ranges(start, end),
+                                  [[0, 20], [30, 40], [50, 60], [70, 75], [90, 95]])
+    assert host.ranges(start[:0], end[:0]).shape == (0, 2)
+    # meets: half-open ranges, an empty query meets nothing
+    w = host.ranges(start, end)
+    q0, q1 = np.array([20, 19, 40, 41, 0, 55, 92]), np.array([30, 21, 50, 45, 0, 55, 93])
+    assert host.meets(w, q0, q1).tolist() == [False, True, False, False, False, False, True]
