@@ -232,11 +232,13 @@ class Factored:
         return torch.Size(s)
 
     def _unfit_state(self, group, p, st):
-        # factors missing, or of another param's shape (p.data = ... of another size):
-        # torch's for-loop raises its AssertionError or RuntimeError, param by param
+        # factors missing, or of another param's shape (p.data = ... of another size) or
+        # dtype (model.half(): torch's lerp_ takes no other dtype): torch's for-loop raises
+        # its AssertionError or RuntimeError, param by param, in its order
         for k in self._factor_names(p) if st else ():
             v = st.get(k)
-            if not torch.is_tensor(v) or v.shape != self._state_shape(k, p) or v.device != p.device:
+            if not torch.is_tensor(v) or v.shape != self._state_shape(k, p) \
+                    or v.device != p.device or v.dtype != p.dtype:
                 return f"state {k!r} that does not fit the param"
         return None
 

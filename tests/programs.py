@@ -230,8 +230,8 @@ def op_scaler(t):
     # torch's for-loop unscales them in place: a grad that is a param's memory would
     # show that difference, which README states: those grads are replaced first)
     for p in t.meets:
-        if p.grad is not None:
-            p.grad = p.grad.clone()
+        if p.grad is not None:  # (.data: the param's dtype may have moved on since)
+            p.grad.data = p.grad.data.clone()
     t.meets.clear()
     t.grads(scale=256.0, inf=t.rng.random() < 0.5)
     try:
