@@ -97,6 +97,28 @@ def on_device(a, device):
     return torch.from_numpy(np.ascontiguousarray(a)).to(device)
 
 
+def one_buffer(vs, dtype=None, device=None):
+    """The tensors ``vs`` (of ``dtype`` and on ``device`` where given) as one flat view,
+    where they already lie one after another in one storage (as a plan built before left
+    them), else None.  A new plan then keeps the very tensors the state holds, which a
+    user may hold too (a grad may be a view of one), as torch's state stays the same
+    tensors step after step."""
+    if not all(torch.is_tensor(v) for v in vs):
+        return None
+    v0 = vs[0]
+    if (dtype is not None and v0.dtype != dtype) or (device is not None and v0.device != device):
+        return None
+    at = v0.storage_offset()
+    for v in vs:
+        if not (v.is_contiguous() and v.dtype == v0.dtype and v.device == v0.device
+                and v.untyped_storage().data_ptr() == v0.untyped_storage().data_ptr()
+                and v.storage_offset() == at):
+            return None
+        at += v.numel()
+    return v0.detach().as_strided((at - v0.storage_offset(),), (1,), v0.storage_offset())
+
+
+
 class _Bucket:
     """The params of one group that share device and dtype, ready for one engine call."""
 
@@ -156,10 +178,12 @@ class _Bucket:
         cdev = self.device if self.capturable else torch.device("cpu")
         if opt._has_step:
             # stacked, not read through float(): no host sync, even on the first step
-            steps = torch.stack([torch.as_tensor(st["step"]).to(cdev, scalar_dtype())
-                                 for st in states])
-            for k, st in enumerate(states):
-                st["step"] = steps[k]
+            steps = one_buffer([st["step"] for st in states], scalar_dtype(), cdev)
+            if steps is None:
+                steps = torch.stack([torch.as_tensor(st["step"]).to(cdev, scalar_dtype())
+                                     for st in states])
+                for k, st in enumerate(states):
+                    st["step"] = steps[k]
         else:  # a private count: 0 for state created by this plan, so step 1 is its first
             steps = torch.tensor([0.0 if id(p) in fresh else 1.0 for p in params],
                                  dtype=torch.float64, device=cdev)
@@ -169,10 +193,12 @@ class _Bucket:
         # state entry a 0-d view, advanced in one op per step by the class
         self.scalars = {}
         for name in opt._scalars:
-            buf = torch.stack([torch.as_tensor(st[name]).to(cdev, scalar_dtype())
-                               for st in states])
-            for k, st in enumerate(states):
-                st[name] = buf[k]
+            buf = one_buffer([st[name] for st in states], scalar_dtype(), cdev)
+            if buf is None:
+                buf = torch.stack([torch.as_tensor(st[name]).to(cdev, scalar_dtype())
+                                   for st in states])
+                for k, st in enumerate(states):
+                    st[name] = buf[k]
             self.scalars[name] = buf
         # numpy views of the CPU ones (sharing memory): read as numbers without a torch op
         self.scalars_np = {n: b.numpy() for n, b in self.scalars.items() if b.device.type == "cpu"}

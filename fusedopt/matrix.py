@@ -12,7 +12,7 @@ call each.  ``Factored`` is what an optimizer with a factored second moment shar
 import numpy as np
 import torch
 
-from .bucket import _numba, _triton, on_device
+from .bucket import _numba, _triton, on_device, one_buffer
 
 
 def exact_sqrt(t):
@@ -204,9 +204,11 @@ def as_views(opt, group, entries, empty):
     are its own writes) and watched by the plan: a later `.data =` on one rebuilds it."""
     if not entries:
         return empty
-    buf = torch.cat([v.reshape(-1) for _, _, v in entries])
-    for (s, k, v), piece in zip(entries, buf.split([v.numel() for _, _, v in entries])):
-        s[k] = piece.view(v.shape)
+    buf = one_buffer([v for _, _, v in entries])
+    if buf is None:
+        buf = torch.cat([v.reshape(-1) for _, _, v in entries])
+        for (s, k, v), piece in zip(entries, buf.split([v.numel() for _, _, v in entries])):
+            s[k] = piece.view(v.shape)
     plan = opt._plans.get(id(group))
     if plan is not None:
         plan.changes = opt.state.changes

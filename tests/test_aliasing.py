@@ -7,7 +7,7 @@ import torch
 
 import fusedopt
 from harness import HP, NAMES
-from test_safety import _grads, _same_outcome, _step, _twins
+from test_safety import _grads, _same, _same_outcome, _step, _twins
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -139,3 +139,24 @@ def test_a_grad_meeting_written_memory_with_8bit_state_is_a_clear_error():
         opt.step()
     for p, b in zip(ps, before):
         assert torch.equal(p.detach(), b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_tensors_a_user_holds_stay_the_state_across_plan_rebuilds(name):
+    """torch's state stays the same tensors step after step; a plan rebuilt (here by
+    another param's `p.data = ...`) keeps them too (found by the random programs: Adafactor
+    moved its factors into a new buffer at every plan build, and a grad that was a view
+    of one stopped being the state)."""
+    ps, opts = _twins(name)
+    _grads(ps, 0)
+    _step(opts)
+    _grads(ps, 1)
+    _step(opts)  # (Adafactor's factors are one buffer from here)
+    held = [(st, k, v) for p in ps[0] for st in [opts[0].state[p]] for k, v in st.items()
+            if torch.is_tensor(v)]
+    for side in ps:
+        side[1].data = side[1].data.clone()
+    _grads(ps, 2)
+    _step(opts)
+    assert all(st[k] is v for st, k, v in held)
+    _same(ps)
