@@ -118,6 +118,18 @@ def one_buffer(vs, dtype=None, device=None):
     return v0.detach().as_strided((at - v0.storage_offset(),), (1,), v0.storage_offset())
 
 
+def _stacked(states, name, device):
+    # the 0-d state entries ``name`` of a bucket (step counters, NAdam's mu_product) as
+    # one buffer, each entry a view of it: the buffer they lie in already (one_buffer), or
+    # a new stack (not read through float(): no host sync, even on the first step)
+    buf = one_buffer([st[name] for st in states], scalar_dtype(), device)
+    if buf is None:
+        buf = torch.stack([torch.as_tensor(st[name]).to(device, scalar_dtype())
+                           for st in states])
+        for k, st in enumerate(states):
+            st[name] = buf[k]
+    return buf
+
 
 class _Bucket:
     """The params of one group that share device and dtype, ready for one engine call."""
@@ -177,13 +189,7 @@ class _Bucket:
         self.capturable = bool(group.get("capturable", False))
         cdev = self.device if self.capturable else torch.device("cpu")
         if opt._has_step:
-            # stacked, not read through float(): no host sync, even on the first step
-            steps = one_buffer([st["step"] for st in states], scalar_dtype(), cdev)
-            if steps is None:
-                steps = torch.stack([torch.as_tensor(st["step"]).to(cdev, scalar_dtype())
-                                     for st in states])
-                for k, st in enumerate(states):
-                    st["step"] = steps[k]
+            steps = _stacked(states, "step", cdev)
         else:  # a private count: 0 for state created by this plan, so step 1 is its first
             steps = torch.tensor([0.0 if id(p) in fresh else 1.0 for p in params],
                                  dtype=torch.float64, device=cdev)
@@ -193,13 +199,7 @@ class _Bucket:
         # state entry a 0-d view, advanced in one op per step by the class
         self.scalars = {}
         for name in opt._scalars:
-            buf = one_buffer([st[name] for st in states], scalar_dtype(), cdev)
-            if buf is None:
-                buf = torch.stack([torch.as_tensor(st[name]).to(cdev, scalar_dtype())
-                                   for st in states])
-                for k, st in enumerate(states):
-                    st[name] = buf[k]
-            self.scalars[name] = buf
+            self.scalars[name] = _stacked(states, name, cdev)
         # numpy views of the CPU ones (sharing memory): read as numbers without a torch op
         self.scalars_np = {n: b.numpy() for n, b in self.scalars.items() if b.device.type == "cpu"}
         # the state tensors as the optimizer's state holds them, whose facts are re-read

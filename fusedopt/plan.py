@@ -79,23 +79,25 @@ def _memory(state, params, idx, need):
     return (tensors, owner, *host.spans(tensors))
 
 
-def _sharing(opt, params, take, need):
+def _sharing(take, memory):
     """Positions in ``take`` of the params whose memory, or whose state tensors' (step
     counters included), overlaps another of these tensors: a param given twice, a step
     counter shared by two params (torch counts it up once per param), a moment that is
-    the param itself or another moment.  torch's for-loop steps those params."""
-    _, owner, start, end = _memory(opt.state, params, take, need)
+    the param itself or another moment.  torch's for-loop steps those params.
+    ``memory``: _memory() of the live params, a superset of ``take``."""
+    _, owner, start, end = memory
     pos = {i: k for k, i in enumerate(take)}
-    return {pos[owner[j]] for j in _overlapping(start, end)}
+    sel = np.flatnonzero(np.isin(owner, take))
+    return {pos[owner[sel[j]]] for j in _overlapping(start[sel], end[sel])}
 
 
-def _meeting(opt, params, live, need, local):
+def _meeting(params, live, memory, local):
     """Indices of the params whose grad meets memory the step writes (a live param's or
     its state's: `p1.grad = p0.detach()`), and of the params that memory belongs to:
     torch reads such a grad before or after that update, by param order; the engines
     update all at once.  torch's for-loop steps them all, in its order.  (The grads are
-    checked by host.read, as at every step.)"""
-    _, owner, start, end = _memory(opt.state, params, live, need)
+    checked by host.read, as at every step.)  ``memory``: _memory() of ``live``."""
+    _, owner, start, end = memory
     G = host.read([params[i] for i in live], [], local, host.ranges(start, end))[1]
     out = set()
     for k in np.flatnonzero(G[:, -1] & host.MEETS):  # rare: the owners of what it meets
@@ -132,9 +134,10 @@ class _Plan:
         if self.dist and group.get("state_dtype") == torch.uint8:
             raise RuntimeError("state_dtype=torch.uint8 does not take DTensor (FSDP2) params yet: "
                                "their 8-bit state would not be sharded as DTensors")
-        for k in sorted(_sharing(opt, params, take, need), reverse=True):
+        memory = _memory(opt.state, params, live, need)  # (before state made here)
+        for k in sorted(_sharing(take, memory), reverse=True):
             self.fallback.append(take.pop(k))
-        meeting = _meeting(opt, params, live, need, _local if self.dist else None)
+        meeting = _meeting(params, live, memory, _local if self.dist else None)
         self.fallback += [i for i in take if i in meeting]
         take = [i for i in take if i not in meeting]
         self.fallback.sort()
@@ -196,7 +199,7 @@ class _Plan:
         # contiguous, not meeting written memory
         self.gwant = self.pfacts[:, 1:].copy()
         self.gwant[:, -1] |= host.CONTIGUOUS
-        tensors, _, start, end = _memory(self.state_obj, params, self.live, self.need)
+        tensors, owner, start, end = _memory(self.state_obj, params, self.live, self.need)
         self.written, self.owned = host.ranges(start, end), host.owned(tensors)
         if self.fallback:
             # torch's for-loop writes these params and their state: their facts too, so
@@ -208,8 +211,8 @@ class _Plan:
                              ((self.state_obj.get(p) or {}) if self.need else {}).values()
                              if torch.is_tensor(v)]
             self.ffacts = host.read(self.fparams, self.fwatched, self.local)[::2]
-            self.engine_written = host.ranges(*_memory(self.state_obj, params, self.take,
-                                                       self.need)[2:])
+            taken = np.isin(owner, self.take)
+            self.engine_written = host.ranges(start[taken], end[taken])
 
     def grad_ptrs(self, params):
         """The fast path's proof and table: the grads' addresses, or None unless every
