@@ -9,6 +9,7 @@ and contiguity, no check, no version bump).  Each step comes after a pass over
 as many bytes as the step touches, as after backward in training (cold caches).
 
     python bench/check_cost.py --workloads many-small,tiny --rounds 15
+    python bench/check_cost.py --lookups --workloads tiny --rounds 60   (host.read alone)
 """
 import argparse
 import time
@@ -83,12 +84,40 @@ def measure(name, shapes, rounds, cls):
           f"us per tensor: {extra}", flush=True)
 
 
+def lookups(name, shapes, rounds):
+    """host.read alone, rounds alternating between no grads' memory check, the check with
+    every grad looked up, and the check skipping fresh grads (as a step does where every
+    written tensor is an allocation of its own), each after a cache-evicting pass."""
+    opt = _optimizer(fusedopt.Adam, shapes, host.native())
+    (pl,) = opt._plans.values()
+    params = opt.param_groups[0]["params"]
+    flush = torch.empty(sum(p.numel() for p in params) * 3)
+    modes = {"unchecked": (None, False), "every grad looked up": (pl.written, False),
+             "fresh grads skipped": (pl.written, True)}
+    times = {m: [] for m in modes}
+    for r in range(rounds):
+        for mode, (written, owned) in modes.items():
+            flush.fill_(r)
+            t = time.perf_counter()
+            host.read(params, pl.watched, None, written, owned)
+            times[mode].append(time.perf_counter() - t)
+    base = [np.median(times["unchecked"]), np.percentile(times["unchecked"], 25)]
+    print(f"Adam  {name:11} host.read {base[0] * 1e3:.2f} ms (median); added: " + ", ".join(
+        f"{m} {(np.median(v) - base[0]) * 1e3:+.2f} / {(np.percentile(v, 25) - base[1]) * 1e3:+.2f} ms"
+        for m, v in times.items() if m != "unchecked") + " (median / 25th percentile)", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--workloads", default="many-small,tiny")
     ap.add_argument("--optim", default="adam,sgd")
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--lookups", action="store_true", help="time the grads' memory lookups alone")
     args = ap.parse_args()
+    if args.lookups:
+        for w in args.workloads.split(","):
+            lookups(w, WORKLOADS[w](), args.rounds)
+        return
     for o in args.optim.split(","):
         cls = {c.lower(): getattr(fusedopt, c) for c in ("Adam", "SGD", "AdamW")}[o]
         for w in args.workloads.split(","):
