@@ -59,9 +59,9 @@ class Adafactor(Factored, FusedOptimizer, torch.optim.Adafactor):
         if inv is not None:
             inv = float(inv) if inv.device.type == "cpu" else inv.to(bucket.device)
         flags = dict(self._all_flags(group, SCALE_GRAD=inv is not None), REDUCE=True)
-        h = (0.0,) * 6 + (inv,) if inv is not None else ()
+        h = lambda co: (*co, *(0.0,) * (11 - len(co)), inv) if inv is not None else co  # noqa: E731
         run = lambda fl, mask, vecs, co: tab.run(bucket, self._rule, fl, mask, gptr, vecs,  # noqa: E731
-                                                 (*co, *h))
+                                                 h(co))  # (inv: h11, see rules.FLAGS)
         one = rows.new_ones(1)
         # pass 1: |p|**2 (alpha), g**2 per row and column; the factors' lerp (per param
         # where the step counters differ), and per matrix the mean of its row factor
@@ -76,9 +76,11 @@ class Adafactor(Factored, FusedOptimizer, torch.optim.Adafactor):
         if len(x["col_tensor"]):
             cols.lerp_(cmean, weight("col_tensor"))
             means = tab.row_means(rows, x).clamp(min=eps1)  # torch's mean, clamped
-        # pass 2: |update|**2 (denom; mask 8: the total alone); pass 3: the update
+        # pass 2: |update|**2 (denom; mask 8: the total alone), a matrix's with a factor
+        # 1 / sqrt(col) per column (rules.adafactor); pass 3: the update
         vecs, co = (rows, cols, means, one), (*co, eps1 * eps1, 1.0)
-        usq = run(dict(flags, SECOND=True), 7 | 8, vecs, (*co, 0.0))[0]
+        second = (rows, cols.double().rsqrt().to(dt), means, one)
+        usq = run(dict(flags, SECOND=True), 7 | 8, second, (*co, 0.0, 1 / eps1))[0]
         # torch's Python floats: max(eps2, |p| / sqrt(n)) * min(lr, 1 / sqrt(step)) and
         # max(1, |update| / (sqrt(n) * d)), the norms rounded to the param's dtype
         f64 = lambda v: torch.as_tensor(v, dtype=torch.float64)  # noqa: E731

@@ -24,7 +24,11 @@ def exact_sqrt(t):
 class Tables:
     def __init__(self, shapes, backend, device):
         self.backend, self.device = backend, device
-        chunk = (_numba() if backend == "numba" else _triton()).CHUNK
+        if backend == "numba":
+            from .kernels import numba_matrix
+            chunk = numba_matrix.CHUNK
+        else:
+            chunk = _triton().CHUNK
         F, tid, rs, re, roff, cbase = [], [], [], [], [0], [0]
         for t, s in enumerate(shapes):
             n = int(np.prod(s, dtype=np.int64))
@@ -91,8 +95,8 @@ class Tables:
             if sums:
                 if getattr(self, "_rows", None) is None:
                     self._rows = np.empty(self.nrows)
-                rows = self._rows
-                part = np.empty((2 if f64 else 1) * len(self.cidx))  # (float64: compensations)
+                    self._part = np.empty((2 if f64 else 1) * len(self.cidx))  # (float64:
+                rows, part = self._rows, self._part                      # compensations)
             tot = np.empty(nchunk)
             numba_matrix.run_matrix(rule, flags, dtypes, mask, P, G, S, C, self.tid, self.rs,
                                     self.re, self.F, self.roff, self.coff, tot, rows, part)
@@ -136,6 +140,7 @@ class Tables:
             x = {k: torch.as_tensor(getattr(self, k), device=device) for k in
                  ("F", "factored", "row_tensor", "col_tensor", "mat_rows")}
             at = np.flatnonzero(self.factored[self.row_tensor])  # the factored rows
+            x["frows"] = torch.as_tensor(at, device=device)  # (the others: one element each)
             # the matrices of each row count: their rows' places, their own
             x["means"] = [(int(r), torch.as_tensor(at[np.isin(self.row_mat, m)], device=device),
                            torch.as_tensor(m, device=device))
@@ -149,8 +154,6 @@ class Tables:
         squares per row (of factored tensors) and column, rounded in the param's dtype
         ``dt`` at each op as torch's are; a 1-D tensor's rows are its g**2 (rounded)."""
         x, op = self.on(self.device), torch.float64 if dt == torch.float64 else torch.float32
-        if "frows" not in x:  # the rows of factored tensors (the others: one element each)
-            x["frows"] = torch.nonzero(x["factored"][x["row_tensor"]]).reshape(-1)
         fr, F = x["frows"], x["F"]
         if self.backend == "numba" and dt == torch.float32:  # (a buffer of these tables)
             from .kernels import numba_matrix

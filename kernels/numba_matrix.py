@@ -12,7 +12,10 @@ from numba import prange
 from . import numba_ops, rules
 from .numba_engine import _IO, _PARALLEL, _SOURCE_HASH, _kernels, _voidptr, JIT
 
-TILE = 256  # columns of a row taken at once (see _matrix_template)
+TILE = 256  # columns of a row taken at once (float64 params: see _matrix_template)
+# elements of whole rows per chunk (a chunk has its own column partials: 4x numba_engine's
+# CHUNK cut those to write and add up from 20 MB to 5 MB on GPT-2 shapes, 2.3 ms to 0.6)
+CHUNK = 1 << 18
 
 
 @numba.njit(inline="always", **JIT)
@@ -155,15 +158,19 @@ def _matrix_template(KEY, MASK, DT, SDT, EXACT):
                 TOT[ci] = _vector(p, g, a, b, c, mat, RS[ci], RE[ci], ROWS, ROFF[t], h0, h1, h2,
                                   h3, h4, h5, h6, h7, h8, h9, h10, h11)
                 continue
-            # a row is taken in tiles of TILE columns: its squares' scratch (and the tile
-            # of the column sums) then stays in L1 (whole rows of 3072 columns, 24 KiB a
-            # scratch array, ran pass 1 of Adafactor at a third of the speed)
+            # float64 params: a row is taken in tiles of TILE columns, so that its squares'
+            # scratch (and the tile of the column sums) stays in L1 (whole rows of 3072
+            # columns, 24 KiB a scratch array, ran pass 1 of Adafactor at a third of the
+            # speed).  Else the sums need no scratch: the kernel is compiled with
+            # reassociation (run_matrix), so LLVM splits them over vector lanes itself,
+            # and whole rows ran pass 1 ~10 % faster than tiles of 256 (GPT-2 shapes)
+            tile = TILE if EXACT else ncol
             xs = np.empty(TILE if REDUCE else 0, np.float64)  # a tile's squares
             ys = np.empty(TILE if REDUCE else 0, np.float64)
             for row in range(RS[ci], RE[ci]):
                 rsum = rc = np.float64(0)
-                for j0 in range(0, ncol, TILE):
-                    m = min(TILE, ncol - j0)
+                for j0 in range(0, ncol, tile):
+                    m = min(tile, ncol - j0)
                     # slices: LLVM then vectorizes the loop (indexing whole arrays with
                     # base + j, it did not: the kernel ran at ~7 % of the memory roof)
                     pr = p[row * ncol + j0:row * ncol + j0 + m]
@@ -186,17 +193,20 @@ def _matrix_template(KEY, MASK, DT, SDT, EXACT):
                                           h8, h9, h10, h11)
                         if REDUCE:
                             x64, y64 = np.float64(x), np.float64(y)
-                            xs[j] = x64 * x64
-                            if not MASK & 8:
-                                y2 = y64 * y64
-                                ys[j] = y2
-                                if EXACT:  # (float64 params: per column, so no chain)
+                            if EXACT:
+                                xs[j] = x64 * x64
+                                if not MASK & 8:
+                                    ys[j] = y64 * y64
                                     cs[j], cc[j] = _kahan(cs[j], cc[j], y64)
-                                else:  # squares of float32 values: exact in float64
+                            else:  # squares of float32 values: exact in float64
+                                tot += x64 * x64
+                                if not MASK & 8:
+                                    y2 = y64 * y64
+                                    rsum += y2
                                     cs[j] += y2
                         else:
                             pr[j] = store(x)
-                    if REDUCE:
+                    if REDUCE and EXACT:
                         # a tile's sums in float64 lanes (see _lanes), added up over the
                         # row's tiles and the chunk's rows with Kahan's compensation
                         if not MASK & 8:
@@ -231,5 +241,10 @@ def run_matrix(rule, flags, dtypes, mask, P, G, S, C, TID, RS, RE, F, ROFF, COFF
             types.FunctionType(vec.__code__, kgl, "_vector", None, vec.__closure__))
         code = types.FunctionType(proto.__code__, kgl, proto.__name__, None, proto.__closure__)
         code.__qualname__ = f"matrix_{rule}_{key:x}"
-        fn = _kernels[k] = numba.njit(parallel=_PARALLEL[0], cache=True, **JIT)(code)
+        # a reduction over float32 math: its sums may be reassociated (squares of float32
+        # values are exact in float64, and a chunk's sum of them is good to ~CHUNK * 2**-53;
+        # the rules' outputs are only summed there).  Never a kernel that stores params
+        fast = dict(flags)["REDUCE"] and dtypes[0] != "float64"
+        fn = _kernels[k] = numba.njit(parallel=_PARALLEL[0], cache=True,
+                                      fastmath={"reassoc"} if fast else False, **JIT)(code)
     fn(P, G, S[0], S[1], S[2], C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS, CPART)

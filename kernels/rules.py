@@ -218,8 +218,8 @@ def lion(p, g, m, unused_b, unused_c, decay, lr, beta1, beta1_rest, beta2, beta2
     return p, m, unused_b, unused_c
 
 
-def adafactor(p, g, row, col, mean, wd, l1, eps1_sq, one, step_size, h5, h6, h7, h8, h9,
-              h10, h11):
+def adafactor(p, g, row, col, mean, wd, l1, eps1_sq, one, step_size, inv_eps1, h6, h7, h8,
+              h9, h10, h11):
     # Run by the matrix kernel: row, col and mean are the element's row factor, column
     # factor and its matrix's clamped row-factor mean (for a 1-D param: its variance, 1, 1).
     # torch's order: var = row * col / mean (matmul, div_), clamp to eps1**2, rsqrt as
@@ -227,9 +227,18 @@ def adafactor(p, g, row, col, mean, wd, l1, eps1_sq, one, step_size, h5, h6, h7,
     # p + step_size * update (add with alpha: one fma), step_size = -alpha / denom.
     # The first REDUCE pass sums p**2 (alpha) and g**2 per row and column (the factors);
     # the second (SECOND) sums update**2 (denom): the update is recomputed each time
-    # rather than stored (it is as large as the param).
+    # rather than stored (it is as large as the param).  There, col is 1 / sqrt(col
+    # factor) (Adafactor._run), and the update g * min(sqrt(mean / row) * col, 1 / eps1):
+    # torch's but for rounding, with the division and square root per row (hoisted out of
+    # the columns' loop) and two multiplies per element instead of two divisions and a
+    # square root, which bound the pass on a CPU.  (The sum's one use, the denominator, is
+    # rounded to the param's dtype; torch's own float32 sum is no closer.)  A 1-D param's
+    # col and mean are 1: g * min(1 / sqrt(variance), 1 / eps1), as torch's.
     g = regularize(p, g, wd, l1)
-    update = ops.div(one, ops.sqrt(ops.maximum(ops.div(row * col, mean), eps1_sq))) * g
+    if SECOND:
+        update = g * -ops.maximum(-(ops.sqrt(ops.div(mean, row)) * col), -inv_eps1)  # min
+    else:
+        update = ops.div(one, ops.sqrt(ops.maximum(ops.div(row * col, mean), eps1_sq))) * g
     out, sq = p, g
     if SECOND:
         out, sq = update, update

@@ -48,6 +48,51 @@ def test_reduction_pass_sums(backend, dtype):
     torch.testing.assert_close(cols.double(), want_cols, rtol=rtol, atol=0)
 
 
+def _updates_norm(opt, p, eps1):
+    """torch's update**2 summed in float64, from the factors the step left in the state."""
+    st, g = opt.state[p], p.grad.double()
+    if g.dim() < 2:
+        var = st["variance"].double()
+    else:
+        row, col = st["row_var"].double(), st["col_var"].double()
+        var = (row @ col) / row.mean(dim=-2, keepdim=True).clamp(min=eps1)
+    clamped = int((var < eps1 * eps1).sum())
+    return (g * var.clamp(min=eps1 * eps1).rsqrt()).square().sum(), clamped
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_pass_sums_the_updates_squares(backend, dtype, monkeypatch):
+    """Pass 2 (the denominator) takes a matrix's update from a factor per row and per
+    column (rules.adafactor, MATRIX) instead of torch's ops per element: per tensor it
+    is torch's sum of update**2 but for rounding, with rows and columns clamped at eps1**2
+    (zero and tiny gradients), 1-D, 2-D and 3-D params."""
+    gen = torch.Generator().manual_seed(3)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in SHAPES]
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+    eps1 = torch.finfo(dtype).eps
+    ps[1].grad[3] = 0  # a zero row: its factor is 0, its scale inf, clamped
+    ps[1].grad[5] *= eps1 / 100  # tiny rows and columns: below eps1**2, clamped
+    ps[5].grad[1, :, 7] *= eps1 / 100
+    ps[5].grad[2, 11] = 0
+    seen = []
+    run = Tables.run
+
+    def spy(self, bucket, rule, flags, *args):
+        out = run(self, bucket, rule, flags, *args)
+        if flags.get("SECOND"):
+            seen.append(out[0].double().clone())
+        return out
+    monkeypatch.setattr(Tables, "run", spy)
+    opt = fusedopt.Adafactor(ps, lr=1e-2, backend=backend)
+    opt.step()
+    want, clamped = zip(*(_updates_norm(opt, p, eps1) for p in ps))
+    assert clamped[1] >= 2 * 17 and clamped[5] >= 300 + 257, clamped  # (not vacuous)
+    rtol = 1e-12 if dtype == torch.float64 and backend == "numba" else 2e-6
+    torch.testing.assert_close(seen[0], torch.stack(want), rtol=rtol, atol=0)
+
+
 BAD = [dict(lr=-1.0), dict(beta2_decay=0.5), dict(eps=(-1.0, 1e-3)), dict(eps=(None, -1.0)),
        dict(d=0.5), dict(weight_decay=-0.1), dict(lr=torch.tensor([1e-3, 1e-3]))]
 
