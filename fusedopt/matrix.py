@@ -155,13 +155,17 @@ class Tables:
         ``dt`` at each op as torch's are; a 1-D tensor's rows are its g**2 (rounded)."""
         x, op = self.on(self.device), torch.float64 if dt == torch.float64 else torch.float32
         fr, F = x["frows"], x["F"]
-        if self.backend == "numba" and dt == torch.float32:  # (a buffer of these tables)
+        if self.backend == "numba" and dt == torch.float32:  # the same ops in one pass
             from .kernels import numba_matrix
-            if getattr(self, "_rmean", None) is None:
+            if getattr(self, "_rmean", None) is None:  # (the rows': a buffer of these tables)
                 self._rmean = np.empty(self.nrows, np.float32)
-            rmean = torch.from_numpy(numba_matrix.to_float32(rsum.numpy(), self._rmean))
-        else:
-            rmean = rsum.to(dt)
+                self._counts = (np.where(self.factored[self.row_tensor],
+                                         self.F[self.row_tensor, 0], 0),
+                                self.F[self.col_tensor, 1])
+            return tuple(torch.from_numpy(numba_matrix.means_float32(s.numpy(), n, out))
+                         for s, n, out in zip((rsum, csum), self._counts,
+                                              (self._rmean, np.empty(len(csum), np.float32))))
+        rmean = rsum.to(dt)
         if len(fr):  # only there: the formula over the (few) rows of the matrices
             rmean[fr] = ((exact_sqrt(rsum[fr]).to(dt) ** 2).to(op)
                          / F[x["row_tensor"][fr], 0].to(op)).to(dt)

@@ -46,8 +46,34 @@ def _r5w1(a, b, d, f, g):
             x[i] += y[i] + w[i] + u[i] + z[i]
 
 
+@numba.njit(parallel=True, cache=True, fastmath={"reassoc"}, error_model="numpy")
+def _r1w0(a):
+    # read-only streams (bench/adafactor_floor.py: the passes of a step that reduces)
+    s = numba.float32(0)
+    for c in prange((a.size + CHUNK - 1) // CHUNK):
+        x = a[c * CHUNK:min(a.size, (c + 1) * CHUNK)]
+        t = numba.float32(0)
+        for i in range(x.size):
+            t += x[i]
+        s += t
+    return s
+
+
+@numba.njit(parallel=True, cache=True, fastmath={"reassoc"}, error_model="numpy")
+def _r2w0(a, b):
+    s = numba.float32(0)
+    for c in prange((a.size + CHUNK - 1) // CHUNK):
+        x, y = a[c * CHUNK:min(a.size, (c + 1) * CHUNK)], b[c * CHUNK:min(a.size, (c + 1) * CHUNK)]
+        t = numba.float32(0)
+        for i in range(x.size):
+            t += x[i] + y[i]
+        s += t
+    return s
+
+
 def stream(reads, writes):
-    return {(2, 1): _r2w1, (3, 2): _r3w2, (4, 3): _r4w3, (5, 1): _r5w1}[(reads, writes)]
+    return {(2, 1): _r2w1, (3, 2): _r3w2, (4, 3): _r4w3, (5, 1): _r5w1, (1, 0): _r1w0,
+            (2, 0): _r2w0}[(reads, writes)]
 
 
 def gpu_stream(reads, writes):

@@ -93,6 +93,29 @@ def test_second_pass_sums_the_updates_squares(backend, dtype, monkeypatch):
     torch.testing.assert_close(seen[0], torch.stack(want), rtol=rtol, atol=0)
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e-40, 1e30])
+def test_factor_means_in_one_pass_as_torchs_ops(scale):
+    """The CPU engine's float32 factors' means (numba_matrix.means_float32, one pass) are
+    bit for bit torch's ops on the sums: a matrix's norm per row and column, rounded once,
+    squared and divided by the count in float32; a 1-D param's rows rounded to float32."""
+    gen = torch.Generator().manual_seed(1)
+    tab = Tables(SHAPES, "numba", torch.device("cpu"))
+    rsum = torch.rand(tab.nrows, generator=gen, dtype=torch.float64) * scale
+    csum = torch.rand(tab.ncolsum, generator=gen, dtype=torch.float64) * scale
+    rsum[:3], csum[:3] = torch.tensor([0.0, float("inf"), float("nan")], dtype=torch.float64), 0
+    rmean, cmean = tab.factor_means(rsum, csum, torch.float32)
+    norm = torch.from_numpy(np.sqrt(rsum.numpy())).float()
+    count = torch.cat([torch.full((s[-2] * int(np.prod(s[:-2])),), s[-1]) if len(s) > 1
+                       else torch.zeros(s[0], dtype=torch.int64) for s in SHAPES])
+    want = torch.where(count > 0, norm ** 2 / count.float(), rsum.float())
+    assert torch.equal(rmean.isnan(), want.isnan())
+    assert torch.equal(rmean.nan_to_num(), want.nan_to_num())
+    ncount = torch.cat([torch.full((s[-1] * int(np.prod(s[:-2])),), s[-2]) for s in SHAPES
+                        if len(s) > 1])
+    assert torch.equal(cmean, torch.from_numpy(np.sqrt(csum.numpy())).float() ** 2
+                       / ncount.float())
+
+
 BAD = [dict(lr=-1.0), dict(beta2_decay=0.5), dict(eps=(-1.0, 1e-3)), dict(eps=(None, -1.0)),
        dict(d=0.5), dict(weight_decay=-0.1), dict(lr=torch.tensor([1e-3, 1e-3]))]
 
