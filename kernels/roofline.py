@@ -63,7 +63,8 @@ def _r1w0(a):
 def _r2w0(a, b):
     s = numba.float32(0)
     for c in prange((a.size + CHUNK - 1) // CHUNK):
-        x, y = a[c * CHUNK:min(a.size, (c + 1) * CHUNK)], b[c * CHUNK:min(a.size, (c + 1) * CHUNK)]
+        s0, e = c * CHUNK, min(a.size, (c + 1) * CHUNK)
+        x, y = a[s0:e], b[s0:e]
         t = numba.float32(0)
         for i in range(x.size):
             t += x[i] + y[i]
