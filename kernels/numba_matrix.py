@@ -88,16 +88,14 @@ def _vector_template(MASK, EXACT):
     # elements: ROWS).  EXACT (float64 params): the total keeps Kahan's compensation
     # (plain sums put float64 Adafactor's error above torch's in test_parity).
     # Else squares of float32 values are exact in float64, and a chunk sums at most CHUNK
-    # of them: MASK bit 8 (the total alone) sums them in float64 lanes (see _lanes; as a
-    # chain the adds' latency bounded the pass), else in one chain beside the rows' stores
-    # (measured: a loop storing the squares twice, to the rows and to scratch, ran slower)
+    # of them: one sum, which LLVM splits over vector lanes (the reducing kernel is compiled
+    # with reassociation: run_matrix)
     def vector(p, g, a, b, c, mat, r0, r1, ROWS, roff, h0, h1, h2, h3, h4, h5, h6, h7, h8,
                h9, h10, h11):
         tot = tc = np.float64(0)
         # slices, not base + j indexing of whole arrays: else LLVM does not vectorize
         pr, gr, ar = p[r0:r1], g[r0:r1], a[r0:r1]
         rows = ROWS[roff + r0:roff + r1] if REDUCE and not MASK & 8 else ROWS[:0]
-        xs = np.empty(r1 - r0 if REDUCE and MASK & 8 and not EXACT else 0, np.float64)
         for j in range(r1 - r0):
             pv = load(pr[j])
             gv = load(gr[j])
@@ -115,16 +113,12 @@ def _vector_template(MASK, EXACT):
                 x64, y64 = np.float64(x), np.float64(y)
                 if EXACT:
                     tot, tc = _kahan(tot, tc, x64)
-                elif MASK & 8:
-                    xs[j] = x64 * x64
                 else:
                     tot += x64 * x64
                 if not MASK & 8:
                     rows[j] = y64 * y64
             else:
                 pr[j] = store(x)
-        if REDUCE and MASK & 8 and not EXACT:
-            tot = _lanes(xs)
         return tot - tc
     return vector
 
@@ -173,8 +167,8 @@ def _matrix_template(KEY, MASK, DT, SDT, EXACT):
             # reassociation (run_matrix), so LLVM splits them over vector lanes itself,
             # and whole rows ran pass 1 ~10 % faster than tiles of 256 (GPT-2 shapes)
             tile = TILE if EXACT else ncol
-            xs = np.empty(TILE if REDUCE else 0, np.float64)  # a tile's squares
-            ys = np.empty(TILE if REDUCE else 0, np.float64)
+            xs = np.empty(TILE if REDUCE and EXACT else 0, np.float64)  # a tile's squares
+            ys = np.empty(TILE if REDUCE and EXACT else 0, np.float64)
             for row in range(RS[ci], RE[ci]):
                 rsum = rc = np.float64(0)
                 for j0 in range(0, ncol, tile):
