@@ -6,6 +6,7 @@ whole gradient, then the norm of the whole update.  Its three passes are streams
 own: read p and g (sums of squares), read g (the update's norm), read p and g and write p
 (the update).  Timed here side by side, in rounds (median over rounds), with the step:
 their sum is the floor of a three-pass step on this machine, whatever its arithmetic.
+Each pass's engine call inside the step is timed too (CPU engine).
 
     python bench/adafactor_floor.py --workload gpt2-124m --rounds 9
 """
@@ -19,7 +20,21 @@ import torch
 import fusedopt
 from fusedopt.benchmark import _make
 from fusedopt.workloads import WORKLOADS
-from fusedopt.kernels import roofline
+from fusedopt.kernels import numba_matrix, roofline
+
+
+def _passes(times):
+    # time each engine call of the step, named by its pass (rules.adafactor's flags)
+    run = numba_matrix.run_matrix
+
+    def timed(rule, flags, *args):
+        f = dict(flags)
+        name = "pass 3 kernel" if not f["REDUCE"] else \
+            "pass 2 kernel" if f["SECOND"] else "pass 1 kernel"
+        t = time.perf_counter()
+        run(rule, flags, *args)
+        times.setdefault(name, []).append(time.perf_counter() - t)
+    numba_matrix.run_matrix = timed
 
 
 def main(argv=None):
@@ -41,6 +56,7 @@ def main(argv=None):
         fn()
         fn()
     times = {k: [] for k in runs}
+    _passes(times)
     for _ in range(a.rounds):
         for k, fn in runs.items():
             t = time.perf_counter()
@@ -48,13 +64,17 @@ def main(argv=None):
             times[k].append(time.perf_counter() - t)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     roof, step = med["roof (5 reads, 1 write)"], med["fusedopt Adafactor step"]
-    floor = sum(v for k, v in med.items() if k.startswith("pass"))
+    floor = sum(v for k, v in med.items() if " stream " in k)
     print(f"Adafactor on {a.workload}: {n / 1e6:.1f}M params, 24 B each, median of "
           f"{a.rounds} rounds (ms)")
     nbytes = dict(zip(runs, (24, 8, 4, 12, 24)))  # per param
     for k, v in med.items():
+        if k.endswith("kernel"):
+            continue
         print(f"  {k:34} {v:8.2f}  {nbytes[k] * n / v / 1e6:6.1f} GB/s")
     print(f"  {'floor: the three passes streams':34} {floor:8.2f}")
+    for k in sorted(k for k in med if k.endswith("kernel")):
+        print(f"  {k + ' (in the step)':34} {med[k]:8.2f}")
     print(f"floor {100 * roof / floor:.0f} % of the roof; the step {100 * roof / step:.0f} % "
           f"of the roof, {100 * floor / step:.0f} % of the floor")
 
