@@ -76,11 +76,10 @@ class Adafactor(Factored, FusedOptimizer, torch.optim.Adafactor):
         if len(x["col_tensor"]):
             cols.lerp_(cmean, weight("col_tensor"))
             means = tab.row_means(rows, x).clamp(min=eps1)  # torch's mean, clamped
-        # pass 2: |update|**2 (denom; mask 8: the total alone), a matrix's with a factor
-        # 1 / sqrt(col) per column (rules.adafactor); pass 3: the update
-        vecs, co = (rows, cols, means, one), (*co, eps1 * eps1, 1.0)
-        second = (rows, cols.double().rsqrt().to(dt), means, one)
-        usq = run(dict(flags, SECOND=True), 7 | 8, second, (*co, 0.0, 1 / eps1))[0]
+        # pass 2: |update|**2 (denom; mask 8: the total alone), pass 3: the update, each
+        # from a factor per row and 1 / sqrt(col) per column (rules.adafactor)
+        vecs, top = (rows, cols.double().rsqrt().to(dt), means, one), 1 / eps1
+        usq = run(dict(flags, SECOND=True), 7 | 8, vecs, (*co, 0.0, top))[0]
         # torch's Python floats: max(eps2, |p| / sqrt(n)) * min(lr, 1 / sqrt(step)) and
         # max(1, |update| / (sqrt(n) * d)), the norms rounded to the param's dtype
         f64 = lambda v: torch.as_tensor(v, dtype=torch.float64)  # noqa: E731
@@ -90,7 +89,7 @@ class Adafactor(Factored, FusedOptimizer, torch.optim.Adafactor):
         alpha = torch.where(alpha > eps2, alpha, eps2) * rho
         denom = exact_sqrt(usq).to(dt).double() / (n * d)
         denom = torch.where(denom > 1.0, denom, 1.0)
-        run(dict(flags, REDUCE=False, WRITE_GRAD=scaled), 7, vecs, (*co, -alpha / denom))
+        run(dict(flags, REDUCE=False, WRITE_GRAD=scaled), 7, vecs, (*co, -alpha / denom, top))
         for _, p, w in bucket.work:
             p.copy_(w)
 

@@ -218,27 +218,24 @@ def lion(p, g, m, unused_b, unused_c, decay, lr, beta1, beta1_rest, beta2, beta2
     return p, m, unused_b, unused_c
 
 
-def adafactor(p, g, row, col, mean, wd, l1, eps1_sq, one, step_size, inv_eps1, h6, h7, h8,
-              h9, h10, h11):
-    # Run by the matrix kernel: row, col and mean are the element's row factor, column
-    # factor and its matrix's clamped row-factor mean (for a 1-D param: its variance, 1, 1).
-    # torch's order: var = row * col / mean (matmul, div_), clamp to eps1**2, rsqrt as
-    # 1 / sqrt (two roundings, as torch's CPU rsqrt), times g; then p * (1 - lr * wd) and
-    # p + step_size * update (add with alpha: one fma), step_size = -alpha / denom.
+def adafactor(p, g, row, col, mean, wd, l1, step_size, inv_eps1, h4, h5, h6, h7, h8, h9,
+              h10, h11):
+    # Run by the matrix kernel: row and mean are the element's row factor and its matrix's
+    # clamped row-factor mean, col is 1 / sqrt(its column factor), computed per column on
+    # the host (Adafactor._run); for a 1-D param: its variance, 1, 1.
+    # torch's update is g * rsqrt(max(row * col / mean, eps1**2)) (a multiply, two
+    # divisions and a square root per element, which bound a pass on a CPU).  Here it is
+    # g * min(sqrt(mean / row) * col, 1 / eps1): the same but for rounding, with the
+    # division and square root per row (hoisted out of the columns' loop), two multiplies
+    # and a min per element.  A 1-D param: g * min(1 / sqrt(variance), 1 / eps1), torch's.
     # The first REDUCE pass sums p**2 (alpha) and g**2 per row and column (the factors);
-    # the second (SECOND) sums update**2 (denom): the update is recomputed each time
-    # rather than stored (it is as large as the param).  There, col is 1 / sqrt(col
-    # factor) (Adafactor._run), and the update g * min(sqrt(mean / row) * col, 1 / eps1):
-    # torch's but for rounding, with the division and square root per row (hoisted out of
-    # the columns' loop) and two multiplies per element instead of two divisions and a
-    # square root, which bound the pass on a CPU.  (The sum's one use, the denominator, is
-    # rounded to the param's dtype; torch's own float32 sum is no closer.)  A 1-D param's
-    # col and mean are 1: g * min(1 / sqrt(variance), 1 / eps1), as torch's.
+    # the second (SECOND) sums update**2 (denom), the third adds the update: it is
+    # recomputed each time rather than stored (it is as large as the param), the same
+    # update in both, so the denominator is that of the update applied.  Then
+    # p * (1 - lr * wd) and p + step_size * update (add with alpha: one fma),
+    # step_size = -alpha / denom.
     g = regularize(p, g, wd, l1)
-    if SECOND:
-        update = g * -ops.maximum(-(ops.sqrt(ops.div(mean, row)) * col), -inv_eps1)  # min
-    else:
-        update = ops.div(one, ops.sqrt(ops.maximum(ops.div(row * col, mean), eps1_sq))) * g
+    update = g * -ops.maximum(-(ops.sqrt(ops.div(mean, row)) * col), -inv_eps1)  # min
     out, sq = p, g
     if SECOND:
         out, sq = update, update

@@ -189,12 +189,13 @@ class _Eps1Unsquared(fusedopt.Adafactor):
     def _factors(self, group, bucket):
         tab, factors = super()._factors(group, bucket)
 
-        class Tables:  # the bucket's tables, their engine calls given sqrt(coefficient 2)
-            def __getattr__(self, name):
+        class Tables:  # the bucket's tables, their engine calls given 1 / sqrt(eps1) for
+            def __getattr__(self, name):  # 1 / eps1 (rules.adafactor's inv_eps1)
                 return getattr(tab, name)
 
             def run(self, bucket, rule, flags, mask, gptr, vecs, coeffs):
-                coeffs = (*coeffs[:2], coeffs[2] ** 0.5, *coeffs[3:])
+                if not flags["REDUCE"] or flags.get("SECOND"):
+                    coeffs = (*coeffs[:3], coeffs[3] ** 0.5, *coeffs[4:])
                 return tab.run(bucket, rule, flags, mask, gptr, vecs, coeffs)
         return Tables(), factors
 
