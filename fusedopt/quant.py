@@ -16,6 +16,8 @@ Params with fewer than ``MIN_NUMEL`` elements keep float32 state (the codes and 
 would save little and cost precision where it is cheapest): decided on the full param's
 size, never a shard's, so that every rank of a sharded param decides alike.
 """
+from math import inf
+
 import torch
 
 from .kernels import qmap
@@ -116,6 +118,10 @@ def engine_table():
     - above ``TOP_MID`` (between the largest value and 1) the code is 1's; at or under
       ``LOW[0]`` (half the smallest value) it is 0's.
 
+    Columns ``PLANES`` on hold the 256 values again as bytes (plane p: byte p of every
+    value), for the CPU engine's dequantization by byte permutes, and ``EXP_D``,
+    ``EXP_LOW`` the decade by y's binary exponent, for its codes by permutes (numba_quant).
+
     Every step is a float32 operation both engines perform alike, so their codes are
     equal; a code can differ from ``quantize``'s (float64, exact midpoints) only where y
     lies within rounding of a midpoint."""
@@ -133,6 +139,15 @@ def engine_table():
         out[row, qmap.NINTH] = 1 / 9
         out[row, qmap.TOP_MID] = (pos[-2] + pos[-1]) / 2
         out[row, qmap.TOP_K] = len(pos) - 1
+        planes = q.view(torch.uint8).view(256, 4).t().contiguous()  # (little-endian bytes)
+        out[row, qmap.PLANES:qmap.PLANES + 256] = planes.view(-1).view(torch.float32)
+        low = out[row, qmap.LOW + 1:qmap.LOW + 7]
+        for b in range(32):
+            lo, hi = (0.0 if b == 0 else 2.0 ** (b - 31)), 2.0 ** (b - 30) if b < 31 else inf
+            inside = low[(low >= lo) & (low < hi)]
+            assert len(inside) <= 1 and (b > 0 or not len(inside))
+            out[row, qmap.EXP_D + b] = int((low < lo).sum())
+            out[row, qmap.EXP_LOW + b] = inside[0] if len(inside) else inf
     return out
 
 

@@ -3,14 +3,142 @@ whose moment slots are uint8 codes with a float32 absmax per block of QBLOCK ele
 Each block is dequantized into float32 scratch, updated by the same rule, and quantized
 again with its new absmax, in the one pass over the chunk.  numba_engine compiles
 ``template8`` with these names in the kernel's globals (``GLOBALS``).
+
+Where the CPU has AVX-512 VBMI, the map is read by permutes of vector registers instead
+of a load per code and a chain of selects (_permute64, _codes16: LLVM intrinsics, the
+same values and codes bit for bit, tests/test_quant.py): the two took ~60 % of the step
+(GPT-2 shapes, 2 cores: 103 -> 64 ms).  Elsewhere, and for the last elements of a short
+block, the loops below.
 """
 # ruff: noqa: F821  (template8's code runs with numba_engine's globals: its helpers, the
 # rule, load/store and the flags are bound in by numba_engine._build)
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types as nt
+from numba.core import cgutils
+from numba.core.registry import cpu_target
+from numba.extending import intrinsic
 
 from . import numba_ops, qmap
 from .numba_engine import JIT, _bits_f32, _f32_bits
+
+# the CPU numba compiles for (its target machine's features) has AVX-512 VBMI's byte
+# permutes: the 8-bit map is then looked up 64 codes at a time (_lookup64) instead of one
+# load per code, which LLVM does not vectorize on AMD CPUs (a gather is costed too slow)
+# and which took ~30 % of the 8-bit step
+try:
+    _FEATURES = set(cpu_target.target_context.codegen()._tm_features.split(","))
+except Exception:  # (a numba without that attribute: the portable loop)
+    _FEATURES = set()
+VBMI = {"+avx512f", "+avx512bw", "+avx512vbmi"} <= _FEATURES
+_I8, _I32, _F32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
+
+
+@intrinsic
+def _permute64(typingctx, f, codes, T, absmax, j):
+    # f[j:j+64] = T[codes[j:j+64]] * absmax: the map's four byte planes (T's columns
+    # PLANES on) permuted by the codes (vpermi2b: 128 entries, the codes' top bit picks
+    # the half), the bytes interleaved back into float32 values, one multiply
+    sig = nt.void(f, codes, T, absmax, j)
+
+    def codegen(context, builder, sig, args):
+        ptr = [cgutils.create_struct_proxy(sig.args[k])(context, builder, value=args[k]).data
+               for k in range(3)]
+        v64, f64 = ir.VectorType(_I8, 64), ir.VectorType(_F32, 64)
+        load = lambda p: builder.load(builder.bitcast(p, v64.as_pointer()), align=1)  # noqa: E731
+        perm = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(v64, [v64, v64, v64]),
+            "llvm.x86.avx512.vpermi2var.qi.512")
+        idx = load(builder.gep(ptr[1], [args[4]]))
+        upper = builder.icmp_signed("<", idx, ir.Constant(v64, None))  # codes 128-255
+        base = builder.bitcast(builder.gep(ptr[2], [ir.Constant(_I32, qmap.PLANES)]),
+                               _I8.as_pointer())
+        q = [load(builder.gep(base, [ir.Constant(_I32, 64 * i)])) for i in range(16)]
+        planes = [builder.select(upper, builder.call(perm, [q[4 * p + 2], idx, q[4 * p + 3]]),
+                                 builder.call(perm, [q[4 * p], idx, q[4 * p + 1]]))
+                  for p in range(4)]
+        zip_ = ir.Constant(ir.VectorType(_I32, 128), [x for k in range(64) for x in (k, 64 + k)])
+        half = [builder.bitcast(builder.shuffle_vector(planes[p], planes[p + 1], zip_),
+                                ir.VectorType(ir.IntType(16), 64)) for p in (0, 2)]
+        values = builder.bitcast(builder.shuffle_vector(half[0], half[1], zip_), f64)
+        scale = builder.shuffle_vector(
+            builder.insert_element(ir.Constant(f64, None), args[3], ir.Constant(_I32, 0)),
+            ir.Constant(f64, None), ir.Constant(ir.VectorType(_I32, 64), [0] * 64))
+        out = builder.bitcast(builder.gep(ptr[0], [args[4]]), f64.as_pointer())
+        builder.store(builder.fmul(values, scale), out, align=4)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def _codes16(typingctx, codes, f, T, sc, inv, j, signed):
+    # codes[j:j+16] of f[j:j+16]: qcode's float32 operations in the same order, with the
+    # decade found from y's binary exponent (quant.engine_table's EXP_D, EXP_LOW: a
+    # permute of 32 entries each, one compare) and its P and PARTS by a permute of 16,
+    # instead of six compares and twelve selects per element
+    sig = nt.void(codes, f, T, sc, inv, j, signed)
+
+    def codegen(context, builder, sig, args):
+        ptr = [cgutils.create_struct_proxy(sig.args[k])(context, builder, value=args[k]).data
+               for k in range(3)]
+        v16, i16 = ir.VectorType(_F32, 16), ir.VectorType(_I32, 16)
+        splat = lambda x, t=v16: builder.shuffle_vector(  # noqa: E731
+            builder.insert_element(ir.Constant(t, None), x, ir.Constant(_I32, 0)),
+            ir.Constant(t, None), ir.Constant(i16, [0] * 16))
+        const = lambda x: ir.Constant(v16, float(x))  # noqa: E731
+        col = lambda c: builder.load(builder.bitcast(  # noqa: E731
+            builder.gep(ptr[2], [ir.Constant(_I32, c)]), v16.as_pointer()), align=4)
+        one = lambda c: builder.load(builder.gep(ptr[2], [ir.Constant(_I32, c)]))  # noqa: E731
+        fn = lambda name, ret, *a: builder.call(cgutils.get_or_insert_function(  # noqa: E731
+            builder.module, ir.FunctionType(ret, [x.type for x in a]), name), a)
+        x = builder.load(builder.bitcast(builder.gep(ptr[1], [args[5]]), v16.as_pointer()),
+                         align=4)
+        ax = fn("llvm.fabs.v16f32", v16, x)
+        y = builder.fmul(builder.fmul(ax, splat(args[3])), splat(args[4]))
+        e = builder.and_(builder.lshr(builder.bitcast(y, i16), ir.Constant(i16, 23)),
+                         ir.Constant(i16, 255))
+        b = builder.sub(e, ir.Constant(i16, 96))
+        b = builder.select(builder.icmp_signed("<", b, ir.Constant(i16, 0)), ir.Constant(i16, 0), b)
+        b = builder.select(builder.icmp_signed(">", b, ir.Constant(i16, 31)), ir.Constant(i16, 31), b)
+        pick32 = lambda c: fn("llvm.x86.avx512.vpermi2var.ps.512", v16,  # noqa: E731
+                              col(c), b, col(c + 16))
+        d = builder.fptosi(pick32(qmap.EXP_D), i16)
+        above = builder.fcmp_ordered(">", y, pick32(qmap.EXP_LOW))
+        d = builder.add(d, builder.zext(above, i16))
+        pr = fn("llvm.x86.avx512.permvar.sf.512", v16, col(qmap.P), d)
+        parts = fn("llvm.x86.avx512.permvar.sf.512", v16, col(qmap.PARTS), d)
+        t = builder.fmul(parts, fn("llvm.fma.v16f32", v16, y, pr, builder.fneg(splat(one(qmap.NINTH)))))
+        t = builder.select(builder.fcmp_ordered(">", t, const(0)), t, const(0))
+        u = builder.select(builder.icmp_signed("!=", args[6], ir.Constant(args[6].type, 0)),
+                           ir.Constant(_F32, 0.0), ir.Constant(_F32, 1.0))
+        lo = builder.fadd(builder.fsub(parts, splat(u)), builder.sitofp(builder.fptosi(t, i16), v16))
+        hi = builder.fsub(builder.fsub(builder.fadd(parts, parts), splat(u)), const(1))
+        k = builder.select(builder.fcmp_ordered("<", hi, lo), hi, lo)  # min(lo, hi)
+        k = builder.select(builder.fcmp_ordered(">", y, splat(one(qmap.TOP_MID))),
+                           splat(one(qmap.TOP_K)), k)
+        k = builder.select(builder.fcmp_ordered(">", y, splat(one(qmap.LOW))), k, const(0))
+        z = builder.fsub(const(1), splat(u))  # 1 signed, 0 unsigned: the code of 0 is 127 z
+        z = builder.fmul(z, const(127))
+        kz = builder.select(builder.fcmp_ordered("<", z, k), z, k)  # min(k, z)
+        pos = builder.or_(builder.fcmp_ordered(">=", x, const(0)),
+                          builder.fcmp_ordered("==", z, const(0)))
+        code = builder.select(pos, builder.fadd(z, k), builder.fsub(z, kz))
+        out = builder.trunc(builder.fptosi(code, i16), ir.VectorType(_I8, 16))
+        builder.store(out, builder.bitcast(builder.gep(ptr[0], [args[5]]),
+                                           ir.VectorType(_I8, 16).as_pointer()), align=1)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@numba.njit(inline="always", **JIT)
+def _loads64(f, codes, T, absmax, j):
+    # what _permute64 does, a load per code (CPUs without VBMI)
+    for i in range(j, j + 64):
+        f[i] = T[codes[i]] * absmax
+
+
+_lookup64 = _permute64 if VBMI else _loads64
 
 # mask bit 16 << i marks slot i as uint8 codes with a float32 absmax per block of QBLOCK
 # elements (tables A0..A2), bit 256 << i its map as signed
@@ -43,9 +171,39 @@ def qcode(y, low, ps, parts_, u, ninth, top_mid, top_k):
 
 @numba.njit(inline="always", **JIT)
 def dequantize(f, codes, m, T, absmax):
-    # a block's codes -> float32 scratch: a table lookup per element, in a loop of its own
-    for j in range(m):
+    # a block's codes -> float32 scratch, map[code] * absmax: 64 codes at a time (_lookup64),
+    # the rest of a short last block one by one
+    whole = m - m % 64
+    for j in range(0, whole, 64):
+        _lookup64(f, codes, T, absmax, j)
+    for j in range(whole, m):
         f[j] = T[codes[j]] * absmax
+
+
+@numba.njit(inline="always", **JIT)
+def _coded(codes, f, T, sc, inv, lo, hi, signed):
+    # codes[lo:hi] of f[lo:hi], one element at a time (qcode)
+    low = q7(T, qmap.LOW)  # (one per line: numba's array analysis fails on unpacking tuples)
+    ps = q7(T, qmap.P)
+    parts = q7(T, qmap.PARTS)
+    ninth = T[qmap.NINTH]
+    top_mid = T[qmap.TOP_MID]
+    top_k = T[qmap.TOP_K]
+    u = np.float32(0 if signed else 1)
+    z = np.float32(127 if signed else 0)  # the code of 0
+    for j in range(lo, hi):
+        k = qcode(abs(f[j]) * sc * inv, low, ps, parts, u, ninth, top_mid, top_k)
+        codes[j] = np.uint8(z + k if (f[j] >= 0 or not signed) else z - min(k, z))
+
+
+@numba.njit(inline="always", **JIT)
+def _permuted(codes, f, T, sc, inv, lo, hi, signed):
+    # codes[lo:hi] of f[lo:hi], hi - lo a multiple of 16, by _codes16
+    for j in range(lo, hi, 16):
+        _codes16(codes, f, T, sc, inv, j, signed)
+
+
+_coded16 = _permuted if VBMI else _coded
 
 
 @numba.njit(inline="always", **JIT)
@@ -61,17 +219,9 @@ def requantize(f, codes, m, T, signed):
     # 1 / qmap.TINY first, which is exact for x and absmax alike
     sc = np.float32(1 / qmap.TINY) if absmax < np.float32(qmap.TINY) else np.float32(1)
     inv = np.float32(1) / (absmax * sc)
-    low = q7(T, qmap.LOW)  # (one per line: numba's array analysis fails on unpacking tuples)
-    ps = q7(T, qmap.P)
-    parts = q7(T, qmap.PARTS)
-    ninth = T[qmap.NINTH]
-    top_mid = T[qmap.TOP_MID]
-    top_k = T[qmap.TOP_K]
-    u = np.float32(0 if signed else 1)
-    z = np.float32(127 if signed else 0)  # the code of 0
-    for j in range(m):
-        k = qcode(abs(f[j]) * sc * inv, low, ps, parts, u, ninth, top_mid, top_k)
-        codes[j] = np.uint8(z + k if (f[j] >= 0 or not signed) else z - min(k, z))
+    whole = m - m % 16
+    _coded16(codes, f, T, sc, inv, 0, whole, signed)
+    _coded(codes, f, T, sc, inv, whole, m, signed)
     return absmax
 
 

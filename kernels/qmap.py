@@ -9,7 +9,16 @@ PARTS = 270  # 7 columns: PARTS + i is the number of values in decade i
 NINTH = 277  # 1 / 9 (0.1 / 0.9: where a decade starts, in its own scale)
 TOP_MID = 278  # the midpoint between the map's largest value below 1 and 1
 TOP_K = 279  # the code of 1, counted from the code of 0
-TABLE = 280  # columns in a row
+# 256 columns: the map's values as four planes of bytes (plane p, 64 columns: byte p of
+# each value, in code order), which the CPU engine looks up with byte permutes
+PLANES = 280
+# 32 columns each: for y's float32 exponent field E, bucket b = clamp(E - 96, 0, 31) (y in
+# [2^(b-31), 2^(b-30)); b = 0 also takes what lies below), EXP_D + b is the count of
+# LOW[1..6] below the bucket, EXP_LOW + b the one LOW[1..6] inside it or inf: the decade
+# is EXP_D[b] + (y > EXP_LOW[b]), two permutes and a compare (numba_quant's _codes16)
+EXP_D = 536
+EXP_LOW = 568
+TABLE = 600  # columns in a row
 # a block whose absmax is under TINY is scaled by 1 / TINY (exactly) before the reciprocal
 # of its absmax is taken: a subnormal absmax has no finite float32 reciprocal
 TINY = 2.0 ** -64
