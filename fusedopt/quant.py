@@ -142,10 +142,11 @@ def engine_table():
         planes = q.view(torch.uint8).view(256, 4).t().contiguous()  # (little-endian bytes)
         out[row, qmap.PLANES:qmap.PLANES + 256] = planes.view(-1).view(torch.float32)
         low = out[row, qmap.LOW + 1:qmap.LOW + 7]
+        assert out[row, qmap.LOW] > 2.0 ** -31
         for b in range(32):
-            lo, hi = (0.0 if b == 0 else 2.0 ** (b - 31)), 2.0 ** (b - 30) if b < 31 else inf
+            lo, hi = 2.0 ** (b - 31), 2.0 ** (b - 30) if b < 31 else inf
             inside = low[(low >= lo) & (low < hi)]
-            assert len(inside) <= 1 and (b > 0 or not len(inside))
+            assert len(inside) <= 1
             out[row, qmap.EXP_D + b] = int((low < lo).sum())
             out[row, qmap.EXP_LOW + b] = inside[0] if len(inside) else inf
     return out

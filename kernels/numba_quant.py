@@ -3,12 +3,6 @@ whose moment slots are uint8 codes with a float32 absmax per block of QBLOCK ele
 Each block is dequantized into float32 scratch, updated by the same rule, and quantized
 again with its new absmax, in the one pass over the chunk.  numba_engine compiles
 ``template8`` with these names in the kernel's globals (``GLOBALS``).
-
-Where the CPU has AVX-512 VBMI, the map is read by permutes of vector registers instead
-of a load per code and a chain of selects (_permute64, _codes16: LLVM intrinsics, the
-same values and codes bit for bit, tests/test_quant.py): the two took ~60 % of the step
-(GPT-2 shapes, 2 cores: 103 -> 64 ms).  Elsewhere, and for the last elements of a short
-block, the loops below.
 """
 # ruff: noqa: F821  (template8's code runs with numba_engine's globals: its helpers, the
 # rule, load/store and the flags are bound in by numba_engine._build)
@@ -96,11 +90,10 @@ def _codes16(typingctx, codes, f, T, sc, inv, j, signed):
                          align=4)
         ax = fn("llvm.fabs.v16f32", v16, x)
         y = builder.fmul(builder.fmul(ax, splat(args[3])), splat(args[4]))
-        e = builder.and_(builder.lshr(builder.bitcast(y, i16), ir.Constant(i16, 23)),
-                         ir.Constant(i16, 255))
-        b = builder.sub(e, ir.Constant(i16, 96))
-        b = builder.select(builder.icmp_signed("<", b, ir.Constant(i16, 0)), ir.Constant(i16, 0), b)
-        b = builder.select(builder.icmp_signed(">", b, ir.Constant(i16, 31)), ir.Constant(i16, 31), b)
+        # y's exponent field (its sign bit is 0), of which the permutes read the low 5 bits:
+        # for y in [2^-31, 2) that is the bucket (qmap.EXP_D); a y below 2^-31 gets code 0
+        # whatever its decade (it is under LOW[0], checked last), and so does NaN
+        b = builder.lshr(builder.bitcast(y, i16), ir.Constant(i16, 23))
         pick32 = lambda c: fn("llvm.x86.avx512.vpermi2var.ps.512", v16,  # noqa: E731
                               col(c), b, col(c + 16))
         d = builder.fptosi(pick32(qmap.EXP_D), i16)

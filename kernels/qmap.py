@@ -12,10 +12,11 @@ TOP_K = 279  # the code of 1, counted from the code of 0
 # 256 columns: the map's values as four planes of bytes (plane p, 64 columns: byte p of
 # each value, in code order), which the CPU engine looks up with byte permutes
 PLANES = 280
-# 32 columns each: for y's float32 exponent field E, bucket b = clamp(E - 96, 0, 31) (y in
-# [2^(b-31), 2^(b-30)); b = 0 also takes what lies below), EXP_D + b is the count of
-# LOW[1..6] below the bucket, EXP_LOW + b the one LOW[1..6] inside it or inf: the decade
-# is EXP_D[b] + (y > EXP_LOW[b]), two permutes and a compare (numba_quant's _codes16)
+# 32 columns each: for y in [2^-31, 2) (float32 exponent field E in 96..127), bucket
+# b = E - 96 = E mod 32 (y in [2^(b-31), 2^(b-30))): EXP_D + b is the count of LOW[1..6]
+# below the bucket, EXP_LOW + b the one LOW[1..6] inside it or inf; the decade is
+# EXP_D[b] + (y > EXP_LOW[b]), two permutes and a compare (numba_quant's _codes16).  LOW[0]
+# lies above 2^-31: any smaller y has code 0 whatever its bucket
 EXP_D = 536
 EXP_LOW = 568
 TABLE = 600  # columns in a row
