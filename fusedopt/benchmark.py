@@ -195,16 +195,27 @@ def _graphed(cls_name, hp, shapes, device, dtype, ours):
 def _host_only(step):
     """The step with the engines' kernel calls replaced by nothing: what remains is the
     host's work (checks, tables, coefficients, counters), timed like the rest.  On a GPU
-    the launches are skipped too, so this is the host's side of the step."""
-    from .kernels import numba_engine, triton_engine
+    the launches are skipped too, so this is the host's side of the step.  The matrix
+    kernel's sums (Adafactor) come out as zeros: garbage there could be subnormal or NaN
+    in the state of the step timed for real."""
+    from .kernels import numba_engine, numba_matrix, triton_engine, triton_matrix
+    mods = (numba_engine, "run"), (triton_engine, "run"), (numba_matrix, "run_matrix"), \
+        (triton_matrix, "run_matrix")
+
+    def zeros(*args, **kw):  # (the numba matrix kernel's last three: its sums' buffers)
+        for out in args[-3:]:
+            if hasattr(out, "fill"):
+                out.fill(0)
 
     def fn():
-        saved = numba_engine.run, triton_engine.run
-        numba_engine.run = triton_engine.run = lambda *a, **k: None
+        saved = [getattr(m, name) for m, name in mods]
+        for m, name in mods:
+            setattr(m, name, zeros if m is numba_matrix else lambda *a, **k: None)
         try:
             step()
         finally:
-            numba_engine.run, triton_engine.run = saved
+            for (m, name), f in zip(mods, saved):
+                setattr(m, name, f)
     return fn
 
 

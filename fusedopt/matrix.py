@@ -58,6 +58,8 @@ class Tables:
         mat = np.repeat(self.rs // np.maximum(self.F[self.tid, 1], 1), self.ncols)
         self.cidx = np.where(factored[t], np.array(cbase[:-1], np.int64)[t]
                              + mat * self.F[t, 0] + j, self.ncolsum)
+        # each chunk's first column among them (a chunk's partials go to consecutive ones)
+        self.cstart = self.cidx[self.coff] if len(self.cidx) else self.coff
         self.max_cols = int(self.F[:, 0].max()) if len(F) else 1
         # for the caller's ops on the small vectors: each row's and column's tensor, each
         # factored matrix's rows, each factored row's matrix
@@ -103,7 +105,8 @@ class Tables:
             if not reduce:
                 return None
             per = np.bincount(self.tid, tot, len(self.F))
-            cols = numba_matrix.column_sums(part, self.cidx, self.ncolsum + 1, f64)[:-1] \
+            cols = numba_matrix.column_sums(part, self.coff, self.ncols, self.cstart,
+                                            self.ncolsum + 1, f64)[:-1] \
                 if sums else np.zeros(self.ncolsum)
             return tuple(torch.from_numpy(a) for a in (per, rows, cols))
         from .kernels import triton_matrix

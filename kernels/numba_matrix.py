@@ -51,14 +51,20 @@ def _lanes(v):
 
 
 @numba.njit(cache=True, **JIT)
-def column_sums(part, cidx, n, exact):
-    """The matrices' column sums from the chunks' partials (matrix kernel, CPART): added in
-    chunk order (deterministic), less their compensations where ``exact``; entry i goes to
-    column cidx[i] of n (the last: dropped entries)."""
+def column_sums(part, coff, ncols, start, n, exact):
+    """The matrices' column sums from the chunks' partials (matrix kernel, CPART): chunk c's
+    ncols[c] partials (from coff[c]) go to columns start[c] on, of n (the last: dropped
+    entries, 1-D chunks'), added in chunk order (deterministic), less their compensations
+    where ``exact`` (in the second half of part).  Contiguous runs, so the adds vectorize
+    (one scattered add per entry took ~0.4 ms a step on GPT-2 shapes)."""
     out = np.zeros(n)
-    half = cidx.shape[0]
-    for i in range(half):
-        out[cidx[i]] += (part[i] - part[half + i]) if exact else part[i]
+    half = part.shape[0] // 2 if exact else 0
+    for c in range(coff.shape[0]):
+        o = out[start[c]:start[c] + ncols[c]]
+        p = part[coff[c]:coff[c] + ncols[c]]
+        q = part[half + coff[c]:half + coff[c] + ncols[c]]
+        for j in range(ncols[c]):
+            o[j] += (p[j] - q[j]) if exact else p[j]
     return out
 
 
