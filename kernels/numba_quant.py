@@ -101,11 +101,13 @@ def _codes16(typingctx, codes, f, T, sc, inv, j, signed):
         d = builder.add(d, builder.zext(above, i16))
         pr = fn("llvm.x86.avx512.permvar.sf.512", v16, col(qmap.P), d)
         parts = fn("llvm.x86.avx512.permvar.sf.512", v16, col(qmap.PARTS), d)
-        t = builder.fmul(parts, fn("llvm.fma.v16f32", v16, y, pr, builder.fneg(splat(one(qmap.NINTH)))))
+        ninth = builder.fneg(splat(one(qmap.NINTH)))
+        t = builder.fmul(parts, fn("llvm.fma.v16f32", v16, y, pr, ninth))
         t = builder.select(builder.fcmp_ordered(">", t, const(0)), t, const(0))
         u = builder.select(builder.icmp_signed("!=", args[6], ir.Constant(args[6].type, 0)),
                            ir.Constant(_F32, 0.0), ir.Constant(_F32, 1.0))
-        lo = builder.fadd(builder.fsub(parts, splat(u)), builder.sitofp(builder.fptosi(t, i16), v16))
+        lo = builder.fadd(builder.fsub(parts, splat(u)),
+                          builder.sitofp(builder.fptosi(t, i16), v16))
         hi = builder.fsub(builder.fsub(builder.fadd(parts, parts), splat(u)), const(1))
         k = builder.select(builder.fcmp_ordered("<", hi, lo), hi, lo)  # min(lo, hi)
         k = builder.select(builder.fcmp_ordered(">", y, splat(one(qmap.TOP_MID))),
