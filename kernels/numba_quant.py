@@ -17,15 +17,17 @@ from numba.extending import intrinsic
 from . import numba_ops, qmap
 from .numba_engine import JIT, _bits_f32, _f32_bits
 
-# the CPU numba compiles for (its target machine's features) has AVX-512 VBMI's byte
-# permutes: the 8-bit map is then looked up 64 codes at a time (_lookup64) instead of one
+# what the CPU numba compiles for (its target machine's features) has: with AVX-512, the
+# codes are computed 16 at a time with permutes (_codes16); with AVX-512 VBMI's byte
+# permutes too, the 8-bit map is looked up 64 codes at a time (_lookup64) instead of one
 # load per code, which LLVM does not vectorize on AMD CPUs (a gather is costed too slow)
 # and which took ~30 % of the 8-bit step
 try:
     _FEATURES = set(cpu_target.target_context.codegen()._tm_features.split(","))
-except Exception:  # (a numba without that attribute: the portable loop)
+except Exception:  # (a numba without that attribute: the portable loops)
     _FEATURES = set()
-VBMI = {"+avx512f", "+avx512bw", "+avx512vbmi"} <= _FEATURES
+AVX512 = "+avx512f" in _FEATURES
+VBMI = AVX512 and {"+avx512bw", "+avx512vbmi"} <= _FEATURES
 _I8, _I32, _F32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
 
 
@@ -198,7 +200,7 @@ def _permuted(codes, f, T, sc, inv, lo, hi, signed):
         _codes16(codes, f, T, sc, inv, j, signed)
 
 
-_coded16 = _permuted if VBMI else _coded
+_coded16 = _permuted if AVX512 else _coded
 
 
 @numba.njit(inline="always", **JIT)

@@ -108,20 +108,13 @@ def test_8bit_reference_adam_trains_as_float64_adam():
     assert states[True][1]["exp_avg"].dtype == torch.float64
 
 
-@pytest.mark.skipif(not __import__("fusedopt.kernels.numba_quant").kernels.numba_quant.VBMI,
-                    reason="this CPU has no AVX-512 VBMI: the CPU engine has no permute path")
-@pytest.mark.parametrize("signed", [True, False])
-def test_permuted_codes_and_values_equal_the_loops(signed):
-    """The CPU engine's permute path (numba_quant._codes16, _permute64: 16 codes and 64
-    values at a time) against its element-by-element loops (qcode, a load per code), bit
-    for bit: every binary exponent's edges, every LOW and midpoint of the map and the
-    floats beside them, zeros of both signs, subnormals, inf and NaN, in blocks whose
-    absmax is 1, tiny (scaled by 2^64) or subnormal."""
-    import numba
+def _edges_and_specials(signed):
+    # every binary exponent's edges, every LOW and midpoint of the map and the floats beside
+    # them, zeros of both signs, subnormals, inf and NaN, random magnitudes: float32 numpy,
+    # a multiple of 64 long
     import numpy as np
-    from fusedopt.kernels import numba_quant as nq, qmap
-
-    T = quant.engine_table().numpy()[int(signed)].copy()
+    from fusedopt.kernels import qmap
+    T = quant.engine_table().numpy()[int(signed)]
     q = quant.dynamic_map(signed).double()
     edges = torch.cat([2.0 ** torch.arange(-40, 2, dtype=torch.float64),
                        torch.from_numpy(T[qmap.LOW:qmap.LOW + 7]).double(),
@@ -133,7 +126,24 @@ def test_permuted_codes_and_values_equal_the_loops(signed):
     wild = torch.randn(4096, generator=gen) * 10.0 ** torch.randint(-30, 2, (4096,),
                                                                     generator=gen)
     x = torch.cat([near, -near, special, -special, wild]).numpy()
-    x = np.concatenate([x, np.zeros((-len(x)) % 64, np.float32)])
+    return np.concatenate([x, np.zeros((-len(x)) % 64, np.float32)])
+
+
+_NQ = __import__("fusedopt.kernels.numba_quant").kernels.numba_quant
+
+
+@pytest.mark.skipif(not _NQ.AVX512, reason="no AVX-512 on this CPU: no permute path for codes")
+@pytest.mark.parametrize("signed", [True, False])
+def test_permuted_codes_equal_the_loop(signed):
+    """The CPU engine's codes by permutes (numba_quant._codes16, 16 at a time) against its
+    element-by-element loop (qcode), bit for bit, on _edges_and_specials in blocks whose
+    absmax is 1, tiny (scaled by 2^64, as requantize does) or subnormal."""
+    import numba
+    import numpy as np
+    from fusedopt.kernels import qmap
+    nq = _NQ
+    T = quant.engine_table().numpy()[int(signed)].copy()
+    x = _edges_and_specials(signed)
 
     @numba.njit
     def both(x, T, sc, inv, signed):
@@ -143,19 +153,33 @@ def test_permuted_codes_and_values_equal_the_loops(signed):
         nq._permuted(b, x, T, sc, inv, 0, len(x), signed)
         return a, b
 
-    @numba.njit
-    def values(f, codes, T, absmax):
-        for j in range(0, len(codes), 64):
-            nq._permute64(f, codes, T, absmax, j)
-
-    for absmax in (1.0, 1e-25, 1e-40):  # (scaled, as requantize does)
+    for absmax in (1.0, 1e-25, 1e-40):
         sc = np.float32(2.0 ** 64 if absmax < qmap.TINY else 1.0)
         inv = np.float32(1) / (np.float32(absmax) * sc)
         a, b = both((x * np.float32(absmax)).astype(np.float32), T, sc, inv, signed)
         assert np.array_equal(a, b), np.flatnonzero(a != b)[:5]
         assert len(set(a.tolist())) > 200  # (not vacuous: the codes span the map)
-        codes = np.arange(len(x)).astype(np.uint8)
-        got = np.empty(len(x), np.float32)
+
+
+@pytest.mark.skipif(not _NQ.VBMI, reason="no AVX-512 VBMI on this CPU: no permute path for values")
+@pytest.mark.parametrize("signed", [True, False])
+def test_permuted_values_equal_the_loads(signed):
+    """The CPU engine's dequantization by byte permutes (numba_quant._permute64, 64 at a
+    time) against a load per code, bit for bit, every code, scales 1, 1e-25, 1e-40."""
+    import numba
+    import numpy as np
+    nq = _NQ
+    T = quant.engine_table().numpy()[int(signed)].copy()
+
+    @numba.njit
+    def values(f, codes, T, absmax):
+        for j in range(0, len(codes), 64):
+            nq._permute64(f, codes, T, absmax, j)
+
+    codes = np.random.default_rng(0).integers(0, 256, 4096).astype(np.uint8)
+    codes[:256] = np.arange(256)
+    for absmax in (1.0, 1e-25, 1e-40):
+        got = np.empty(len(codes), np.float32)
         values(got, codes, T, np.float32(absmax))
         want = T[codes] * np.float32(absmax)
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
