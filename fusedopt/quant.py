@@ -120,12 +120,14 @@ def engine_table():
 
     Columns ``PLANES`` on hold the 256 values again as bytes (plane p: byte p of every
     value), for the CPU engine's dequantization by byte permutes, and ``EXP_D``,
-    ``EXP_LOW`` the decade by y's binary exponent, for its codes by permutes (numba_quant).
+    ``EXP_LOW`` (the decade by y's binary exponent) and ``PA`` ... ``PM`` (the decade's
+    constants) for its codes by permutes (numba_quant, kernels/qmap.py).
 
     Every step is a float32 operation both engines perform alike, so their codes are
     equal; a code can differ from ``quantize``'s (float64, exact midpoints) only where y
     lies within rounding of a midpoint."""
     out = torch.zeros(2, qmap.TABLE, dtype=torch.float32)
+    ints = out.view(torch.int32)  # (the columns the CPU engine reads as int32)
     for row, is_signed in enumerate((False, True)):
         q = dynamic_map(is_signed)
         out[row, :256] = q
@@ -147,8 +149,13 @@ def engine_table():
             lo, hi = 2.0 ** (b - 31), 2.0 ** (b - 30) if b < 31 else inf
             inside = low[(low >= lo) & (low < hi)]
             assert len(inside) <= 1
-            out[row, qmap.EXP_D + b] = int((low < lo).sum())
+            ints[row, qmap.EXP_D + b] = int((low < lo).sum())
             out[row, qmap.EXP_LOW + b] = inside[0] if len(inside) else inf
+        parts = out[row, qmap.PARTS:qmap.PARTS + 7]
+        out[row, qmap.PA:qmap.PA + 7] = parts * out[row, qmap.P:qmap.P + 7]
+        out[row, qmap.PB:qmap.PB + 7] = parts * out[row, qmap.NINTH]
+        ints[row, qmap.PK:qmap.PK + 7] = parts.int() - (0 if is_signed else 1)
+        ints[row, qmap.PM:qmap.PM + 7] = parts.int() - 1
     return out
 
 

@@ -96,32 +96,33 @@ def _codes16(typingctx, codes, f, T, sc, inv, j, signed):
         # for y in [2^-31, 2) that is the bucket (qmap.EXP_D); a y below 2^-31 gets code 0
         # whatever its decade (it is under LOW[0], checked last), and so does NaN
         b = builder.lshr(builder.bitcast(y, i16), ir.Constant(i16, 23))
-        pick32 = lambda c: fn("llvm.x86.avx512.vpermi2var.ps.512", v16,  # noqa: E731
-                              col(c), b, col(c + 16))
-        d = builder.fptosi(pick32(qmap.EXP_D), i16)
-        above = builder.fcmp_ordered(">", y, pick32(qmap.EXP_LOW))
-        d = builder.add(d, builder.zext(above, i16))
-        pr = fn("llvm.x86.avx512.permvar.sf.512", v16, col(qmap.P), d)
-        parts = fn("llvm.x86.avx512.permvar.sf.512", v16, col(qmap.PARTS), d)
-        ninth = builder.fneg(splat(one(qmap.NINTH)))
-        t = builder.fmul(parts, fn("llvm.fma.v16f32", v16, y, pr, ninth))
+        icol = lambda c: builder.bitcast(col(c), i16)  # noqa: E731  (int32 columns)
+        d = builder.bitcast(fn("llvm.x86.avx512.vpermi2var.ps.512", v16, col(qmap.EXP_D), b,
+                               col(qmap.EXP_D + 16)), i16)
+        above = builder.fcmp_ordered(">", y, fn("llvm.x86.avx512.vpermi2var.ps.512", v16,
+                                                col(qmap.EXP_LOW), b, col(qmap.EXP_LOW + 16)))
+        d = builder.select(above, builder.add(d, ir.Constant(i16, 1)), d)
+        pick = lambda c: fn("llvm.x86.avx512.permvar.sf.512", v16, col(c), d)  # noqa: E731
+        ipick = lambda c: fn("llvm.x86.avx512.permvar.si.512", i16, icol(c), d)  # noqa: E731
+        # qcode's t = PARTS * fma(y, P, -1/9) as one fma (the same bits), NaN and negatives
+        # to 0, then in int32: min(PARTS - u + int(t), 2 PARTS - u - 1) = PK + min(int(t), PM)
+        t = fn("llvm.fma.v16f32", v16, y, pick(qmap.PA), builder.fneg(pick(qmap.PB)))
         t = builder.select(builder.fcmp_ordered(">", t, const(0)), t, const(0))
-        u = builder.select(builder.icmp_signed("!=", args[6], ir.Constant(args[6].type, 0)),
-                           ir.Constant(_F32, 0.0), ir.Constant(_F32, 1.0))
-        lo = builder.fadd(builder.fsub(parts, splat(u)),
-                          builder.sitofp(builder.fptosi(t, i16), v16))
-        hi = builder.fsub(builder.fsub(builder.fadd(parts, parts), splat(u)), const(1))
-        k = builder.select(builder.fcmp_ordered("<", hi, lo), hi, lo)  # min(lo, hi)
-        k = builder.select(builder.fcmp_ordered(">", y, splat(one(qmap.TOP_MID))),
-                           splat(one(qmap.TOP_K)), k)
-        k = builder.select(builder.fcmp_ordered(">", y, splat(one(qmap.LOW))), k, const(0))
-        z = builder.fsub(const(1), splat(u))  # 1 signed, 0 unsigned: the code of 0 is 127 z
-        z = builder.fmul(z, const(127))
-        kz = builder.select(builder.fcmp_ordered("<", z, k), z, k)  # min(k, z)
+        ti = builder.fptosi(t, i16)  # (t in [0, ~2 PARTS]: defined)
+        zero = ir.Constant(i16, 0)
+        pm = ipick(qmap.PM)
+        ti = builder.select(builder.icmp_signed("<", pm, ti), pm, ti)
+        k = builder.add(ipick(qmap.PK), ti)
+        top_k = builder.fptosi(splat(one(qmap.TOP_K)), i16)
+        k = builder.select(builder.fcmp_ordered(">", y, splat(one(qmap.TOP_MID))), top_k, k)
+        k = builder.select(builder.fcmp_ordered(">", y, splat(one(qmap.LOW))), k, zero)
+        z = builder.select(builder.icmp_signed("!=", args[6], ir.Constant(args[6].type, 0)),
+                           ir.Constant(i16, [127] * 16), zero)  # the code of 0
+        kz = builder.select(builder.icmp_signed("<", z, k), z, k)  # min(k, z)
         pos = builder.or_(builder.fcmp_ordered(">=", x, const(0)),
-                          builder.fcmp_ordered("==", z, const(0)))
-        code = builder.select(pos, builder.fadd(z, k), builder.fsub(z, kz))
-        out = builder.trunc(builder.fptosi(code, i16), ir.VectorType(_I8, 16))
+                          builder.icmp_signed("==", z, zero))
+        code = builder.select(pos, builder.add(z, k), builder.sub(z, kz))
+        out = builder.trunc(code, ir.VectorType(_I8, 16))
         builder.store(out, builder.bitcast(builder.gep(ptr[0], [args[5]]),
                                            ir.VectorType(_I8, 16).as_pointer()), align=1)
         return context.get_dummy_value()

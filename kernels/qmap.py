@@ -17,9 +17,16 @@ PLANES = 280
 # below the bucket, EXP_LOW + b the one LOW[1..6] inside it or inf; the decade is
 # EXP_D[b] + (y > EXP_LOW[b]), two permutes and a compare (numba_quant's _codes16).  LOW[0]
 # lies above 2^-31: any smaller y has code 0 whatever its bucket
-EXP_D = 536
+EXP_D = 536  # (int32 bits)
 EXP_LOW = 568
-TABLE = 600  # columns in a row
+# 16 columns each, per decade d (0-6): PA = PARTS * P and PB = PARTS / 9 (exact: PARTS is
+# a power of 2), so that PARTS * fma(y, P, -1/9) is fma(y, PA, -PB) bit for bit; as int32
+# bits: PK, decade d's first code counted from the code of 0 (PARTS - u), and PARTS - 1
+PA = 600
+PB = 616
+PK = 632
+PM = 648
+TABLE = 664  # columns in a row
 # a block whose absmax is under TINY is scaled by 1 / TINY (exactly) before the reciprocal
 # of its absmax is taken: a subnormal absmax has no finite float32 reciprocal
 TINY = 2.0 ** -64
