@@ -156,6 +156,7 @@ def engine_table():
         out[row, qmap.PB:qmap.PB + 7] = parts * out[row, qmap.NINTH]
         ints[row, qmap.PK:qmap.PK + 7] = parts.int() - (0 if is_signed else 1)
         ints[row, qmap.PM:qmap.PM + 7] = parts.int() - 1
+        ints[row, qmap.TOP_KI] = len(pos) - 1
     return out
 
 

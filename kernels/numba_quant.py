@@ -113,7 +113,7 @@ def _codes16(typingctx, codes, f, T, sc, inv, j, signed):
         pm = ipick(qmap.PM)
         ti = builder.select(builder.icmp_signed("<", pm, ti), pm, ti)
         k = builder.add(ipick(qmap.PK), ti)
-        top_k = builder.fptosi(splat(one(qmap.TOP_K)), i16)
+        top_k = splat(builder.bitcast(one(qmap.TOP_KI), _I32), i16)
         k = builder.select(builder.fcmp_ordered(">", y, splat(one(qmap.TOP_MID))), top_k, k)
         k = builder.select(builder.fcmp_ordered(">", y, splat(one(qmap.LOW))), k, zero)
         z = builder.select(builder.icmp_signed("!=", args[6], ir.Constant(args[6].type, 0)),
@@ -218,7 +218,10 @@ def requantize(f, codes, m, T, signed):
     sc = np.float32(1 / qmap.TINY) if absmax < np.float32(qmap.TINY) else np.float32(1)
     inv = np.float32(1) / (absmax * sc)
     whole = m - m % 16
-    _coded16(codes, f, T, sc, inv, 0, whole, signed)
+    if sc == np.float32(1):  # (almost every block: the multiply by sc folded away)
+        _coded16(codes, f, T, np.float32(1), inv, 0, whole, signed)
+    else:
+        _coded16(codes, f, T, sc, inv, 0, whole, signed)
     _coded(codes, f, T, sc, inv, whole, m, signed)
     return absmax
 

@@ -26,7 +26,8 @@ PA = 600
 PB = 616
 PK = 632
 PM = 648
-TABLE = 664  # columns in a row
+TOP_KI = 664  # TOP_K as int32 bits
+TABLE = 665  # columns in a row
 # a block whose absmax is under TINY is scaled by 1 / TINY (exactly) before the reciprocal
 # of its absmax is taken: a subnormal absmax has no finite float32 reciprocal
 TINY = 2.0 ** -64
