@@ -19,7 +19,7 @@ PLANES = 280
 # lies above 2^-31: any smaller y has code 0 whatever its bucket
 EXP_D = 536  # (int32 bits)
 EXP_LOW = 568
-# 16 columns each, per decade d (0-6): PA = PARTS * P and PB = PARTS / 9 (exact: PARTS is
+# 16 columns each, per decade d (0-6): PA = PARTS * P and PB = PARTS * NINTH (exact: PARTS is
 # a power of 2), so that PARTS * fma(y, P, -1/9) is fma(y, PA, -PB) bit for bit; as int32
 # bits: PK, decade d's first code counted from the code of 0 (PARTS - u), and PARTS - 1
 PA = 600
