@@ -143,7 +143,8 @@ def engine_table():
         out[row, qmap.TOP_K] = len(pos) - 1
         planes = q.view(torch.uint8).view(256, 4).t().contiguous()  # (little-endian bytes)
         out[row, qmap.PLANES:qmap.PLANES + 256] = planes.view(-1).view(torch.float32)
-        low = out[row, qmap.LOW + 1:qmap.LOW + 7]
+        # the boundaries between decades, and TOP_MID: "decade 7", whose code is 1's
+        low = torch.cat([out[row, qmap.LOW + 1:qmap.LOW + 7], out[row, qmap.TOP_MID:][:1]])
         assert out[row, qmap.LOW] > 2.0 ** -31
         for b in range(32):
             lo, hi = 2.0 ** (b - 31), 2.0 ** (b - 30) if b < 31 else inf
@@ -156,7 +157,7 @@ def engine_table():
         out[row, qmap.PB:qmap.PB + 7] = parts * out[row, qmap.NINTH]
         ints[row, qmap.PK:qmap.PK + 7] = parts.int() - (0 if is_signed else 1)
         ints[row, qmap.PM:qmap.PM + 7] = parts.int() - 1
-        ints[row, qmap.TOP_KI] = len(pos) - 1
+        ints[row, qmap.PK + 7] = len(pos) - 1  # decade 7: t = 0, PM = 0, the code of 1
     return out
 
 

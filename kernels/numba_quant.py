@@ -94,7 +94,9 @@ def _codes16(typingctx, codes, f, T, sc, inv, j, signed):
         y = builder.fmul(builder.fmul(ax, splat(args[3])), splat(args[4]))
         # y's exponent field (its sign bit is 0), of which the permutes read the low 5 bits:
         # for y in [2^-31, 2) that is the bucket (qmap.EXP_D); a y below 2^-31 gets code 0
-        # whatever its decade (it is under LOW[0], checked last), and so does NaN
+        # whatever its decade (it is under LOW[0], checked last), and so does NaN.  y < 2
+        # holds: requantize's absmax is the block's largest |x|, so y <= 1 + 2^-23 (and
+        # inf, from a block of absmax inf, lands in bucket 31: decade 7, 1's code)
         b = builder.lshr(builder.bitcast(y, i16), ir.Constant(i16, 23))
         icol = lambda c: builder.bitcast(col(c), i16)  # noqa: E731  (int32 columns)
         d = builder.bitcast(fn("llvm.x86.avx512.vpermi2var.ps.512", v16, col(qmap.EXP_D), b,
@@ -113,8 +115,6 @@ def _codes16(typingctx, codes, f, T, sc, inv, j, signed):
         pm = ipick(qmap.PM)
         ti = builder.select(builder.icmp_signed("<", pm, ti), pm, ti)
         k = builder.add(ipick(qmap.PK), ti)
-        top_k = splat(builder.bitcast(one(qmap.TOP_KI), _I32), i16)
-        k = builder.select(builder.fcmp_ordered(">", y, splat(one(qmap.TOP_MID))), top_k, k)
         k = builder.select(builder.fcmp_ordered(">", y, splat(one(qmap.LOW))), k, zero)
         z = builder.select(builder.icmp_signed("!=", args[6], ir.Constant(args[6].type, 0)),
                            ir.Constant(i16, [127] * 16), zero)  # the code of 0

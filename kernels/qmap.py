@@ -13,21 +13,22 @@ TOP_K = 279  # the code of 1, counted from the code of 0
 # each value, in code order), which the CPU engine looks up with byte permutes
 PLANES = 280
 # 32 columns each: for y in [2^-31, 2) (float32 exponent field E in 96..127), bucket
-# b = E - 96 = E mod 32 (y in [2^(b-31), 2^(b-30))): EXP_D + b is the count of LOW[1..6]
-# below the bucket, EXP_LOW + b the one LOW[1..6] inside it or inf; the decade is
-# EXP_D[b] + (y > EXP_LOW[b]), two permutes and a compare (numba_quant's _codes16).  LOW[0]
-# lies above 2^-31: any smaller y has code 0 whatever its bucket
+# b = E - 96 = E mod 32 (y in [2^(b-31), 2^(b-30))): EXP_D + b is the count of the
+# boundaries LOW[1..6] and TOP_MID below the bucket, EXP_LOW + b the one inside it or
+# inf; the decade is EXP_D[b] + (y > EXP_LOW[b]), two permutes and a compare
+# (numba_quant's _codes16), and "decade 7" (above TOP_MID) is 1's code.  LOW[0] lies
+# above 2^-31: any smaller y has code 0 whatever its bucket
 EXP_D = 536  # (int32 bits)
 EXP_LOW = 568
 # 16 columns each, per decade d (0-6): PA = PARTS * P and PB = PARTS * NINTH (exact: PARTS is
 # a power of 2), so that PARTS * fma(y, P, -1/9) is fma(y, PA, -PB) bit for bit; as int32
-# bits: PK, decade d's first code counted from the code of 0 (PARTS - u), and PARTS - 1
+# bits: PK, decade d's first code counted from the code of 0 (PARTS - u), and PARTS - 1.
+# Decade 7: PA = PB = PM = 0, PK = TOP_K
 PA = 600
 PB = 616
 PK = 632
 PM = 648
-TOP_KI = 664  # TOP_K as int32 bits
-TABLE = 665  # columns in a row
+TABLE = 664  # columns in a row
 # a block whose absmax is under TINY is scaled by 1 / TINY (exactly) before the reciprocal
 # of its absmax is taken: a subnormal absmax has no finite float32 reciprocal
 TINY = 2.0 ** -64

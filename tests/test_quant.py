@@ -126,6 +126,9 @@ def _edges_and_specials(signed):
     wild = torch.randn(4096, generator=gen) * 10.0 ** torch.randint(-30, 2, (4096,),
                                                                     generator=gen)
     x = torch.cat([near, -near, special, -special, wild]).numpy()
+    # |x| <= absmax, as in requantize (absmax is the block's largest |x|): y is at most
+    # 1 + 2^-23, which _codes16 assumes (its bucket is the exponent field's low 5 bits)
+    x = x[(np.abs(x) <= 1) | ~np.isfinite(x)]
     return np.concatenate([x, np.zeros((-len(x)) % 64, np.float32)])
 
 
