@@ -31,6 +31,19 @@ VBMI = AVX512 and {"+avx512bw", "+avx512vbmi"} <= _FEATURES
 _I8, _I32, _F32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
 
 
+def _data(context, builder, sig, args, n):
+    # the data pointers of the intrinsic's first n arguments (arrays)
+    return [cgutils.create_struct_proxy(sig.args[k])(context, builder, value=args[k]).data
+            for k in range(n)]
+
+
+def _splat(builder, x, vtype):
+    # a vector of type vtype with x in every lane
+    return builder.shuffle_vector(
+        builder.insert_element(ir.Constant(vtype, None), x, ir.Constant(_I32, 0)),
+        ir.Constant(vtype, None), ir.Constant(ir.VectorType(_I32, vtype.count), [0] * vtype.count))
+
+
 @intrinsic
 def _permute64(typingctx, f, codes, T, absmax, j):
     # f[j:j+64] = T[codes[j:j+64]] * absmax: the map's four byte planes (T's columns
@@ -39,8 +52,7 @@ def _permute64(typingctx, f, codes, T, absmax, j):
     sig = nt.void(f, codes, T, absmax, j)
 
     def codegen(context, builder, sig, args):
-        ptr = [cgutils.create_struct_proxy(sig.args[k])(context, builder, value=args[k]).data
-               for k in range(3)]
+        ptr = _data(context, builder, sig, args, 3)
         v64, f64 = ir.VectorType(_I8, 64), ir.VectorType(_F32, 64)
         load = lambda p: builder.load(builder.bitcast(p, v64.as_pointer()), align=1)  # noqa: E731
         perm = cgutils.get_or_insert_function(
@@ -58,9 +70,7 @@ def _permute64(typingctx, f, codes, T, absmax, j):
         half = [builder.bitcast(builder.shuffle_vector(planes[p], planes[p + 1], zip_),
                                 ir.VectorType(ir.IntType(16), 64)) for p in (0, 2)]
         values = builder.bitcast(builder.shuffle_vector(half[0], half[1], zip_), f64)
-        scale = builder.shuffle_vector(
-            builder.insert_element(ir.Constant(f64, None), args[3], ir.Constant(_I32, 0)),
-            ir.Constant(f64, None), ir.Constant(ir.VectorType(_I32, 64), [0] * 64))
+        scale = _splat(builder, args[3], f64)
         out = builder.bitcast(builder.gep(ptr[0], [args[4]]), f64.as_pointer())
         builder.store(builder.fmul(values, scale), out, align=4)
         return context.get_dummy_value()
@@ -76,12 +86,9 @@ def _codes16(typingctx, codes, f, T, sc, inv, j, signed):
     sig = nt.void(codes, f, T, sc, inv, j, signed)
 
     def codegen(context, builder, sig, args):
-        ptr = [cgutils.create_struct_proxy(sig.args[k])(context, builder, value=args[k]).data
-               for k in range(3)]
+        ptr = _data(context, builder, sig, args, 3)
         v16, i16 = ir.VectorType(_F32, 16), ir.VectorType(_I32, 16)
-        splat = lambda x, t=v16: builder.shuffle_vector(  # noqa: E731
-            builder.insert_element(ir.Constant(t, None), x, ir.Constant(_I32, 0)),
-            ir.Constant(t, None), ir.Constant(i16, [0] * 16))
+        splat = lambda x, t=v16: _splat(builder, x, t)  # noqa: E731
         const = lambda x: ir.Constant(v16, float(x))  # noqa: E731
         col = lambda c: builder.load(builder.bitcast(  # noqa: E731
             builder.gep(ptr[2], [ir.Constant(_I32, c)]), v16.as_pointer()), align=4)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fusedopt import quant
+from fusedopt.kernels import numba_quant as _NQ
 
 
 @pytest.mark.parametrize("signed", [True, False])
@@ -132,7 +133,6 @@ def _edges_and_specials(signed):
     return np.concatenate([x, np.zeros((-len(x)) % 64, np.float32)])
 
 
-_NQ = __import__("fusedopt.kernels.numba_quant").kernels.numba_quant
 
 
 @pytest.mark.skipif(not _NQ.AVX512, reason="no AVX-512 on this CPU: no permute path for codes")
