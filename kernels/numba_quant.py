@@ -44,37 +44,49 @@ def _splat(builder, x, vtype):
         ir.Constant(vtype, None), ir.Constant(ir.VectorType(_I32, vtype.count), [0] * vtype.count))
 
 
-@intrinsic
-def _permute64(typingctx, f, codes, T, absmax, j):
-    # f[j:j+64] = T[codes[j:j+64]] * absmax: the map's four byte planes (T's columns
-    # PLANES on) permuted by the codes (vpermi2b: 128 entries, the codes' top bit picks
-    # the half), the bytes interleaved back into float32 values, one multiply
-    sig = nt.void(f, codes, T, absmax, j)
+def _permutes(groups):
+    # f[j:j+64*groups] = T[codes[...]] * absmax, 64 codes at a time: the map's four byte
+    # planes (T's columns PLANES on) permuted by the codes (vpermi2b: 128 entries, the
+    # codes' top bit picks the half), the bytes interleaved back into float32 values, one
+    # multiply.  The planes are loaded once per call: a whole block (groups=4) loads them
+    # once, not once per 64 codes (the stores to f may alias T, for all LLVM knows)
+    @intrinsic
+    def permute(typingctx, f, codes, T, absmax, j):
+        sig = nt.void(f, codes, T, absmax, j)
 
-    def codegen(context, builder, sig, args):
-        ptr = _data(context, builder, sig, args, 3)
-        v64, f64 = ir.VectorType(_I8, 64), ir.VectorType(_F32, 64)
-        load = lambda p: builder.load(builder.bitcast(p, v64.as_pointer()), align=1)  # noqa: E731
-        perm = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(v64, [v64, v64, v64]),
-            "llvm.x86.avx512.vpermi2var.qi.512")
-        idx = load(builder.gep(ptr[1], [args[4]]))
-        upper = builder.icmp_signed("<", idx, ir.Constant(v64, None))  # codes 128-255
-        base = builder.bitcast(builder.gep(ptr[2], [ir.Constant(_I32, qmap.PLANES)]),
-                               _I8.as_pointer())
-        q = [load(builder.gep(base, [ir.Constant(_I32, 64 * i)])) for i in range(16)]
-        planes = [builder.select(upper, builder.call(perm, [q[4 * p + 2], idx, q[4 * p + 3]]),
-                                 builder.call(perm, [q[4 * p], idx, q[4 * p + 1]]))
-                  for p in range(4)]
-        zip_ = ir.Constant(ir.VectorType(_I32, 128), [x for k in range(64) for x in (k, 64 + k)])
-        half = [builder.bitcast(builder.shuffle_vector(planes[p], planes[p + 1], zip_),
-                                ir.VectorType(ir.IntType(16), 64)) for p in (0, 2)]
-        values = builder.bitcast(builder.shuffle_vector(half[0], half[1], zip_), f64)
-        scale = _splat(builder, args[3], f64)
-        out = builder.bitcast(builder.gep(ptr[0], [args[4]]), f64.as_pointer())
-        builder.store(builder.fmul(values, scale), out, align=4)
-        return context.get_dummy_value()
-    return sig, codegen
+        def codegen(context, builder, sig, args):
+            ptr = _data(context, builder, sig, args, 3)
+            v64, f64 = ir.VectorType(_I8, 64), ir.VectorType(_F32, 64)
+            load = lambda p: builder.load(  # noqa: E731
+                builder.bitcast(p, v64.as_pointer()), align=1)
+            perm = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(v64, [v64, v64, v64]),
+                "llvm.x86.avx512.vpermi2var.qi.512")
+            base = builder.bitcast(builder.gep(ptr[2], [ir.Constant(_I32, qmap.PLANES)]),
+                                   _I8.as_pointer())
+            q = [load(builder.gep(base, [ir.Constant(_I32, 64 * i)])) for i in range(16)]
+            zip_ = ir.Constant(ir.VectorType(_I32, 128),
+                               [x for k in range(64) for x in (k, 64 + k)])
+            scale = _splat(builder, args[3], f64)
+            for k in range(groups):
+                at = builder.add(args[4], ir.Constant(args[4].type, 64 * k))
+                idx = load(builder.gep(ptr[1], [at]))
+                upper = builder.icmp_signed("<", idx, ir.Constant(v64, None))  # codes 128-255
+                planes = [builder.select(upper,
+                                         builder.call(perm, [q[4 * p + 2], idx, q[4 * p + 3]]),
+                                         builder.call(perm, [q[4 * p], idx, q[4 * p + 1]]))
+                          for p in range(4)]
+                half = [builder.bitcast(builder.shuffle_vector(planes[p], planes[p + 1], zip_),
+                                        ir.VectorType(ir.IntType(16), 64)) for p in (0, 2)]
+                values = builder.bitcast(builder.shuffle_vector(half[0], half[1], zip_), f64)
+                out = builder.bitcast(builder.gep(ptr[0], [at]), f64.as_pointer())
+                builder.store(builder.fmul(values, scale), out, align=4)
+            return context.get_dummy_value()
+        return sig, codegen
+    return permute
+
+
+_permute64, _permute256 = _permutes(1), _permutes(4)
 
 
 @intrinsic
@@ -136,14 +148,40 @@ def _codes16(typingctx, codes, f, T, sc, inv, j, signed):
     return sig, codegen
 
 
-@numba.njit(inline="always", **JIT)
-def _loads64(f, codes, T, absmax, j):
-    # what _permute64 does, a load per code (CPUs without VBMI)
-    for i in range(j, j + 64):
-        f[i] = T[codes[i]] * absmax
+@intrinsic
+def _absmax256(typingctx, f):
+    # the largest |f[0:256]| as float32 bits (NaN's above inf's: it sticks): sixteen vector
+    # loads, masks and unsigned maxes, one reduction.  Numba's loop of uint32 maxes (its
+    # ints widen to 64 bits) took ~13 ns a block, twice this
+    sig = nt.uint32(f)
+
+    def codegen(context, builder, sig, args):
+        i16 = ir.VectorType(_I32, 16)
+        base = builder.bitcast(_data(context, builder, sig, args, 1)[0], i16.as_pointer())
+        umax = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i16, [i16, i16]),
+                                              "llvm.umax.v16i32")
+        mask = ir.Constant(i16, [0x7FFFFFFF] * 16)
+        v = [builder.and_(builder.load(builder.gep(base, [ir.Constant(_I32, i)]), align=4),
+                          mask) for i in range(16)]
+        while len(v) > 1:  # a tree: four independent maxes at its widest
+            v = [builder.call(umax, [v[i], v[i + 1]]) for i in range(0, len(v), 2)]
+        red = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32, [i16]),
+                                             "llvm.vector.reduce.umax.v16i32")
+        return builder.call(red, [v[0]])
+    return sig, codegen
 
 
-_lookup64 = _permute64 if VBMI else _loads64
+def _loads(n):
+    # what _permutes does, a load per code (CPUs without VBMI)
+    @numba.njit(inline="always", **JIT)
+    def loads(f, codes, T, absmax, j):
+        for i in range(j, j + n):
+            f[i] = T[codes[i]] * absmax
+    return loads
+
+
+_lookup64 = _permute64 if VBMI else _loads(64)
+_lookup256 = _permute256 if VBMI else _loads(256)
 
 # mask bit 16 << i marks slot i as uint8 codes with a float32 absmax per block of QBLOCK
 # elements (tables A0..A2), bit 256 << i its map as signed
@@ -178,6 +216,9 @@ def qcode(y, low, ps, parts_, u, ninth, top_mid, top_k):
 def dequantize(f, codes, m, T, absmax):
     # a block's codes -> float32 scratch, map[code] * absmax: 64 codes at a time (_lookup64),
     # the rest of a short last block one by one
+    if m == qmap.QBLOCK:  # (every block but a tensor's last)
+        _lookup256(f, codes, T, absmax, 0)
+        return
     whole = m - m % 64
     for j in range(0, whole, 64):
         _lookup64(f, codes, T, absmax, j)
@@ -215,9 +256,12 @@ _coded16 = _permuted if AVX512 else _coded
 def requantize(f, codes, m, T, signed):
     # a block's new absmax (the largest magnitude, as float32 bits: NaN sticks; a loop of its
     # own: inside the rule's it kept that from vectorizing), then its codes; returns absmax
-    mx = np.uint32(0)
-    for j in range(m):
-        mx = max(mx, _f32_bits(f[j]) & np.uint32(0x7FFFFFFF))
+    if m == qmap.QBLOCK:  # (every block but a tensor's last)
+        mx = _absmax256(f)
+    else:
+        mx = np.uint32(0)
+        for j in range(m):
+            mx = max(mx, _f32_bits(f[j]) & np.uint32(0x7FFFFFFF))
     absmax = _bits_f32(mx)
     # y = |x| / absmax as a product: one division per block.  A subnormal absmax (moments of
     # vanishing grads) has no finite float32 reciprocal: such blocks are scaled by

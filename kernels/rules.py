@@ -235,7 +235,11 @@ def adafactor(p, g, row, col, mean, wd, l1, step_size, inv_eps1, h4, h5, h6, h7,
     # p * (1 - lr * wd) and p + step_size * update (add with alpha: one fma),
     # step_size = -alpha / denom.
     g = regularize(p, g, wd, l1)
-    update = g * -ops.maximum(-(ops.sqrt(ops.div(mean, row)) * col), -inv_eps1)  # min
+    # min(x, 1 / eps1), a NaN of either kept: where(c < x, c, x) keeps x's (one vminps
+    # on x86, where -maximum(-x, -c) took two negations and four mask ops), and c - c
+    # adds 0 unless c is NaN
+    x = ops.sqrt(ops.div(mean, row)) * col + (inv_eps1 - inv_eps1)
+    update = g * ops.where(inv_eps1 < x, inv_eps1, x)
     out, sq = p, g
     if SECOND:
         out, sq = update, update

@@ -166,18 +166,21 @@ def test_permuted_codes_equal_the_loop(signed):
 
 @pytest.mark.skipif(not _NQ.VBMI, reason="no AVX-512 VBMI on this CPU: no permute path for values")
 @pytest.mark.parametrize("signed", [True, False])
-def test_permuted_values_equal_the_loads(signed):
-    """The CPU engine's dequantization by byte permutes (numba_quant._permute64, 64 at a
-    time) against a load per code, bit for bit, every code, scales 1, 1e-25, 1e-40."""
+@pytest.mark.parametrize("width", [64, 256])
+def test_permuted_values_equal_the_loads(signed, width):
+    """The CPU engine's dequantization by byte permutes (numba_quant._permute64 and the
+    whole block's _permute256) against a load per code, bit for bit, every code, scales
+    1, 1e-25, 1e-40."""
     import numba
     import numpy as np
     nq = _NQ
     T = quant.engine_table().numpy()[int(signed)].copy()
+    permute = nq._permute64 if width == 64 else nq._permute256
 
     @numba.njit
     def values(f, codes, T, absmax):
-        for j in range(0, len(codes), 64):
-            nq._permute64(f, codes, T, absmax, j)
+        for j in range(0, len(codes), width):
+            permute(f, codes, T, absmax, j)
 
     codes = np.random.default_rng(0).integers(0, 256, 4096).astype(np.uint8)
     codes[:256] = np.arange(256)
@@ -186,3 +189,35 @@ def test_permuted_values_equal_the_loads(signed):
         values(got, codes, T, np.float32(absmax))
         want = T[codes] * np.float32(absmax)
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def test_block_absmax_equals_the_loop():
+    """requantize's absmax of a whole block (numba_quant._absmax256: vector maxes of the
+    magnitudes' bits) against the largest |x| by a loop: random blocks, and blocks with
+    -0, subnormals, inf and NaN (which sticks) at every place the vector loads split."""
+    import numba
+    import numpy as np
+    nq = _NQ
+
+    @numba.njit
+    def both(f):
+        mx = np.uint32(0)
+        for j in range(f.shape[0]):
+            b = nq._f32_bits(f[j]) & np.uint32(0x7FFFFFFF)
+            mx = b if b > mx else mx
+        return nq._absmax256(f), mx
+
+    rng = np.random.default_rng(0)
+    blocks = [(rng.standard_normal(256) * 10.0 ** rng.integers(-40, 30, 256)).astype(np.float32)
+              for _ in range(50)]
+    for at in (0, 15, 16, 100, 255):
+        for v in (-3e38, float("inf"), float("-inf"), float("nan"), -1e-44):
+            b = (rng.standard_normal(256) * 1e-3).astype(np.float32)
+            b[at] = v
+            blocks.append(b)
+    blocks.append(np.full(256, -0.0, np.float32))
+    for b in blocks:
+        got, want = both(b)
+        assert got == want, (got, want)
+    # (not vacuous: a mutant that drops the last vector load is caught)
+    assert both(blocks[-3])[0] == np.float32(np.nan).view(np.uint32) & 0x7FFFFFFF
