@@ -89,63 +89,81 @@ def _permutes(groups):
 _permute64, _permute256 = _permutes(1), _permutes(4)
 
 
-@intrinsic
-def _codes16(typingctx, codes, f, T, sc, inv, j, signed):
-    # codes[j:j+16] of f[j:j+16]: qcode's float32 operations in the same order, with the
-    # decade found from y's binary exponent (quant.engine_table's EXP_D, EXP_LOW: a
-    # permute of 32 entries each, one compare) and its P and PARTS by a permute of 16,
-    # instead of six compares and twelve selects per element
-    sig = nt.void(codes, f, T, sc, inv, j, signed)
+def _coders(groups):
+    # codes[j:j+16*groups] of f[j:j+16*groups], 16 at a time: qcode's float32 operations in
+    # the same order, with the decade found from y's binary exponent (quant.engine_table's
+    # EXP_D, EXP_LOW: a permute of 32 entries each, one compare) and its P and PARTS by a
+    # permute of 16, instead of six compares and twelve selects per element.  The tables
+    # are loaded once per call (a whole block: groups=16), as in _permutes
+    @intrinsic
+    def coder(typingctx, codes, f, T, sc, inv, j, signed):
+        sig = nt.void(codes, f, T, sc, inv, j, signed)
 
-    def codegen(context, builder, sig, args):
-        ptr = _data(context, builder, sig, args, 3)
-        v16, i16 = ir.VectorType(_F32, 16), ir.VectorType(_I32, 16)
-        splat = lambda x, t=v16: _splat(builder, x, t)  # noqa: E731
-        const = lambda x: ir.Constant(v16, float(x))  # noqa: E731
-        col = lambda c: builder.load(builder.bitcast(  # noqa: E731
-            builder.gep(ptr[2], [ir.Constant(_I32, c)]), v16.as_pointer()), align=4)
-        one = lambda c: builder.load(builder.gep(ptr[2], [ir.Constant(_I32, c)]))  # noqa: E731
-        fn = lambda name, ret, *a: builder.call(cgutils.get_or_insert_function(  # noqa: E731
-            builder.module, ir.FunctionType(ret, [x.type for x in a]), name), a)
-        x = builder.load(builder.bitcast(builder.gep(ptr[1], [args[5]]), v16.as_pointer()),
-                         align=4)
-        ax = fn("llvm.fabs.v16f32", v16, x)
-        y = builder.fmul(builder.fmul(ax, splat(args[3])), splat(args[4]))
-        # y's exponent field (its sign bit is 0), of which the permutes read the low 5 bits:
-        # for y in [2^-31, 2) that is the bucket (qmap.EXP_D); a y below 2^-31 gets code 0
-        # whatever its decade (it is under LOW[0], checked last), and so does NaN.  y < 2
-        # holds: requantize's absmax is the block's largest |x|, so y <= 1 + 2^-23 (and
-        # inf, from a block of absmax inf, lands in bucket 31: decade 7, 1's code)
-        b = builder.lshr(builder.bitcast(y, i16), ir.Constant(i16, 23))
-        icol = lambda c: builder.bitcast(col(c), i16)  # noqa: E731  (int32 columns)
-        d = builder.bitcast(fn("llvm.x86.avx512.vpermi2var.ps.512", v16, col(qmap.EXP_D), b,
-                               col(qmap.EXP_D + 16)), i16)
-        above = builder.fcmp_ordered(">", y, fn("llvm.x86.avx512.vpermi2var.ps.512", v16,
-                                                col(qmap.EXP_LOW), b, col(qmap.EXP_LOW + 16)))
-        d = builder.select(above, builder.add(d, ir.Constant(i16, 1)), d)
-        pick = lambda c: fn("llvm.x86.avx512.permvar.sf.512", v16, col(c), d)  # noqa: E731
-        ipick = lambda c: fn("llvm.x86.avx512.permvar.si.512", i16, icol(c), d)  # noqa: E731
-        # qcode's t = PARTS * fma(y, P, -1/9) as one fma (the same bits), NaN and negatives
-        # to 0, then in int32: min(PARTS - u + int(t), 2 PARTS - u - 1) = PK + min(int(t), PM)
-        t = fn("llvm.fma.v16f32", v16, y, pick(qmap.PA), builder.fneg(pick(qmap.PB)))
-        t = builder.select(builder.fcmp_ordered(">", t, const(0)), t, const(0))
-        ti = builder.fptosi(t, i16)  # (t in [0, ~2 PARTS]: defined)
-        zero = ir.Constant(i16, 0)
-        pm = ipick(qmap.PM)
-        ti = builder.select(builder.icmp_signed("<", pm, ti), pm, ti)
-        k = builder.add(ipick(qmap.PK), ti)
-        k = builder.select(builder.fcmp_ordered(">", y, splat(one(qmap.LOW))), k, zero)
-        z = builder.select(builder.icmp_signed("!=", args[6], ir.Constant(args[6].type, 0)),
-                           ir.Constant(i16, [127] * 16), zero)  # the code of 0
-        kz = builder.select(builder.icmp_signed("<", z, k), z, k)  # min(k, z)
-        pos = builder.or_(builder.fcmp_ordered(">=", x, const(0)),
-                          builder.icmp_signed("==", z, zero))
-        code = builder.select(pos, builder.add(z, k), builder.sub(z, kz))
-        out = builder.trunc(code, ir.VectorType(_I8, 16))
-        builder.store(out, builder.bitcast(builder.gep(ptr[0], [args[5]]),
-                                           ir.VectorType(_I8, 16).as_pointer()), align=1)
-        return context.get_dummy_value()
-    return sig, codegen
+        def codegen(context, builder, sig, args):
+            ptr = _data(context, builder, sig, args, 3)
+            v16, i16 = ir.VectorType(_F32, 16), ir.VectorType(_I32, 16)
+            splat = lambda x, t=v16: _splat(builder, x, t)  # noqa: E731
+            const = lambda x: ir.Constant(v16, float(x))  # noqa: E731
+            fn = lambda name, ret, *a: builder.call(cgutils.get_or_insert_function(  # noqa: E731
+                builder.module, ir.FunctionType(ret, [x.type for x in a]), name), a)
+            cols = {}
+
+            def col(c):  # a vector of 16 columns of T from c, loaded at its first use
+                if c not in cols:
+                    cols[c] = builder.load(builder.bitcast(
+                        builder.gep(ptr[2], [ir.Constant(_I32, c)]), v16.as_pointer()), align=4)
+                return cols[c]
+            icol = lambda c: builder.bitcast(col(c), i16)  # noqa: E731  (int32 columns)
+            low = splat(builder.load(builder.gep(ptr[2], [ir.Constant(_I32, qmap.LOW)])))
+            zero = ir.Constant(i16, 0)
+            z = builder.select(builder.icmp_signed("!=", args[6], ir.Constant(args[6].type, 0)),
+                               ir.Constant(i16, [127] * 16), zero)  # the code of 0
+            for g in range(groups):
+                at = builder.add(args[5], ir.Constant(args[5].type, 16 * g))
+                x = builder.load(builder.bitcast(builder.gep(ptr[1], [at]), v16.as_pointer()),
+                                 align=4)
+                ax = fn("llvm.fabs.v16f32", v16, x)
+                y = builder.fmul(builder.fmul(ax, splat(args[3])), splat(args[4]))
+                # y's exponent field (its sign bit is 0), of which the permutes read the
+                # low 5 bits: for y in [2^-31, 2) that is the bucket (qmap.EXP_D); a y below
+                # 2^-31 gets code 0 whatever its decade (it is under LOW[0], checked last),
+                # and so does NaN.  y < 2 holds: requantize's absmax is the block's largest
+                # |x|, so y <= 1 + 2^-23 (and inf, from a block of absmax inf, lands in
+                # bucket 31: decade 7, 1's code)
+                b = builder.lshr(builder.bitcast(y, i16), ir.Constant(i16, 23))
+                d = builder.bitcast(fn("llvm.x86.avx512.vpermi2var.ps.512", v16,
+                                       col(qmap.EXP_D), b, col(qmap.EXP_D + 16)), i16)
+                above = builder.fcmp_ordered(">", y, fn(
+                    "llvm.x86.avx512.vpermi2var.ps.512", v16, col(qmap.EXP_LOW), b,
+                    col(qmap.EXP_LOW + 16)))
+                d = builder.select(above, builder.add(d, ir.Constant(i16, 1)), d)
+                pick = lambda c, d=d: fn(  # noqa: E731
+                    "llvm.x86.avx512.permvar.sf.512", v16, col(c), d)
+                ipick = lambda c, d=d: fn(  # noqa: E731
+                    "llvm.x86.avx512.permvar.si.512", i16, icol(c), d)
+                # qcode's t = PARTS * fma(y, P, -1/9) as one fma (the same bits), NaN and
+                # negatives to 0, then in int32: min(PARTS - u + int(t), 2 PARTS - u - 1)
+                # = PK + min(int(t), PM)
+                t = fn("llvm.fma.v16f32", v16, y, pick(qmap.PA), builder.fneg(pick(qmap.PB)))
+                t = builder.select(builder.fcmp_ordered(">", t, const(0)), t, const(0))
+                ti = builder.fptosi(t, i16)  # (t in [0, ~2 PARTS]: defined)
+                pm = ipick(qmap.PM)
+                ti = builder.select(builder.icmp_signed("<", pm, ti), pm, ti)
+                k = builder.add(ipick(qmap.PK), ti)
+                k = builder.select(builder.fcmp_ordered(">", y, low), k, zero)
+                kz = builder.select(builder.icmp_signed("<", z, k), z, k)  # min(k, z)
+                pos = builder.or_(builder.fcmp_ordered(">=", x, const(0)),
+                                  builder.icmp_signed("==", z, zero))
+                code = builder.select(pos, builder.add(z, k), builder.sub(z, kz))
+                out = builder.trunc(code, ir.VectorType(_I8, 16))
+                builder.store(out, builder.bitcast(builder.gep(ptr[0], [at]),
+                                                   ir.VectorType(_I8, 16).as_pointer()), align=1)
+            return context.get_dummy_value()
+        return sig, codegen
+    return coder
+
+
+_codes16, _codes256 = _coders(1), _coders(16)
 
 
 @intrinsic
@@ -244,7 +262,11 @@ def _coded(codes, f, T, sc, inv, lo, hi, signed):
 
 @numba.njit(inline="always", **JIT)
 def _permuted(codes, f, T, sc, inv, lo, hi, signed):
-    # codes[lo:hi] of f[lo:hi], hi - lo a multiple of 16, by _codes16
+    # codes[lo:hi] of f[lo:hi], hi - lo a multiple of 16: a whole block by _codes256 (its
+    # tables loaded once), else by _codes16
+    if hi - lo == qmap.QBLOCK:
+        _codes256(codes, f, T, sc, inv, lo, signed)
+        return
     for j in range(lo, hi, 16):
         _codes16(codes, f, T, sc, inv, j, signed)
 

@@ -137,23 +137,27 @@ def _edges_and_specials(signed):
 
 @pytest.mark.skipif(not _NQ.AVX512, reason="no AVX-512 on this CPU: no permute path for codes")
 @pytest.mark.parametrize("signed", [True, False])
-def test_permuted_codes_equal_the_loop(signed):
-    """The CPU engine's codes by permutes (numba_quant._codes16, 16 at a time) against its
-    element-by-element loop (qcode), bit for bit, on _edges_and_specials in blocks whose
-    absmax is 1, tiny (scaled by 2^64, as requantize does) or subnormal."""
+@pytest.mark.parametrize("width", [16, 256])
+def test_permuted_codes_equal_the_loop(signed, width):
+    """The CPU engine's codes by permutes (numba_quant._codes16, 16 at a time, and a whole
+    block's _codes256) against its element-by-element loop (qcode), bit for bit, on
+    _edges_and_specials in blocks whose absmax is 1, tiny (scaled by 2^64, as requantize
+    does) or subnormal."""
     import numba
     import numpy as np
     from fusedopt.kernels import qmap
     nq = _NQ
     T = quant.engine_table().numpy()[int(signed)].copy()
     x = _edges_and_specials(signed)
+    x = np.concatenate([x, np.zeros((-len(x)) % 256, np.float32)])
 
     @numba.njit
     def both(x, T, sc, inv, signed):
         a = np.empty(len(x), np.uint8)
         b = np.empty(len(x), np.uint8)
         nq._coded(a, x, T, sc, inv, 0, len(x), signed)
-        nq._permuted(b, x, T, sc, inv, 0, len(x), signed)
+        for j in range(0, len(x), width):
+            nq._permuted(b, x, T, sc, inv, j, j + width, signed)
         return a, b
 
     for absmax in (1.0, 1e-25, 1e-40):
