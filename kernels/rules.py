@@ -236,9 +236,11 @@ def adafactor(p, g, row, col, mean, wd, l1, step_size, inv_eps1, h4, h5, h6, h7,
     # step_size = -alpha / denom.
     g = regularize(p, g, wd, l1)
     # min(x, 1 / eps1), a NaN of either kept: where(c < x, c, x) keeps x's (one vminps
-    # on x86, where -maximum(-x, -c) took two negations and four mask ops), and c - c
-    # adds 0 unless c is NaN
-    x = ops.sqrt(ops.div(mean, row)) * col + (inv_eps1 - inv_eps1)
+    # on x86, where -maximum(-x, -c) took two negations and four mask ops); c's (eps1 set
+    # to NaN in a group: torch's clamp makes every update NaN) by a select on c alone.
+    # eps1 = 0 is c = inf: no bound, as torch's clamp to 0
+    x = ops.sqrt(ops.div(mean, row)) * col
+    x = ops.where(inv_eps1 != inv_eps1, inv_eps1, x)
     update = g * ops.where(inv_eps1 < x, inv_eps1, x)
     out, sq = p, g
     if SECOND:

@@ -261,3 +261,40 @@ def test_errors_come_in_torchs_param_order(cls):
     ps[0].grad.data = torch.ones(4)
     with pytest.raises(AssertionError, match="variance should be defined"):
         opt.step()
+
+
+def _eps1_run(cls, eps1, backend=None, steps=4, nan_after=None):
+    # 2-D, 3-D and 1-D params (one row of zeros: its factor stays 0), eps1 as given
+    gen = torch.Generator().manual_seed(3)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((9, 13), (2, 5, 3), (11,))]
+    kw = dict(backend=backend) if backend else dict(foreach=False)
+    opt = cls(ps, lr=1e-2, eps=(eps1, 1e-3), **kw)
+    for i in range(steps):
+        if i == nan_after:
+            opt.param_groups[0]["eps"] = (float("nan"), 1e-3)  # (torch validates at init only)
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen)
+            if p.dim() == 2:
+                p.grad[0] = 0
+        opt.step()
+    return [p.detach() for p in ps]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eps1_zero_and_nan_as_torch(backend):
+    """eps1 = 0 (valid in torch: no bound on the update) steps as torch does, NaN where
+    torch's are (a row of zero gradients: 0 * inf), and bitwise as eps1 = 1e-30, whose
+    square rounds to 0 in float32 (torch's bound is eps1**2 in the param's dtype); eps1
+    set to NaN in a group after the start: every value NaN, as torch's clamp makes them."""
+    ours = _eps1_run(fusedopt.Adafactor, 0.0, backend)
+    torchs = _eps1_run(torch.optim.Adafactor, 0.0)
+    for a, b in zip(ours, torchs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert ours[0][0].isnan().all() and not ours[0][1:].isnan().any()  # (not vacuous)
+    tiny = _eps1_run(fusedopt.Adafactor, 1e-30, backend)
+    for a, b in zip(ours, tiny):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    ours = _eps1_run(fusedopt.Adafactor, None, backend, nan_after=2)
+    torchs = _eps1_run(torch.optim.Adafactor, None, nan_after=2)
+    for a, b in zip(ours, torchs):
+        assert a.isnan().all() and b.isnan().all()
