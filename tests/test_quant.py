@@ -225,3 +225,47 @@ def test_block_absmax_equals_the_loop():
         assert got == want, (got, want)
     # (not vacuous: a mutant that drops the last vector load is caught)
     assert both(blocks[-3])[0] == np.float32(np.nan).view(np.uint32) & 0x7FFFFFFF
+
+
+_STEPS_8BIT = """
+import sys, torch, fusedopt
+gen = torch.Generator().manual_seed(0)
+shapes = [(300, 77), (4096,), (70000,), (5000,)]
+ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+opt = fusedopt.AdamW(ps, lr=1e-2, amsgrad=True, state_dtype=torch.uint8, backend="numba")
+for step in range(5):
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=gen) * 10.0 ** (-3 * step)
+    opt.step()
+torch.save({"params": [p.detach() for p in ps], "state": opt.state_dict()["state"]},
+           sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(not _NQ.AVX512, reason="no AVX-512 on this CPU: the portable loops run "
+                    "anyway, nothing to compare them with")
+def test_portable_loops_give_the_permutes_codes(tmp_path):
+    """The whole 8-bit kernel compiled for an AVX2 CPU (numba_quant's portable loops: a
+    load per code, codes by compares) against this CPU's permutes: five AdamW (amsgrad)
+    steps, three 8-bit slots, blocks cut short, moments shrinking by 10^3 a step, the
+    same codes, absmax and params bit for bit."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell",
+               NUMBA_CPU_FEATURES="+avx,+avx2,+fma,+sse4.2,+popcnt,+bmi,+bmi2,+f16c",
+               NUMBA_CACHE_DIR=str(tmp_path / "numba"))  # (another CPU: a cache apart)
+    out = {}
+    for name, e in (("avx2", env), ("native", dict(os.environ))):
+        r = subprocess.run([sys.executable, "-c", _STEPS_8BIT, str(tmp_path / name)],
+                           capture_output=True, text=True, env=e, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[name] = torch.load(tmp_path / name)
+    a, b = out["avx2"], out["native"]
+    assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
+    codes = 0
+    for i, st in a["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, b["state"][i][k]), (i, k)
+            codes += v.numel() if v.dtype == torch.uint8 else 0
+    assert codes == 3 * sum(p.numel() for p in a["params"])  # (every slot 8-bit)
