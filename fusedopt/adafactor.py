@@ -79,8 +79,12 @@ class Adafactor(Factored, FusedOptimizer, torch.optim.Adafactor):
         # pass 2: |update|**2 (denom; mask 8: the total alone), pass 3: the update, each
         # from a factor per row and 1 / sqrt(col) per column (rules.adafactor)
         # the update's bound: torch clamps the variance at eps1**2 rounded to the param's
-        # dtype, before its rsqrt (eps1 = 0, or a square that rounds to 0: no bound)
-        top = (1 / exact_sqrt(torch.tensor(eps1 * eps1, dtype=dt).double())).item()
+        # dtype, before its rsqrt (eps1 = 0, or a square that rounds to 0: no bound);
+        # kept per bucket (~0.1 ms of tensor ops each step, cold)
+        if getattr(bucket, "top", (None,))[0] != eps1:
+            sq = torch.tensor(eps1 * eps1, dtype=dt).double()
+            bucket.top = (eps1, (1 / exact_sqrt(sq)).item())
+        top = bucket.top[1]
         vecs = (rows, cols.double().rsqrt().to(dt), means, one)
         usq = run(dict(flags, SECOND=True), 7 | 8, vecs, (*co, 0.0, top))[0]
         # torch's Python floats: max(eps2, |p| / sqrt(n)) * min(lr, 1 / sqrt(step)) and
