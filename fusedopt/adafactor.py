@@ -7,6 +7,7 @@ order and dtype, so that the factors come out as torch's wherever the sums agree
 would buy nothing on vectors this small).  A 1-D param is n rows of one column: its
 row "sums" are g**2 and its variance is its row factor (column factor and mean: 1).
 """
+import numpy as np
 import torch
 
 from .bucket import scalar_dtype
@@ -78,14 +79,7 @@ class Adafactor(Factored, FusedOptimizer, torch.optim.Adafactor):
             means = tab.row_means(rows, x).clamp(min=eps1)  # torch's mean, clamped
         # pass 2: |update|**2 (denom; mask 8: the total alone), pass 3: the update, each
         # from a factor per row and 1 / sqrt(col) per column (rules.adafactor)
-        # the update's bound: torch clamps the variance at eps1**2 rounded to the param's
-        # dtype, before its rsqrt (eps1 = 0, or a square that rounds to 0: no bound);
-        # kept per bucket (~0.1 ms of tensor ops each step, cold)
-        if getattr(bucket, "top", (None,))[0] != eps1:
-            sq = torch.tensor(eps1 * eps1, dtype=dt).double()
-            bucket.top = (eps1, (1 / exact_sqrt(sq)).item())
-        top = bucket.top[1]
-        vecs = (rows, cols.double().rsqrt().to(dt), means, one)
+        vecs, top = (rows, cols.double().rsqrt().to(dt), means, one), _bound(eps1, dt)
         usq = run(dict(flags, SECOND=True), 7 | 8, vecs, (*co, 0.0, top))[0]
         # torch's Python floats: max(eps2, |p| / sqrt(n)) * min(lr, 1 / sqrt(step)) and
         # max(1, |update| / (sqrt(n) * d)), the norms rounded to the param's dtype
@@ -99,6 +93,26 @@ class Adafactor(Factored, FusedOptimizer, torch.optim.Adafactor):
         run(dict(flags, REDUCE=False, WRITE_GRAD=scaled), 7, vecs, (*co, -alpha / denom, top))
         for _, p, w in bucket.work:
             p.copy_(w)
+
+
+def _bound(eps1, dt):
+    # the update's bound 1 / sqrt(eps1**2 rounded to the param's dtype dt): torch clamps the
+    # variance at that square before its rsqrt (eps1 = 0, or a square that rounds to 0: inf,
+    # no bound).  In numpy, not torch: a capturable step reads no tensor on the host.  As
+    # torch's scalars, the square goes to float32 first, then to a 16-bit dtype
+    if torch.is_tensor(eps1):  # (a tensor in the eps pair: tensor ops, no host read)
+        return (eps1 * eps1).to(dt).double().rsqrt()
+    with np.errstate(all="ignore"):
+        sq = np.float64(eps1 * eps1)
+        if dt != torch.float64:
+            sq = np.float32(sq)
+            if dt == torch.float16:
+                sq = np.float16(sq)
+            elif dt == torch.bfloat16 and sq == sq:  # to nearest even on the top 16 bits
+                u = int(np.array(sq).view(np.uint32))
+                sq = np.array((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000,
+                              np.uint32).view(np.float32)
+        return float(1 / np.sqrt(np.float64(sq)))
 
 
 Adafactor.__signature__ = signature_with(torch.optim.Adafactor)
