@@ -98,21 +98,13 @@ class Adafactor(Factored, FusedOptimizer, torch.optim.Adafactor):
 def _bound(eps1, dt):
     # the update's bound 1 / sqrt(eps1**2 rounded to the param's dtype dt): torch clamps the
     # variance at that square before its rsqrt (eps1 = 0, or a square that rounds to 0: inf,
-    # no bound).  In numpy, not torch: a capturable step reads no tensor on the host.  As
-    # torch's scalars, the square goes to float32 first, then to a 16-bit dtype
+    # no bound).  The square is rounded by torch itself, on a host tensor read through
+    # numpy: no .item() (test_capturable_step_has_no_host_sync)
     if torch.is_tensor(eps1):  # (a tensor in the eps pair: tensor ops, no host read)
         return (eps1 * eps1).to(dt).double().rsqrt()
-    with np.errstate(all="ignore"):
-        sq = np.float64(eps1 * eps1)
-        if dt != torch.float64:
-            sq = np.float32(sq)
-            if dt == torch.float16:
-                sq = np.float16(sq)
-            elif dt == torch.bfloat16 and sq == sq:  # to nearest even on the top 16 bits
-                u = int(np.array(sq).view(np.uint32))
-                sq = np.array((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000,
-                              np.uint32).view(np.float32)
-        return float(1 / np.sqrt(np.float64(sq)))
+    sq = torch.tensor(eps1 * eps1, dtype=dt).double().numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(1 / np.sqrt(sq))
 
 
 Adafactor.__signature__ = signature_with(torch.optim.Adafactor)

@@ -16,7 +16,7 @@ PLANES = 280
 # b = E - 96 = E mod 32 (y in [2^(b-31), 2^(b-30))): EXP_D + b is the count of the
 # boundaries LOW[1..6] and TOP_MID below the bucket, EXP_LOW + b the one inside it or
 # inf; the decade is EXP_D[b] + (y > EXP_LOW[b]), two permutes and a compare
-# (numba_quant's _codes16), and "decade 7" (above TOP_MID) is 1's code.  LOW[0] lies
+# (numba_quant's _coders), and "decade 7" (above TOP_MID) is 1's code.  LOW[0] lies
 # above 2^-31: any smaller y has code 0 whatever its bucket
 EXP_D = 536  # (int32 bits)
 EXP_LOW = 568

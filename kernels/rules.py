@@ -218,16 +218,16 @@ def lion(p, g, m, unused_b, unused_c, decay, lr, beta1, beta1_rest, beta2, beta2
     return p, m, unused_b, unused_c
 
 
-def adafactor(p, g, row, col, mean, wd, l1, step_size, inv_eps1, h4, h5, h6, h7, h8, h9,
+def adafactor(p, g, row, col, mean, wd, l1, step_size, bound, h4, h5, h6, h7, h8, h9,
               h10, h11):
     # Run by the matrix kernel: row and mean are the element's row factor and its matrix's
     # clamped row-factor mean, col is 1 / sqrt(its column factor), computed per column on
     # the host (Adafactor._run); for a 1-D param: its variance, 1, 1.
     # torch's update is g * rsqrt(max(row * col / mean, eps1**2)) (a multiply, two
     # divisions and a square root per element, which bound a pass on a CPU).  Here it is
-    # g * min(sqrt(mean / row) * col, 1 / eps1): the same but for rounding, with the
+    # g * min(sqrt(mean / row) * col, bound): the same but for rounding, with the
     # division and square root per row (hoisted out of the columns' loop), two multiplies
-    # and a min per element.  A 1-D param: g * min(1 / sqrt(variance), 1 / eps1), torch's.
+    # and a min per element.  A 1-D param: g * min(1 / sqrt(variance), bound), torch's.
     # The first REDUCE pass sums p**2 (alpha) and g**2 per row and column (the factors);
     # the second (SECOND) sums update**2 (denom), the third adds the update: it is
     # recomputed each time rather than stored (it is as large as the param), the same
@@ -235,13 +235,13 @@ def adafactor(p, g, row, col, mean, wd, l1, step_size, inv_eps1, h4, h5, h6, h7,
     # p * (1 - lr * wd) and p + step_size * update (add with alpha: one fma),
     # step_size = -alpha / denom.
     g = regularize(p, g, wd, l1)
-    # min(x, 1 / eps1), a NaN of either kept: where(c < x, c, x) keeps x's (one vminps
-    # on x86, where -maximum(-x, -c) took two negations and four mask ops); c's (eps1 set
-    # to NaN in a group: torch's clamp makes every update NaN) by a select on c alone.
-    # eps1 = 0 is c = inf: no bound, as torch's clamp to 0
+    # min(x, bound), a NaN of either kept (bound: torch's clamp of the variance at eps1**2,
+    # Adafactor._bound; inf for none): where(b < x, b, x) keeps x's (one vminps on x86,
+    # where -maximum(-x, -b) took two negations and four mask ops); b's (eps1 set to NaN
+    # in a group: torch's clamp makes every update NaN) by a select on b alone
     x = ops.sqrt(ops.div(mean, row)) * col
-    x = ops.where(inv_eps1 != inv_eps1, inv_eps1, x)
-    update = g * ops.where(inv_eps1 < x, inv_eps1, x)
+    x = ops.where(bound != bound, bound, x)
+    update = g * ops.where(bound < x, bound, x)
     out, sq = p, g
     if SECOND:
         out, sq = update, update

@@ -190,7 +190,7 @@ class _Eps1Unsquared(fusedopt.Adafactor):
         tab, factors = super()._factors(group, bucket)
 
         class Tables:  # the bucket's tables, their engine calls given 1 / sqrt(eps1) for
-            def __getattr__(self, name):  # 1 / eps1 (rules.adafactor's inv_eps1)
+            def __getattr__(self, name):  # the bound (rules.adafactor's, Adafactor._bound)
                 return getattr(tab, name)
 
             def run(self, bucket, rule, flags, mask, gptr, vecs, coeffs):
