@@ -1,11 +1,11 @@
 """Adafactor: torch.optim.Adafactor with a fused multi-tensor step (torch has no fused one).
 
 Three calls of the engines' matrix kernel per bucket (fusedopt/matrix.py): sums of p**2
-and of g**2 per row and column; sums of update**2; the update.  Between them, torch ops on
-the small vectors (row and column factors, O(rows + cols)): torch's own ops in torch's
-order and dtype, so that the factors come out as torch's wherever the sums agree (a rule
-would buy nothing on vectors this small).  A 1-D param is n rows of one column: its
-row "sums" are g**2 and its variance is its row factor (column factor and mean: 1).
+and of g**2 per column, each row's factor lerped in the kernel itself (flag ROW_LERP,
+torch's ops per row); sums of update**2; the update.  Between them, torch ops on the
+small vectors (column factors, O(cols)): torch's own ops in torch's order and dtype, so
+that the factors come out as torch's wherever the sums agree.  A 1-D param is n rows of
+one column: its rows' factor is its variance, lerped to g**2 (column factor and mean: 1).
 """
 import numpy as np
 import torch
@@ -64,18 +64,22 @@ class Adafactor(Factored, FusedOptimizer, torch.optim.Adafactor):
         run = lambda fl, mask, vecs, co: tab.run(bucket, self._rule, fl, mask, gptr, vecs,  # noqa: E731
                                                  h(co))  # (inv: h11, see rules.FLAGS)
         one = rows.new_ones(1)
-        # pass 1: |p|**2 (alpha), g**2 per row and column; the factors' lerp (per param
-        # where the step counters differ), and per matrix the mean of its row factor
+        # pass 1: |p|**2 (alpha), g**2 per column; each row's factor (a 1-D param's
+        # variance) lerped in the kernel (ROW_LERP: count, weight and 1 - weight in h5-h7)
+        # by torch's weight: a float in the math dtype, or per param where the step
+        # counters differ (a tensor, rounded to the param's dtype as torch's lerp_ takes it);
+        # then the column factors' lerp, and per matrix the mean of its row factor
         co = (1 - lr * group["weight_decay"], group["l1"])
-        psq, rsum, csum = run(flags, 0, (rows, cols, one, one), (*co, 0.0, 0.0, 0.0))
+        op = torch.float64 if dt == torch.float64 else torch.float32
         w = step ** group["beta2_decay"]
+        wk = w.to(dt).to(op) if torch.is_tensor(w) else torch.tensor(w, dtype=op)
+        psq, _, csum = run(dict(flags, ROW_LERP=True), 0, (rows, cols, one, one),
+                           (*co, 0.0, 0.0, 0.0, wk.double(), (1 - wk).double(), tab.counts()))
         x = tab.on(bucket.device)
-        weight = (lambda k: w) if not torch.is_tensor(w) else (lambda k: w.to(rows)[x[k]])
-        rmean, cmean = tab.factor_means(rsum, csum, dt)
-        rows.lerp_(rmean, weight("row_tensor"))
         means = one
         if len(x["col_tensor"]):
-            cols.lerp_(cmean, weight("col_tensor"))
+            cols.lerp_(tab.col_means(csum, dt),
+                       w.to(cols)[x["col_tensor"]] if torch.is_tensor(w) else w)
             means = tab.row_means(rows, x).clamp(min=eps1)  # torch's mean, clamped
         # pass 2: |update|**2 (denom; mask 8: the total alone), pass 3: the update, each
         # from a factor per row and 1 / sqrt(col) per column (rules.adafactor)

@@ -143,7 +143,6 @@ class Tables:
             x = {k: torch.as_tensor(getattr(self, k), device=device) for k in
                  ("F", "factored", "row_tensor", "col_tensor", "mat_rows")}
             at = np.flatnonzero(self.factored[self.row_tensor])  # the factored rows
-            x["frows"] = torch.as_tensor(at, device=device)  # (the others: one element each)
             # the matrices of each row count: their rows' places, their own
             x["means"] = [(int(r), torch.as_tensor(at[np.isin(self.row_mat, m)], device=device),
                            torch.as_tensor(m, device=device))
@@ -152,28 +151,24 @@ class Tables:
             self._on = x
         return self._on
 
-    def factor_means(self, rsum, csum, dt):
-        """torch's ``norm(g, dim=-1 or -2).square_().div_(size)`` from the float64 sums of
-        squares per row (of factored tensors) and column, rounded in the param's dtype
-        ``dt`` at each op as torch's are; a 1-D tensor's rows are its g**2 (rounded)."""
+    def col_means(self, csum, dt):
+        """torch's ``norm(g, dim=-2).square_().div_(rows)`` from the float64 sums of squares
+        per column, rounded in the param's dtype ``dt`` at each op as torch's are (the rows'
+        are the kernel's: flag ROW_LERP)."""
         x, op = self.on(self.device), torch.float64 if dt == torch.float64 else torch.float32
-        fr, F = x["frows"], x["F"]
         if self.backend == "numba" and dt == torch.float32:  # the same ops in one pass
             from .kernels import numba_matrix
-            if getattr(self, "_rmean", None) is None:  # (the rows': a buffer of these tables)
-                self._rmean = np.empty(self.nrows, np.float32)
-                self._counts = (np.where(self.factored[self.row_tensor],
-                                         self.F[self.row_tensor, 0], 0),
-                                self.F[self.col_tensor, 1])
-            return tuple(torch.from_numpy(numba_matrix.means_float32(s.numpy(), n, out))
-                         for s, n, out in zip((rsum, csum), self._counts,
-                                              (self._rmean, np.empty(len(csum), np.float32))))
-        rmean = rsum.to(dt)
-        if len(fr):  # only there: the formula over the (few) rows of the matrices
-            rmean[fr] = ((exact_sqrt(rsum[fr]).to(dt) ** 2).to(op)
-                         / F[x["row_tensor"][fr], 0].to(op)).to(dt)
-        cmean = ((exact_sqrt(csum).to(dt) ** 2).to(op) / F[x["col_tensor"], 1].to(op)).to(dt)
-        return rmean, cmean
+            n = self.F[self.col_tensor, 1]
+            return torch.from_numpy(numba_matrix.means_float32(csum.numpy(), n,
+                                                               np.empty(len(n), np.float32)))
+        return ((exact_sqrt(csum).to(dt) ** 2).to(op) / x["F"][x["col_tensor"], 1].to(op)).to(dt)
+
+    def counts(self):
+        """Per tensor: its columns if factored, else 0 (ROW_LERP's count, h7)."""
+        if getattr(self, "_count", None) is None:
+            self._count = torch.as_tensor(np.where(self.factored, self.F[:, 0], 0),
+                                          dtype=torch.float64, device=self.device)
+        return self._count
 
     def row_means(self, rows, x):
         """Per factored matrix: torch's mean of its rows' values in ``rows`` (one value

@@ -73,7 +73,7 @@ def means_float32(x, count, out):
     """out[i] = torch's ``norm(g, dim).square_().div_(count[i])`` in float32 from the sum of
     squares x[i] (float64), the norm rounded once (the square root of the float64 sum,
     correctly rounded, then to float32), where count[i] > 0; else x[i] rounded to float32
-    (a 1-D param's g**2).  Over the threads, one pass: as torch ops (matrix.factor_means)
+    (a 1-D param's g**2).  Over the threads, one pass: as torch ops (matrix.col_means)
     these took ~2 ms a step on GPT-2 shapes, a pass over each of 237k rows per op."""
     for b in prange((x.shape[0] + 65535) // 65536):
         xs, ns = x[b * 65536:(b + 1) * 65536], count[b * 65536:(b + 1) * 65536]
@@ -87,18 +87,36 @@ def means_float32(x, count, out):
     return out
 
 
+def _row_factor(s, count, old, w, w_rest):
+    # flag ROW_LERP: a row's new factor from its float64 sum of squares s, torch's
+    # ``row.lerp_(norm(g, dim=-1).square_().div_(count), w)`` (count 0: a 1-D param's
+    # ``variance.lerp_(g.square(), w)``), each op rounded to the param's dtype as torch's
+    # (MT: the math dtype; load(store(x)): x rounded to the param's).  The lerp is torch's
+    # vectorized one: one fma from the nearer end (|w| < 0.5: from old)
+    if count > 0:
+        r = load(store(MT(np.sqrt(s))))
+        m = load(store(r * r))
+        m = load(store(m / MT(count)))
+    else:
+        m = load(store(MT(s)))
+    w, w_rest = MT(w), MT(w_rest)
+    small = abs(w) < MT(0.5)
+    return numba_ops.fma(numba_ops.where(small, w, -w_rest), m - old,
+                         numba_ops.where(small, old, m))
+
+
 def _vector_template(MASK, EXACT):
     # the matrix kernel's path for one-column tensors (1-D params): rows RS..RE are single
     # elements, so the per-row work of the general path (slices, a row's lane sum) would
-    # cost more than the element.  A 1-D tensor has no column sums (its rows are its
-    # elements: ROWS).  EXACT (float64 params): the total keeps Kahan's compensation
+    # cost more than the element.  Its one column's sum goes to CPART (an (n, 1) matrix's
+    # column factor; a 1-D tensor's is dropped: its rows are its elements).  EXACT (float64 params): the total keeps Kahan's compensation
     # (plain sums put float64 Adafactor's error above torch's in test_parity).
     # Else squares of float32 values are exact in float64, and a chunk sums at most CHUNK
     # of them: one sum, which LLVM splits over vector lanes (the reducing kernel is compiled
     # with reassociation: run_matrix)
     def vector(p, g, a, b, c, mat, r0, r1, ROWS, roff, h0, h1, h2, h3, h4, h5, h6, h7, h8,
                h9, h10, h11):
-        tot = tc = np.float64(0)
+        tot = tc = col = cc = np.float64(0)
         # slices, not base + j indexing of whole arrays: else LLVM does not vectorize
         pr, gr, ar = p[r0:r1], g[r0:r1], a[r0:r1]
         rows = ROWS[roff + r0:roff + r1] if REDUCE and not MASK & 8 else ROWS[:0]
@@ -121,11 +139,18 @@ def _vector_template(MASK, EXACT):
                     tot, tc = _kahan(tot, tc, x64)
                 else:
                     tot += x64 * x64
-                if not MASK & 8:
+                if not MASK & 8:  # the column's sum (an (n, 1) matrix's; 1-D: dropped)
+                    if EXACT:
+                        col, cc = _kahan(col, cc, y64)
+                    else:
+                        col += y64 * y64
+                if ROW_LERP:  # (a 1-D param's rows: its elements)
+                    ar[j] = sstore(_row_factor(y64 * y64, h7, sload(ar[j]), h5, h6))
+                elif not MASK & 8:
                     rows[j] = y64 * y64
             else:
                 pr[j] = store(x)
-        return tot - tc
+        return tot - tc, col - cc
     return vector
 
 
@@ -163,8 +188,10 @@ def _matrix_template(KEY, MASK, DT, SDT, EXACT):
                 if EXACT:
                     CPART[half + cp:half + cp + ncol] = 0
             if ncol == 1:  # a vector: one element per row, no per-row loop (see _vector)
-                TOT[ci] = _vector(p, g, a, b, c, mat, RS[ci], RE[ci], ROWS, ROFF[t], h0, h1, h2,
-                                  h3, h4, h5, h6, h7, h8, h9, h10, h11)
+                TOT[ci], csum = _vector(p, g, a, b, c, mat, RS[ci], RE[ci], ROWS, ROFF[t], h0,
+                                        h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11)
+                if REDUCE and not MASK & 8:
+                    CPART[cp] = csum
                 continue
             # float64 params: a row is taken in tiles of TILE columns, so that its squares'
             # scratch (and the tile of the column sums) stays in L1 (whole rows of 3072
@@ -220,7 +247,9 @@ def _matrix_template(KEY, MASK, DT, SDT, EXACT):
                         if not MASK & 8:
                             rsum, rc = _kahan_add(rsum, rc, _lanes(ys[:m]))
                         tot, tc = _kahan_add(tot, tc, _lanes(xs[:m]))
-                if REDUCE and not MASK & 8:
+                if REDUCE and ROW_LERP:
+                    a[row] = sstore(_row_factor(rsum - rc, h7, sload(a[row]), h5, h6))
+                elif REDUCE and not MASK & 8:
                     ROWS[ROFF[t] + row] = rsum - rc
             TOT[ci] = tot - tc
     return kernel
@@ -238,12 +267,17 @@ def run_matrix(rule, flags, dtypes, mask, P, G, S, C, TID, RS, RE, F, ROFF, COFF
             gl[f.__name__] = numba.njit(inline="always", **JIT)(
                 types.FunctionType(f.__code__, gl, f.__name__))
         dt, load, store = _IO[dtypes[0]]
-        sdt, sload, _ = _IO[dtypes[1]]
+        sdt = _IO[dtypes[1]][0]
         key = int(hashlib.sha256(repr((_SOURCE_HASH, k, _PARALLEL[0])).encode())
                   .hexdigest()[:15], 16) | 1
         proto = _matrix_template(key, mask, dt, sdt, dtypes[0] == "float64")
-        kgl = dict(globals(), rule=gl[rule], load=load, store=store, sload=sload,
-                   **{f: dict(flags)[f] for f in ("REDUCE", "SCALE_GRAD", "WRITE_GRAD")})
+        _, sload, sstore = _IO[dtypes[1]]
+        kgl = dict(globals(), rule=gl[rule], load=load, store=store, sload=sload, sstore=sstore,
+                   MT=np.float64 if dtypes[0] == "float64" else np.float32,
+                   **{f: dict(flags)[f] for f in ("REDUCE", "SCALE_GRAD", "WRITE_GRAD",
+                                                  "ROW_LERP")})
+        kgl["_row_factor"] = numba.njit(inline="always", **JIT)(
+            types.FunctionType(_row_factor.__code__, kgl, "_row_factor"))
         vec = _vector_template(mask, dtypes[0] == "float64")
         kgl["_vector"] = numba.njit(inline="always", **JIT)(
             types.FunctionType(vec.__code__, kgl, "_vector", None, vec.__closure__))

@@ -34,10 +34,13 @@ NCOEF = 12  # h0..h11
 # bfloat16 params stochastically instead of to nearest.
 # REDUCE belongs to the engines' matrix kernel (``run_matrix``): instead of storing, it sums
 # the squares of the rule's first output per tensor and of its second per row and column;
-# SECOND tells a rule with two reduction passes which one runs.
+# SECOND tells a rule with two reduction passes which one runs.  ROW_LERP (with REDUCE)
+# makes each row's sum a factor in slot a instead of an output: torch's
+# lerp_(norm(g, dim=-1)**2 / count, w) with count, w, 1 - w in h7, h5, h6 (count 0: the
+# rows are a 1-D param's elements, lerp_(g**2, w)), Adafactor's row factor and variance.
 FLAGS = ("MAXIMIZE", "WEIGHT_DECAY", "L1", "LERP_SMALL", "AMSGRAD", "DECOUPLED",
          "CENTERED", "MOMENTUM", "NESTEROV", "SCALE_GRAD", "WRITE_GRAD", "FOUND_INF",
-         "STOCH_ROUND", "REDUCE", "SECOND")
+         "STOCH_ROUND", "REDUCE", "SECOND", "ROW_LERP")
 
 
 def lerp(start, end, w, w_rest):

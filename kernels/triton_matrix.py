@@ -7,7 +7,27 @@ import triton.language as tl
 from .triton_engine import _INTERPRET, _kernels, _bind, _rebind, BLOCK, KINDS, NUM_WARPS
 
 # names the kernel reads from the globals _bind supplies
-_ptr = _widen = _narrow = rule = REDUCE = SCALE_GRAD = WRITE_GRAD = NCOEF = None
+_ptr = _widen = _narrow = rule = REDUCE = SCALE_GRAD = WRITE_GRAD = NCOEF = ROW_LERP = None
+
+
+@triton.jit
+def _row_factor(s, count, old, w, w_rest, KIND: tl.constexpr):
+    # as numba_matrix._row_factor: torch's lerp_(norm**2 / count, w) per row (count 0: of
+    # g**2), each op rounded to the param's dtype (KIND), from the rows' sums s
+    if KIND == 1:
+        r = tl.sqrt(s)
+    else:
+        r = tl.sqrt_rn(s)
+    r = _widen(_narrow(r, KIND), KIND)
+    m = _widen(_narrow(r * r, KIND), KIND)
+    n = tl.maximum(count, 1)  # (count 0: the other branch)
+    if KIND == 1:
+        m = m / n
+    else:
+        m = tl.div_rn(m, n)
+    m = tl.where(count > 0, _widen(_narrow(m, KIND), KIND), _widen(_narrow(s, KIND), KIND))
+    small = tl.abs(w) < 0.5
+    return tl.fma(tl.where(small, w, -w_rest), m - old, tl.where(small, old, m))
 
 
 @triton.jit
@@ -88,7 +108,11 @@ def _matrix_kernel(P, G, S0, S1, S2, C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS, C
                     tl.store(CPART + co + cols, old + tl.sum(y * y, 0), mask=cmask)
             else:
                 tl.store(pp + offs, _narrow(x, KIND), mask=mask)
-        if REDUCE and not MASK & 8:
+        if REDUCE and ROW_LERP:  # each row's factor (rules.FLAGS), in slot a
+            old = _widen(tl.load(ap + rows, mask=rmask, other=0), SKIND)
+            new = _row_factor(racc, h7, old, h5, h6, KIND)
+            tl.store(ap + rows, _narrow(new, SKIND), mask=rmask)
+        elif REDUCE and not MASK & 8:
             tl.store(ROWS + ro + rows, racc, mask=rmask)
     if REDUCE:
         tl.store(TOT + pid, tl.sum(tl.sum(acc, 1), 0))
@@ -99,8 +123,10 @@ def build_matrix(rule, flags, interpret=None):
     interpret = _INTERPRET if interpret is None else interpret
     k = ("matrix", rule, flags, interpret)
     if k not in _kernels:
-        _kernels[k] = _rebind(_matrix_kernel, _bind(rule, flags, interpret), interpret,
-                              launch=True)
+        kgl = _bind(rule, flags, interpret)
+        kgl["ROW_LERP"] = tl.constexpr(dict(flags)["ROW_LERP"])
+        kgl["_row_factor"] = _rebind(_row_factor, kgl, interpret)
+        _kernels[k] = _rebind(_matrix_kernel, kgl, interpret, launch=True)
     return _kernels[k]
 
 

@@ -13,7 +13,7 @@ from fusedopt.matrix import Tables
 from fusedopt.kernels import rules
 from harness import BACKENDS, mse_losses
 
-SHAPES = [(7,), (33, 17), (2, 3, 4), (1,), (70000,), (3, 300, 257), (1, 5)]
+SHAPES = [(7,), (33, 17), (2, 3, 4), (1,), (70000,), (3, 300, 257), (1, 5), (6, 1)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -94,26 +94,75 @@ def test_second_pass_sums_the_updates_squares(backend, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("scale", [1.0, 1e-40, 1e30])
-def test_factor_means_in_one_pass_as_torchs_ops(scale):
-    """The CPU engine's float32 factors' means (numba_matrix.means_float32, one pass) are
-    bit for bit torch's ops on the sums: a matrix's norm per row and column, rounded once,
-    squared and divided by the count in float32; a 1-D param's rows rounded to float32."""
+def test_column_means_in_one_pass_as_torchs_ops(scale):
+    """The CPU engine's float32 column factors' means (numba_matrix.means_float32, one
+    pass) are bit for bit torch's ops on the sums: a matrix's norm per column, rounded
+    once, squared and divided by the row count in float32."""
     gen = torch.Generator().manual_seed(1)
     tab = Tables(SHAPES, "numba", torch.device("cpu"))
-    rsum = torch.rand(tab.nrows, generator=gen, dtype=torch.float64) * scale
     csum = torch.rand(tab.ncolsum, generator=gen, dtype=torch.float64) * scale
-    rsum[:3], csum[:3] = torch.tensor([0.0, float("inf"), float("nan")], dtype=torch.float64), 0
-    rmean, cmean = tab.factor_means(rsum, csum, torch.float32)
-    norm = torch.from_numpy(np.sqrt(rsum.numpy())).float()
-    count = torch.cat([torch.full((s[-2] * int(np.prod(s[:-2])),), s[-1]) if len(s) > 1
-                       else torch.zeros(s[0], dtype=torch.int64) for s in SHAPES])
-    want = torch.where(count > 0, norm ** 2 / count.float(), rsum.float())
-    assert torch.equal(rmean.isnan(), want.isnan())
-    assert torch.equal(rmean.nan_to_num(), want.nan_to_num())
+    csum[:3] = torch.tensor([0.0, float("inf"), float("nan")], dtype=torch.float64)
+    cmean = tab.col_means(csum, torch.float32)
     ncount = torch.cat([torch.full((s[-1] * int(np.prod(s[:-2])),), s[-2]) for s in SHAPES
                         if len(s) > 1])
-    assert torch.equal(cmean, torch.from_numpy(np.sqrt(csum.numpy())).float() ** 2
-                       / ncount.float())
+    want = torch.from_numpy(np.sqrt(csum.numpy())).float() ** 2 / ncount.float()
+    assert torch.equal(cmean.isnan(), want.isnan())
+    assert torch.equal(cmean.nan_to_num(), want.nan_to_num())
+
+
+def _ulps(x, y):
+    # distance in float32 steps (finite values of one sign, as here)
+    i = lambda t: t.float().view(torch.int32).long()  # noqa: E731
+    return (i(x) - i(y)).abs()
+
+
+@pytest.mark.parametrize("weight", [0.3, 0.8])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_row_factors_lerped_in_the_kernel(backend, weight):
+    """Flag ROW_LERP: pass 1 writes each row's factor (a 1-D param's variance) itself,
+    torch's ``row.lerp_(norm(g, dim=-1).square_().div_(cols), w)`` (1-D: ``lerp_(g**2,
+    w)``), float32.  Against those ops on exact sums (numpy's IEEE float32 ops), the lerp's
+    fma in float64 then float32: within 1 ulp (the fma rounds once, this twice), and
+    equal almost everywhere.  Mutants: the weight's two ends swapped, the count off by one."""
+    gen = torch.Generator().manual_seed(5)
+    ps = [torch.randn(s, generator=gen) for s in SHAPES]
+    gs = [torch.randn(s, generator=gen) for s in SHAPES]
+    old = [torch.rand(s[:-1] if len(s) > 1 else s, generator=gen) for s in SHAPES]
+    tab = Tables([p.shape for p in ps], backend, torch.device("cpu"))
+    flags = dict.fromkeys(rules.FLAGS, False)
+    flags.update(REDUCE=True, DECOUPLED=True, ROW_LERP=True)
+    C = torch.zeros(len(ps), rules.NCOEF)
+    w = np.float32(weight)
+    C[:, 5], C[:, 6], C[:, 7] = float(w), float(np.float32(1) - w), tab.counts().float()
+    P = np.array([p.data_ptr() for p in ps], np.int64)
+    G = np.array([g.data_ptr() for g in gs], np.int64)
+    rows = torch.cat([o.reshape(-1) for o in old])
+    S = [np.array(tab.roff * 4 + rows.data_ptr(), np.int64), P, P]
+    if backend != "numba":
+        P, G, S = torch.from_numpy(P), torch.from_numpy(G), [torch.from_numpy(x) for x in S]
+    tab.reduce("adafactor", tuple(sorted(flags.items())), ("float32", "float32"), 0,
+               P, G, S, C.numpy() if backend == "numba" else C)
+    f = np.float32
+    for n_off, swap in [(0, False), (1, False), (0, True)]:
+        want = []
+        for g, o in zip(gs, old):
+            sq = (g.double() ** 2).numpy()
+            if g.dim() > 1:
+                r = np.sqrt(sq.sum(-1)).astype(f)
+                m = (r * r) / f(g.shape[-1] + n_off)
+            else:
+                m = sq.astype(f)
+            a, b = (m, o.numpy()) if swap else (o.numpy(), m)
+            c, base = (w, a) if w < 0.5 else (w - f(1), b)  # torch's vectorized lerp
+            want.append(torch.from_numpy((base + float(c) * (b - a).astype(np.float64))
+                                         .astype(f)).reshape(-1))
+        d = _ulps(rows, torch.cat(want))
+        if n_off or swap:  # a mutant: far off
+            assert int(d.max()) > 1000
+        elif backend == "numba":
+            assert int(d.max()) <= 1 and (d == 0).float().mean() > 0.99
+        else:  # Triton sums in float32 (a 1-D param's elements: exact)
+            assert int(d.max()) <= 16 and (d == 0).float().mean() > 0.9
 
 
 BAD = [dict(lr=-1.0), dict(beta2_decay=0.5), dict(eps=(-1.0, 1e-3)), dict(eps=(None, -1.0)),
