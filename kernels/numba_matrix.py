@@ -276,7 +276,9 @@ def run_matrix(rule, flags, dtypes, mask, P, G, S, C, TID, RS, RE, F, ROFF, COFF
                    MT=np.float64 if dtypes[0] == "float64" else np.float32,
                    **{f: dict(flags)[f] for f in ("REDUCE", "SCALE_GRAD", "WRITE_GRAD",
                                                   "ROW_LERP")})
-        kgl["_row_factor"] = numba.njit(inline="always", **JIT)(
+        # compiled apart (LLVM inlines it, its instructions keeping their flags): a
+        # reducing kernel's reassociation must not reach the factor's rounded ops
+        kgl["_row_factor"] = numba.njit(**JIT)(
             types.FunctionType(_row_factor.__code__, kgl, "_row_factor"))
         vec = _vector_template(mask, dtypes[0] == "float64")
         kgl["_vector"] = numba.njit(inline="always", **JIT)(
