@@ -78,13 +78,24 @@ class Tables:
             # others (tiles as wide as the widest matrix): a tile is one width per launch
             sels = [s for s in (np.flatnonzero(self.ncols == 1), np.flatnonzero(self.ncols > 1))
                     if len(s)]
+            # (and each launch's row width that every one of its matrices' is a multiple of)
             self.launches = [({k: on_device(getattr(self, k)[s], device)
-                               for k in ("tid", "rs", "re", "coff")}, int(self.ncols[s].max()))
+                               for k in ("tid", "rs", "re", "coff")}, int(self.ncols[s].max()),
+                              int(np.gcd.reduce(self.ncols[s])))
                              for s in sels]
             self.dev["tid"] = on_device(np.concatenate([self.tid[s] for s in sels] or
                                                        [np.zeros(0, np.int64)]), device)
 
-    def _call(self, rule, flags, dtypes, mask, P, G, S, C, reduce):
+    @staticmethod
+    def aligned(ptrs_aligned, width, dtype):
+        """Whether a launch may say ALIGNED (triton_matrix): its params' and gradients'
+        addresses 16-byte aligned (``ptrs_aligned``, the caller's check) and every row a
+        multiple of 16 bytes (``width``: a number of columns every matrix's is a multiple
+        of), so that every row starts 16-byte aligned.  Never one-column tensors."""
+        size = {"float64": 8, "float32": 4}.get(dtype, 2)
+        return bool(ptrs_aligned) and width > 1 and width * size % 16 == 0
+
+    def _call(self, rule, flags, dtypes, mask, P, G, S, C, reduce, aligned=False):
         f64 = dtypes[0] == "float64"
         nchunk = len(self.tid)
         sums = reduce and not mask & 8  # row and column sums wanted (bit 8: the total alone)
@@ -115,11 +126,11 @@ class Tables:
         new = lambda n: torch.zeros(n, dtype=dt, device=self.device)  # noqa: E731
         rows, part = new(self.nrows if sums else 1), new(len(self.cidx) if sums else 1)
         tots = []
-        for t, cols in self.launches:
+        for t, cols, width in self.launches:
             tots.append(new(len(t["tid"])))
             triton_matrix.run_matrix(rule, flags, dtypes, mask, P, G, S, C, t["tid"], t["rs"],
                                      t["re"], d["F"], d["roff"], t["coff"], tots[-1], rows,
-                                     part, cols)
+                                     part, cols, self.aligned(aligned, width, dtypes[0]))
         if not reduce:
             return None
         per = new(len(self.F)).index_add_(0, d["tid"], torch.cat(tots) if tots else new(0))
@@ -127,15 +138,15 @@ class Tables:
             new(self.ncolsum)
         return per, rows, cols
 
-    def reduce(self, *args):
+    def reduce(self, *args, aligned=False):
         """(per tensor: sum of the first output's squares, per row and per column of the
         factored tensors: of the second's), float64 on the CPU, the math dtype on GPU.
         The rows' sums on the CPU are a buffer of these tables, overwritten by the next
         call: use them before it."""
-        return self._call(*args, reduce=True)
+        return self._call(*args, reduce=True, aligned=aligned)
 
-    def apply(self, *args):
-        self._call(*args, reduce=False)
+    def apply(self, *args, aligned=False):
+        self._call(*args, reduce=False, aligned=aligned)
 
     def on(self, device):
         """The tables the caller's torch ops index with, on ``device`` (made once)."""
@@ -198,8 +209,9 @@ class Tables:
         call = self.reduce if dict(flags)["REDUCE"] else self.apply
         if bucket.backend == "numba":
             return call(rule, flags, dts, mask, bucket.P, gptr, list(S), bucket.Cn)
+        aligned = bucket.aligned and not (gptr % 16).any()  # (as bucket.run's)
         S, G = on_device(S, bucket.device), on_device(gptr, bucket.device)
-        return call(rule, flags, dts, mask, bucket.P, G, list(S), C)
+        return call(rule, flags, dts, mask, bucket.P, G, list(S), C, aligned=aligned)
 
 
 def as_views(opt, group, entries, empty):

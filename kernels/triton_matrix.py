@@ -33,7 +33,7 @@ def _row_factor(s, count, old, w, w_rest, KIND: tl.constexpr):
 @triton.jit
 def _matrix_kernel(P, G, S0, S1, S2, C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS, CPART,
                    MASK: tl.constexpr, KIND: tl.constexpr, SKIND: tl.constexpr,
-                   BR: tl.constexpr, BC: tl.constexpr):
+                   BR: tl.constexpr, BC: tl.constexpr, ALIGNED: tl.constexpr):
     # as numba_engine._matrix_template: one program per chunk (rows RS..RE of one matrix),
     # in tiles of BR rows x BC columns; sums accumulate in the math dtype (float32 unless
     # float64), as the norm kernel's
@@ -43,8 +43,15 @@ def _matrix_kernel(P, G, S0, S1, S2, C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS, C
     r1 = tl.load(RE + pid)
     ncol = tl.load(F + t * 3)
     nrow = tl.load(F + t * 3 + 1)
-    pp = _ptr(P, t, KIND, False)
-    gp = _ptr(G, t, KIND, False)
+    # ALIGNED (the host checked it: Tables.aligned): every p and g 16-byte aligned, and
+    # every row a multiple of 16 bytes.  Said with tl.multiple_of, so that the tiles load
+    # and store 128 bits at a time (addresses and sizes loaded from tables carry no such
+    # facts).  Not for one-column tensors (BC 1): a [BR, 1] tile loads element by element
+    VEC: tl.constexpr = 2 if KIND == 1 else (4 if KIND == 0 else 8)
+    if ALIGNED:
+        ncol = tl.multiple_of(ncol, VEC)
+    pp = _ptr(P, t, KIND, ALIGNED)
+    gp = _ptr(G, t, KIND, ALIGNED)
     ap = _ptr(S0, t, SKIND, False)
     bp = _ptr(S1, t, SKIND, False)
     cp = _ptr(S2, t, SKIND, False)
@@ -131,7 +138,7 @@ def build_matrix(rule, flags, interpret=None):
 
 
 def run_matrix(rule, flags, dtypes, mask, P, G, S, C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS,
-               CPART, max_cols):
+               CPART, max_cols, aligned=False):
     """As numba_engine.run_matrix; one launch.  Tables are int64 tensors on the device, C
     is [n, NCOEF] in the math dtype, TOT, ROWS and CPART are of the math dtype;
     ``max_cols``: the widest matrix (the tiles' width is the next power of 2, at most
@@ -141,11 +148,11 @@ def run_matrix(rule, flags, dtypes, mask, P, G, S, C, TID, RS, RE, F, ROFF, COFF
     bc = min(triton.next_power_of_2(max(int(max_cols), 1)), BLOCK)
     build_matrix(rule, flags)[(TID.numel(),)](
         P, G, S[0], S[1], S[2], C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS, CPART, MASK=mask,
-        KIND=KINDS[dtypes[0]], SKIND=KINDS[dtypes[1]], BR=BLOCK // bc, BC=bc,
+        KIND=KINDS[dtypes[0]], SKIND=KINDS[dtypes[1]], BR=BLOCK // bc, BC=bc, ALIGNED=aligned,
         num_warps=NUM_WARPS, enable_fp_fusion=False)
 
 
-def compile_matrix_ptx(rule, flags, dtype="float32", mask=7, arch=90, bc=32):
+def compile_matrix_ptx(rule, flags, dtype="float32", mask=7, arch=90, bc=32, aligned=True):
     """The matrix kernel compiled ahead of time (as triton_engine.compile_ptx)."""
     from .triton_engine import _aot
     kernel = build_matrix(rule, flags, interpret=False)
@@ -154,5 +161,5 @@ def compile_matrix_ptx(rule, flags, dtype="float32", mask=7, arch=90, bc=32):
     f = "*fp64" if dtype == "float64" else "*fp32"
     sig.update(C=f, TOT=f, ROWS=f, CPART=f)
     const = {"MASK": mask, "KIND": KINDS[dtype], "SKIND": KINDS[dtype], "BR": 1024 // bc,
-             "BC": bc}
+             "BC": bc, "ALIGNED": aligned}
     return _aot(kernel, sig, const, names + ["C"], arch)

@@ -347,3 +347,20 @@ def test_eps1_zero_and_nan_as_torch(backend):
     torchs = _eps1_run(torch.optim.Adafactor, None, nan_after=2)
     for a, b in zip(ours, torchs):
         assert a.isnan().all() and b.isnan().all()
+
+
+def test_triton_launch_says_aligned_only_when_every_row_is():
+    """The matrix kernel's ALIGNED (128-bit loads: tl.multiple_of on the addresses and the
+    row width) is asserted to the GPU's compiler, not checked there: a wrong one would
+    read misaligned.  Tables.aligned allows it only for aligned addresses and rows that
+    are all multiples of 16 bytes, never for the one-column launch."""
+    assert Tables.aligned(True, 768, "float32") and Tables.aligned(True, 8, "bfloat16")
+    assert Tables.aligned(True, 2, "float64")
+    assert not Tables.aligned(False, 768, "float32")  # an address off 16 bytes
+    assert not Tables.aligned(True, 6, "float32")  # 24-byte rows
+    assert not Tables.aligned(True, 4, "float16") and not Tables.aligned(True, 1, "float64")
+    tab = Tables([(4, 12), (7,), (3, 8), (2, 5, 1)], "triton", torch.device("cpu"))
+    widths = sorted(w for _, _, w in tab.launches)
+    assert widths == [1, 4]  # one-column tensors; gcd(12, 8)
+    assert [Tables.aligned(True, w, "float32") for w in widths] == [False, True]  # 16 B
+    assert [Tables.aligned(True, w, "bfloat16") for w in widths] == [False, False]  # 8 B
