@@ -99,6 +99,8 @@ class Tables:
         f64 = dtypes[0] == "float64"
         nchunk = len(self.tid)
         sums = reduce and not mask & 8  # row and column sums wanted (bit 8: the total alone)
+        # (ROW_LERP: the rows' factors are written in place, their sums never leave)
+        nrows = 0 if dict(flags)["ROW_LERP"] or not sums else self.nrows
         if self.backend == "numba":
             from .kernels import numba_matrix
             # the kernel writes every entry of these (no zeros needed).  The rows' sums (one
@@ -106,10 +108,13 @@ class Tables:
             # call cost a page fault per 4 KiB, more than the pass itself on 1-D params
             rows, part = np.empty(0), np.empty(0)
             if sums:
+                if getattr(self, "_part", None) is None:  # (float64: compensations too)
+                    self._part = np.empty((2 if f64 else 1) * len(self.cidx))
+                part = self._part
+            if nrows:
                 if getattr(self, "_rows", None) is None:
                     self._rows = np.empty(self.nrows)
-                    self._part = np.empty((2 if f64 else 1) * len(self.cidx))  # (float64:
-                rows, part = self._rows, self._part                      # compensations)
+                rows = self._rows
             tot = np.empty(nchunk)
             numba_matrix.run_matrix(rule, flags, dtypes, mask, P, G, S, C, self.tid, self.rs,
                                     self.re, self.F, self.roff, self.coff, tot, rows, part)
@@ -124,7 +129,7 @@ class Tables:
         d = self.dev
         dt = torch.float64 if f64 else torch.float32
         new = lambda n: torch.zeros(n, dtype=dt, device=self.device)  # noqa: E731
-        rows, part = new(self.nrows if sums else 1), new(len(self.cidx) if sums else 1)
+        rows, part = new(max(nrows, 1)), new(len(self.cidx) if sums else 1)
         tots = []
         for t, cols, width in self.launches:
             tots.append(new(len(t["tid"])))
@@ -142,7 +147,7 @@ class Tables:
         """(per tensor: sum of the first output's squares, per row and per column of the
         factored tensors: of the second's), float64 on the CPU, the math dtype on GPU.
         The rows' sums on the CPU are a buffer of these tables, overwritten by the next
-        call: use them before it."""
+        call: use them before it.  Under ROW_LERP there are none (an empty tensor)."""
         return self._call(*args, reduce=True, aligned=aligned)
 
     def apply(self, *args, aligned=False):
