@@ -109,8 +109,9 @@ def _vector_template(MASK, EXACT):
     # the matrix kernel's path for one-column tensors (1-D params): rows RS..RE are single
     # elements, so the per-row work of the general path (slices, a row's lane sum) would
     # cost more than the element.  Its one column's sum goes to CPART (an (n, 1) matrix's
-    # column factor; a 1-D tensor's is dropped: its rows are its elements).  EXACT (float64 params): the total keeps Kahan's compensation
-    # (plain sums put float64 Adafactor's error above torch's in test_parity).
+    # column factor; a 1-D tensor's is dropped: its rows are its elements).  EXACT
+    # (float64 params): the total keeps Kahan's compensation (plain sums put float64
+    # Adafactor's error above torch's in test_parity).
     # Else squares of float32 values are exact in float64, and a chunk sums at most CHUNK
     # of them: one sum, which LLVM splits over vector lanes (the reducing kernel is compiled
     # with reassociation: run_matrix)
@@ -267,11 +268,10 @@ def run_matrix(rule, flags, dtypes, mask, P, G, S, C, TID, RS, RE, F, ROFF, COFF
             gl[f.__name__] = numba.njit(inline="always", **JIT)(
                 types.FunctionType(f.__code__, gl, f.__name__))
         dt, load, store = _IO[dtypes[0]]
-        sdt = _IO[dtypes[1]][0]
+        sdt, sload, sstore = _IO[dtypes[1]]
         key = int(hashlib.sha256(repr((_SOURCE_HASH, k, _PARALLEL[0])).encode())
                   .hexdigest()[:15], 16) | 1
         proto = _matrix_template(key, mask, dt, sdt, dtypes[0] == "float64")
-        _, sload, sstore = _IO[dtypes[1]]
         kgl = dict(globals(), rule=gl[rule], load=load, store=store, sload=sload, sstore=sstore,
                    MT=np.float64 if dtypes[0] == "float64" else np.float32,
                    **{f: dict(flags)[f] for f in ("REDUCE", "SCALE_GRAD", "WRITE_GRAD",
