@@ -92,8 +92,8 @@ class Tables:
         addresses 16-byte aligned (``ptrs_aligned``, the caller's check) and every row a
         multiple of 16 bytes (``width``: a number of columns every matrix's is a multiple
         of), so that every row starts 16-byte aligned.  Never one-column tensors."""
-        size = {"float64": 8, "float32": 4}.get(dtype, 2)
-        return bool(ptrs_aligned) and width > 1 and width * size % 16 == 0
+        return bool(ptrs_aligned) and width > 1 and \
+            width * getattr(torch, dtype).itemsize % 16 == 0
 
     def _call(self, rule, flags, dtypes, mask, P, G, S, C, reduce, aligned=False):
         f64 = dtypes[0] == "float64"

@@ -70,20 +70,16 @@ def column_sums(part, coff, ncols, start, n, exact):
 
 @numba.njit(parallel=True, cache=True, **JIT)
 def means_float32(x, count, out):
-    """out[i] = torch's ``norm(g, dim).square_().div_(count[i])`` in float32 from the sum of
-    squares x[i] (float64), the norm rounded once (the square root of the float64 sum,
-    correctly rounded, then to float32), where count[i] > 0; else x[i] rounded to float32
-    (a 1-D param's g**2).  Over the threads, one pass: as torch ops (matrix.col_means)
-    these took ~2 ms a step on GPT-2 shapes, a pass over each of 237k rows per op."""
+    """out[i] = torch's ``norm(g, dim=-2).square_().div_(count[i])`` in float32 from the
+    columns' sums of squares x[i] (float64), the norm rounded once (the square root of the
+    float64 sum, correctly rounded, then to float32).  Over the threads, one pass: as
+    torch ops (matrix.col_means) 0.20 ms a step on GPT-2 shapes' 84k columns, here 0.11."""
     for b in prange((x.shape[0] + 65535) // 65536):
         xs, ns = x[b * 65536:(b + 1) * 65536], count[b * 65536:(b + 1) * 65536]
         os = out[b * 65536:(b + 1) * 65536]
         for i in range(xs.shape[0]):
-            if ns[i] > 0:
-                r = np.float32(np.sqrt(xs[i]))
-                os[i] = (r * r) / np.float32(ns[i])
-            else:
-                os[i] = np.float32(xs[i])
+            r = np.float32(np.sqrt(xs[i]))
+            os[i] = (r * r) / np.float32(ns[i])
     return out
 
 
