@@ -86,7 +86,9 @@ def _permutes(groups):
     return permute
 
 
-_permute64, _permute256 = _permutes(1), _permutes(4)
+# a whole block's (QBLOCK values) in one call: whole groups of 64 values and 16 codes
+assert qmap.QBLOCK % 64 == 0
+_permute64, _permute_block = _permutes(1), _permutes(qmap.QBLOCK // 64)
 
 
 def _coders(groups):
@@ -163,15 +165,15 @@ def _coders(groups):
     return coder
 
 
-_codes16, _codes256 = _coders(1), _coders(16)
+_codes16, _codes_block = _coders(1), _coders(qmap.QBLOCK // 16)
 
 
 @intrinsic
-def _absmax256(typingctx, f):
-    # the largest |f[0:256]| as float32 bits (NaN's above inf's: it sticks): sixteen vector
-    # loads, masks and unsigned maxes, one reduction.  Numba's loop of uint32 maxes (its
-    # ints widen to 64 bits) was slower: the 8-bit step went 0.855 -> 0.818 ns of core
-    # time per param in cache with this
+def _absmax_block(typingctx, f):
+    # the largest |f[0:QBLOCK]| as float32 bits (NaN's above inf's: it sticks): QBLOCK / 16
+    # vector loads, masks and unsigned maxes, one reduction.  Numba's loop of uint32 maxes
+    # (its ints widen to 64 bits) was slower: the 8-bit step went 0.855 -> 0.818 ns of
+    # core time per param in cache with this
     sig = nt.uint32(f)
 
     def codegen(context, builder, sig, args):
@@ -181,9 +183,10 @@ def _absmax256(typingctx, f):
                                               "llvm.umax.v16i32")
         mask = ir.Constant(i16, [0x7FFFFFFF] * 16)
         v = [builder.and_(builder.load(builder.gep(base, [ir.Constant(_I32, i)]), align=4),
-                          mask) for i in range(16)]
-        while len(v) > 1:  # a tree: four independent maxes at its widest
-            v = [builder.call(umax, [v[i], v[i + 1]]) for i in range(0, len(v), 2)]
+                          mask) for i in range(qmap.QBLOCK // 16)]
+        while len(v) > 1:  # a tree of independent maxes (an odd one out waits a level)
+            v = [builder.call(umax, [v[i], v[i + 1]]) for i in range(0, len(v) - 1, 2)] \
+                + v[len(v) - len(v) % 2:]
         red = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32, [i16]),
                                              "llvm.vector.reduce.umax.v16i32")
         return builder.call(red, [v[0]])
@@ -200,7 +203,7 @@ def _loads(n):
 
 
 _lookup64 = _permute64 if VBMI else _loads(64)
-_lookup256 = _permute256 if VBMI else _loads(256)
+_lookup_block = _permute_block if VBMI else _loads(qmap.QBLOCK)
 
 # mask bit 16 << i marks slot i as uint8 codes with a float32 absmax per block of QBLOCK
 # elements (tables A0..A2), bit 256 << i its map as signed
@@ -236,7 +239,7 @@ def dequantize(f, codes, m, T, absmax):
     # a block's codes -> float32 scratch, map[code] * absmax: 64 codes at a time (_lookup64),
     # the rest of a short last block one by one
     if m == qmap.QBLOCK:  # (every block but a tensor's last)
-        _lookup256(f, codes, T, absmax, 0)
+        _lookup_block(f, codes, T, absmax, 0)
         return
     whole = m - m % 64
     for j in range(0, whole, 64):
@@ -263,10 +266,10 @@ def _coded(codes, f, T, sc, inv, lo, hi, signed):
 
 @numba.njit(inline="always", **JIT)
 def _permuted(codes, f, T, sc, inv, lo, hi, signed):
-    # codes[lo:hi] of f[lo:hi], hi - lo a multiple of 16: a whole block by _codes256 (its
+    # codes[lo:hi] of f[lo:hi], hi - lo a multiple of 16: a whole block by _codes_block (its
     # tables loaded once), else by _codes16
     if hi - lo == qmap.QBLOCK:
-        _codes256(codes, f, T, sc, inv, lo, signed)
+        _codes_block(codes, f, T, sc, inv, lo, signed)
         return
     for j in range(lo, hi, 16):
         _codes16(codes, f, T, sc, inv, j, signed)
@@ -280,7 +283,7 @@ def requantize(f, codes, m, T, signed):
     # a block's new absmax (the largest magnitude, as float32 bits: NaN sticks; a loop of its
     # own: inside the rule's it kept that from vectorizing), then its codes; returns absmax
     if m == qmap.QBLOCK:  # (every block but a tensor's last)
-        mx = _absmax256(f)
+        mx = _absmax_block(f)
     else:
         mx = np.uint32(0)
         for j in range(m):

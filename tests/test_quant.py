@@ -140,7 +140,7 @@ def _edges_and_specials(signed):
 @pytest.mark.parametrize("width", [16, 256])
 def test_permuted_codes_equal_the_loop(signed, width):
     """The CPU engine's codes by permutes (numba_quant._codes16, 16 at a time, and a whole
-    block's _codes256) against its element-by-element loop (qcode), bit for bit, on
+    block's _codes_block) against its element-by-element loop (qcode), bit for bit, on
     _edges_and_specials in blocks whose absmax is 1, tiny (scaled by 2^64, as requantize
     does) or subnormal."""
     import numba
@@ -173,13 +173,13 @@ def test_permuted_codes_equal_the_loop(signed, width):
 @pytest.mark.parametrize("width", [64, 256])
 def test_permuted_values_equal_the_loads(signed, width):
     """The CPU engine's dequantization by byte permutes (numba_quant._permute64 and the
-    whole block's _permute256) against a load per code, bit for bit, every code, scales
+    whole block's _permute_block) against a load per code, bit for bit, every code, scales
     1, 1e-25, 1e-40."""
     import numba
     import numpy as np
     nq = _NQ
     T = quant.engine_table().numpy()[int(signed)].copy()
-    permute = nq._permute64 if width == 64 else nq._permute256
+    permute = nq._permute64 if width == 64 else nq._permute_block
 
     @numba.njit
     def values(f, codes, T, absmax):
@@ -196,7 +196,7 @@ def test_permuted_values_equal_the_loads(signed, width):
 
 
 def test_block_absmax_equals_the_loop():
-    """requantize's absmax of a whole block (numba_quant._absmax256: vector maxes of the
+    """requantize's absmax of a whole block (numba_quant._absmax_block: vector maxes of the
     magnitudes' bits) against the largest |x| by a loop: random blocks, and blocks with
     -0, subnormals, inf and NaN (which sticks) at every place the vector loads split."""
     import numba
@@ -209,7 +209,7 @@ def test_block_absmax_equals_the_loop():
         for j in range(f.shape[0]):
             b = nq._f32_bits(f[j]) & np.uint32(0x7FFFFFFF)
             mx = b if b > mx else mx
-        return nq._absmax256(f), mx
+        return nq._absmax_block(f), mx
 
     rng = np.random.default_rng(0)
     blocks = [(rng.standard_normal(256) * 10.0 ** rng.integers(-40, 30, 256)).astype(np.float32)
