@@ -6,6 +6,12 @@ uses ``total_norm`` and folds the factor into the update pass instead.
 The norm follows torch's two stages: a norm per tensor, rounded to the gradients' dtype
 (torch's ``_foreach_norm``), then ``vector_norm`` of those.  The engines accumulate each
 chunk in float64 on the CPU and in the math dtype on a GPU, as torch's kernels do.
+
+DTensor gradients (FSDP2) are the norm's one distributed step, done as DTensor does it:
+each rank takes its shards' norms in the engine, then one all-reduce per mesh (over the
+process group of each mesh dim a gradient is sharded on, never the world) turns them into
+the whole tensors' norms (x**p, sum, x**(1/p); max for the inf norm); the total of those and
+the clipping factor are then the same on every rank, and each rank scales its own shards.
 """
 import math
 
@@ -26,8 +32,9 @@ def _groups(tensors):
 
 
 def _engine_can(device, dtype, ts, p):
-    # complex and sparse tensors, and norms 0, -inf and p < 0, are torch's
-    return (p in _ENGINE_ORDERS or 0 < p < math.inf) and not dtype.is_complex and \
+    # complex and sparse tensors, meta and other devices, norms 0, -inf and p < 0: torch's
+    return device.type in ("cpu", "cuda") and \
+        (p in _ENGINE_ORDERS or 0 < p < math.inf) and not dtype.is_complex and \
         dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16) and \
         not any(t.is_sparse for t in ts)
 
@@ -44,39 +51,106 @@ class _Tables:
         return tuple(_opt.on_device(a, device) for a in (self.ptrs, self.tid, self.cs, self.ce))
 
 
+def _mesh_dims(t):
+    """The mesh dims a DTensor is sharded over (its norm is partial there), or None when a
+    placement is neither a shard nor a replica (a partial grad: torch's own ops reduce it)."""
+    dims = []
+    for d, pl in enumerate(t.placements):
+        if pl.is_shard():
+            dims.append(d)
+        elif not pl.is_replicate():
+            return None
+    return tuple(dims)
+
+
+def _all_reduce(v, p, mesh, dims):
+    """The norms of whole tensors from their shards' norms ``v`` (one collective per sharded
+    mesh dim, over that dim's process group): DTensor's own reduction of a partial norm,
+    x**p, a sum, x**(1/p), or a max for the inf norm, in the norms' dtype."""
+    import torch.distributed as dist
+    for d in dims:
+        group = mesh.get_group(d)
+        if p == math.inf:
+            dist.all_reduce(v, dist.ReduceOp.MAX, group=group)
+        else:
+            v = v ** p
+            dist.all_reduce(v, dist.ReduceOp.SUM, group=group)
+            v = v ** (1.0 / p)
+    return v
+
+
+def _local_norms(ts, p, device, dtype, backend):
+    """Each tensor's p-norm (its local shard's for a DTensor), in ``dtype`` on ``device``,
+    from one engine call (torch's ``_foreach_norm``: each norm rounded to the dtype)."""
+    ts = [t.contiguous() for t in ts]
+    be = _opt.backend_for(backend, device)
+    tab = _Tables(ts, be)
+    if be == "numba":
+        part = torch.from_numpy(_opt._numba().norm_partials(
+            _opt._name(dtype), p, tab.ptrs, tab.tid, tab.cs, tab.ce, tab.numel))
+    else:
+        G, tid, cs, ce = tab.on(device)
+        part = _opt._triton().norm_partials(_opt._name(dtype), p, G, tid, cs, ce)
+    idx = torch.from_numpy(tab.tid).to(part.device)
+    per = torch.zeros(len(ts), dtype=part.dtype, device=part.device)
+    if p == math.inf:
+        per.scatter_reduce_(0, idx, part, "amax")
+    else:
+        per = per.index_add_(0, idx, part) ** (1 / p)
+    return per.to(dtype)
+
+
+def _norms(ts, p, device, dtype, backend):
+    """The whole tensors' norms: the shards' norms reduced over each mesh they are on."""
+    dt = _opt._dtensor()
+    if not dt or not isinstance(ts[0], dt):
+        if _engine_can(device, dtype, ts, p):
+            return _local_norms(ts, p, device, dtype, backend)
+        return torch.stack([torch.linalg.vector_norm(t, p) for t in ts])
+    dims = [_mesh_dims(t) for t in ts]
+    if not _engine_can(device, dtype, ts, p) or None in dims:
+        return torch.stack([torch.linalg.vector_norm(t, p).full_tensor() for t in ts])
+    v = _local_norms([t._local_tensor for t in ts], p, device, dtype, backend)
+    meshes = {}  # one collective per (mesh, sharded dims), in the order first seen
+    for i, t in enumerate(ts):
+        meshes.setdefault((t.device_mesh, dims[i]), []).append(i)
+    for (mesh, d), idx in meshes.items():
+        sel = torch.tensor(idx, device=v.device)
+        v[sel] = _all_reduce(v[sel], p, mesh, d)
+    return v
+
+
+def _mixed_error():
+    # torch's own error for such a list (its _foreach_norm refuses it)
+    return RuntimeError("clip_grad_norm_ got mixed torch.Tensor and DTensor gradients: "
+                        "convert every torch.Tensor to a DTensor first, as torch requires")
+
+
 def total_norm(tensors, norm_type=2.0, backend="auto"):
-    """torch.nn.utils.get_total_norm's result for ``tensors``."""
+    """torch.nn.utils.get_total_norm's result for ``tensors``.  DTensor gradients (FSDP2):
+    each rank takes its shards' norms in the engine, one all-reduce per mesh makes them the
+    whole tensors' norms, and the result is a replicated DTensor on the first tensor's mesh,
+    the same value on every rank."""
     p = float(norm_type)
-    tensors = [_opt._local(t) for t in tensors]
+    tensors = list(tensors)
     if not tensors:
         return torch.tensor(0.0)
+    dt = _opt._dtensor()
+    sharded = sum(isinstance(t, dt) for t in tensors) if dt else 0
+    if 0 < sharded < len(tensors):
+        raise _mixed_error()
     if p == math.inf and any(t.numel() == 0 for t in tensors):
         raise RuntimeError("_foreach_norm cannot compute the infinity norm on an empty tensor "
                            "because the operation does not have an identity")  # as torch
-    first = tensors[0].device
-    norms = []
-    for (device, dtype), ts in _groups(tensors):
-        if not _engine_can(device, dtype, ts, p):
-            norms += [torch.linalg.vector_norm(t, p).to(first) for t in ts]
-            continue
-        ts = [t.contiguous() for t in ts]
-        be = _opt.backend_for(backend, device)
-        tab = _Tables(ts, be)
-        if be == "numba":
-            part = torch.from_numpy(_opt._numba().norm_partials(
-                _opt._name(dtype), p, tab.ptrs, tab.tid, tab.cs, tab.ce, tab.numel))
-        else:
-            G, tid, cs, ce = tab.on(device)
-            part = _opt._triton().norm_partials(_opt._name(dtype), p, G, tid, cs, ce)
-        idx = torch.from_numpy(tab.tid).to(part.device)
-        per = torch.zeros(len(ts), dtype=part.dtype, device=part.device)
-        if p == math.inf:
-            per.scatter_reduce_(0, idx, part, "amax")
-        else:
-            per = per.index_add_(0, idx, part) ** (1 / p)
-        norms.append(per.to(dtype).to(first))
-    norms = [n.reshape(-1) for n in norms]
-    return torch.linalg.vector_norm(torch.cat(norms), p)
+    first = _opt._local(tensors[0]).device
+    norms = [_norms(ts, p, device, dtype, backend).to(first).reshape(-1)
+             for (device, dtype), ts in _groups(tensors)]
+    total = torch.linalg.vector_norm(torch.cat(norms), p)
+    if sharded:
+        from torch.distributed.tensor import DTensor, Replicate
+        mesh = tensors[0].device_mesh
+        total = DTensor.from_local(total, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return total
 
 
 def clip_factor(total, max_norm):
@@ -99,7 +173,9 @@ def scale_(tensors, factor, backend="auto"):
         tab = _Tables(ts, be)
         math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         C = torch.zeros(len(ts), rules.NCOEF, dtype=math_dtype, device=device)
-        C[:, 0] = f.to(dtype)  # torch multiplies by the factor in the gradients' dtype
+        # torch multiplies in the math dtype by the factor as it is (a float32 factor when
+        # bfloat16 and float32 norms were combined), rounding only the product
+        C[:, 0] = f.to(math_dtype)
         flags = tuple(sorted(dict.fromkeys(rules.FLAGS, False).items()))
         dt = (_opt._name(dtype),) * 2
         if be == "numba":
@@ -121,12 +197,13 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
         parameters = [parameters]
     grads = [p.grad for p in parameters if p.grad is not None]
     total = total_norm(grads, norm_type, backend)
-    if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
+    local = _opt._local(total)  # a DTensor's value, the same on every rank
+    if error_if_nonfinite and torch.logical_or(local.isnan(), local.isinf()):
         raise RuntimeError(
             f"The total norm of order {float(norm_type)} for gradients from "
             "`parameters` is non-finite, so it cannot be clipped. To disable "
             "this error and scale the gradients by the non-finite norm anyway, "
             "set `error_if_nonfinite=False`")
     if grads:
-        scale_(grads, clip_factor(total, max_norm), backend)
+        scale_(grads, clip_factor(local, max_norm), backend)
     return total

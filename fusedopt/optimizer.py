@@ -249,7 +249,7 @@ class FusedOptimizer:
             flats = [flat.buffers_of(self, g) for g in self.param_groups]
             grads = [b.grad for b, aliased in flats] if all(a for _, a in flats) \
                 else [p.grad for p in self._with_grads()]
-            norm = clip.total_norm(grads, 2.0, self._backend)
+            norm = _local(clip.total_norm(grads, 2.0, self._backend))  # a DTensor's: every rank's
             if mult is not None:  # the norm of the unscaled grads (the scale is a power of 2)
                 norm = norm * mult.to(norm.device)
             self.grad_norm = norm

@@ -12,6 +12,7 @@ WORLD DIR``: WORLD processes on the gloo backend (CPU), every rank asserting on 
 * dcp_load:   fresh processes (any WORLD): load the checkpoint, take the same 3 steps
               on the same global batches, compare with what dcp_save wrote.
 """
+import importlib
 import os
 import socket
 import sys
@@ -167,7 +168,9 @@ def _worker(rank, world, port, name, out):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         from torch.distributed.device_mesh import init_device_mesh
-        globals()[name](rank, world, init_device_mesh("cpu", (world,)), out)
+        module, _, fn = name.rpartition(":")  # "dist_clip:name": another file's scenario
+        scenarios = vars(importlib.import_module(module)) if module else globals()
+        scenarios[fn](rank, world, init_device_mesh("cpu", (world,)), out)
         # no rank tears its gloo pairs down while another still uses them (rank 0 writing
         # the expectation after dcp_save): a peer's closed connection in gloo's background
         # thread aborted a rank once ("terminate called without an active exception")

@@ -28,3 +28,16 @@ def test_checkpoint_resume_and_reshard(tmp_path):
     scenario("dcp_save", 2, tmp_path)
     scenario("dcp_load", 2, tmp_path)
     scenario("dcp_load", 1, tmp_path)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_clipping_by_the_global_norm(world, tmp_path):
+    """clip_grad_norm_ and max_grad_norm on FSDP2 shards equal torch's on the same sharding,
+    also over two meshes (dist_clip.py)."""
+    scenario("dist_clip:every", world, tmp_path)
+
+
+def test_clipping_without_the_all_reduce_fails(tmp_path):
+    """The mutation: each rank clipping by its own shards' norm is caught."""
+    with pytest.raises(AssertionError, match="grad_norm step 0"):
+        scenario("dist_clip:no_reduce", 2, tmp_path)
