@@ -1,7 +1,8 @@
 """Adadelta: torch.optim.Adadelta with a fused multi-tensor step (torch has no fused one)."""
 import torch
 
-from .optimizer import FusedOptimizer, signature_with
+from .optimizer import FusedOptimizer
+from .options import signature_with
 
 
 class Adadelta(FusedOptimizer, torch.optim.Adadelta):

@@ -12,7 +12,8 @@ import torch
 
 from .bucket import scalar_dtype
 from .matrix import Factored, exact_sqrt
-from .optimizer import FusedOptimizer, signature_with
+from .optimizer import FusedOptimizer
+from .options import signature_with
 
 
 class Adafactor(Factored, FusedOptimizer, torch.optim.Adafactor):

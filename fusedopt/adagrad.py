@@ -8,7 +8,8 @@ import torch
 from torch.optim.adagrad import adagrad as torch_adagrad
 
 from .bucket import scalar_dtype
-from .optimizer import FusedOptimizer, signature_with
+from .optimizer import FusedOptimizer
+from .options import signature_with
 
 
 class Adagrad(FusedOptimizer, torch.optim.Adagrad):

@@ -1,7 +1,8 @@
 """Adam, AdamW and Adamax: torch.optim's classes with a fused multi-tensor step."""
 import torch
 
-from .optimizer import FusedOptimizer, lerp_rest, lerp_small, signature_with
+from .optimizer import FusedOptimizer, lerp_rest, lerp_small
+from .options import signature_with
 
 
 class Adam(FusedOptimizer, torch.optim.Adam):

@@ -2,7 +2,8 @@
 import torch
 
 from .bucket import scalar_dtype
-from .optimizer import FusedOptimizer, signature_with
+from .optimizer import FusedOptimizer
+from .options import signature_with
 
 
 class ASGD(FusedOptimizer, torch.optim.ASGD):

@@ -5,7 +5,8 @@ others (constructor, validation, state format, the anchor of the parity tests, t
 fallback for params the engines do not take); ``Lion`` is the fused step."""
 import torch
 
-from .optimizer import FusedOptimizer, closure_loss, signature_with
+from .optimizer import FusedOptimizer, closure_loss
+from .options import signature_with
 
 
 class LionForLoop(torch.optim.Optimizer):

@@ -2,7 +2,8 @@
 import torch
 
 from .bucket import scalar_dtype
-from .optimizer import FusedOptimizer, lerp_rest, lerp_small, signature_with
+from .optimizer import FusedOptimizer, lerp_rest, lerp_small
+from .options import signature_with
 
 
 class NAdam(FusedOptimizer, torch.optim.NAdam):

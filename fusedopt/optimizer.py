@@ -7,7 +7,6 @@ buckets by device and dtype, rebuilt only when the set of params with gradients
 changes, or after load_state_dict / add_param_group: per step the host reads the
 gradients' addresses, computes the coefficients and makes one engine call per bucket.
 """
-import inspect
 import itertools
 import weakref
 
@@ -16,6 +15,7 @@ import torch
 
 from . import clip, flat, host, quant
 from .bucket import _GRAD, _PTR, _local, scalar_dtype, state_dtype
+from .options import validate
 from .plan import _Plan, refuse_torch, torch_step
 from .state import State
 from .kernels import rules
@@ -96,31 +96,13 @@ class FusedOptimizer:
             raise NotImplementedError(
                 f"fusedopt.{type(self).__name__} does not implement differentiable=True; "
                 f"use torch.optim.{type(self).__name__} for differentiable optimizer steps")
-        for k, v in (("master_weights", master_weights), ("state_dtype", state_dtype),
-                     ("stochastic_rounding", stochastic_rounding)):
-            if v and k in self._refuses:
-                raise ValueError(f"fusedopt.{type(self).__name__} does not support {k}")
-        if backend not in ("auto", "numba", "triton"):
-            raise ValueError(f"backend must be 'auto', 'numba' or 'triton', got {backend!r}")
-        for name, v in (("l1", l1), ("max_grad_norm", max_grad_norm)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                raise TypeError(f"{name} must be a float, got {type(v).__name__}: {v!r}")
-        if not 0.0 <= l1:
-            raise ValueError(f"Invalid l1 value: {l1}")
-        if max_grad_norm is not None and not 0.0 <= max_grad_norm:
-            raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
-        if state_dtype not in (None, torch.float32, torch.uint8):
-            raise ValueError(f"state_dtype must be None (the param's dtype), torch.float32 or "
-                             f"torch.uint8 (8-bit state), got {state_dtype}")
-        if master_weights and stochastic_rounding:
-            raise ValueError("master_weights and stochastic_rounding exclude each other: with "
-                             "a float32 master copy the param is only a rounded view of it")
+        validate(type(self).__name__, self._refuses, backend=backend, l1=l1,
+                 max_grad_norm=max_grad_norm, state_dtype=state_dtype,
+                 master_weights=master_weights, stochastic_rounding=stochastic_rounding,
+                 flat=flat)
         # group keys, so that they go into state_dict and can differ between groups
-        if not isinstance(flat, bool):
-            raise TypeError(f"flat must be True or False, got {type(flat).__name__}: {flat!r}")
-        extras = dict(l1=l1, state_dtype=state_dtype, master_weights=bool(master_weights),
-                      flat=flat,
-                      stochastic_rounding=bool(stochastic_rounding))
+        extras = dict(l1=l1, state_dtype=state_dtype, master_weights=master_weights, flat=flat,
+                      stochastic_rounding=stochastic_rounding)
         if stochastic_rounding:  # the stream's seed: set group["sr_seed"] to change it
             extras["sr_seed"] = torch.initial_seed() & 0xFFFFFFFF
         self._max_grad_norm = max_grad_norm
@@ -153,8 +135,21 @@ class FusedOptimizer:
 
     def _with_grads(self):
         # from _param_lists, not param_groups: under torch.compile dynamo guards on every
-        # value in param_groups, lr included
+        # value in param_groups, lr included (the eager step renews the lists, see
+        # _current_lists; a compiled step then sees them changed and retraces once)
         return [p for ps in self._param_lists for p in ps if p.grad is not None]
+
+    def _current_lists(self):
+        """Renew _param_lists where ``group["params"]`` was reassigned or a group deleted
+        or added behind add_param_group's back (compared by identity: one read per group;
+        a list changed in place is the same list), and drop the plans of groups gone."""
+        groups = self.param_groups
+        if len(groups) == len(self._param_lists) and all(
+                a is g["params"] for a, g in zip(self._param_lists, groups)):
+            return
+        self._param_lists = [g["params"] for g in groups]
+        alive = {id(g) for g in groups}
+        self._plans = {k: v for k, v in self._plans.items() if k in alive}
 
     def zero_grad(self, set_to_none=True):
         # flat=True: grads still aliases of a plan's buffer are zeroed in one fill each
@@ -182,7 +177,7 @@ class FusedOptimizer:
                 # scalars (one element): say which does not, now, rather than at a step
                 # (torch) or never (a kernel)
                 scalar = k in ("step", *self._scalars)
-                want = (quant.nblocks(p.numel()),) if k.endswith(quant.ABSMAX) \
+                want = quant.absmax_shape(p) if k.endswith(quant.ABSMAX) \
                     else self._state_shape(k, p)
                 if torch.is_tensor(v) and (v.numel() != 1 if scalar else v.shape != want):
                     raise RuntimeError(
@@ -236,6 +231,7 @@ class FusedOptimizer:
         return loss
 
     def _eager_step(self):
+        self._current_lists()
         amp = self._amp()
         if amp is _SKIP:
             return
@@ -312,8 +308,13 @@ class FusedOptimizer:
             torch_step(self, group, [params[i] for i in plan.fallback], *amp)
         self._bump_versions(group, [params[i] for i in plan.take], plan)
         for idx, bucket in plan.buckets:
-            keep = [_local(grads[i]).contiguous() for i in idx]
+            given = [_local(grads[i]) for i in idx]
+            keep = [g.contiguous() for g in given]
             self._run(bucket, group, np.fromiter(map(_PTR, keep), np.int64, len(keep)), amp)
+            if amp[2]:  # WRITE_GRAD wrote a non-contiguous grad's copy: the unscale goes home
+                for g, k in zip(given, keep):
+                    if k is not g:
+                        g.copy_(k)
 
     def _bump_versions(self, group, params, plan):
         # autograd's in-place check: a param's version moves as torch's in-place updates
@@ -392,15 +393,3 @@ def lerp_small(w):
     # torch's lerp switches formula at |w| = 0.5
     return abs(float(w)) < 0.5
 
-
-EXTRAS = dict(backend="auto", l1=0.0, max_grad_norm=None, state_dtype=None, master_weights=False,
-              stochastic_rounding=False, flat=False)  # FusedOptimizer.__init__'s
-
-
-def signature_with(torch_cls):
-    """torch_cls's constructor signature plus fusedopt's keyword-only extras."""
-    sig = inspect.signature(torch_cls.__init__)
-    params = list(sig.parameters.values())[1:]
-    params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v)
-               for k, v in EXTRAS.items()]
-    return sig.replace(parameters=params)

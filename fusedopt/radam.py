@@ -2,7 +2,8 @@
 import torch
 
 from .adam import Adam
-from .optimizer import FusedOptimizer, lerp_rest, lerp_small, signature_with
+from .optimizer import FusedOptimizer, lerp_rest, lerp_small
+from .options import signature_with
 
 
 class RAdam(FusedOptimizer, torch.optim.RAdam):

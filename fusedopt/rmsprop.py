@@ -1,7 +1,8 @@
 """RMSprop: torch.optim.RMSprop with a fused multi-tensor step (torch has no fused RMSprop)."""
 import torch
 
-from .optimizer import FusedOptimizer, lerp_rest, lerp_small, signature_with
+from .optimizer import FusedOptimizer, lerp_rest, lerp_small
+from .options import signature_with
 
 
 class RMSprop(FusedOptimizer, torch.optim.RMSprop):

@@ -8,7 +8,8 @@ Sparse gradients go to torch's own SGD for those params.
 import torch
 from torch.optim.sgd import sgd as torch_sgd
 
-from .optimizer import FusedOptimizer, signature_with
+from .optimizer import FusedOptimizer
+from .options import signature_with
 
 
 class SGD(FusedOptimizer, torch.optim.SGD):

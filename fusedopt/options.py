@@ -1,0 +1,57 @@
+"""fusedopt's own constructor keywords (torch.optim has none of them): their defaults, the
+checks that refuse a bad value with an error naming the keyword, and the constructor
+signature torch's plus them."""
+import inspect
+
+import torch
+
+# FusedOptimizer.__init__'s keywords and their defaults, in signature order
+EXTRAS = dict(backend="auto", l1=0.0, max_grad_norm=None, state_dtype=None, master_weights=False,
+              stochastic_rounding=False, flat=False)
+_SWITCHES = ("master_weights", "stochastic_rounding", "flat")
+
+
+def _number(name, v):
+    # bool is an int to Python, but l1=True is a slip, not a coefficient
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(v).__name__}: {v!r}")
+
+
+def validate(cls_name, refuses, *, backend, l1, max_grad_norm, state_dtype, **switches):
+    """Raise TypeError (wrong type) or ValueError (wrong value) naming the keyword; ``refuses``
+    are the options the class lacks (a value that turns one on is a ValueError)."""
+    if not isinstance(backend, str) or backend not in ("auto", "numba", "triton"):
+        raise ValueError(f"backend must be 'auto', 'numba' or 'triton', got {backend!r}")
+    _number("l1", l1)
+    if not 0.0 <= l1:
+        raise ValueError(f"Invalid l1 value: {l1}")
+    if max_grad_norm is not None:  # None: no clipping
+        _number("max_grad_norm", max_grad_norm)
+        if not 0.0 <= max_grad_norm:
+            raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
+    if state_dtype is not None and not isinstance(state_dtype, torch.dtype):
+        raise TypeError(f"state_dtype must be None (the param's dtype) or a torch.dtype, got "
+                        f"{type(state_dtype).__name__}: {state_dtype!r}")
+    if state_dtype not in (None, torch.float32, torch.uint8):
+        raise ValueError(f"state_dtype must be None (the param's dtype), torch.float32 or "
+                         f"torch.uint8 (8-bit state), got {state_dtype}")
+    for k in _SWITCHES:
+        if not isinstance(switches[k], bool):
+            raise TypeError(f"{k} must be True or False, got {type(switches[k]).__name__}: "
+                            f"{switches[k]!r}")
+    for k, v in (("master_weights", switches["master_weights"]), ("state_dtype", state_dtype),
+                 ("stochastic_rounding", switches["stochastic_rounding"])):
+        if v and k in refuses:
+            raise ValueError(f"fusedopt.{cls_name} does not support {k}")
+    if switches["master_weights"] and switches["stochastic_rounding"]:
+        raise ValueError("master_weights and stochastic_rounding exclude each other: with "
+                         "a float32 master copy the param is only a rounded view of it")
+
+
+def signature_with(torch_cls):
+    """torch_cls's constructor signature plus fusedopt's keyword-only extras."""
+    sig = inspect.signature(torch_cls.__init__)
+    params = list(sig.parameters.values())[1:]
+    params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v)
+               for k, v in EXTRAS.items()]
+    return sig.replace(parameters=params)
