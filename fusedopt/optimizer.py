@@ -257,19 +257,21 @@ class FusedOptimizer:
     def _amp(self):
         """What torch.amp.GradScaler.step left on the optimizer (it does, since
         _step_supports_amp_scaling is set): (1 / scale or None, found_inf or None), or _SKIP
-        when found_inf is set: then nothing is touched, no state created, no step counted --
-        what the for-loop gives when the scaler skips step().  Where a group is capturable,
+        when found_inf is set: then no param or state is touched, no state created, no step
+        counted, the grads unscaled -- what the for-loop gives when the scaler skips step().  Where a group is capturable,
         a found_inf on a GPU is read by the kernel instead (no host sync)."""
         scale, found = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         # read on the host where the counters are (not capturable: a GPU's flag costs one
         # sync, as in torch's for-loop path); capturable steps read it in the kernel
+        # torch's unscale_: the reciprocal in float64, rounded to float32
+        inv = None if scale is None else scale.double().reciprocal().float()
         if found is not None and (found.device.type == "cpu"
                                   or not any(g.get("capturable") for g in self.param_groups)):
             if found.item():
+                if inv is not None:  # the twin's unscale_ ran before the skip: grads unscaled
+                    clip.scale_([p.grad for p in self._with_grads()], inv, self._backend)
                 return _SKIP
             found = None
-        # torch's unscale_: the reciprocal in float64, rounded to float32
-        inv = None if scale is None else scale.double().reciprocal().float()
         return inv, found
 
     def _step_group(self, group, amp=(None, None, False)):

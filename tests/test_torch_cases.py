@@ -178,3 +178,26 @@ def test_extra_keywords_none_where_none_is_off(name):
     theirs.step()
     for p, q in zip(ps, qs):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradscaler_skipped_step_unscales_grads(dtype, backend):
+    """A step the scaler skips (an inf in a grad): torch's unscale_ ran before the skip, so
+    the grads are left unscaled (inf stays inf); params and state untouched on both sides."""
+    gen = torch.Generator().manual_seed(9)
+    ours_p = _params(gen, AMP_SHAPES, dtype)
+    theirs_p = _twins(ours_p)
+    sides = [(fusedopt.AdamW(ours_p, lr=1e-2, backend=backend), ours_p),
+             (torch.optim.AdamW(theirs_p, lr=1e-2, foreach=False), theirs_p)]
+    ws = [torch.randn(p.shape, generator=gen) for p in ours_p]
+    for opt, ps in sides:
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        opt.zero_grad()
+        scaler.scale(sum((p.float() * w).sum() for p, w in zip(ps, ws))).backward()
+        ps[1].grad[3] = float("inf")
+        scaler.step(opt)
+        assert not opt.state  # skipped: no state made
+    for a, b in zip(ours_p, theirs_p):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
