@@ -175,7 +175,8 @@ class _Bucket:
         cols.append([st["master"] for st in states] if master else cols[0])
         self.master_col = len(cols) - 1
         for name in slots:  # the blocks' absmax of 8-bit slots
-            cols.append([st[name + quant.ABSMAX] for st in states] if q and name else cols[0])
+            cols.append([_local(st[name + quant.ABSMAX]) for st in states] if q and name
+                        else cols[0])
         self.tensors = cols
         self.pver = None  # master weights: the params' versions after the last step
         # the storages behind the pointer tables, held: while this plan lives none of its

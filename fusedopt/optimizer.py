@@ -177,7 +177,7 @@ class FusedOptimizer:
                 # scalars (one element): say which does not, now, rather than at a step
                 # (torch) or never (a kernel)
                 scalar = k in ("step", *self._scalars)
-                want = (quant.nblocks(p.numel()),) if k.endswith(quant.ABSMAX) \
+                want = quant.absmax_shape(p) if k.endswith(quant.ABSMAX) \
                     else self._state_shape(k, p)
                 if torch.is_tensor(v) and (v.numel() != 1 if scalar else v.shape != want):
                     raise RuntimeError(

@@ -35,13 +35,16 @@ def _unfit(opt, group, p, g, st, slots):
         t = st.get(name) if name else None
         if name and t is None and len(st) and opt._has_step:
             return f"state without {name!r}"
-        if t is not None and (not torch.is_tensor(t) or t.shape != p.shape or t.device != p.device):
+        # (a DTensor's state: the engines read its local shard, which must be the param's)
+        if t is not None and (not torch.is_tensor(t) or t.shape != p.shape or t.device != p.device
+                              or _local(t).shape != _local(p).shape):
             return f"state {name!r} that does not fit the param"
         if t is not None and t.dtype == torch.uint8:
             # 8-bit codes (kept, or dequantized by the plan where 8-bit state is not asked
-            # for): only with an absmax of the right size beside them
+            # for): only with an absmax of the right size beside them, locally too
             x = st.get(name + quant.ABSMAX)
-            if not torch.is_tensor(x) or x.shape != (quant.nblocks(p.numel()),) \
+            if not torch.is_tensor(x) or x.shape != quant.absmax_shape(p) \
+                    or _local(x).numel() != quant.nblocks(_local(p).numel()) \
                     or x.dtype != torch.float32 or x.device != p.device:
                 return f"8-bit state {name!r} without a fitting {name + quant.ABSMAX!r}"
         elif t is not None and t.dtype != p.dtype and not (mixed and t.is_floating_point()):
@@ -131,9 +134,6 @@ class _Plan:
             why = _unfit(opt, group, p, grads[i], st, self.slots)
             (self.fallback if why else take).append(i)
         self.dist = any(isinstance(params[i], _dtensor()) for i in live)
-        if self.dist and group.get("state_dtype") == torch.uint8:
-            raise RuntimeError("state_dtype=torch.uint8 does not take DTensor (FSDP2) params yet: "
-                               "their 8-bit state would not be sharded as DTensors")
         memory = _memory(opt.state, params, live, need)  # (before state made here)
         for k in sorted(_sharing(take, memory), reverse=True):
             self.fallback.append(take.pop(k))
@@ -152,7 +152,7 @@ class _Plan:
             sdt = state_dtype(group, p)
             for name in self.slots:
                 if name and sdt == torch.uint8:
-                    fresh.update(quant.fit(st, name, _local(p)))
+                    fresh.update(quant.fit(st, name, p))
                 elif name and st.get(name) is None:
                     st[name] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
                     fresh.add(id(p))

@@ -15,6 +15,20 @@ Small values thus keep their relative precision: the map's gaps grow with the va
 Params with fewer than ``MIN_NUMEL`` elements keep float32 state (the codes and absmax
 would save little and cost precision where it is cheapest): decided on the full param's
 size, never a shard's, so that every rank of a sharded param decides alike.
+
+DTensor params (FSDP2's ``fully_shard``: Shard(0) on the mesh) hold contiguous ranges of
+rows on each rank.  Where a row's element count r = numel / shape[0] is a multiple of
+``BLOCK``, blocks of ``BLOCK`` laid over each rank's flattened local shard never cross a
+row, so they are the very blocks of the whole param, whatever the world size: the codes
+are a uint8 DTensor of the param's shape and placements, the absmax a float32 DTensor of
+shape (shape[0], r / BLOCK) with the same placements (its local shard holds exactly the
+blocks of the param's local shard; no rank's codes depend on another's).  A distributed
+checkpoint (torch.distributed.checkpoint) then reshards both like any DTensor, into any
+world size, bit for bit: no re-quantization (which would not even give the codes back:
+the signed map has no -1, so a block whose largest magnitude is negative would come back
+with a smaller absmax and codes moved).  DTensor params whose rows are not whole
+blocks, 1-D ones, and ones placed other than Shard(0) / Replicate keep float32 state
+(DTensors laid like the param), decided on the global shape, so every rank alike.
 """
 from math import inf
 
@@ -87,18 +101,65 @@ def nblocks(numel):
     return (numel + BLOCK - 1) // BLOCK
 
 
+def _dtensor(t):
+    from .bucket import _dtensor  # (bucket imports this module)
+    return isinstance(t, _dtensor())
+
+
+def _local(t):
+    from .bucket import _local
+    return _local(t)
+
+
 def takes(p):
     """Whether param p's state is quantized under state_dtype=torch.uint8: float32,
     float16 and bfloat16 params of at least MIN_NUMEL elements (the full param's count:
-    a DTensor's numel is the global one); float64 and complex params keep their dtype."""
-    return p.dtype in (torch.float32, torch.float16, torch.bfloat16) and p.numel() >= MIN_NUMEL
+    a DTensor's numel is the global one) and, for a DTensor, rows of whole blocks
+    (``row_blocks``); float64 and complex params keep their dtype."""
+    return p.dtype in (torch.float32, torch.float16, torch.bfloat16) \
+        and p.numel() >= MIN_NUMEL and (not _dtensor(p) or row_blocks(p) is not None)
+
+
+def row_blocks(p):
+    """For a DTensor param: the blocks in each of its rows, where its 8-bit state can be
+    laid like it (2-D or more, rows of whole blocks, each placement Shard(0) or
+    Replicate: every rank holds whole rows), else None.  From the global shape only."""
+    from torch.distributed.tensor import Replicate, Shard
+    if p.dim() < 2 or p.shape[0] == 0 or (p.numel() // p.shape[0]) % BLOCK:
+        return None
+    if not all(isinstance(pl, Replicate) or (type(pl) is Shard and pl.dim == 0)
+               for pl in p.placements):
+        return None
+    return p.numel() // p.shape[0] // BLOCK
+
+
+def absmax_shape(p):
+    """The (global) shape of the absmax of param p's 8-bit state: (blocks,), or for a
+    DTensor (rows, blocks per row)."""
+    if _dtensor(p) and p.dim() and p.shape[0]:
+        return (p.shape[0], nblocks(p.numel() // p.shape[0]))
+    return (nblocks(p.numel()),)
+
+
+def _laid_like(p, codes, absmax):
+    """Codes and absmax of p's local shard as DTensors laid like p (see the module's
+    docstring); for a plain p, as they are."""
+    if not _dtensor(p):
+        return codes, absmax
+    mesh, places = p.device_mesh, p.placements
+    rows, per = absmax_shape(p)
+    stride = torch.empty(p.shape, device="meta").stride()
+    return (type(p).from_local(codes, mesh, places, shape=p.shape, stride=stride),
+            type(p).from_local(absmax.view(-1, per), mesh, places, shape=(rows, per),
+                               stride=(per, 1)))
 
 
 def zeros(p, is_signed):
-    """(codes, absmax) of a state of zeros for param p."""
-    codes = torch.full_like(p, zero_code(is_signed), dtype=torch.uint8,
-                            memory_format=torch.contiguous_format)
-    return codes, torch.zeros(nblocks(p.numel()), dtype=torch.float32, device=p.device)
+    """(codes, absmax) of a state of zeros for param p (DTensors laid like a DTensor p)."""
+    local = _local(p)
+    codes = torch.full(local.shape, zero_code(is_signed), dtype=torch.uint8, device=local.device)
+    absmax = torch.zeros(nblocks(local.numel()), dtype=torch.float32, device=local.device)
+    return _laid_like(p, codes, absmax)
 
 
 def engine_table():
@@ -162,24 +223,33 @@ def engine_table():
 
 
 def fit(state, name, p):
-    """Make state[name] 8-bit codes of param p with their absmax beside them: zeros where
-    it is missing (returns {id(p)}: fresh state), quantized where it holds values (a
-    torch.optim state_dict loaded, or state_dtype changed)."""
+    """Make state[name] 8-bit codes of param p with their absmax beside them (DTensors
+    laid like a DTensor p, see the module's docstring): zeros where it is missing
+    (returns {id(p)}: fresh state), quantized where it holds values (a torch.optim
+    state_dict loaded, or state_dtype changed)."""
     t = state.get(name)
     if t is None:
         state[name], state[name + ABSMAX] = zeros(p, signed(name))
         return {id(p)}
-    if t.dtype != torch.uint8:
-        codes, absmax = quantize(t, dynamic_map(signed(name)))
-        state[name], state[name + ABSMAX] = codes.to(t.device), absmax.to(t.device)
+    if t.dtype != torch.uint8:  # a DTensor's local shard alone: its blocks are the param's
+        codes, absmax = quantize(_local(t), dynamic_map(signed(name)))
+        state[name], state[name + ABSMAX] = _laid_like(p, codes.to(t.device),
+                                                       absmax.to(t.device))
     return set()
 
 
 def dequantize_state(state, name):
-    """state[name] (codes) as float32 values, its absmax entry removed from the state."""
-    absmax = state.pop(name + ABSMAX)
+    """state[name] (codes) as float32 values (a DTensor laid like DTensor codes), its
+    absmax entry removed from the state."""
+    absmax = _local(state.pop(name + ABSMAX))
     codes = state[name]
-    return dequantize(codes, absmax.to(codes.device), dynamic_map(signed(name)).to(codes.device))
+    local = _local(codes)
+    values = dequantize(local, absmax.to(local.device),
+                        dynamic_map(signed(name)).to(local.device))
+    if not _dtensor(codes):
+        return values
+    return type(codes).from_local(values, codes.device_mesh, codes.placements,
+                                  shape=codes.shape, stride=codes.stride())
 
 
 def float_state_dict(state_dict):
