@@ -1,8 +1,10 @@
 """Long safety soak: many random programs (tests/programs.py) under glibc's heap checks,
 in chunks of subprocesses on all cores, then 10,000 steps of a small model with the
-resident set measured after warm-up.
+resident set measured after warm-up; with --dist, random distributed programs
+(tests/dist_programs.py: FSDP2 and DDP on 2 gloo ranks), a process group per chunk.
 
     python bench/soak.py --programs 10000 --steps 10000
+    python bench/soak.py --programs 0 --steps 0 --dist 1000
 """
 import argparse
 import os
@@ -13,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROGRAMS = os.path.join(HERE, "..", "tests", "programs.py")
+DIST = os.path.join(HERE, "..", "tests", "dist_programs.py")
 
 
 def programs(total, chunk, engines, jobs):
@@ -32,6 +35,19 @@ def programs(total, chunk, engines, jobs):
             if out.returncode:
                 failed.append((first, out.returncode, out.stderr[-1500:]))
     return done, raised, failed
+
+
+def dist_programs(total, chunk):
+    """One chunk at a time: each is a process group of 2 ranks, on their own 2 cores."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    failed, done = [], 0
+    for first in range(0, total, chunk):
+        out = subprocess.run([sys.executable, DIST, str(first), str(min(chunk, total - first))],
+                             capture_output=True, text=True, env=env)
+        done += len(out.stdout.splitlines())
+        if out.returncode:
+            failed.append((first, out.returncode, out.stderr[-1500:]))
+    return done, failed
 
 
 def rss():
@@ -63,19 +79,28 @@ def main():
     ap.add_argument("--engines", default="both", help="numba, triton or both")
     ap.add_argument("--jobs", type=int, default=os.cpu_count())
     ap.add_argument("--steps", type=int, default=10000)
+    ap.add_argument("--dist", type=int, default=0, help="distributed programs to run")
+    ap.add_argument("--dist-chunk", type=int, default=100, help="programs per process group")
     args = ap.parse_args()
     t = time.time()
     done, raised, failed = programs(args.programs, args.chunk, args.engines, args.jobs)
     print(f"programs: {done} run, {raised} ended in an exception torch raised too, "
           f"{len(failed)} chunks failed, {time.time() - t:.0f} s")
-    for first, rc, err in failed:
+    t = time.time()
+    dist_done, dist_failed = dist_programs(args.dist, args.dist_chunk)
+    if args.dist:
+        print(f"distributed programs: {dist_done} run, {len(dist_failed)} chunks failed, "
+              f"{time.time() - t:.0f} s")
+    for first, rc, err in failed + dist_failed:
         print(f"  chunk from seed {first}: exit {rc}\n{err}")
-    marks, plans = steps(args.steps)
-    first = min(marks)
-    print("resident set after step " + ", ".join(f"{k}: {v / 2**20:.1f} MiB" for k, v in marks.items())
-          + f" (growth after warm-up: {(marks[max(marks)] - marks[first]) / 2**10:.0f} KiB); "
-          f"plans cached: {plans}")
-    return 1 if failed or done < args.programs else 0
+    if args.steps:
+        marks, plans = steps(args.steps)
+        first = min(marks)
+        print("resident set after step " + ", ".join(f"{k}: {v / 2**20:.1f} MiB"
+                                                     for k, v in marks.items())
+              + f" (growth after warm-up: {(marks[max(marks)] - marks[first]) / 2**10:.0f} "
+              f"KiB); plans cached: {plans}")
+    return 1 if failed or dist_failed or done < args.programs or dist_done < args.dist else 0
 
 
 if __name__ == "__main__":
