@@ -143,7 +143,7 @@ def _steps(cls_name, hp, shapes, device, compile_step, mixed=None):
         if clip is not None and not mine:  # torch clips with clip_grad_norm_ before its step
             steps[impl] = _clipped(ps, clip, kw.get("foreach", True), steps[impl])
         if mine:
-            steps[impl + HOST] = _host_only(opt.step)
+            steps[impl + HOST] = _host_only(opt.step, device)
     # (Lion and Adafactor, like torch's Adafactor, have no capturable flag: no graph row)
     if device.type == "cuda" and "capturable" in inspect.signature(twin).parameters:
         steps["fusedopt-graph"] = _graphed(cls_name, hp, shapes, device, dtype, ours)
@@ -192,29 +192,34 @@ def _graphed(cls_name, hp, shapes, device, dtype, ours):
     return graph.replay
 
 
-def _host_only(step):
+def _host_only(step, device):
     """The step with the engines' kernel calls replaced by nothing: what remains is the
     host's work (checks, tables, coefficients, counters), timed like the rest.  On a GPU
     the launches are skipped too, so this is the host's side of the step.  The matrix
     kernel's sums (Adafactor) come out as zeros: garbage there could be subnormal or NaN
     in the state of the step timed for real."""
-    from .kernels import numba_engine, numba_matrix, triton_engine, triton_matrix
-    mods = (numba_engine, "run"), (triton_engine, "run"), (numba_matrix, "run_matrix"), \
-        (triton_matrix, "run_matrix")
+    if device.type == "cpu":  # the Numba engine's (a CPU install may lack triton)
+        from .kernels import numba_engine as engine, numba_matrix as matrix
+    else:
+        from .kernels import triton_engine as engine, triton_matrix as matrix
+
+    def nothing(*args, **kw):
+        pass
 
     def zeros(*args, **kw):  # (the numba matrix kernel's last three: its sums' buffers)
         for out in args[-3:]:
             if hasattr(out, "fill"):
                 out.fill(0)
+    mods = (engine, "run", nothing), (matrix, "run_matrix", zeros if device.type == "cpu" else nothing)
 
     def fn():
-        saved = [getattr(m, name) for m, name in mods]
-        for m, name in mods:
-            setattr(m, name, zeros if m is numba_matrix else lambda *a, **k: None)
+        saved = [getattr(m, name) for m, name, _ in mods]
+        for m, name, stub in mods:
+            setattr(m, name, stub)
         try:
             step()
         finally:
-            for (m, name), f in zip(mods, saved):
+            for (m, name, _), f in zip(mods, saved):
                 setattr(m, name, f)
     return fn
 

@@ -28,6 +28,10 @@ def parity_cmd(args, cls=None):
     optims = args.optim.lower().split(",") if args.optim else None
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")] if args.dtypes else None
     backends = args.backends.split(",") if args.backends else parity.available_backends(device)
+    from .kernels import triton_installed
+    if device == "cpu" and not args.backends and not triton_installed():
+        print("triton is not installed: the Triton engine's rows are skipped "
+              "(pip install 'fusedopt[gpu]' to run them in its interpreter)", file=sys.stderr)
     shapes = _model_shapes(args.model) if args.model else None
     cases = parity.matrix(optims, dtypes)
     if args.quick:

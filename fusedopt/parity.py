@@ -201,10 +201,12 @@ def groups_for(name, case, dtype, shapes=None):
 
 def available_backends(device="cpu"):
     """The engines that can run on ``device``: Triton on CUDA; on CPU Numba, and Triton
-    in its interpreter when TRITON_INTERPRET=1 was set before triton was first used."""
+    in its interpreter when TRITON_INTERPRET=1 was set before triton was first used (and
+    triton is installed: a CPU install need not have it)."""
+    from .kernels import triton_installed
     if str(device).startswith("cuda"):
         return ["triton"]
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if os.environ.get("TRITON_INTERPRET") == "1" and triton_installed():
         return list(BACKENDS)
     return ["numba"]
 

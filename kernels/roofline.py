@@ -80,8 +80,9 @@ def stream(reads, writes):
 def gpu_stream(reads, writes):
     """The same stream in one Triton launch (CUDA): reads = writes + 1, or 1 write and
     up to 4 reads more."""
-    import triton
-    import triton.language as tl
+    from . import import_triton
+    triton = import_triton()
+    tl = triton.language
 
     @triton.jit
     def _stream(a, b, c, d, e, f, n, W: tl.constexpr, X: tl.constexpr, BLOCK: tl.constexpr):

@@ -12,11 +12,11 @@ import types
 
 import numpy as np
 import torch
-import triton
-import triton.language as tl
-from triton.runtime.jit import JITFunction
 
-from . import rules, triton_ops, triton_quant
+from . import import_triton, rules, triton_ops, triton_quant
+
+triton = import_triton()
+tl, JITFunction = triton.language, triton.runtime.jit.JITFunction
 
 # the interpreter runs programs one after another in Python: few large blocks are faster
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -1,10 +1,11 @@
 """The matrix kernel in Triton: any rule over tensors seen as batches of matrices, storing
 the params or (flag REDUCE) reducing squares per tensor, row and column.  The general
 reduction pass (numba_matrix.py is the CPU twin); the rules are bound as in triton_engine."""
-import triton
-import triton.language as tl
-
+from . import import_triton
 from .triton_engine import _INTERPRET, _kernels, _bind, _rebind, BLOCK, KINDS, NUM_WARPS
+
+triton = import_triton()
+tl = triton.language
 
 # names the kernel reads from the globals _bind supplies
 _ptr = _widen = _narrow = rule = REDUCE = SCALE_GRAD = WRITE_GRAD = NCOEF = ROW_LERP = None

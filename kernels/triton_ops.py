@@ -6,7 +6,9 @@ accept only float32, hence the dispatch on dtype.  ``fma`` rounds once, as torch
 vectorized CPU kernels do in addcmul, lerp and add(alpha=...).  The engine compiles these (they are
 plain functions here so that the interpreter can call them without a jit wrapper).
 """
-import triton.language as tl
+from . import import_triton
+
+tl = import_triton().language
 
 
 def div(a, b):

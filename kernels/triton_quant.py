@@ -6,10 +6,10 @@ block's absmax is a reduction over one row of the BLOCK reshaped.  triton_engine
 these helpers into its kernel (they call its ``_store_raw``).
 """
 # ruff: noqa: F821  (_store_raw is triton_engine's, bound in when the kernel is built)
-import triton
-import triton.language as tl
+from . import import_triton, qmap
 
-from . import qmap
+triton = import_triton()
+tl = triton.language
 
 QBLOCK = tl.constexpr(qmap.QBLOCK)  # elements per absmax
 QTABLE = tl.constexpr(qmap.TABLE)  # columns of a row of quant.engine_table()
