@@ -39,9 +39,10 @@ import dist_workers as W
 HP = {"AdamW": dict(lr=0.01, weight_decay=0.1), "SGD": dict(lr=0.1, momentum=0.9),
       "RMSprop": dict(lr=0.01, momentum=0.5)}
 OPS = ["step"] * 4 + ["clip", "clip", "zero_grad", "checkpoint"]
-# the norms of one rank's shards summed in another order (engine vs _foreach_norm): a few
-# float32 ulp; a skipped all-reduce moves the norm by far more
-NORM_RTOL = 4 * torch.finfo(torch.float32).eps
+# the norms of one rank's shards summed in another order (the engine in float64, torch's
+# _foreach_norm in float32: 4.9e-7 apart for a 1-norm of 1244, program 679): a few float32
+# ulp; a skipped all-reduce moves the norm by far more
+NORM_RTOL = 16 * torch.finfo(torch.float32).eps
 
 
 def local(t):
@@ -53,12 +54,18 @@ def whole(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def close(xs, ys, what, rtol=1e-5, atol=5e-7):
+def close(xs, ys, what, rtol=1e-5, atol=5e-7, scaled=True):
+    """Within rtol, and atol plus ~8 float32 ulp of the tensor's largest element (where
+    ``scaled``): a step's rounding is relative to the values it sums, so a small element
+    of a param that large updates moved (SGD diverging to |p| ~ 100, program 790) carries
+    the rounding of those."""
     for x, y in zip(xs, ys, strict=True):
         if x is None or y is None:
             assert x is y, f"{what}: a grad on one side only"
             continue
-        torch.testing.assert_close(local(x), local(y), rtol=rtol, atol=atol,
+        x, y = local(x), local(y)
+        big = 1e-6 * y.abs().max().item() if scaled and y.numel() else 0.0
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol + big,
                                    msg=lambda m: f"{what}: {m}")
 
 
@@ -112,7 +119,7 @@ class Program:
         if self.max_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(list(self.m[1].parameters()), self.max_norm)
             close([whole(self.opt[0].grad_norm)], [whole(norm)], f"{self.where()} grad_norm",
-                  rtol=NORM_RTOL, atol=0)
+                  rtol=NORM_RTOL, atol=0, scaled=False)
         self.opt[1].step()
 
     def clip(self):
@@ -127,9 +134,9 @@ class Program:
         every = [torch.zeros(()) for _ in range(self.world)]
         dist.all_gather(every, local(a).detach().clone())
         assert all(torch.equal(e, every[0]) for e in every), (what, "norms per rank", every)
-        close([whole(a)], [whole(b)], f"{what}: the norm", rtol=NORM_RTOL, atol=0)
+        close([whole(a)], [whole(b)], f"{what}: the norm", rtol=NORM_RTOL, atol=0, scaled=False)
         close([p.grad for p in self.m[0].parameters()], [p.grad for p in self.m[1].parameters()],
-              f"{what}: the clipped grads", rtol=2 * NORM_RTOL, atol=1e-30)
+              f"{what}: the clipped grads", rtol=2 * NORM_RTOL, atol=1e-30, scaled=False)
 
     def zero_grad(self):
         none = self.rng.random() < 0.5
