@@ -265,6 +265,8 @@ class FusedOptimizer:
         # sync, as in torch's for-loop path); capturable steps read it in the kernel
         # torch's unscale_: the reciprocal in float64, rounded to float32
         inv = None if scale is None else scale.double().reciprocal().float()
+        if found is not None and not torch.is_tensor(found):  # the int 0: no grads at all
+            found = None
         if found is not None and (found.device.type == "cpu"
                                   or not any(g.get("capturable") for g in self.param_groups)):
             if found.item():

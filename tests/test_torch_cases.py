@@ -201,3 +201,17 @@ def test_gradscaler_skipped_step_unscales_grads(dtype, backend):
     for a, b in zip(ours_p, theirs_p):
         assert torch.equal(a, b)
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
+def test_gradscaler_step_without_grads():
+    """GradScaler.step over an optimizer none of whose params has a grad (all frozen): the
+    scaler hands over found_inf as the int 0 (a sum over no devices); torch's fused Adam
+    steps nothing, and so does fusedopt (torch's for-loop meets the scaler's own assert)."""
+    ps = [torch.nn.Parameter(torch.randn(n)) for n in (3, 7)]
+    before = [p.detach().clone() for p in ps]
+    for opt in (fusedopt.Adam(ps, lr=0.1), torch.optim.Adam(ps, lr=0.1, fused=True)):
+        scaler = torch.amp.GradScaler("cpu")
+        scaler.scale(torch.ones(()))
+        scaler.step(opt)  # (its update() then asserts that no inf check was recorded)
+        assert not opt.state
+    assert all(torch.equal(a, b) for a, b in zip(ps, before))
