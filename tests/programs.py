@@ -158,9 +158,9 @@ def op_scaler(t):
         t.scaler = [torch.amp.GradScaler("cpu", init_scale=256.0) for _ in range(2)]
         for s in t.scaler:
             s.scale(torch.ones(()))
-    # (a step skipped for an inf leaves the grads scaled, as torch's fused optimizers do;
-    # torch's for-loop unscales them in place: a grad that is a param's memory would
-    # show that difference, which README states: those grads are replaced first)
+    # (a grad that is a param's memory, op_grad_meets: torch's for-loop unscales it in
+    # place before its step reads the param; the kernel reads the param before it writes
+    # the unscaled grad: those grads are replaced first)
     for p in t.meets:
         if p.grad is not None:  # (.data: the param's dtype may have moved on since)
             p.grad.data = p.grad.data.clone()
