@@ -57,9 +57,7 @@ def test_8bit_state_under_fsdp2(checkpoint_8bit):
     save continued bit for bit by fresh objects (asserted inside the scenario)."""
 
 
-# 3 ranks on 2 cores take ~35 s (measured): run with FUSEDOPT_DIST_3=1
-@pytest.mark.parametrize("world", [1, pytest.param(3, marks=pytest.mark.skipif(
-    not os.environ.get("FUSEDOPT_DIST_3"), reason="3 processes: set FUSEDOPT_DIST_3=1"))])
+@pytest.mark.parametrize("world", [1, 3])
 def test_8bit_checkpoint_reshard(checkpoint_8bit, world):
     """The 2-rank 8-bit checkpoint into 1 (and 3) ranks: codes and absmax resharded bit
     for bit (no re-quantization), the continuation within 3e-4 of the saved run's params."""
