@@ -17,8 +17,8 @@ class Adadelta(FusedOptimizer, torch.optim.Adadelta):
 
     def _coefficients(self, group, step, f64):
         rho = group["rho"]
-        return (group["lr"], rho, 1 - rho, group["eps"], group["weight_decay"], group["l1"],
-                0.0, 0.0, 0.0, 0.0)
+        return dict(lr=group["lr"], rho=rho, rho_rest=1 - rho, eps=group["eps"],
+                    wd=group["weight_decay"], l1=group["l1"])
 
 
 Adadelta.__signature__ = signature_with(torch.optim.Adadelta)

@@ -61,21 +61,22 @@ class Adafactor(Factored, FusedOptimizer, torch.optim.Adafactor):
         if inv is not None:
             inv = float(inv) if inv.device.type == "cpu" else inv.to(bucket.device)
         flags = dict(self._all_flags(group, SCALE_GRAD=inv is not None), REDUCE=True)
-        h = lambda co: (*co, *(0.0,) * (11 - len(co)), inv) if inv is not None else co  # noqa: E731
-        run = lambda fl, mask, vecs, co: tab.run(bucket, self._rule, fl, mask, gptr, vecs,  # noqa: E731
-                                                 h(co))  # (inv: h11, see rules.FLAGS)
+        scale = {} if inv is None else {"grad_scale": inv}  # (flag SCALE_GRAD)
+        co = dict(wd=1 - lr * group["weight_decay"], l1=group["l1"], **scale)
+        run = lambda fl, mask, vecs, **c: tab.run(bucket, self._rule, fl, mask, gptr, vecs,  # noqa: E731
+                                                  {**co, **c})
         one = rows.new_ones(1)
         # pass 1: |p|**2 (alpha), g**2 per column; each row's factor (a 1-D param's
-        # variance) lerped in the kernel (ROW_LERP: count, weight and 1 - weight in h5-h7)
+        # variance) lerped in the kernel (ROW_LERP, the engines' lerp_* coefficients)
         # by torch's weight: a float in the math dtype, or per param where the step
         # counters differ (a tensor, rounded to the param's dtype as torch's lerp_ takes it);
         # then the column factors' lerp, and per matrix the mean of its row factor
-        co = (1 - lr * group["weight_decay"], group["l1"])
         op = torch.float64 if dt == torch.float64 else torch.float32
         w = step ** group["beta2_decay"]
         wk = w.to(dt).to(op) if torch.is_tensor(w) else torch.tensor(w, dtype=op)
         psq, _, csum = run(dict(flags, ROW_LERP=True), 0, (rows, cols, one, one),
-                           (*co, 0.0, 0.0, 0.0, wk.double(), (1 - wk).double(), tab.counts()))
+                           step_size=0.0, bound=0.0, lerp_w=wk.double(),
+                           lerp_w_rest=(1 - wk).double(), lerp_count=tab.counts())
         x = tab.on(bucket.device)
         means = one
         if len(x["col_tensor"]):
@@ -85,7 +86,7 @@ class Adafactor(Factored, FusedOptimizer, torch.optim.Adafactor):
         # pass 2: |update|**2 (denom; mask 8: the total alone), pass 3: the update, each
         # from a factor per row and 1 / sqrt(col) per column (rules.adafactor)
         vecs, top = (rows, cols.double().rsqrt().to(dt), means, one), _bound(eps1, dt)
-        usq = run(dict(flags, SECOND=True), 7 | 8, vecs, (*co, 0.0, top))[0]
+        usq = run(dict(flags, SECOND=True), 7 | 8, vecs, step_size=0.0, bound=top)[0]
         # torch's Python floats: max(eps2, |p| / sqrt(n)) * min(lr, 1 / sqrt(step)) and
         # max(1, |update| / (sqrt(n) * d)), the norms rounded to the param's dtype
         f64 = lambda v: torch.as_tensor(v, dtype=torch.float64)  # noqa: E731
@@ -95,7 +96,8 @@ class Adafactor(Factored, FusedOptimizer, torch.optim.Adafactor):
         alpha = torch.where(alpha > eps2, alpha, eps2) * rho
         denom = exact_sqrt(usq).to(dt).double() / (n * d)
         denom = torch.where(denom > 1.0, denom, 1.0)
-        run(dict(flags, REDUCE=False, WRITE_GRAD=scaled), 7, vecs, (*co, -alpha / denom, top))
+        run(dict(flags, REDUCE=False, WRITE_GRAD=scaled), 7, vecs, step_size=-alpha / denom,
+            bound=top)
         for _, p, w in bucket.work:
             p.copy_(w)
 

@@ -29,8 +29,7 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
 
     def _coefficients(self, group, step, f64):
         clr = group["lr"] / (1 + (step - 1) * group["lr_decay"])
-        return (clr, group["eps"], group["weight_decay"], group["l1"], 0.0, 0.0, 0.0, 0.0,
-                0.0, 0.0)
+        return dict(clr=clr, eps=group["eps"], wd=group["weight_decay"], l1=group["l1"])
 
     def _sparse_step(self, group, params):
         if group["l1"]:

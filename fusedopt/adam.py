@@ -32,8 +32,9 @@ class Adam(FusedOptimizer, torch.optim.Adam):
         bc2_sqrt = bias_correction2.sqrt() if torch.is_tensor(step) else bias_correction2 ** 0.5
         if group["decoupled_weight_decay"]:
             wd = 1 - lr * wd
-        return (step_size, bc2_sqrt, 1 - beta1, lerp_rest(1 - beta1, f64), beta2, 1 - beta2,
-                group["eps"], wd, group["l1"], 0.0)
+        return dict(step_size=step_size, bc2_sqrt=bc2_sqrt, w=1 - beta1,
+                    w_rest=lerp_rest(1 - beta1, f64), beta2=beta2, beta2_rest=1 - beta2,
+                    eps=group["eps"], wd=wd, l1=group["l1"])
 
 
 class AdamW(Adam, torch.optim.AdamW):
@@ -53,8 +54,8 @@ class Adamax(FusedOptimizer, torch.optim.Adamax):
     def _coefficients(self, group, step, f64):
         lr, (beta1, beta2) = group["lr"], group["betas"]
         clr = lr / (1 - beta1 ** step)
-        return (clr, 1 - beta1, lerp_rest(1 - beta1, f64), beta2, group["eps"],
-                group["weight_decay"], group["l1"], 0.0, 0.0, 0.0)
+        return dict(clr=clr, w=1 - beta1, w_rest=lerp_rest(1 - beta1, f64), beta2=beta2,
+                    eps=group["eps"], wd=group["weight_decay"], l1=group["l1"])
 
 
 for _cls, _twin in ((Adam, torch.optim.Adam), (AdamW, torch.optim.AdamW),

@@ -31,7 +31,8 @@ class ASGD(FusedOptimizer, torch.optim.ASGD):
         # torch's _single_tensor_asgd: p * (1 - lambd * eta), p - eta * g; the average is
         # a copy where mu is 1 unless capturable (NaN equals nothing: always the blend)
         copy_at = float("nan") if group["capturable"] else 1.0
-        return (1 - group["lambd"] * eta, eta, mu, copy_at, group["weight_decay"], group["l1"])
+        return dict(decay=1 - group["lambd"] * eta, eta=eta, mu=mu, copy_at=copy_at,
+                    wd=group["weight_decay"], l1=group["l1"])
 
     def _advance(self, group, bucket, step, found_inf):
         # after the update: eta = lr / (1 + lambd * lr * step) ** alpha, mu = 1 / max(1,

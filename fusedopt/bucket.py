@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import quant
-from .kernels import rules
+from .kernels.coefficients import NCOEF
 
 _GRAD = operator.attrgetter("grad")
 _VERSION = operator.attrgetter("_version")
@@ -209,7 +209,7 @@ class _Bucket:
             + list(opt._scalars) + [n + quant.ABSMAX for n in slots if n and q]
         self.watched = [_local(st[n]) for st in states for n in names if n in st]
         math_dtype = torch.float64 if self.dtype == "float64" else torch.float32
-        self.C = torch.zeros(len(params), rules.NCOEF, dtype=math_dtype, device=self.device)
+        self.C = torch.zeros(len(params), NCOEF, dtype=math_dtype, device=self.device)
         ptrs = np.array([[t.data_ptr() for t in col] for col in cols], dtype=np.int64)
         self.aligned = bool(((ptrs % 16) == 0).all())
         tid, cs, ce = _chunks(self.backend, self.numel)
@@ -281,6 +281,7 @@ class _Bucket:
         return self.scalars[name].double()
 
     def run(self, rule, flags, gptr, coeffs, found_inf=None, keys=None):
+        # coeffs: the engines' row (coefficients.pack), a float or a tensor per slot
         # the same coefficients for every tensor (Python floats, the usual case): passed
         # as one row (Numba) or as scalar arguments (Triton), the table is not written
         uniform = not any(isinstance(c, torch.Tensor) for c in coeffs)

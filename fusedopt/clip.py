@@ -20,6 +20,7 @@ import torch
 
 from . import bucket as _opt
 from .kernels import rules
+from .kernels.coefficients import NCOEF, pack
 
 _ENGINE_ORDERS = (1.0, 2.0, math.inf)  # and any finite p > 0
 
@@ -172,10 +173,12 @@ def scale_(tensors, factor, backend="auto"):
         be = _opt.backend_for(backend, device)
         tab = _Tables(ts, be)
         math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        C = torch.zeros(len(ts), rules.NCOEF, dtype=math_dtype, device=device)
         # torch multiplies in the math dtype by the factor as it is (a float32 factor when
         # bfloat16 and float32 norms were combined), rounding only the product
-        C[:, 0] = f.to(math_dtype)
+        C = torch.zeros(len(ts), NCOEF, dtype=math_dtype, device=device)
+        for j, c in enumerate(pack("scale", {"factor": f.to(math_dtype)})):
+            if torch.is_tensor(c):
+                C[:, j] = c
         flags = tuple(sorted(dict.fromkeys(rules.FLAGS, False).items()))
         dt = (_opt._name(dtype),) * 2
         if be == "numba":

@@ -63,8 +63,9 @@ class Lion(FusedOptimizer, LionForLoop):
 
     def _coefficients(self, group, step, f64):
         lr, (beta1, beta2) = group["lr"], group["betas"]
-        return (1 - lr * group["weight_decay"], lr, beta1, 1 - beta1, beta2, 1 - beta2, 1.0,
-                group["l1"])
+        return dict(decay=1 - lr * group["weight_decay"], lr=lr, beta1=beta1,
+                    beta1_rest=1 - beta1, beta2=beta2, beta2_rest=1 - beta2, one=1.0,
+                    l1=group["l1"])
 
 
 Lion.__signature__ = signature_with(LionForLoop)

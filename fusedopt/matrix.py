@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .bucket import _numba, _triton, on_device, one_buffer
+from .kernels.coefficients import pack
 
 
 def exact_sqrt(t):
@@ -197,11 +198,12 @@ class Tables:
     def run(self, bucket, rule, flags, mask, gptr, vecs, coeffs):
         """One engine call over ``bucket`` (bucket.py): ``vecs`` = (a value per row, per
         column, per matrix, and a 1 that 1-D tensors read as column and matrix value),
-        ``coeffs`` per tensor (floats or tensors); REDUCE in ``flags`` (a dict) decides
-        between ``reduce`` and ``apply``."""
+        ``coeffs`` the rule's and the engines' coefficients by name (coefficients.pack), each
+        a float or a tensor per tensor; REDUCE in ``flags`` (a dict) decides between
+        ``reduce`` and ``apply``."""
         C = bucket.C
         C.zero_()
-        for j, c in enumerate(coeffs):
+        for j, c in enumerate(pack(rule, coeffs)):
             C[:, j] = c.to(C.device) if torch.is_tensor(c) else c
         rows, cols, means, one = vecs
         size = rows.element_size()

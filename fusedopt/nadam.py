@@ -48,8 +48,9 @@ class NAdam(FusedOptimizer, torch.optim.NAdam):
         c_avg = (-lr * mu_next) / (1.0 - mu_product * mu_next)
         if group["decoupled_weight_decay"]:
             wd = 1 - lr * wd
-        return (1 - beta1, lerp_rest(1 - beta1, f64), beta2, 1 - beta2, bc2, group["eps"],
-                c_grad, c_avg, wd, group["l1"])
+        return dict(w=1 - beta1, w_rest=lerp_rest(1 - beta1, f64), beta2=beta2,
+                    beta2_rest=1 - beta2, bc2=bc2, eps=group["eps"], c_grad=c_grad,
+                    c_avg=c_avg, wd=wd, l1=group["l1"])
 
 
 NAdam.__signature__ = signature_with(torch.optim.NAdam)

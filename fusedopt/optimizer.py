@@ -19,6 +19,7 @@ from .options import validate
 from .plan import _Plan, refuse_torch, torch_step
 from .state import State
 from .kernels import rules
+from .kernels.coefficients import pack
 
 
 _SKIP = object()  # _amp(): the scaler found an inf on the CPU, nothing to do
@@ -54,7 +55,8 @@ class FusedOptimizer:
     """Mixin placed before a torch.optim class: ``class Adam(FusedOptimizer, torch.optim.Adam)``.
 
     Subclasses define ``_rule`` (a name in kernels/rules.py), ``_sparse_error`` and
-    ``_slots``, ``_flags``, ``_coefficients``; ``_init_state`` only where a state entry
+    ``_slots``, ``_flags``, ``_coefficients`` (a new dict of the rule's coefficients by
+    name: kernels/coefficients.py); ``_init_state`` only where a state entry
     starts as something other than zeros (the plan creates the slots, in the state dtype).
     """
 
@@ -346,12 +348,9 @@ class FusedOptimizer:
             self._advance(group, bucket, step, found)
         scalars = {name: bucket.scalar_value(name) for name in self._scalars}
         coeffs = self._coefficients(group, step, bucket.dtype == "float64", **scalars)
-        # a rule's own coefficients, zeros up to the engines' last one (rules.NCOEF)
-        coeffs = (*coeffs, *(0.0,) * (rules.NCOEF - len(coeffs)))
         if inv is not None:  # a CPU tensor read costs nothing: one float for every tensor
-            inv = float(inv) if inv.device.type == "cpu" else inv.to(bucket.device,
-                                                                       non_blocking=True)
-            coeffs = (*coeffs[:rules.NCOEF - 1], inv)
+            coeffs["grad_scale"] = float(inv) if inv.device.type == "cpu" \
+                else inv.to(bucket.device, non_blocking=True)
         # bfloat16 params without a master copy only
         sr = bool(group.get("stochastic_rounding")) and bucket.dtype == "bfloat16" \
             and not bucket.mask & 8
@@ -361,7 +360,7 @@ class FusedOptimizer:
         # (a write pass saved)
         flags = self._all_flags(group, SCALE_GRAD=inv is not None, FOUND_INF=found is not None,
                                 WRITE_GRAD=amp_scaled, STOCH_ROUND=sr)
-        bucket.run(self._rule, flags, gptr, coeffs, found, keys)
+        bucket.run(self._rule, flags, gptr, pack(self._rule, coeffs), found, keys)
         if not self._advance_first:
             self._advance(group, bucket, step, found)
 

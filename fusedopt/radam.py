@@ -33,8 +33,9 @@ class RAdam(FusedOptimizer, torch.optim.RAdam):
             rect, bc2_sqrt = (ratio ** 0.5 if rho_t > 5 else 0.0), bc2 ** 0.5
         if group["decoupled_weight_decay"]:
             wd = 1 - lr * wd
-        return (lr, bc1, bc2_sqrt, 1 - beta1, lerp_rest(1 - beta1, f64), beta2, 1 - beta2,
-                group["eps"], wd, group["l1"], rect)
+        return dict(lr=lr, bc1=bc1, bc2_sqrt=bc2_sqrt, w=1 - beta1,
+                    w_rest=lerp_rest(1 - beta1, f64), beta2=beta2, beta2_rest=1 - beta2,
+                    eps=group["eps"], wd=wd, l1=group["l1"], rect=rect)
 
 
 RAdam.__signature__ = signature_with(torch.optim.RAdam)

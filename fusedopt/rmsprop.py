@@ -19,8 +19,9 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
 
     def _coefficients(self, group, step, f64):
         alpha = group["alpha"]
-        return (group["lr"], alpha, 1 - alpha, lerp_rest(1 - alpha, f64), group["eps"],
-                group["momentum"], group["weight_decay"], group["l1"], 0.0, 0.0)
+        return dict(lr=group["lr"], alpha=alpha, alpha_rest=1 - alpha,
+                    w_rest=lerp_rest(1 - alpha, f64), eps=group["eps"],
+                    momentum=group["momentum"], wd=group["weight_decay"], l1=group["l1"])
 
 
 RMSprop.__signature__ = signature_with(torch.optim.RMSprop)

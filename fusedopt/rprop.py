@@ -30,7 +30,8 @@ class Rprop(FusedOptimizer, torch.optim.Rprop):
 
     def _coefficients(self, group, step, f64):
         (etaminus, etaplus), (lo, hi) = group["etas"], group["step_sizes"]
-        return (etaplus, etaminus, lo, hi, 1.0, 0.0, group["l1"], 0.0, 0.0, 0.0)
+        return dict(etaplus=etaplus, etaminus=etaminus, lo=lo, hi=hi, one=1.0, wd=0.0,
+                    l1=group["l1"])
 
 
 Rprop.__signature__ = signature_with(torch.optim.Rprop)

@@ -32,8 +32,8 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             keep, take = 0.0, 1.0
         else:
             keep = momentum
-        return (group["lr"], group["weight_decay"], group["l1"], keep, take, momentum, 0.0,
-                0.0, 0.0, 0.0)
+        return dict(lr=group["lr"], wd=group["weight_decay"], l1=group["l1"], keep=keep,
+                    take=take, momentum=momentum)
 
     def _sparse_step(self, group, params):
         if group["l1"]:

@@ -21,7 +21,8 @@ from numba import types as nt
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import numba_ops, rules
+from . import coefficients, numba_ops, rules
+from .coefficients import SLOTS
 
 CHUNK = 1 << 16
 JIT = dict(error_model="numpy", nogil=True)
@@ -132,6 +133,17 @@ def f32_to_bf16_stochastic(f, index, key):
     return np.uint16((u + r) >> 16)
 
 
+@numba.njit(inline="always", **JIT)
+def _row(C, r):
+    # the coefficients of tensor r (C: a row per tensor, or one row for all): read once per
+    # chunk, out of the element loop (coefficients.NCOEF of them)
+    return (C[r, 0], C[r, 1], C[r, 2], C[r, 3], C[r, 4], C[r, 5], C[r, 6], C[r, 7], C[r, 8],
+            C[r, 9], C[r, 10], C[r, 11], C[r, 12], C[r, 13], C[r, 14], C[r, 15])
+
+
+assert coefficients.NCOEF == 16, "_row reads NCOEF slots"
+
+
 def _template(KEY, MASK, DT, SDT):
     # MASK: bit i set when state slot i is in use, bit 3 for a float32 master copy of the
     # param (then the param is written from it, rounded)
@@ -150,13 +162,11 @@ def _template(KEY, MASK, DT, SDT):
             b = numba.carray(_voidptr(S1[t]), n, SDT)[s:e]
             c = numba.carray(_voidptr(S2[t]), n, SDT)[s:e]
             w = numba.carray(_voidptr(S3[t]), n, SDT)[s:e]
-            r = t if C.shape[0] > 1 else 0  # one row: the same coefficients for all
-            h0, h1, h2, h3, h4, h5 = C[r, 0], C[r, 1], C[r, 2], C[r, 3], C[r, 4], C[r, 5]
-            h6, h7, h8, h9, h10, h11 = C[r, 6], C[r, 7], C[r, 8], C[r, 9], C[r, 10], C[r, 11]
+            hs = _row(C, t if C.shape[0] > 1 else 0)  # one row: the same for all
             for j in range(e - s):
                 gv = load(g[j])
                 if SCALE_GRAD:  # see rules.FLAGS
-                    gs = store(gv * h11)
+                    gs = store(gv * hs[GRAD_SCALE])
                     if WRITE_GRAD:
                         g[j] = gs
                     gv = load(gs)
@@ -165,8 +175,7 @@ def _template(KEY, MASK, DT, SDT):
                 av = sload(a[j]) if MASK & 1 else pv
                 bv = sload(b[j]) if MASK & 2 else pv
                 cv = sload(c[j]) if MASK & 4 else pv
-                pv, av, bv, cv = rule(pv, gv, av, bv, cv, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9,
-                                     h10, h11)
+                pv, av, bv, cv = rule(pv, gv, av, bv, cv, hs)
                 if MASK & 8:
                     w[j] = sstore(pv)
                 if STOCH_ROUND:
@@ -182,9 +191,10 @@ def _template(KEY, MASK, DT, SDT):
     return kernel
 
 
-# numba's cache notices edits to this file only: the rules and ops go into the key
-_SOURCE_HASH = hashlib.sha256(
-    (inspect.getsource(rules) + inspect.getsource(numba_ops)).encode()).hexdigest()
+# numba's cache notices edits to this file only: the rules, ops and the row's layout (the
+# rules' adapters are generated from it) go into the key
+_SOURCE_HASH = hashlib.sha256("".join(map(inspect.getsource, (rules, numba_ops, coefficients)))
+                              .encode()).hexdigest()
 _kernels = {}
 # numba's OpenMP pool (GNU) cannot be used in a child forked after the parent used it:
 # numba terminates the child at its first parallel launch.  A forked child (multiprocessing's
@@ -201,11 +211,19 @@ def _forked():
 os.register_at_fork(after_in_child=_forked)
 
 
-def _build(rule, flags, dtypes, mask):
+def bind_rule(rule, flags):
+    """``rule`` compiled with ``ops`` = numba_ops and each flag a constant, called through
+    its adapter (coefficients.adapter): call(p, g, a, b, c, row) -> (p, a, b, c)."""
     gl = {"ops": numba_ops, **dict(flags)}
-    for f in (*rules.HELPERS, rules.RULES[rule]):
-        gl[f.__name__] = numba.njit(inline="always", **JIT)(
-            types.FunctionType(f.__code__, gl, f.__name__))
+    jit = numba.njit(inline="always", **JIT)
+    for f in rules.HELPERS:
+        gl[f.__name__] = jit(types.FunctionType(f.__code__, gl, f.__name__))
+    gl[rule] = jit(types.FunctionType(coefficients.positional(rules.RULES[rule]).__code__, gl,
+                                      rule))
+    return jit(types.FunctionType(coefficients.adapter(rule).__code__, gl, "call"))
+
+
+def _build(rule, flags, dtypes, mask):
     dt, load, store = _IO[dtypes[0]]
     sdt, sload, sstore = _IO[dtypes[1]]
     # an 8-bit kernel's code lives in numba_quant, calls helpers of this file and reads the
@@ -225,7 +243,8 @@ def _build(rule, flags, dtypes, mask):
     else:
         proto = _template(key, mask, dt, sdt)
     fl = dict(flags)
-    kgl = dict(globals(), **(numba_quant.GLOBALS if mask & 0x70 else {}), rule=gl[rule],
+    kgl = dict(globals(), **(numba_quant.GLOBALS if mask & 0x70 else {}),
+               rule=bind_rule(rule, flags), **SLOTS,
                load=load, store=store, sload=sload, sstore=sstore,
                SCALE_GRAD=fl["SCALE_GRAD"], WRITE_GRAD=fl["WRITE_GRAD"],
                STOCH_ROUND=fl["STOCH_ROUND"])
@@ -239,7 +258,8 @@ def _build(rule, flags, dtypes, mask):
 def run(rule, flags, dtypes, mask, P, G, S, C, R, TID, CS, CE, N, Q=None):
     """Apply ``rule`` to one group.  ``flags``: sorted tuple of (name, bool); ``dtypes``:
     torch dtype names of (params and grads, state and master copy); P, G, S[0..3], TID, CS,
-    CE, N: int64 arrays; C: [n, rules.NCOEF], or [1, NCOEF] when all tensors share them;
+    CE, N: int64 arrays; C: [n, NCOEF] (coefficients.pack's rows), or [1, NCOEF] when all
+    tensors share them;
     R: each tensor's stochastic-rounding key.  8-bit slots (mask bits 16 << i, numba_quant):
     S[4 + i] points at their absmax, Q is quant.engine_table() as float32 numpy."""
     k = (rule, flags, dtypes, mask)

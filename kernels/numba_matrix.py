@@ -9,8 +9,9 @@ import numba
 import numpy as np
 from numba import prange
 
-from . import numba_ops, rules
-from .numba_engine import _IO, _PARALLEL, _SOURCE_HASH, _kernels, _voidptr, JIT
+from . import numba_ops
+from .coefficients import SLOTS
+from .numba_engine import _IO, _PARALLEL, _SOURCE_HASH, _kernels, _row, _voidptr, bind_rule, JIT
 
 TILE = 256  # columns of a row taken at once (float64 params: see _matrix_template)
 # elements of whole rows per chunk (a chunk has its own column partials: 4x numba_engine's
@@ -111,8 +112,7 @@ def _vector_template(MASK, EXACT):
     # Else squares of float32 values are exact in float64, and a chunk sums at most CHUNK
     # of them: one sum, which LLVM splits over vector lanes (the reducing kernel is compiled
     # with reassociation: run_matrix)
-    def vector(p, g, a, b, c, mat, r0, r1, ROWS, roff, h0, h1, h2, h3, h4, h5, h6, h7, h8,
-               h9, h10, h11):
+    def vector(p, g, a, b, c, mat, r0, r1, ROWS, roff, hs):
         tot = tc = col = cc = np.float64(0)
         # slices, not base + j indexing of whole arrays: else LLVM does not vectorize
         pr, gr, ar = p[r0:r1], g[r0:r1], a[r0:r1]
@@ -121,15 +121,14 @@ def _vector_template(MASK, EXACT):
             pv = load(pr[j])
             gv = load(gr[j])
             if SCALE_GRAD:
-                gs = store(gv * h11)
+                gs = store(gv * hs[GRAD_SCALE])
                 if WRITE_GRAD:
                     gr[j] = gs
                 gv = load(gs)
             av = sload(ar[j]) if MASK & 1 else pv
             bv = sload(b[mat]) if MASK & 2 else pv
             cv = sload(c[mat]) if MASK & 4 else pv
-            x, y, _, _ = rule(pv, gv, av, bv, cv, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9,
-                              h10, h11)
+            x, y, _, _ = rule(pv, gv, av, bv, cv, hs)
             if REDUCE:
                 x64, y64 = np.float64(x), np.float64(y)
                 if EXACT:
@@ -142,7 +141,8 @@ def _vector_template(MASK, EXACT):
                     else:
                         col += y64 * y64
                 if ROW_LERP:  # (a 1-D param's rows: its elements)
-                    ar[j] = sstore(_row_factor(y64 * y64, h7, sload(ar[j]), h5, h6))
+                    ar[j] = sstore(_row_factor(y64 * y64, hs[LERP_COUNT], sload(ar[j]),
+                                               hs[LERP_W], hs[LERP_W_REST]))
                 elif not MASK & 8:
                     rows[j] = y64 * y64
             else:
@@ -172,9 +172,7 @@ def _matrix_template(KEY, MASK, DT, SDT, EXACT):
             a = numba.carray(_voidptr(S0[t]), nmat * nrow, SDT)
             b = numba.carray(_voidptr(S1[t]), nmat * ncol, SDT)
             c = numba.carray(_voidptr(S2[t]), nmat, SDT)
-            r = t if C.shape[0] > 1 else 0
-            h0, h1, h2, h3, h4, h5 = C[r, 0], C[r, 1], C[r, 2], C[r, 3], C[r, 4], C[r, 5]
-            h6, h7, h8, h9, h10, h11 = C[r, 6], C[r, 7], C[r, 8], C[r, 9], C[r, 10], C[r, 11]
+            hs = _row(C, t if C.shape[0] > 1 else 0)
             mat = RS[ci] // nrow
             cp = COFF[ci]
             tot = np.float64(0)
@@ -185,8 +183,7 @@ def _matrix_template(KEY, MASK, DT, SDT, EXACT):
                 if EXACT:
                     CPART[half + cp:half + cp + ncol] = 0
             if ncol == 1:  # a vector: one element per row, no per-row loop (see _vector)
-                TOT[ci], csum = _vector(p, g, a, b, c, mat, RS[ci], RE[ci], ROWS, ROFF[t], h0,
-                                        h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11)
+                TOT[ci], csum = _vector(p, g, a, b, c, mat, RS[ci], RE[ci], ROWS, ROFF[t], hs)
                 if REDUCE and not MASK & 8:
                     CPART[cp] = csum
                 continue
@@ -214,15 +211,14 @@ def _matrix_template(KEY, MASK, DT, SDT, EXACT):
                         pv = load(pr[j])
                         gv = load(gr[j])
                         if SCALE_GRAD:  # as the update kernel (rules.FLAGS)
-                            gs = store(gv * h11)
+                            gs = store(gv * hs[GRAD_SCALE])
                             if WRITE_GRAD:
                                 gr[j] = gs
                             gv = load(gs)
                         av = sload(a[row]) if MASK & 1 else pv
                         bv = sload(bt[j]) if MASK & 2 else pv
                         cv = sload(c[mat]) if MASK & 4 else pv
-                        x, y, _, _ = rule(pv, gv, av, bv, cv, h0, h1, h2, h3, h4, h5, h6, h7,
-                                          h8, h9, h10, h11)
+                        x, y, _, _ = rule(pv, gv, av, bv, cv, hs)
                         if REDUCE:
                             x64, y64 = np.float64(x), np.float64(y)
                             if EXACT:
@@ -245,7 +241,8 @@ def _matrix_template(KEY, MASK, DT, SDT, EXACT):
                             rsum, rc = _kahan_add(rsum, rc, _lanes(ys[:m]))
                         tot, tc = _kahan_add(tot, tc, _lanes(xs[:m]))
                 if REDUCE and ROW_LERP:
-                    a[row] = sstore(_row_factor(rsum - rc, h7, sload(a[row]), h5, h6))
+                    a[row] = sstore(_row_factor(rsum - rc, hs[LERP_COUNT], sload(a[row]),
+                                                hs[LERP_W], hs[LERP_W_REST]))
                 elif REDUCE and not MASK & 8:
                     ROWS[ROFF[t] + row] = rsum - rc
             TOT[ci] = tot - tc
@@ -259,16 +256,13 @@ def run_matrix(rule, flags, dtypes, mask, P, G, S, C, TID, RS, RE, F, ROFF, COFF
     k = ("matrix", rule, flags, dtypes, mask)
     fn = _kernels.get(k)
     if fn is None:
-        gl = {"ops": numba_ops, **dict(flags)}
-        for f in (*rules.HELPERS, rules.RULES[rule]):
-            gl[f.__name__] = numba.njit(inline="always", **JIT)(
-                types.FunctionType(f.__code__, gl, f.__name__))
         dt, load, store = _IO[dtypes[0]]
         sdt, sload, sstore = _IO[dtypes[1]]
         key = int(hashlib.sha256(repr((_SOURCE_HASH, k, _PARALLEL[0])).encode())
                   .hexdigest()[:15], 16) | 1
         proto = _matrix_template(key, mask, dt, sdt, dtypes[0] == "float64")
-        kgl = dict(globals(), rule=gl[rule], load=load, store=store, sload=sload, sstore=sstore,
+        kgl = dict(globals(), rule=bind_rule(rule, flags), load=load, store=store, sload=sload,
+                   sstore=sstore, **SLOTS,
                    MT=np.float64 if dtypes[0] == "float64" else np.float32,
                    **{f: dict(flags)[f] for f in ("REDUCE", "SCALE_GRAD", "WRITE_GRAD",
                                                   "ROW_LERP")})

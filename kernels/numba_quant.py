@@ -331,9 +331,7 @@ def template8(KEY, MASK, DT, SDT, ADT, BDT, CDT):
             xb = numba.carray(_voidptr(A1[t]), nb, np.float32)
             xc = numba.carray(_voidptr(A2[t]), nb, np.float32)
             qa, qb, qc = Q[RA], Q[RB], Q[RC]
-            r = t if C.shape[0] > 1 else 0
-            h0, h1, h2, h3, h4, h5 = C[r, 0], C[r, 1], C[r, 2], C[r, 3], C[r, 4], C[r, 5]
-            h6, h7, h8, h9, h10, h11 = C[r, 6], C[r, 7], C[r, 8], C[r, 9], C[r, 10], C[r, 11]
+            hs = _row(C, t if C.shape[0] > 1 else 0)
             fa = np.empty(QBLOCK, np.float32)
             fb = np.empty(QBLOCK, np.float32)
             fc = np.empty(QBLOCK, np.float32)
@@ -352,7 +350,7 @@ def template8(KEY, MASK, DT, SDT, ADT, BDT, CDT):
                 for j in range(m):
                     gv = load(g[j])
                     if SCALE_GRAD:
-                        gs = store(gv * h11)
+                        gs = store(gv * hs[GRAD_SCALE])
                         if WRITE_GRAD:
                             g[j] = gs
                         gv = load(gs)
@@ -360,8 +358,7 @@ def template8(KEY, MASK, DT, SDT, ADT, BDT, CDT):
                     av = (fa[j] if QA else sload(a[j])) if MASK & 1 else pv
                     bv = (fb[j] if QB else sload(b[j])) if MASK & 2 else pv
                     cv = (fc[j] if QC else sload(c[j])) if MASK & 4 else pv
-                    pv, av, bv, cv = rule(pv, gv, av, bv, cv, h0, h1, h2, h3, h4, h5, h6, h7,
-                                         h8, h9, h10, h11)
+                    pv, av, bv, cv = rule(pv, gv, av, bv, cv, hs)
                     if MASK & 8:
                         w[j] = sstore(pv)
                     if STOCH_ROUND:

@@ -2,13 +2,14 @@
 
 Every rule has the same shape, so that one engine per backend can run any of them:
 
-    rule(p, g, a, b, c, h0, ..., h11) -> (p, a, b, c)
+    rule(p, g, *state, *, coefficient, ...) -> (p, *state)
 
-``p`` and ``g`` are one element of a parameter and of its gradient, ``a, b, c`` the
-optimizer's state slots (a rule returns unused slots unchanged; the engine never stores
-them), ``h0..h11`` per-tensor coefficients that the optimizer class computes in float64
-and rounds once to the math dtype, exactly where torch.optim rounds its Python scalars
-(h11 is left to the engines: see FLAGS).
+``p`` and ``g`` are one element of a parameter and of its gradient, ``state`` the
+optimizer's state slots that the rule uses (at most three; the engines store only
+those), and the keyword-only parameters are per-tensor coefficients that the optimizer
+class computes in float64, hands over by name (its ``_coefficients``) and that are rounded
+once to the math dtype, exactly where torch.optim rounds its Python scalars.  How the
+names reach the engines: kernels/coefficients.py.
 There are no float literals here: in Numba a literal promotes float32 math to float64
 (slower, and no longer torch's arithmetic).
 
@@ -25,9 +26,8 @@ The order of operations follows torch 2.13's for-loop implementations
 """
 # ruff: noqa: F821  (ops and the flags are injected by the engines)
 
-NCOEF = 12  # h0..h11
-# SCALE_GRAD, WRITE_GRAD, FOUND_INF and STOCH_ROUND belong to the engines, not the rules
-# (whose h11 is free for them): SCALE_GRAD multiplies the gradient by h11 (GradScaler's
+# SCALE_GRAD, WRITE_GRAD, FOUND_INF and STOCH_ROUND belong to the engines, not the rules:
+# SCALE_GRAD multiplies the gradient by the engines' grad_scale coefficient (GradScaler's
 # 1 / scale, a clipping factor) before the rule and rounds it to the gradient's dtype;
 # WRITE_GRAD stores it back, as torch's unscale would have; FOUND_INF (GPU) makes the
 # launch read the scaler's found_inf flag and, if set, write nothing; STOCH_ROUND rounds
@@ -36,8 +36,9 @@ NCOEF = 12  # h0..h11
 # the squares of the rule's first output per tensor and of its second per row and column;
 # SECOND tells a rule with two reduction passes which one runs.  ROW_LERP (with REDUCE)
 # makes each row's sum a factor in slot a instead of an output: torch's
-# lerp_(norm(g, dim=-1)**2 / count, w) with count, w, 1 - w in h7, h5, h6 (count 0: the
-# rows are a 1-D param's elements, lerp_(g**2, w)), Adafactor's row factor and variance.
+# lerp_(norm(g, dim=-1)**2 / count, w) with the engines' coefficients lerp_count, lerp_w
+# and lerp_w_rest (count 0: the rows are a 1-D param's elements, lerp_(g**2, w)),
+# Adafactor's row factor and variance.
 FLAGS = ("MAXIMIZE", "WEIGHT_DECAY", "L1", "LERP_SMALL", "AMSGRAD", "DECOUPLED",
          "CENTERED", "MOMENTUM", "NESTEROV", "SCALE_GRAD", "WRITE_GRAD", "FOUND_INF",
          "STOCH_ROUND", "REDUCE", "SECOND", "ROW_LERP")
@@ -77,8 +78,8 @@ def adam_moments(p, g, m, v, w, w_rest, beta2, beta2_rest, wd, l1):
     return p, g, m, v
 
 
-def adam(p, g, m, v, vmax, step_size, bc2_sqrt, w, w_rest, beta2, beta2_rest, eps, wd, l1,
-         unused, h10, h11):
+def adam(p, g, m, v, vmax, *, step_size, bc2_sqrt, w, w_rest, beta2, beta2_rest, eps, wd,
+         l1):
     p, g, m, v = adam_moments(p, g, m, v, w, w_rest, beta2, beta2_rest, wd, l1)
     d = v
     if AMSGRAD:
@@ -89,16 +90,15 @@ def adam(p, g, m, v, vmax, step_size, bc2_sqrt, w, w_rest, beta2, beta2_rest, ep
     return p, m, v, vmax
 
 
-def adamax(p, g, m, u, unused_c, clr, w, w_rest, beta2, eps, wd, l1, h7, h8, h9, h10, h11):
+def adamax(p, g, m, u, *, clr, w, w_rest, beta2, eps, wd, l1):
     g = regularize(p, g, wd, l1)
     m = lerp(m, g, w, w_rest)
     u = ops.maximum(u * beta2, ops.abs(g) + eps)
     p = p + ops.div(-clr * m, u)
-    return p, m, u, unused_c
+    return p, m, u
 
 
-def rmsprop(p, g, sq, buf, gavg, lr, alpha, alpha_rest, w_rest, eps, momentum, wd, l1, h8, h9,
-            h10, h11):
+def rmsprop(p, g, sq, buf, gavg, *, lr, alpha, alpha_rest, w_rest, eps, momentum, wd, l1):
     # alpha_rest = 1 - alpha is also the lerp weight of grad_avg (w_rest: 1 - that)
     g = regularize(p, g, wd, l1)
     sq = ops.fma(alpha_rest * g, g, sq * alpha)
@@ -115,16 +115,14 @@ def rmsprop(p, g, sq, buf, gavg, lr, alpha, alpha_rest, w_rest, eps, momentum, w
     return p, sq, buf, gavg
 
 
-def adagrad(p, g, acc, unused_b, unused_c, clr, eps, wd, l1, h4, h5, h6, h7, h8, h9, h10,
-            h11):
+def adagrad(p, g, acc, *, clr, eps, wd, l1):
     g = regularize(p, g, wd, l1)
     acc = ops.fma(g, g, acc)
     p = p + ops.div(-clr * g, ops.sqrt(acc) + eps)
-    return p, acc, unused_b, unused_c
+    return p, acc
 
 
-def sgd(p, g, buf, unused_b, unused_c, lr, wd, l1, keep, take, momentum, h6, h7, h8, h9, h10,
-        h11):
+def sgd(p, g, buf, *, lr, wd, l1, keep, take, momentum):
     # keep/take: momentum and 1 - dampening, or 0 and 1 on a buffer's first step, where
     # torch starts the buffer as a copy of the gradient (buf is zero then, so 0 * buf + g == g)
     g = regularize(p, g, wd, l1)
@@ -135,22 +133,21 @@ def sgd(p, g, buf, unused_b, unused_c, lr, wd, l1, keep, take, momentum, h6, h7,
         else:
             g = buf
     p = ops.fma(-lr, g, p)
-    return p, buf, unused_b, unused_c
+    return p, buf
 
 
-def nadam(p, g, m, v, unused_c, w, w_rest, beta2, beta2_rest, bc2, eps, c_grad, c_avg, wd, l1,
-          h10, h11):
+def nadam(p, g, m, v, *, w, w_rest, beta2, beta2_rest, bc2, eps, c_grad, c_avg, wd, l1):
     # torch's order: Adam's moments, denom = sqrt(v / bc2) + eps, then two addcdiv: the
     # gradient's share (c_grad) and the momentum's (c_avg), each rounded into p
     p, g, m, v = adam_moments(p, g, m, v, w, w_rest, beta2, beta2_rest, wd, l1)
     denom = ops.sqrt(ops.div(v, bc2)) + eps
     p = p + ops.div(c_grad * g, denom)
     p = p + ops.div(c_avg * m, denom)
-    return p, m, v, unused_c
+    return p, m, v
 
 
-def radam(p, g, m, v, unused_c, lr, bc1, bc2_sqrt, w, w_rest, beta2, beta2_rest, eps, wd, l1,
-          rect, h11):
+def radam(p, g, m, v, *, lr, bc1, bc2_sqrt, w, w_rest, beta2, beta2_rest, eps, wd, l1,
+          rect):
     # torch's order: Adam's moments, then p - (m / bc1) * lr * adaptive * rect where the
     # variance is tractable (rect > 0, computed per step on the host), else
     # p - (m / bc1) * lr; adaptive = bc2_sqrt / (sqrt(v) + eps) as torch's float / tensor
@@ -160,11 +157,10 @@ def radam(p, g, m, v, unused_c, lr, bc1, bc2_sqrt, w, w_rest, beta2, beta2_rest,
     adaptive = ops.div(ops.div(bc1, bc1), ops.sqrt(v) + eps) * bc2_sqrt
     rectified = step * adaptive * rect
     p = p - ops.where(rect > rect - rect, rectified, step)
-    return p, m, v, unused_c
+    return p, m, v
 
 
-def adadelta(p, g, sq, acc, unused_c, lr, rho, rho_rest, eps, wd, l1, h6, h7, h8, h9, h10,
-             h11):
+def adadelta(p, g, sq, acc, *, lr, rho, rho_rest, eps, wd, l1):
     # torch's order: sq*rho + (1-rho)*g*g (addcmul), delta = sqrt(acc+eps) / sqrt(sq+eps)
     # then times g (two roundings), acc likewise, p - lr*delta (add with alpha)
     g = regularize(p, g, wd, l1)
@@ -172,11 +168,10 @@ def adadelta(p, g, sq, acc, unused_c, lr, rho, rho_rest, eps, wd, l1, h6, h7, h8
     delta = ops.div(ops.sqrt(acc + eps), ops.sqrt(sq + eps)) * g
     acc = ops.fma(rho_rest * delta, delta, acc * rho)
     p = ops.fma(-lr, delta, p)
-    return p, sq, acc, unused_c
+    return p, sq, acc
 
 
-def rprop(p, g, prev, step_size, unused_c, etaplus, etaminus, lo, hi, one, wd, l1, h7, h8,
-          h9, h10, h11):
+def rprop(p, g, prev, step_size, *, etaplus, etaminus, lo, hi, one, wd, l1):
     # torch's order: sign(g * prev) mapped to etaplus / etaminus / 1 (NaN stays NaN),
     # step_size * that clamped to [lo, hi], g zeroed where the sign flipped, then
     # p - sign(g) * step_size (addcmul) and prev = g.  `one` stands for 1 (no literals)
@@ -191,22 +186,20 @@ def rprop(p, g, prev, step_size, unused_c, etaplus, etaminus, lo, hi, one, wd, l
     g = ops.where(s < zero, zero, g)
     sign = ops.where(g > zero, one, ops.where(g < zero, -one, g))
     p = ops.fma(-sign, step_size, p)
-    return p, g, step_size, unused_c
+    return p, g, step_size
 
 
-def asgd(p, g, ax, unused_b, unused_c, decay, eta, mu, copy_at, wd, l1, h6, h7, h8, h9, h10,
-         h11):
+def asgd(p, g, ax, *, decay, eta, mu, copy_at, wd, l1):
     # torch's order: p * (1 - lambd * eta) (decay, rounded), then p - eta * g (add with
     # alpha), then the average: a copy of p where mu == 1 (non-capturable torch copies),
     # else ax + (p - ax) * mu.  copy_at is 1, or NaN where torch always blends (capturable)
     g = regularize(p, g, wd, l1)
     p = ops.fma(-eta, g, p * decay)
     ax = ops.where(mu == copy_at, p, ax + (p - ax) * mu)
-    return p, ax, unused_b, unused_c
+    return p, ax
 
 
-def lion(p, g, m, unused_b, unused_c, decay, lr, beta1, beta1_rest, beta2, beta2_rest, one, l1,
-         h8, h9, h10, h11):
+def lion(p, g, m, *, decay, lr, beta1, beta1_rest, beta2, beta2_rest, one, l1):
     # lion-pytorch's order (fusedopt/lion.py): p * (1 - lr * wd), the sign of
     # m * beta1 + (1 - beta1) * g (add with alpha: fused), p - lr * sign (likewise), then
     # m * beta2 + (1 - beta2) * g.  Weight decay is decoupled (the DECOUPLED flag).  `one`
@@ -218,11 +211,10 @@ def lion(p, g, m, unused_b, unused_c, decay, lr, beta1, beta1_rest, beta2, beta2
     c = ops.fma(beta1_rest, g, m * beta1)
     p = ops.fma(-lr, ops.where(c > zero, one, ops.where(c < zero, -one, c)), p)
     m = ops.fma(beta2_rest, g, m * beta2)
-    return p, m, unused_b, unused_c
+    return p, m
 
 
-def adafactor(p, g, row, col, mean, wd, l1, step_size, bound, h4, h5, h6, h7, h8, h9,
-              h10, h11):
+def adafactor(p, g, row, col, mean, *, wd, l1, step_size, bound):
     # Run by the matrix kernel: row and mean are the element's row factor and its matrix's
     # clamped row-factor mean, col is 1 / sqrt(its column factor), computed per column on
     # the host (Adafactor._run); for a 1-D param: its variance, 1, 1.
@@ -255,9 +247,9 @@ def adafactor(p, g, row, col, mean, wd, l1, step_size, bound, h4, h5, h6, h7, h8
     return out, sq, col, mean
 
 
-def scale(p, g, a, b, c, factor, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11):
+def scale(p, g, *, factor):
     # not an optimizer: clip_grad_norm_'s multiply, run with the gradients as `p`
-    return p * factor, a, b, c
+    return p * factor
 
 
 RULES = {f.__name__: f for f in (adam, adamax, rmsprop, adagrad, sgd, adadelta, rprop, radam,

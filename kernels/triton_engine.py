@@ -13,7 +13,8 @@ import types
 import numpy as np
 import torch
 
-from . import import_triton, rules, triton_ops, triton_quant
+from . import coefficients, import_triton, rules, triton_ops, triton_quant
+from .coefficients import NCOEF, SLOTS
 
 triton = import_triton()
 tl, JITFunction = triton.language, triton.runtime.jit.JITFunction
@@ -110,14 +111,13 @@ def _store(ptr, offs, end, x, KIND: tl.constexpr, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _block(pp, gp, ap, bp, cp, wp, xa, xb, xc, Q, offs, end, key, h0, h1, h2, h3, h4, h5, h6,
-           h7, h8, h9, h10, h11,
+def _block(pp, gp, ap, bp, cp, wp, xa, xb, xc, Q, offs, end, key, hs,
            MASK: tl.constexpr, KIND: tl.constexpr, SKIND: tl.constexpr, MASKED: tl.constexpr,
            BLOCK: tl.constexpr):
-    # MASK and the flags as in numba_engine._template
+    # MASK and the flags as in numba_engine._template; hs: the coefficients' row
     g = _load(gp, offs, end, KIND, MASKED)
     if SCALE_GRAD:  # see rules.FLAGS
-        gs = _narrow(g * h11, KIND)
+        gs = _narrow(g * hs[GRAD_SCALE], KIND)
         if WRITE_GRAD:
             _store_raw(gp, offs, end, gs, MASKED)
         g = _widen(gs, KIND)
@@ -141,7 +141,7 @@ def _block(pp, gp, ap, bp, cp, wp, xa, xb, xc, Q, offs, end, key, h0, h1, h2, h3
         c = _qload(cp, xc, offs, end, Q + ((MASK >> 10) & 1) * QTABLE, MASKED)
     elif MASK & 4:
         c = _load(cp, offs, end, SKIND, MASKED)
-    p, a, b, c = rule(p, g, a, b, c, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11)
+    p, a, b, c = rule(p, g, a, b, c, hs)
     if MASK & 8:
         _store(wp, offs, end, p, SKIND, MASKED)
     if STOCH_ROUND:
@@ -171,9 +171,27 @@ def _coef(bits, C):
 
 
 @triton.jit
-def _kernel(P, G, S0, S1, S2, S3, A0, A1, A2, Q, C, R, TID, CS, CE, FI, H0, H1, H2, H3, H4, H5, H6, H7, H8,
-            H9, H10, H11, MASK: tl.constexpr, KIND: tl.constexpr, SKIND: tl.constexpr,
-            ALIGNED: tl.constexpr, UNIFORM: tl.constexpr, BLOCK: tl.constexpr):
+def _given(C, H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15):
+    # the row passed as scalars (coefficients.NCOEF of them)
+    return (_coef(H0, C), _coef(H1, C), _coef(H2, C), _coef(H3, C), _coef(H4, C), _coef(H5, C),
+            _coef(H6, C), _coef(H7, C), _coef(H8, C), _coef(H9, C), _coef(H10, C),
+            _coef(H11, C), _coef(H12, C), _coef(H13, C), _coef(H14, C), _coef(H15, C))
+
+
+@triton.jit
+def _loaded(C, t):
+    # tensor t's row of the table C (coefficients.NCOEF per row)
+    r = C + t * NCOEF
+    return (tl.load(r), tl.load(r + 1), tl.load(r + 2), tl.load(r + 3), tl.load(r + 4),
+            tl.load(r + 5), tl.load(r + 6), tl.load(r + 7), tl.load(r + 8), tl.load(r + 9),
+            tl.load(r + 10), tl.load(r + 11), tl.load(r + 12), tl.load(r + 13),
+            tl.load(r + 14), tl.load(r + 15))
+
+
+@triton.jit
+def _kernel(P, G, S0, S1, S2, S3, A0, A1, A2, Q, C, R, TID, CS, CE, FI, H0, H1, H2, H3, H4, H5,
+            H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, MASK: tl.constexpr,
+            KIND: tl.constexpr, SKIND: tl.constexpr, ALIGNED: tl.constexpr, UNIFORM: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(TID + pid)
     start = tl.load(CS + pid)
@@ -194,43 +212,21 @@ def _kernel(P, G, S0, S1, S2, S3, A0, A1, A2, Q, C, R, TID, CS, CE, FI, H0, H1, 
     xb = _ptr(A1, t, 0, ALIGNED)
     xc = _ptr(A2, t, 0, ALIGNED)
     if UNIFORM:  # the same coefficients for every tensor: no table, no copy to the device
-        h0 = _coef(H0, C)
-        h1 = _coef(H1, C)
-        h2 = _coef(H2, C)
-        h3 = _coef(H3, C)
-        h4 = _coef(H4, C)
-        h5 = _coef(H5, C)
-        h6 = _coef(H6, C)
-        h7 = _coef(H7, C)
-        h8 = _coef(H8, C)
-        h9 = _coef(H9, C)
-        h10 = _coef(H10, C)
-        h11 = _coef(H11, C)
+        hs = _given(C, H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15)
     else:
-        h0 = tl.load(C + t * NCOEF + 0)
-        h1 = tl.load(C + t * NCOEF + 1)
-        h2 = tl.load(C + t * NCOEF + 2)
-        h3 = tl.load(C + t * NCOEF + 3)
-        h4 = tl.load(C + t * NCOEF + 4)
-        h5 = tl.load(C + t * NCOEF + 5)
-        h6 = tl.load(C + t * NCOEF + 6)
-        h7 = tl.load(C + t * NCOEF + 7)
-        h8 = tl.load(C + t * NCOEF + 8)
-        h9 = tl.load(C + t * NCOEF + 9)
-        h10 = tl.load(C + t * NCOEF + 10)
-        h11 = tl.load(C + t * NCOEF + 11)
+        hs = _loaded(C, t)
     nfull = (end - start) // BLOCK
     for i in range(nfull):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
         if ALIGNED:  # chunk starts are multiples of CHUNK, hence of BLOCK
             offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
-        _block(pp, gp, ap, bp, cp, wp, xa, xb, xc, Q, offs, end, key, h0, h1, h2, h3, h4, h5,
-               h6, h7, h8, h9, h10, h11, MASK, KIND, SKIND, False, BLOCK)
+        _block(pp, gp, ap, bp, cp, wp, xa, xb, xc, Q, offs, end, key, hs, MASK, KIND, SKIND,
+               False, BLOCK)
     tail = start + nfull * BLOCK
     if tail < end:
         offs = tail + tl.arange(0, BLOCK)
-        _block(pp, gp, ap, bp, cp, wp, xa, xb, xc, Q, offs, end, key, h0, h1, h2, h3, h4, h5,
-               h6, h7, h8, h9, h10, h11, MASK, KIND, SKIND, True, BLOCK)
+        _block(pp, gp, ap, bp, cp, wp, xa, xb, xc, Q, offs, end, key, hs, MASK, KIND, SKIND,
+               True, BLOCK)
 
 
 @triton.jit
@@ -271,7 +267,8 @@ KINDS = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}
 _kernels = {}
 
 
-_SCALARS = [f"H{j}" for j in range(rules.NCOEF)]
+_SCALARS = [f"H{j}" for j in range(NCOEF)]
+assert [a for a in _kernel.arg_names if a in _SCALARS] == _SCALARS, "_kernel takes the row"
 
 
 def _rebind(fn, gl, interpret, launch=False):
@@ -299,16 +296,18 @@ def _bind(rule, flags, interpret):
                                    interpret))
     gl = {"__name__": rules.__name__, "ops": ops, "tl": tl,
           **{n: tl.constexpr(v) for n, v in flags}}
-    for f in (*rules.HELPERS, rules.RULES[rule]):
+    for f in (*rules.HELPERS, coefficients.positional(rules.RULES[rule])):
         gl[f.__name__] = _rebind(f, gl, interpret)
-    kgl = {"__name__": __name__, "tl": tl, "triton": triton, "rule": gl[rule],
-           "NCOEF": tl.constexpr(rules.NCOEF),
+    kgl = {"__name__": __name__, "tl": tl, "triton": triton, "NCOEF": tl.constexpr(NCOEF),
+           "rule": _rebind(coefficients.adapter(rule), gl, interpret),
+           **{n: tl.constexpr(v) for n, v in SLOTS.items()},
            **{n: tl.constexpr(v) for n, v in flags if n in ("SCALE_GRAD", "WRITE_GRAD",
                                                              "FOUND_INF", "STOCH_ROUND",
                                                              "REDUCE")}}
     kgl.update(QBLOCK=triton_quant.QBLOCK, QTABLE=triton_quant.QTABLE, **triton_quant.QCOLS)
     for f in (_ptr, _widen, _narrow, _fmix32, _narrow_stochastic, _load, _store_raw, _store,
-              _coef, triton_quant._qload, triton_quant._per_block, triton_quant._qstore):
+              _coef, _given, _loaded, triton_quant._qload, triton_quant._per_block,
+              triton_quant._qstore):
         kgl[f.fn.__name__] = _rebind(f, kgl, interpret)
     return kgl
 
@@ -325,13 +324,13 @@ def build(rule, flags, interpret=None):
     return _kernels[k]
 
 
-_NO_COEFS = (0,) * rules.NCOEF
+_NO_COEFS = (0,) * NCOEF
 
 
 def run(rule, flags, dtypes, mask, P, G, S, C, R, TID, CS, CE, aligned, found_inf=None,
         coefs=None, Q=None):
     """Launch ``rule`` over one group: one program per chunk.  As numba_engine.run, but
-    every table is an int64 tensor on the params' device; C is [n, rules.NCOEF] in the
+    every table is an int64 tensor on the params' device; C is [n, NCOEF] in the
     math dtype, read only when ``coefs`` is None: else ``coefs`` (Python floats) are every
     tensor's coefficients, passed as scalar arguments (no device op besides the launch);
     ``found_inf``: the scaler's float32 flag on the device (read when flags say
@@ -372,44 +371,3 @@ def _norm_jit(interpret):
         _kernels[k] = _rebind(_norm_kernel, kgl, interpret, launch=True)
     return _kernels[k]
 
-
-def _aot(kernel, sig, const, aligned_args, arch):
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    # what a launch on a GPU treats as constexpr: the AOT build must see the same kernel
-    declared = {p.name for p in kernel.params if p.is_constexpr}
-    assert declared == set(const), f"constexpr parameters {sorted(declared)} != {sorted(const)}"
-    sig.update({n: "constexpr" for n in const})
-    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned_args}
-    src = ASTSource(kernel, signature=sig, constexprs=const, attrs=attrs)
-    out = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                         options={"num_warps": NUM_WARPS, "enable_fp_fusion": False})
-    return out.asm["ptx"], out.metadata
-
-
-def compile_norm_ptx(dtype="float32", order=2.0, arch=90):
-    """The norm kernel compiled ahead of time (as compile_ptx)."""
-    kernel = _norm_jit(False)
-    names = ["G", "TID", "CS", "CE"]
-    sig = {n: "*i64" for n in names}
-    sig.update(PW="fp32", OUT="*fp64" if dtype == "float64" else "*fp32")
-    ord_ = {1.0: 1, 2.0: 2, float("inf"): 0}.get(float(order), 3)
-    const = {"KIND": KINDS[dtype], "ORD": ord_, "BLOCK": 1024}
-    return _aot(kernel, sig, const, names + ["OUT"], arch)
-
-
-def compile_ptx(rule, flags, dtype="float32", mask=3, arch=90, aligned=True, sdtype=None,
-                uniform=True):
-    """Compile one kernel ahead of time for an NVIDIA target (no GPU needed); returns
-    (ptx, metadata).  The tests read the PTX for 128-bit loads and register spills."""
-    kernel = build(rule, flags, interpret=False)
-    names = ["P", "G", "S0", "S1", "S2", "S3", "A0", "A1", "A2", "R", "TID", "CS", "CE"]
-    sig = {n: "*i64" for n in names}
-    sig["FI"] = "*fp32"
-    sig["Q"] = "*fp32"
-    sig["C"] = "*fp64" if dtype == "float64" else "*fp32"
-    sig.update({h: "i64" for h in _SCALARS})
-    const = {"MASK": mask, "KIND": KINDS[dtype], "SKIND": KINDS[sdtype or dtype],
-             "ALIGNED": aligned, "UNIFORM": uniform, "BLOCK": 1024}
-    return _aot(kernel, sig, const, names + ["C"], arch)

@@ -8,7 +8,8 @@ triton = import_triton()
 tl = triton.language
 
 # names the kernel reads from the globals _bind supplies
-_ptr = _widen = _narrow = rule = REDUCE = SCALE_GRAD = WRITE_GRAD = NCOEF = ROW_LERP = None
+_ptr = _widen = _narrow = _loaded = rule = REDUCE = SCALE_GRAD = WRITE_GRAD = ROW_LERP = None
+GRAD_SCALE = LERP_W = LERP_W_REST = LERP_COUNT = None
 
 
 @triton.jit
@@ -56,18 +57,7 @@ def _matrix_kernel(P, G, S0, S1, S2, C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS, C
     ap = _ptr(S0, t, SKIND, False)
     bp = _ptr(S1, t, SKIND, False)
     cp = _ptr(S2, t, SKIND, False)
-    h0 = tl.load(C + t * NCOEF + 0)
-    h1 = tl.load(C + t * NCOEF + 1)
-    h2 = tl.load(C + t * NCOEF + 2)
-    h3 = tl.load(C + t * NCOEF + 3)
-    h4 = tl.load(C + t * NCOEF + 4)
-    h5 = tl.load(C + t * NCOEF + 5)
-    h6 = tl.load(C + t * NCOEF + 6)
-    h7 = tl.load(C + t * NCOEF + 7)
-    h8 = tl.load(C + t * NCOEF + 8)
-    h9 = tl.load(C + t * NCOEF + 9)
-    h10 = tl.load(C + t * NCOEF + 10)
-    h11 = tl.load(C + t * NCOEF + 11)
+    hs = _loaded(C, t)
     mat = r0 // nrow
     co = tl.load(COFF + pid)
     ro = tl.load(ROFF + t)
@@ -91,7 +81,7 @@ def _matrix_kernel(P, G, S0, S1, S2, C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS, C
             p = _widen(tl.load(pp + offs, mask=mask, other=0), KIND)
             g = _widen(tl.load(gp + offs, mask=mask, other=0), KIND)
             if SCALE_GRAD:  # as the update kernel (rules.FLAGS)
-                gs = _narrow(g * h11, KIND)
+                gs = _narrow(g * hs[GRAD_SCALE], KIND)
                 if WRITE_GRAD:
                     tl.store(gp + offs, gs, mask=mask)
                 g = _widen(gs, KIND)
@@ -105,7 +95,7 @@ def _matrix_kernel(P, G, S0, S1, S2, C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS, C
                                    other=1), SKIND)
             if MASK & 4:
                 c = _widen(tl.load(cp + mat), SKIND)
-            x, y, _b, _c = rule(p, g, a, b, c, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11)
+            x, y, _b, _c = rule(p, g, a, b, c, hs)
             if REDUCE:
                 x = tl.where(mask, x, 0)
                 acc += x * x
@@ -118,7 +108,7 @@ def _matrix_kernel(P, G, S0, S1, S2, C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS, C
                 tl.store(pp + offs, _narrow(x, KIND), mask=mask)
         if REDUCE and ROW_LERP:  # each row's factor (rules.FLAGS), in slot a
             old = _widen(tl.load(ap + rows, mask=rmask, other=0), SKIND)
-            new = _row_factor(racc, h7, old, h5, h6, KIND)
+            new = _row_factor(racc, hs[LERP_COUNT], old, hs[LERP_W], hs[LERP_W_REST], KIND)
             tl.store(ap + rows, _narrow(new, SKIND), mask=rmask)
         elif REDUCE and not MASK & 8:
             tl.store(ROWS + ro + rows, racc, mask=rmask)
@@ -152,15 +142,3 @@ def run_matrix(rule, flags, dtypes, mask, P, G, S, C, TID, RS, RE, F, ROFF, COFF
         KIND=KINDS[dtypes[0]], SKIND=KINDS[dtypes[1]], BR=BLOCK // bc, BC=bc, ALIGNED=aligned,
         num_warps=NUM_WARPS, enable_fp_fusion=False)
 
-
-def compile_matrix_ptx(rule, flags, dtype="float32", mask=7, arch=90, bc=32, aligned=True):
-    """The matrix kernel compiled ahead of time (as triton_engine.compile_ptx)."""
-    from .triton_engine import _aot
-    kernel = build_matrix(rule, flags, interpret=False)
-    names = ["P", "G", "S0", "S1", "S2", "TID", "RS", "RE", "F", "ROFF", "COFF"]
-    sig = {n: "*i64" for n in names}
-    f = "*fp64" if dtype == "float64" else "*fp32"
-    sig.update(C=f, TOT=f, ROWS=f, CPART=f)
-    const = {"MASK": mask, "KIND": KINDS[dtype], "SKIND": KINDS[dtype], "BR": 1024 // bc,
-             "BC": bc, "ALIGNED": aligned}
-    return _aot(kernel, sig, const, names + ["C"], arch)

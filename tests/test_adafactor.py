@@ -11,6 +11,7 @@ import fusedopt
 from fusedopt import parity
 from fusedopt.matrix import Tables
 from fusedopt.kernels import rules
+from fusedopt.kernels.coefficients import NCOEF, SLOT
 from harness import BACKENDS, mse_losses
 
 SHAPES = [(7,), (33, 17), (2, 3, 4), (1,), (70000,), (3, 300, 257), (1, 5), (6, 1)]
@@ -30,7 +31,7 @@ def test_reduction_pass_sums(backend, dtype):
     flags.update(REDUCE=True, DECOUPLED=True)
     name = str(dtype)[6:]
     math = torch.float64 if dtype == torch.float64 else torch.float32
-    C = torch.zeros(len(ps), rules.NCOEF, dtype=math)
+    C = torch.zeros(len(ps), NCOEF, dtype=math)
     P = np.array([p.data_ptr() for p in ps], np.int64)
     G = np.array([g.data_ptr() for g in gs], np.int64)
     S = [P] * 3
@@ -131,9 +132,10 @@ def test_row_factors_lerped_in_the_kernel(backend, weight):
     tab = Tables([p.shape for p in ps], backend, torch.device("cpu"))
     flags = dict.fromkeys(rules.FLAGS, False)
     flags.update(REDUCE=True, DECOUPLED=True, ROW_LERP=True)
-    C = torch.zeros(len(ps), rules.NCOEF)
+    C = torch.zeros(len(ps), NCOEF)
     w = np.float32(weight)
-    C[:, 5], C[:, 6], C[:, 7] = float(w), float(np.float32(1) - w), tab.counts().float()
+    C[:, SLOT["lerp_w"]], C[:, SLOT["lerp_w_rest"]] = float(w), float(np.float32(1) - w)
+    C[:, SLOT["lerp_count"]] = tab.counts().float()
     P = np.array([p.data_ptr() for p in ps], np.int64)
     G = np.array([g.data_ptr() for g in gs], np.int64)
     rows = torch.cat([o.reshape(-1) for o in old])
@@ -244,7 +246,7 @@ class _Eps1Unsquared(fusedopt.Adafactor):
 
             def run(self, bucket, rule, flags, mask, gptr, vecs, coeffs):
                 if not flags["REDUCE"] or flags.get("SECOND"):
-                    coeffs = (*coeffs[:3], coeffs[3] ** 0.5, *coeffs[4:])
+                    coeffs = {**coeffs, "bound": coeffs["bound"] ** 0.5}
                 return tab.run(bucket, rule, flags, mask, gptr, vecs, coeffs)
         return Tables(), factors
 

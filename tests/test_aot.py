@@ -35,7 +35,7 @@ VARIANTS = {
 # in triton's code generator ("'block_argument' object has no attribute 'get_element_ty'")
 UPDATE_AOT = """
 import json, re, sys
-from fusedopt.kernels import rules, triton_engine as te
+from fusedopt.kernels import rules, triton_aot as te
 variants = json.loads(sys.argv[1])
 out = {}
 for key, (rule, on, mask, arch, dtype, sdtype, checks) in variants.items():
@@ -120,7 +120,7 @@ def test_8bit_state_compiles(update_ptx, rule, arch):
 
 NORM_AOT = """
 import sys
-from fusedopt.kernels import triton_engine as te
+from fusedopt.kernels import triton_aot as te
 for arch in (80, 90):
     for order in (2.0, 1.0, float("inf"), 3.5):
         for dtype in ("float32", "float64", "float16", "bfloat16"):
@@ -152,7 +152,7 @@ def test_mixed_precision_compiles(update_ptx, rule, sr):
 
 
 MATRIX_AOT = """
-from fusedopt.kernels import rules, triton_matrix as tm
+from fusedopt.kernels import rules, triton_aot as tm
 n = 0
 for arch in (80, 90):
     for extra, mask in (({}, 7), (dict(REDUCE=True), 0), (dict(REDUCE=True, ROW_LERP=True), 0),
