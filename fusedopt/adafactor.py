@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .bucket import scalar_dtype
+from .kernels.flags import Matrix
 from .matrix import Factored, exact_sqrt
 from .optimizer import FusedOptimizer
 from .options import signature_with
@@ -74,7 +75,7 @@ class Adafactor(Factored, FusedOptimizer, torch.optim.Adafactor):
         op = torch.float64 if dt == torch.float64 else torch.float32
         w = step ** group["beta2_decay"]
         wk = w.to(dt).to(op) if torch.is_tensor(w) else torch.tensor(w, dtype=op)
-        psq, _, csum = run(dict(flags, ROW_LERP=True), 0, (rows, cols, one, one),
+        psq, _, csum = run(dict(flags, ROW_LERP=True), Matrix(0), (rows, cols, one, one),
                            step_size=0.0, bound=0.0, lerp_w=wk.double(),
                            lerp_w_rest=(1 - wk).double(), lerp_count=tab.counts())
         x = tab.on(bucket.device)
@@ -83,10 +84,11 @@ class Adafactor(Factored, FusedOptimizer, torch.optim.Adafactor):
             cols.lerp_(tab.col_means(csum, dt),
                        w.to(cols)[x["col_tensor"]] if torch.is_tensor(w) else w)
             means = tab.row_means(rows, x).clamp(min=eps1)  # torch's mean, clamped
-        # pass 2: |update|**2 (denom; mask 8: the total alone), pass 3: the update, each
+        # pass 2: |update|**2 (denom; TOTAL_ONLY: the total alone), pass 3: the update, each
         # from a factor per row and 1 / sqrt(col) per column (rules.adafactor)
         vecs, top = (rows, cols.double().rsqrt().to(dt), means, one), _bound(eps1, dt)
-        usq = run(dict(flags, SECOND=True), 7 | 8, vecs, step_size=0.0, bound=top)[0]
+        usq = run(dict(flags, SECOND=True), Matrix.SLOTS | Matrix.TOTAL_ONLY, vecs,
+                  step_size=0.0, bound=top)[0]
         # torch's Python floats: max(eps2, |p| / sqrt(n)) * min(lr, 1 / sqrt(step)) and
         # max(1, |update| / (sqrt(n) * d)), the norms rounded to the param's dtype
         f64 = lambda v: torch.as_tensor(v, dtype=torch.float64)  # noqa: E731
@@ -96,8 +98,8 @@ class Adafactor(Factored, FusedOptimizer, torch.optim.Adafactor):
         alpha = torch.where(alpha > eps2, alpha, eps2) * rho
         denom = exact_sqrt(usq).to(dt).double() / (n * d)
         denom = torch.where(denom > 1.0, denom, 1.0)
-        run(dict(flags, REDUCE=False, WRITE_GRAD=scaled), 7, vecs, step_size=-alpha / denom,
-            bound=top)
+        run(dict(flags, REDUCE=False, WRITE_GRAD=scaled), Matrix.SLOTS, vecs,
+            step_size=-alpha / denom, bound=top)
         for _, p, w in bucket.work:
             p.copy_(w)
 

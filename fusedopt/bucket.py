@@ -15,6 +15,7 @@ import torch
 
 from . import quant
 from .kernels.coefficients import NCOEF
+from .kernels.flags import update_mask
 
 _GRAD = operator.attrgetter("grad")
 _VERSION = operator.attrgetter("_version")
@@ -142,10 +143,9 @@ class _Bucket:
         q = sdt == torch.uint8  # 8-bit slots: the math and a master copy in float32
         self.sdtype = "float32" if q else _name(sdt)
         master = has_master(group, params[0])
-        self.mask = sum(1 << i for i, name in enumerate((*slots, master)) if name)
-        if q:
-            self.mask |= sum((16 << i) | (256 << i) * quant.signed(name)
-                             for i, name in enumerate(slots) if name)
+        used = [bool(name) for name in slots]
+        self.mask = update_mask(used, master, used if q else (),
+                                [bool(name) and quant.signed(name) for name in slots])
         self.backend = backend_for(opt._backend, self.device)
         if self.backend == "triton" and self.device.type == "cpu" \
                 and os.environ.get("TRITON_INTERPRET") != "1":

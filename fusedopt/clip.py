@@ -21,6 +21,7 @@ import torch
 from . import bucket as _opt
 from .kernels import rules
 from .kernels.coefficients import NCOEF, pack
+from .kernels.flags import update_mask
 
 _ENGINE_ORDERS = (1.0, 2.0, math.inf)  # and any finite p > 0
 
@@ -180,15 +181,15 @@ def scale_(tensors, factor, backend="auto"):
             if torch.is_tensor(c):
                 C[:, j] = c
         flags = tuple(sorted(dict.fromkeys(rules.FLAGS, False).items()))
-        dt = (_opt._name(dtype),) * 2
+        dt, mask = (_opt._name(dtype),) * 2, update_mask((), False)  # (no state)
         if be == "numba":
             P = tab.ptrs
-            _opt._numba().run("scale", flags, dt, 0, P, P, [P] * 4, C.numpy(), P, tab.tid,
+            _opt._numba().run("scale", flags, dt, mask, P, P, [P] * 4, C.numpy(), P, tab.tid,
                               tab.cs, tab.ce, tab.numel)
         else:
             P, tid, cs, ce = tab.on(device)
             aligned = bool(((tab.ptrs % 16) == 0).all())
-            _opt._triton().run("scale", flags, dt, 0, P, P, [P] * 4, C, P, tid, cs, ce, aligned)
+            _opt._triton().run("scale", flags, dt, mask, P, P, [P] * 4, C, P, tid, cs, ce, aligned)
 
 
 @torch.no_grad()

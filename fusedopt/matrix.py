@@ -14,6 +14,7 @@ import torch
 
 from .bucket import _numba, _triton, on_device, one_buffer
 from .kernels.coefficients import pack
+from .kernels.flags import Matrix
 
 
 def exact_sqrt(t):
@@ -97,9 +98,9 @@ class Tables:
             width * getattr(torch, dtype).itemsize % 16 == 0
 
     def _call(self, rule, flags, dtypes, mask, P, G, S, C, reduce, aligned=False):
-        f64 = dtypes[0] == "float64"
+        f64, mask = dtypes[0] == "float64", int(mask)  # (mask: flags.Matrix)
         nchunk = len(self.tid)
-        sums = reduce and not mask & 8  # row and column sums wanted (bit 8: the total alone)
+        sums = reduce and not mask & Matrix.TOTAL_ONLY  # row and column sums wanted
         # (ROW_LERP: the rows' factors are written in place, their sums never leave)
         nrows = 0 if dict(flags)["ROW_LERP"] or not sums else self.nrows
         if self.backend == "numba":

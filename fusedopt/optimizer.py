@@ -20,6 +20,7 @@ from .plan import _Plan, refuse_torch, torch_step
 from .state import State
 from .kernels import rules
 from .kernels.coefficients import pack
+from .kernels.flags import Update
 
 
 _SKIP = object()  # _amp(): the scaler found an inf on the CPU, nothing to do
@@ -325,7 +326,7 @@ class FusedOptimizer:
     def _bump_versions(self, group, params, plan):
         # autograd's in-place check: a param's version moves as torch's in-place updates
         # move it (so a backward through a graph that saved it raises, as after torch's step)
-        masters = [(b, b.reseed_masters()) for _, b in plan.buckets if b.mask & 8]
+        masters = [(b, b.reseed_masters()) for _, b in plan.buckets if b.mask & Update.MASTER]
         n = self._inplace_updates(group)
         host.bump(params, n)
         for b, ver in masters:
@@ -353,7 +354,7 @@ class FusedOptimizer:
                 else inv.to(bucket.device, non_blocking=True)
         # bfloat16 params without a master copy only
         sr = bool(group.get("stochastic_rounding")) and bucket.dtype == "bfloat16" \
-            and not bucket.mask & 8
+            and not bucket.mask & Update.MASTER
         keys = bucket.stream_keys(group.get("sr_seed", 0)) if sr else None
         # the gradient the step used is written back under GradScaler (unscaled, as the
         # scaler's own pass leaves it); clipping alone leaves the gradients as they were

@@ -21,7 +21,7 @@ from numba import types as nt
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import coefficients, numba_ops, rules
+from . import coefficients, flags as masks, numba_ops, rules
 from .coefficients import SLOTS
 
 CHUNK = 1 << 16
@@ -145,8 +145,7 @@ assert coefficients.NCOEF == 16, "_row reads NCOEF slots"
 
 
 def _template(KEY, MASK, DT, SDT):
-    # MASK: bit i set when state slot i is in use, bit 3 for a float32 master copy of the
-    # param (then the param is written from it, rounded)
+    # MASK: flags.Update (the state slots in use, a float32 master copy of the param)
     def kernel(P, G, S0, S1, S2, S3, C, R, TID, CS, CE, N):
         if KEY == 0:  # KEY only tells numba's on-disk cache one variant from another
             return
@@ -171,30 +170,30 @@ def _template(KEY, MASK, DT, SDT):
                         g[j] = gs
                     gv = load(gs)
                 # unused slots point at the param, maybe of another dtype: never read them
-                pv = sload(w[j]) if MASK & 8 else load(p[j])
-                av = sload(a[j]) if MASK & 1 else pv
-                bv = sload(b[j]) if MASK & 2 else pv
-                cv = sload(c[j]) if MASK & 4 else pv
+                pv = sload(w[j]) if MASK & UPDATE_MASTER else load(p[j])
+                av = sload(a[j]) if MASK & UPDATE_A else pv
+                bv = sload(b[j]) if MASK & UPDATE_B else pv
+                cv = sload(c[j]) if MASK & UPDATE_C else pv
                 pv, av, bv, cv = rule(pv, gv, av, bv, cv, hs)
-                if MASK & 8:
+                if MASK & UPDATE_MASTER:
                     w[j] = sstore(pv)
                 if STOCH_ROUND:
                     p[j] = f32_to_bf16_stochastic(pv, s + j, key)
                 else:
                     p[j] = store(pv)
-                if MASK & 1:
+                if MASK & UPDATE_A:
                     a[j] = sstore(av)
-                if MASK & 2:
+                if MASK & UPDATE_B:
                     b[j] = sstore(bv)
-                if MASK & 4:
+                if MASK & UPDATE_C:
                     c[j] = sstore(cv)
     return kernel
 
 
 # numba's cache notices edits to this file only: the rules, ops and the row's layout (the
 # rules' adapters are generated from it) go into the key
-_SOURCE_HASH = hashlib.sha256("".join(map(inspect.getsource, (rules, numba_ops, coefficients)))
-                              .encode()).hexdigest()
+_SOURCE_HASH = hashlib.sha256("".join(map(inspect.getsource, (rules, numba_ops, coefficients,
+                                                               masks))).encode()).hexdigest()
 _kernels = {}
 # numba's OpenMP pool (GNU) cannot be used in a child forked after the parent used it:
 # numba terminates the child at its first parallel launch.  A forked child (multiprocessing's
@@ -230,21 +229,21 @@ def _build(rule, flags, dtypes, mask):
     # table's columns from qmap: numba's cache would notice edits to numba_quant.py only (a
     # stale column number would read past the table)
     extra = ""
-    if mask & 0x70:
+    if mask & masks.Codes.ANY:
         from . import qmap
         extra = hashlib.sha256("".join(inspect.getsource(m) for m in (sys.modules[__name__], qmap))
                                .encode()).hexdigest()
     key = int(hashlib.sha256(repr((_SOURCE_HASH, extra, rule, flags, dtypes, mask, _PARALLEL[0]))
                              .encode()).hexdigest()[:15], 16) | 1
-    if mask & 0x70:  # 8-bit slots: uint8 codes (numba_quant)
+    if mask & masks.Codes.ANY:  # 8-bit slots: uint8 codes (numba_quant)
         from . import numba_quant
-        proto = numba_quant.template8(key, mask, dt, sdt, *(np.uint8 if mask & (16 << i) else sdt
-                                                             for i in range(3)))
+        proto = numba_quant.template8(key, mask, dt, sdt, *(np.uint8 if mask & q else sdt
+                                                             for q in masks.CODED))
     else:
         proto = _template(key, mask, dt, sdt)
     fl = dict(flags)
-    kgl = dict(globals(), **(numba_quant.GLOBALS if mask & 0x70 else {}),
-               rule=bind_rule(rule, flags), **SLOTS,
+    kgl = dict(globals(), **(numba_quant.GLOBALS if mask & masks.Codes.ANY else {}),
+               rule=bind_rule(rule, flags), **SLOTS, **masks.CONSTANTS,
                load=load, store=store, sload=sload, sstore=sstore,
                SCALE_GRAD=fl["SCALE_GRAD"], WRITE_GRAD=fl["WRITE_GRAD"],
                STOCH_ROUND=fl["STOCH_ROUND"])
@@ -260,13 +259,13 @@ def run(rule, flags, dtypes, mask, P, G, S, C, R, TID, CS, CE, N, Q=None):
     torch dtype names of (params and grads, state and master copy); P, G, S[0..3], TID, CS,
     CE, N: int64 arrays; C: [n, NCOEF] (coefficients.pack's rows), or [1, NCOEF] when all
     tensors share them;
-    R: each tensor's stochastic-rounding key.  8-bit slots (mask bits 16 << i, numba_quant):
+    R: each tensor's stochastic-rounding key.  8-bit slots (flags.Codes, numba_quant):
     S[4 + i] points at their absmax, Q is quant.engine_table() as float32 numpy."""
     k = (rule, flags, dtypes, mask)
     fn = _kernels.get(k)
     if fn is None:
         fn = _kernels[k] = _build(rule, flags, dtypes, mask)
-    if mask & 0x70:
+    if mask & masks.Codes.ANY:
         fn(P, G, S[0], S[1], S[2], S[3], S[4], S[5], S[6], Q, C, R, TID, CS, CE, N)
     else:
         fn(P, G, S[0], S[1], S[2], S[3], C, R, TID, CS, CE, N)

@@ -11,6 +11,7 @@ from numba import prange
 
 from . import numba_ops
 from .coefficients import SLOTS
+from .flags import CONSTANTS
 from .numba_engine import _IO, _PARALLEL, _SOURCE_HASH, _kernels, _row, _voidptr, bind_rule, JIT
 
 TILE = 256  # columns of a row taken at once (float64 params: see _matrix_template)
@@ -116,7 +117,7 @@ def _vector_template(MASK, EXACT):
         tot = tc = col = cc = np.float64(0)
         # slices, not base + j indexing of whole arrays: else LLVM does not vectorize
         pr, gr, ar = p[r0:r1], g[r0:r1], a[r0:r1]
-        rows = ROWS[roff + r0:roff + r1] if REDUCE and not MASK & 8 else ROWS[:0]
+        rows = ROWS[roff + r0:roff + r1] if REDUCE and not MASK & MATRIX_TOTAL_ONLY else ROWS[:0]
         for j in range(r1 - r0):
             pv = load(pr[j])
             gv = load(gr[j])
@@ -125,9 +126,9 @@ def _vector_template(MASK, EXACT):
                 if WRITE_GRAD:
                     gr[j] = gs
                 gv = load(gs)
-            av = sload(ar[j]) if MASK & 1 else pv
-            bv = sload(b[mat]) if MASK & 2 else pv
-            cv = sload(c[mat]) if MASK & 4 else pv
+            av = sload(ar[j]) if MASK & MATRIX_A else pv
+            bv = sload(b[mat]) if MASK & MATRIX_B else pv
+            cv = sload(c[mat]) if MASK & MATRIX_C else pv
             x, y, _, _ = rule(pv, gv, av, bv, cv, hs)
             if REDUCE:
                 x64, y64 = np.float64(x), np.float64(y)
@@ -135,7 +136,7 @@ def _vector_template(MASK, EXACT):
                     tot, tc = _kahan(tot, tc, x64)
                 else:
                     tot += x64 * x64
-                if not MASK & 8:  # the column's sum (an (n, 1) matrix's; 1-D: dropped)
+                if not MASK & MATRIX_TOTAL_ONLY:  # the column's sum ((n, 1); 1-D: dropped)
                     if EXACT:
                         col, cc = _kahan(col, cc, y64)
                     else:
@@ -143,7 +144,7 @@ def _vector_template(MASK, EXACT):
                 if ROW_LERP:  # (a 1-D param's rows: its elements)
                     ar[j] = sstore(_row_factor(y64 * y64, hs[LERP_COUNT], sload(ar[j]),
                                                hs[LERP_W], hs[LERP_W_REST]))
-                elif not MASK & 8:
+                elif not MASK & MATRIX_TOTAL_ONLY:
                     rows[j] = y64 * y64
             else:
                 pr[j] = store(x)
@@ -158,8 +159,8 @@ def _matrix_template(KEY, MASK, DT, SDT, EXACT):
     # REDUCE: sums of squares instead of stores, in float64 -- the rule's first output per
     # chunk (TOT), its second per row (ROWS, at the tensor's row offset ROFF) and per
     # column (this chunk's partials in CPART from COFF; for float64 params their Kahan
-    # compensations in its second half; the caller adds them up).  MASK bit 8: the
-    # caller needs TOT alone (no second output's sums, and CPART is empty)
+    # compensations in its second half; the caller adds them up).  MASK: flags.Matrix
+    # (TOTAL_ONLY: the caller needs TOT alone, no second output's sums, CPART empty)
     def kernel(P, G, S0, S1, S2, C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS, CPART):
         if KEY == 0:
             return
@@ -178,13 +179,13 @@ def _matrix_template(KEY, MASK, DT, SDT, EXACT):
             tot = np.float64(0)
             tc = np.float64(0)  # Kahan: a long float64 sum of float64 squares stays exact
             half = CPART.shape[0] // 2 if EXACT else 0  # the compensations' place
-            if REDUCE and not MASK & 8:
+            if REDUCE and not MASK & MATRIX_TOTAL_ONLY:
                 CPART[cp:cp + ncol] = 0
                 if EXACT:
                     CPART[half + cp:half + cp + ncol] = 0
             if ncol == 1:  # a vector: one element per row, no per-row loop (see _vector)
                 TOT[ci], csum = _vector(p, g, a, b, c, mat, RS[ci], RE[ci], ROWS, ROFF[t], hs)
-                if REDUCE and not MASK & 8:
+                if REDUCE and not MASK & MATRIX_TOTAL_ONLY:
                     CPART[cp] = csum
                 continue
             # float64 params: a row is taken in tiles of TILE columns, so that its squares'
@@ -215,20 +216,20 @@ def _matrix_template(KEY, MASK, DT, SDT, EXACT):
                             if WRITE_GRAD:
                                 gr[j] = gs
                             gv = load(gs)
-                        av = sload(a[row]) if MASK & 1 else pv
-                        bv = sload(bt[j]) if MASK & 2 else pv
-                        cv = sload(c[mat]) if MASK & 4 else pv
+                        av = sload(a[row]) if MASK & MATRIX_A else pv
+                        bv = sload(bt[j]) if MASK & MATRIX_B else pv
+                        cv = sload(c[mat]) if MASK & MATRIX_C else pv
                         x, y, _, _ = rule(pv, gv, av, bv, cv, hs)
                         if REDUCE:
                             x64, y64 = np.float64(x), np.float64(y)
                             if EXACT:
                                 xs[j] = x64 * x64
-                                if not MASK & 8:
+                                if not MASK & MATRIX_TOTAL_ONLY:
                                     ys[j] = y64 * y64
                                     cs[j], cc[j] = _kahan(cs[j], cc[j], y64)
                             else:  # squares of float32 values: exact in float64
                                 tot += x64 * x64
-                                if not MASK & 8:
+                                if not MASK & MATRIX_TOTAL_ONLY:
                                     y2 = y64 * y64
                                     rsum += y2
                                     cs[j] += y2
@@ -237,13 +238,13 @@ def _matrix_template(KEY, MASK, DT, SDT, EXACT):
                     if REDUCE and EXACT:
                         # a tile's sums in float64 lanes (see _lanes), added up over the
                         # row's tiles and the chunk's rows with Kahan's compensation
-                        if not MASK & 8:
+                        if not MASK & MATRIX_TOTAL_ONLY:
                             rsum, rc = _kahan_add(rsum, rc, _lanes(ys[:m]))
                         tot, tc = _kahan_add(tot, tc, _lanes(xs[:m]))
                 if REDUCE and ROW_LERP:
                     a[row] = sstore(_row_factor(rsum - rc, hs[LERP_COUNT], sload(a[row]),
                                                 hs[LERP_W], hs[LERP_W_REST]))
-                elif REDUCE and not MASK & 8:
+                elif REDUCE and not MASK & MATRIX_TOTAL_ONLY:
                     ROWS[ROFF[t] + row] = rsum - rc
             TOT[ci] = tot - tc
     return kernel
@@ -262,7 +263,7 @@ def run_matrix(rule, flags, dtypes, mask, P, G, S, C, TID, RS, RE, F, ROFF, COFF
                   .hexdigest()[:15], 16) | 1
         proto = _matrix_template(key, mask, dt, sdt, dtypes[0] == "float64")
         kgl = dict(globals(), rule=bind_rule(rule, flags), load=load, store=store, sload=sload,
-                   sstore=sstore, **SLOTS,
+                   sstore=sstore, **SLOTS, **CONSTANTS,
                    MT=np.float64 if dtypes[0] == "float64" else np.float32,
                    **{f: dict(flags)[f] for f in ("REDUCE", "SCALE_GRAD", "WRITE_GRAD",
                                                   "ROW_LERP")})

@@ -15,6 +15,7 @@ from numba.core.registry import cpu_target
 from numba.extending import intrinsic
 
 from . import numba_ops, qmap
+from .flags import Codes
 from .numba_engine import JIT, _bits_f32, _f32_bits
 
 # what the CPU numba compiles for (its target machine's features) has: with AVX-512, the
@@ -205,8 +206,8 @@ def _loads(n):
 _lookup64 = _permute64 if VBMI else _loads(64)
 _lookup_block = _permute_block if VBMI else _loads(qmap.QBLOCK)
 
-# mask bit 16 << i marks slot i as uint8 codes with a float32 absmax per block of QBLOCK
-# elements (tables A0..A2), bit 256 << i its map as signed
+# flags.Codes marks a slot as uint8 codes with a float32 absmax per block of QBLOCK
+# elements (tables A0..A2), and its map as signed
 
 
 @numba.njit(inline="always", **JIT)
@@ -304,12 +305,13 @@ def requantize(f, codes, m, T, signed):
 
 
 def template8(KEY, MASK, DT, SDT, ADT, BDT, CDT):
-    # as _template, with slots whose mask bit 16 << i is set held as 8-bit codes: each
+    # as _template, with the slots that MASK's Codes bits name held as 8-bit codes: each
     # block of QBLOCK elements is dequantized into float32 scratch, updated by the rule,
     # and quantized again with its new absmax, in one pass over the chunk (chunks start
     # at multiples of CHUNK, hence of QBLOCK)
-    QA, QB, QC = MASK & 16, MASK & 32, MASK & 64
-    RA, RB, RC = (MASK >> 8) & 1, (MASK >> 9) & 1, (MASK >> 10) & 1  # map rows
+    QA, QB, QC = MASK & Codes.A, MASK & Codes.B, MASK & Codes.C
+    RA, RB, RC = (int(bool(MASK & s)) for s in (Codes.SIGNED_A, Codes.SIGNED_B,
+                                                Codes.SIGNED_C))  # map rows
 
     def kernel(P, G, S0, S1, S2, S3, A0, A1, A2, Q, C, R, TID, CS, CE, N):
         if KEY == 0:
@@ -354,12 +356,12 @@ def template8(KEY, MASK, DT, SDT, ADT, BDT, CDT):
                         if WRITE_GRAD:
                             g[j] = gs
                         gv = load(gs)
-                    pv = sload(w[j]) if MASK & 8 else load(p[j])
-                    av = (fa[j] if QA else sload(a[j])) if MASK & 1 else pv
-                    bv = (fb[j] if QB else sload(b[j])) if MASK & 2 else pv
-                    cv = (fc[j] if QC else sload(c[j])) if MASK & 4 else pv
+                    pv = sload(w[j]) if MASK & UPDATE_MASTER else load(p[j])
+                    av = (fa[j] if QA else sload(a[j])) if MASK & UPDATE_A else pv
+                    bv = (fb[j] if QB else sload(b[j])) if MASK & UPDATE_B else pv
+                    cv = (fc[j] if QC else sload(c[j])) if MASK & UPDATE_C else pv
                     pv, av, bv, cv = rule(pv, gv, av, bv, cv, hs)
-                    if MASK & 8:
+                    if MASK & UPDATE_MASTER:
                         w[j] = sstore(pv)
                     if STOCH_ROUND:
                         p[j] = f32_to_bf16_stochastic(pv, b0 + j, key)
@@ -367,15 +369,15 @@ def template8(KEY, MASK, DT, SDT, ADT, BDT, CDT):
                         p[j] = store(pv)
                     if QA:
                         fa[j] = av
-                    elif MASK & 1:
+                    elif MASK & UPDATE_A:
                         a[j] = sstore(av)
                     if QB:
                         fb[j] = bv
-                    elif MASK & 2:
+                    elif MASK & UPDATE_B:
                         b[j] = sstore(bv)
                     if QC:
                         fc[j] = cv
-                    elif MASK & 4:
+                    elif MASK & UPDATE_C:
                         c[j] = sstore(cv)
                 if QA:
                     xa[blk] = requantize(fa, a, m, qa, RA)

@@ -1,6 +1,7 @@
 """The Triton kernels compiled ahead of time for an NVIDIA target, without a GPU: the tests
 read their PTX for 128-bit loads, IEEE math and register spills."""
 from . import triton_engine as te, triton_matrix as tm
+from .flags import Matrix, Update
 
 
 def aot(kernel, sig, const, aligned_args, arch):
@@ -29,8 +30,8 @@ def compile_norm_ptx(dtype="float32", order=2.0, arch=90):
     return aot(kernel, sig, const, names + ["OUT"], arch)
 
 
-def compile_ptx(rule, flags, dtype="float32", mask=3, arch=90, aligned=True, sdtype=None,
-                uniform=True):
+def compile_ptx(rule, flags, dtype="float32", mask=Update.A | Update.B, arch=90, aligned=True,
+                sdtype=None, uniform=True):
     """Compile one kernel ahead of time for an NVIDIA target (no GPU needed); returns
     (ptx, metadata).  The tests read the PTX for 128-bit loads and register spills."""
     kernel = te.build(rule, flags, interpret=False)
@@ -40,18 +41,19 @@ def compile_ptx(rule, flags, dtype="float32", mask=3, arch=90, aligned=True, sdt
     sig["Q"] = "*fp32"
     sig["C"] = "*fp64" if dtype == "float64" else "*fp32"
     sig.update({h: "i64" for h in te._SCALARS})
-    const = {"MASK": mask, "KIND": te.KINDS[dtype], "SKIND": te.KINDS[sdtype or dtype],
+    const = {"MASK": int(mask), "KIND": te.KINDS[dtype], "SKIND": te.KINDS[sdtype or dtype],
              "ALIGNED": aligned, "UNIFORM": uniform, "BLOCK": 1024}
     return aot(kernel, sig, const, names + ["C"], arch)
 
 
-def compile_matrix_ptx(rule, flags, dtype="float32", mask=7, arch=90, bc=32, aligned=True):
+def compile_matrix_ptx(rule, flags, dtype="float32", mask=Matrix.SLOTS, arch=90, bc=32,
+                       aligned=True):
     """The matrix kernel compiled ahead of time (as compile_ptx)."""
     kernel = tm.build_matrix(rule, flags, interpret=False)
     names = ["P", "G", "S0", "S1", "S2", "TID", "RS", "RE", "F", "ROFF", "COFF"]
     sig = {n: "*i64" for n in names}
     f = "*fp64" if dtype == "float64" else "*fp32"
     sig.update(C=f, TOT=f, ROWS=f, CPART=f)
-    const = {"MASK": mask, "KIND": te.KINDS[dtype], "SKIND": te.KINDS[dtype], "BR": 1024 // bc,
+    const = {"MASK": int(mask), "KIND": te.KINDS[dtype], "SKIND": te.KINDS[dtype], "BR": 1024 // bc,
              "BC": bc, "ALIGNED": aligned}
     return aot(kernel, sig, const, names + ["C"], arch)

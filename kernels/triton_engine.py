@@ -15,6 +15,7 @@ import torch
 
 from . import coefficients, import_triton, rules, triton_ops, triton_quant
 from .coefficients import NCOEF, SLOTS
+from .flags import CONSTANTS, Codes
 
 triton = import_triton()
 tl, JITFunction = triton.language, triton.runtime.jit.JITFunction
@@ -121,45 +122,47 @@ def _block(pp, gp, ap, bp, cp, wp, xa, xb, xc, Q, offs, end, key, hs,
         if WRITE_GRAD:
             _store_raw(gp, offs, end, gs, MASKED)
         g = _widen(gs, KIND)
-    if MASK & 8:
+    if MASK & UPDATE_MASTER:
         p = _load(wp, offs, end, SKIND, MASKED)
     else:
         p = _load(pp, offs, end, KIND, MASKED)
     a = p
     b = p
     c = p
-    # 8-bit slots (MASK bit 16 << i; bit 256 << i: the signed map, row 1 of Q)
-    if MASK & 16:
-        a = _qload(ap, xa, offs, end, Q + ((MASK >> 8) & 1) * QTABLE, MASKED)
-    elif MASK & 1:
+    # 8-bit slots (flags.Codes), the signed map's rows of Q: 1 (SIGNED_*), else 0
+    SA: tl.constexpr = (MASK // CODES_SIGNED_A) % 2
+    SB: tl.constexpr = (MASK // CODES_SIGNED_B) % 2
+    SC: tl.constexpr = (MASK // CODES_SIGNED_C) % 2
+    if MASK & CODES_A:
+        a = _qload(ap, xa, offs, end, Q + SA * QTABLE, MASKED)
+    elif MASK & UPDATE_A:
         a = _load(ap, offs, end, SKIND, MASKED)
-    if MASK & 32:
-        b = _qload(bp, xb, offs, end, Q + ((MASK >> 9) & 1) * QTABLE, MASKED)
-    elif MASK & 2:
+    if MASK & CODES_B:
+        b = _qload(bp, xb, offs, end, Q + SB * QTABLE, MASKED)
+    elif MASK & UPDATE_B:
         b = _load(bp, offs, end, SKIND, MASKED)
-    if MASK & 64:
-        c = _qload(cp, xc, offs, end, Q + ((MASK >> 10) & 1) * QTABLE, MASKED)
-    elif MASK & 4:
+    if MASK & CODES_C:
+        c = _qload(cp, xc, offs, end, Q + SC * QTABLE, MASKED)
+    elif MASK & UPDATE_C:
         c = _load(cp, offs, end, SKIND, MASKED)
     p, a, b, c = rule(p, g, a, b, c, hs)
-    if MASK & 8:
+    if MASK & UPDATE_MASTER:
         _store(wp, offs, end, p, SKIND, MASKED)
     if STOCH_ROUND:
         _store_raw(pp, offs, end, _narrow_stochastic(p, offs, key), MASKED)
     else:
         _store(pp, offs, end, p, KIND, MASKED)
-    if MASK & 16:
-        _qstore(ap, xa, offs, end, a, Q + ((MASK >> 8) & 1) * QTABLE, (MASK >> 8) & 1, BLOCK, MASKED)
-    elif MASK & 1:
+    if MASK & CODES_A:
+        _qstore(ap, xa, offs, end, a, Q + SA * QTABLE, SA, BLOCK, MASKED)
+    elif MASK & UPDATE_A:
         _store(ap, offs, end, a, SKIND, MASKED)
-    if MASK & 32:
-        _qstore(bp, xb, offs, end, b, Q + ((MASK >> 9) & 1) * QTABLE, (MASK >> 9) & 1, BLOCK, MASKED)
-    elif MASK & 2:
+    if MASK & CODES_B:
+        _qstore(bp, xb, offs, end, b, Q + SB * QTABLE, SB, BLOCK, MASKED)
+    elif MASK & UPDATE_B:
         _store(bp, offs, end, b, SKIND, MASKED)
-    if MASK & 64:
-        _qstore(cp, xc, offs, end, c, Q + ((MASK >> 10) & 1) * QTABLE, (MASK >> 10) & 1, BLOCK,
-                MASKED)
-    elif MASK & 4:
+    if MASK & CODES_C:
+        _qstore(cp, xc, offs, end, c, Q + SC * QTABLE, SC, BLOCK, MASKED)
+    elif MASK & UPDATE_C:
         _store(cp, offs, end, c, SKIND, MASKED)
 
 
@@ -191,7 +194,8 @@ def _loaded(C, t):
 @triton.jit
 def _kernel(P, G, S0, S1, S2, S3, A0, A1, A2, Q, C, R, TID, CS, CE, FI, H0, H1, H2, H3, H4, H5,
             H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, MASK: tl.constexpr,
-            KIND: tl.constexpr, SKIND: tl.constexpr, ALIGNED: tl.constexpr, UNIFORM: tl.constexpr, BLOCK: tl.constexpr):
+            KIND: tl.constexpr, SKIND: tl.constexpr, ALIGNED: tl.constexpr,
+            UNIFORM: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(TID + pid)
     start = tl.load(CS + pid)
@@ -204,9 +208,9 @@ def _kernel(P, G, S0, S1, S2, S3, A0, A1, A2, Q, C, R, TID, CS, CE, FI, H0, H1, 
     pp = _ptr(P, t, KIND, ALIGNED)
     gp = _ptr(G, t, KIND, ALIGNED)
     # (an 8-bit slot: uint8 codes, and its blocks' absmax)
-    ap = _ptr(S0, t, SKIND + (4 - SKIND) * ((MASK >> 4) & 1), ALIGNED)
-    bp = _ptr(S1, t, SKIND + (4 - SKIND) * ((MASK >> 5) & 1), ALIGNED)
-    cp = _ptr(S2, t, SKIND + (4 - SKIND) * ((MASK >> 6) & 1), ALIGNED)
+    ap = _ptr(S0, t, SKIND + (4 - SKIND) * ((MASK // CODES_A) % 2), ALIGNED)
+    bp = _ptr(S1, t, SKIND + (4 - SKIND) * ((MASK // CODES_B) % 2), ALIGNED)
+    cp = _ptr(S2, t, SKIND + (4 - SKIND) * ((MASK // CODES_C) % 2), ALIGNED)
     wp = _ptr(S3, t, SKIND, ALIGNED)
     xa = _ptr(A0, t, 0, ALIGNED)
     xb = _ptr(A1, t, 0, ALIGNED)
@@ -301,6 +305,8 @@ def _bind(rule, flags, interpret):
     kgl = {"__name__": __name__, "tl": tl, "triton": triton, "NCOEF": tl.constexpr(NCOEF),
            "rule": _rebind(coefficients.adapter(rule), gl, interpret),
            **{n: tl.constexpr(v) for n, v in SLOTS.items()},
+           # (the interpreter's MASK is an int, which has no & with a constexpr)
+           **{n: v if interpret else tl.constexpr(v) for n, v in CONSTANTS.items()},
            **{n: tl.constexpr(v) for n, v in flags if n in ("SCALE_GRAD", "WRITE_GRAD",
                                                              "FOUND_INF", "STOCH_ROUND",
                                                              "REDUCE")}}
@@ -340,7 +346,7 @@ def run(rule, flags, dtypes, mask, P, G, S, C, R, TID, CS, CE, aligned, found_in
     kernel = build(rule, flags)
     fi = TID if found_inf is None else found_inf
     h = _NO_COEFS if coefs is None else np.array(coefs, np.float64).view(np.int64).tolist()
-    A = S[4:7] if mask & 0x70 else (P, P, P)
+    A = S[4:7] if mask & Codes.ANY else (P, P, P)
     q = C if Q is None else Q  # (unused without 8-bit slots)
     kernel[(TID.numel(),)](P, G, S[0], S[1], S[2], S[3], *A, q, C, R, TID, CS, CE, fi, *h, MASK=mask,
                            KIND=KINDS[dtypes[0]], SKIND=KINDS[dtypes[1]], ALIGNED=aligned,

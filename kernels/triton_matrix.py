@@ -10,6 +10,7 @@ tl = triton.language
 # names the kernel reads from the globals _bind supplies
 _ptr = _widen = _narrow = _loaded = rule = REDUCE = SCALE_GRAD = WRITE_GRAD = ROW_LERP = None
 GRAD_SCALE = LERP_W = LERP_W_REST = LERP_COUNT = None
+MATRIX_A = MATRIX_B = MATRIX_C = MATRIX_TOTAL_ONLY = None
 
 
 @triton.jit
@@ -65,7 +66,7 @@ def _matrix_kernel(P, G, S0, S1, S2, C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS, C
         acc = tl.zeros([BR, BC], dtype=tl.float64)
     else:
         acc = tl.zeros([BR, BC], dtype=tl.float32)
-    if REDUCE and not MASK & 8:  # (bit 8: no column partials, and CPART has one entry)
+    if REDUCE and not MASK & MATRIX_TOTAL_ONLY:  # (no column partials: CPART has one entry)
         for c0 in range(0, ncol, BC):
             cols = c0 + tl.arange(0, BC)
             tl.store(CPART + co + cols, tl.sum(acc, 0), mask=cols < ncol)
@@ -88,18 +89,18 @@ def _matrix_kernel(P, G, S0, S1, S2, C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS, C
             a = tl.where(mask, p, 1)  # unused slots: no 0 / 0 in masked lanes
             b = a
             c = a
-            if MASK & 1:
+            if MASK & MATRIX_A:
                 a = _widen(tl.load(ap + rows[:, None], mask=rmask[:, None], other=1), SKIND)
-            if MASK & 2:
+            if MASK & MATRIX_B:
                 b = _widen(tl.load(bp + mat * ncol + cols[None, :], mask=cmask[None, :],
                                    other=1), SKIND)
-            if MASK & 4:
+            if MASK & MATRIX_C:
                 c = _widen(tl.load(cp + mat), SKIND)
             x, y, _b, _c = rule(p, g, a, b, c, hs)
             if REDUCE:
                 x = tl.where(mask, x, 0)
                 acc += x * x
-                if not MASK & 8:  # (bit 8: the caller needs TOT alone)
+                if not MASK & MATRIX_TOTAL_ONLY:  # (the caller needs TOT alone)
                     y = tl.where(mask, y, 0)
                     racc += tl.sum(y * y, 1)
                     old = tl.load(CPART + co + cols, mask=cmask, other=0)
@@ -110,7 +111,7 @@ def _matrix_kernel(P, G, S0, S1, S2, C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS, C
             old = _widen(tl.load(ap + rows, mask=rmask, other=0), SKIND)
             new = _row_factor(racc, hs[LERP_COUNT], old, hs[LERP_W], hs[LERP_W_REST], KIND)
             tl.store(ap + rows, _narrow(new, SKIND), mask=rmask)
-        elif REDUCE and not MASK & 8:
+        elif REDUCE and not MASK & MATRIX_TOTAL_ONLY:
             tl.store(ROWS + ro + rows, racc, mask=rmask)
     if REDUCE:
         tl.store(TOT + pid, tl.sum(tl.sum(acc, 1), 0))

@@ -8,8 +8,10 @@ import sys
 import pytest
 
 from fusedopt.kernels import rules
+from fusedopt.kernels.flags import SLOT, Update, update_mask
 
-# one representative flag set per rule: every flag on that the rule reads
+# one representative flag set per rule: every flag on that the rule reads, and the state
+# slots it uses (flags.Update)
 VARIANTS = {
     "adam": (dict(AMSGRAD=True, WEIGHT_DECAY=True, MAXIMIZE=True, L1=True, LERP_SMALL=True), 7),
     "adamax": (dict(WEIGHT_DECAY=True, LERP_SMALL=False), 3),
@@ -78,12 +80,15 @@ def _update_variants():
         for sr in (False, True):  # bfloat16 params, float32 state: master copy or SR
             flags = dict(on, STOCH_ROUND=sr, SCALE_GRAD=True, WRITE_GRAD=True)
             checks = (VEC_LOADS, SPILLS) + ((HASH32,) if sr else ())
-            out[f"{rule}-mixed-{sr}"] = (rule, flags, mask | (0 if sr else 8), 90, "bfloat16",
-                                         "float32", checks)
-        if mask & 7:  # 8-bit state: every slot as codes, the first with the signed map
+            master = 0 if sr else Update.MASTER
+            out[f"{rule}-mixed-{sr}"] = (rule, flags, mask | master, 90, "bfloat16", "float32",
+                                         checks)
+        used = [bool(mask & s) for s in SLOT]
+        if any(used):  # 8-bit state: every slot as codes, the first with the signed map
             for arch in (80, 90):
-                out[f"{rule}-8bit-{arch}"] = (rule, on, mask | (mask & 7) << 4 | 256, arch,
-                                              "float32", "float32", (VEC_LOADS, APPROX, SPILLS))
+                out[f"{rule}-8bit-{arch}"] = (rule, on, update_mask(used, False, used, (True,)),
+                                              arch, "float32", "float32",
+                                              (VEC_LOADS, APPROX, SPILLS))
     return out
 
 
@@ -111,7 +116,7 @@ def test_compiles_with_vector_loads(update_ptx, rule, arch, amp):
 
 
 @pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize("rule", sorted(r for r in rules.RULES if VARIANTS.get(r, ({}, 0))[1] & 7))
+@pytest.mark.parametrize("rule", sorted(r for r in rules.RULES if VARIANTS.get(r, ({}, 0))[1]))
 def test_8bit_state_compiles(update_ptx, rule, arch):
     """8-bit state (dequantize, rule, per-block absmax, requantize in one launch): float32
     params still move with 128-bit loads, the math is IEEE, nothing spills."""
@@ -145,7 +150,7 @@ def test_norm_kernel_compiles():
 @pytest.mark.parametrize("sr", [False, True], ids=["master", "stochastic"])
 @pytest.mark.parametrize("rule", sorted(set(rules.RULES) - {"scale"}))
 def test_mixed_precision_compiles(update_ptx, rule, sr):
-    """bfloat16 params and grads with float32 state: with a float32 master copy (mask bit
+    """bfloat16 params and grads with float32 state: with a float32 master copy (Update.MASTER
     3), or rounded stochastically.  Vector loads of both widths, no spills; the stochastic
     rounding's hash on 32-bit integers."""
     assert update_ptx[f"{rule}-mixed-{sr}"] == "ok"
@@ -153,12 +158,14 @@ def test_mixed_precision_compiles(update_ptx, rule, sr):
 
 MATRIX_AOT = """
 from fusedopt.kernels import rules, triton_aot as tm
+from fusedopt.kernels.flags import Matrix
 n = 0
 for arch in (80, 90):
-    for extra, mask in (({}, 7), (dict(REDUCE=True), 0), (dict(REDUCE=True, ROW_LERP=True), 0),
-                        (dict(REDUCE=True, SECOND=True), 15),
+    for extra, mask in (({}, Matrix.SLOTS), (dict(REDUCE=True), 0),
+                        (dict(REDUCE=True, ROW_LERP=True), 0),
+                        (dict(REDUCE=True, SECOND=True), Matrix.SLOTS | Matrix.TOTAL_ONLY),
                         (dict(SCALE_GRAD=True, WRITE_GRAD=True, WEIGHT_DECAY=True,
-                              MAXIMIZE=True, L1=True), 7)):
+                              MAXIMIZE=True, L1=True), Matrix.SLOTS)):
         flags = dict(dict.fromkeys(rules.FLAGS, False), DECOUPLED=True, **extra)
         for dtype in ("float32", "float64", "float16", "bfloat16"):
             ptx, _ = tm.compile_matrix_ptx("adafactor", tuple(sorted(flags.items())), dtype,

@@ -1,0 +1,66 @@
+"""The bits of the engines' MASK arguments, named: one IntFlag per kernel family, and no bit
+that means two things.  Everything that builds or reads a mask goes through these names;
+compiled kernels see them as constants (CONSTANTS: ``UPDATE_MASTER``, ``CODES_SIGNED_A``,
+...), bound into their globals, so a mask bit costs nothing in the element loop.
+
+(The rules' flags, MAXIMIZE, REDUCE and the others, are named booleans: rules.FLAGS.)
+"""
+import enum
+
+
+class Update(enum.IntFlag):
+    """The update kernels (numba_engine, triton_engine): which of the state slots a, b, c
+    the rule's state occupies (read and written), and whether the param has a float32
+    master copy (the update reads and writes it, and the param is written from it,
+    rounded)."""
+    A = 1
+    B = 2
+    C = 4
+    MASTER = 8
+
+
+class Codes(enum.IntFlag):
+    """8-bit state (numba_quant, triton_quant), in the update kernels' mask beside Update's
+    bits: slot a, b or c held as uint8 codes with a float32 absmax per block (A, B, C),
+    under the signed map (SIGNED_*: row 1 of quant.engine_table) or the unsigned one."""
+    A = 16
+    B = 32
+    C = 64
+    SIGNED_A = 256
+    SIGNED_B = 512
+    SIGNED_C = 1024
+    ANY = A | B | C
+
+
+class Matrix(enum.IntFlag):
+    """The matrix kernel (numba_matrix, triton_matrix): slot a read per row, b per column, c
+    per matrix; TOTAL_ONLY: the caller needs the first output's total alone (no row or
+    column sums, and no column partials)."""
+    A = 1
+    B = 2
+    C = 4
+    TOTAL_ONLY = 2048
+    SLOTS = A | B | C
+
+
+# A mask holds Update's and Codes' bits together: they must not meet
+assert not (Update.A | Update.B | Update.C | Update.MASTER) & (Codes.ANY | Codes.SIGNED_A
+                                                               | Codes.SIGNED_B | Codes.SIGNED_C)
+
+# per state slot i: its bit in each family
+SLOT = (Update.A, Update.B, Update.C)
+CODED = (Codes.A, Codes.B, Codes.C)
+SIGNED = (Codes.SIGNED_A, Codes.SIGNED_B, Codes.SIGNED_C)
+
+CONSTANTS = {f"{family.__name__.upper()}_{m.name}": int(m)
+             for family in (Update, Codes, Matrix) for m in family}
+
+
+def update_mask(used, master, coded=(), signed=()):
+    """An update kernel's mask (an int): ``used``, ``coded`` and ``signed`` say per state
+    slot (a, b, c) whether it is in use, held as 8-bit codes, under the signed map."""
+    mask = Update.MASTER if master else 0
+    for i, u in enumerate(used):
+        q, s = i < len(coded) and coded[i], i < len(signed) and signed[i]
+        mask |= (SLOT[i] if u else 0) | (CODED[i] if q else 0) | (SIGNED[i] if q and s else 0)
+    return int(mask)
