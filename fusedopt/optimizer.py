@@ -13,7 +13,7 @@ import weakref
 import numpy as np
 import torch
 
-from . import clip, flat, host, quant
+from . import clip, flat, host, quant, spec
 from .bucket import _GRAD, _PTR, _local, scalar_dtype, state_dtype
 from .options import validate
 from .plan import _Plan, refuse_torch, torch_step
@@ -63,6 +63,12 @@ class FusedOptimizer:
 
     _rule = None
     _sparse_error = None
+    spec = None  # fusedopt.spec.Spec: declared in each algorithm's own class body
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "spec" in cls.__dict__:
+            spec.register(cls)
     # GradScaler.step then hands us grad_scale and found_inf instead of unscaling the
     # gradients in a pass of its own: the kernel unscales them (see _amp)
     _step_supports_amp_scaling = True

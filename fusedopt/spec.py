@@ -1,0 +1,70 @@
+"""One declaration per algorithm: what every layer outside its class needs to know of it.
+
+Each optimizer class declares ``spec = Spec(...)`` beside its code; defining the class
+registers it (``FusedOptimizer.__init_subclass__``), and the float64 reference, the parity
+harness, the 8-bit state's sign choice, the benchmark, the tests' tables and the README's
+optimizer table read the registry instead of keeping lists of their own.  This module
+imports nothing of the package, so any layer may read it.
+"""
+from dataclasses import dataclass, field
+from typing import Callable
+
+REGISTRY = {}  # class name -> class, in the order the classes were defined
+
+
+@dataclass(frozen=True)
+class Spec:
+    """The facts of one algorithm that live outside its update rule.
+
+    reference: the float64 step ``fn(p, g, state, **hyperparameters)`` the parity tests
+        measure both engines against (state: a dict of float64 tensors it creates).
+    source: the implementation the class is a twin of, as users know it
+        (``"torch.optim.Adam"``, ``"lion-pytorch"``): its arithmetic is what parity pins.
+    cases: parity's algorithm-specific flag sets; each also crosses maximize x weight_decay.
+    group_hp: four param groups' hyperparameters for parity (each group its own).
+    test_hp: one flag-rich hyperparameter set for the tests that run every algorithm.
+    program_hp: the random programs' hyperparameters (tests/programs.py).
+    unsigned: state slots that are never negative (8-bit state keeps them on the
+        unsigned map: twice the resolution).
+    bench_hp, traffic: the benchmark's constructor kwargs, and the float32 tensors it
+        reads and writes per param (the memory roof streams as many bytes).
+    shapes: parity's params per group, where the default shapes do not suit.
+    weight_decay: whether the algorithm has a weight_decay argument.
+    fp16_eps: parity raises eps to 1e-4 in float16 (eps below float16's range).
+    torch_fused: torch has a fused kernel for it (the benchmark's fused row).
+    aot: the flags and state-slot mask of the variant the AOT PTX test compiles.
+    """
+    reference: Callable
+    source: str
+    cases: tuple = ({},)
+    group_hp: tuple = ()
+    test_hp: dict = field(default_factory=dict)
+    program_hp: dict = field(default_factory=dict)
+    unsigned: frozenset = frozenset()
+    bench_hp: dict = field(default_factory=dict)
+    traffic: tuple = (3, 2)
+    shapes: tuple = ()
+    weight_decay: bool = True
+    fp16_eps: bool = False
+    torch_fused: bool = False
+    aot: tuple = ({}, 0)
+
+
+def register(cls):
+    """Record ``cls`` (a class that declares ``spec`` in its own body)."""
+    if cls.__name__ in REGISTRY and REGISTRY[cls.__name__] is not cls:
+        raise ValueError(f"two optimizer classes named {cls.__name__}")
+    REGISTRY[cls.__name__] = cls
+
+
+def names():
+    """The registered algorithms' class names, in the order they were defined."""
+    return list(REGISTRY)
+
+
+def spec(name):
+    """The spec of the class named ``name``; a KeyError naming the known ones otherwise."""
+    try:
+        return REGISTRY[name].spec
+    except KeyError:
+        raise KeyError(f"no optimizer named {name!r}; known: {', '.join(REGISTRY)}") from None
