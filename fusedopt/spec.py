@@ -33,6 +33,8 @@ class Spec:
     fp16_eps: parity raises eps to 1e-4 in float16 (eps below float16's range).
     torch_fused: torch has a fused kernel for it (the benchmark's fused row).
     aot: the flags and state-slot mask of the variant the AOT PTX test compiles.
+    factored: the state of a matrix param is factored into row and column statistics
+        (Adafactor): the plan steps such params through the matrix kernel.
     """
     reference: Callable
     source: str
@@ -48,6 +50,7 @@ class Spec:
     fp16_eps: bool = False
     torch_fused: bool = False
     aot: tuple = ({}, 0)
+    factored: bool = False
 
 
 def register(cls):
