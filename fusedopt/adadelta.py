@@ -1,8 +1,10 @@
 """Adadelta: torch.optim.Adadelta with a fused multi-tensor step (torch has no fused one)."""
 import torch
 
+from . import reference
 from .optimizer import FusedOptimizer
 from .options import signature_with
+from .spec import Spec
 
 
 class Adadelta(FusedOptimizer, torch.optim.Adadelta):
@@ -19,6 +21,15 @@ class Adadelta(FusedOptimizer, torch.optim.Adadelta):
         rho = group["rho"]
         return dict(lr=group["lr"], rho=rho, rho_rest=1 - rho, eps=group["eps"],
                     wd=group["weight_decay"], l1=group["l1"])
+
+    spec = Spec(reference=reference.adadelta, source="torch.optim.Adadelta",
+                group_hp=(dict(lr=1.0), dict(lr=0.5, rho=0.95, eps=1e-5), dict(lr=2.0, rho=0.3),
+                          dict(lr=1.0, rho=0.6)),
+                test_hp=dict(lr=1.0, rho=0.8, weight_decay=0.05),
+                program_hp=dict(lr=1.0, rho=0.8),
+                unsigned=frozenset({"square_avg", "acc_delta"}),
+                bench_hp=dict(lr=1.0), traffic=(4, 3),
+                aot=(dict(WEIGHT_DECAY=True, MAXIMIZE=True), 3))
 
 
 Adadelta.__signature__ = signature_with(torch.optim.Adadelta)

@@ -8,8 +8,10 @@ import torch
 from torch.optim.adagrad import adagrad as torch_adagrad
 
 from .bucket import scalar_dtype
+from . import reference
 from .optimizer import FusedOptimizer
 from .options import signature_with
+from .spec import Spec
 
 
 class Adagrad(FusedOptimizer, torch.optim.Adagrad):
@@ -44,6 +46,15 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
                       lr_decay=group["lr_decay"], eps=group["eps"], has_sparse_grad=True,
                       foreach=False, maximize=group["maximize"], differentiable=False,
                       has_complex=False)
+
+    spec = Spec(reference=reference.adagrad, source="torch.optim.Adagrad",
+                cases=tuple(dict(lr_decay=d, initial_accumulator_value=a)
+                            for d in (0, 0.01) for a in (0, 0.1)),
+                group_hp=(dict(lr=1e-2), dict(lr=3e-2, eps=1e-6), dict(lr=2e-3), dict(lr=5e-2)),
+                torch_fused=True, test_hp=dict(lr=1e-2, lr_decay=0.01),
+                program_hp=dict(lr=1e-2), unsigned=frozenset({"sum"}),
+                bench_hp=dict(lr=1e-3), traffic=(3, 2),
+                aot=(dict(WEIGHT_DECAY=True, L1=True), 1))
 
 
 Adagrad.__signature__ = signature_with(torch.optim.Adagrad)

@@ -1,8 +1,14 @@
 """Adam, AdamW and Adamax: torch.optim's classes with a fused multi-tensor step."""
 import torch
 
+from . import reference
 from .optimizer import FusedOptimizer, lerp_rest, lerp_small
 from .options import signature_with
+from .spec import Spec
+
+# parity's four groups for the Adam family; beta1 < 0.5: torch's lerp switches formula
+ADAM_GROUPS = (dict(lr=1e-2), dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6),
+               dict(lr=2e-3, betas=(0.3, 0.9)), dict(lr=1e-2, betas=(0.5, 0.95)))
 
 
 class Adam(FusedOptimizer, torch.optim.Adam):
@@ -36,9 +42,25 @@ class Adam(FusedOptimizer, torch.optim.Adam):
                     w_rest=lerp_rest(1 - beta1, f64), beta2=beta2, beta2_rest=1 - beta2,
                     eps=group["eps"], wd=wd, l1=group["l1"])
 
+    spec = Spec(reference=reference.adam, source="torch.optim.Adam",
+                cases=tuple(dict(amsgrad=a, decoupled_weight_decay=d)
+                            for a in (False, True) for d in (False, True)),
+                group_hp=ADAM_GROUPS, fp16_eps=True, torch_fused=True,
+                test_hp=dict(lr=1e-2, amsgrad=True, weight_decay=0.1),
+                program_hp=dict(lr=1e-2, amsgrad=True),
+                unsigned=frozenset({"exp_avg_sq", "max_exp_avg_sq"}),
+                bench_hp=dict(lr=1e-3), traffic=(4, 3),
+                aot=(dict(AMSGRAD=True, WEIGHT_DECAY=True, MAXIMIZE=True, L1=True,
+                          LERP_SMALL=True), 7))
+
 
 class AdamW(Adam, torch.optim.AdamW):
-    pass
+    spec = Spec(reference=reference.adamw, source="torch.optim.AdamW",
+                cases=(dict(amsgrad=False), dict(amsgrad=True)), group_hp=ADAM_GROUPS,
+                fp16_eps=True, torch_fused=True, test_hp=dict(lr=1e-2),
+                program_hp=dict(lr=1e-2, weight_decay=0.1),
+                unsigned=frozenset({"exp_avg_sq", "max_exp_avg_sq"}),
+                bench_hp=dict(lr=1e-3), traffic=(4, 3))
 
 
 class Adamax(FusedOptimizer, torch.optim.Adamax):
@@ -56,6 +78,12 @@ class Adamax(FusedOptimizer, torch.optim.Adamax):
         clr = lr / (1 - beta1 ** step)
         return dict(clr=clr, w=1 - beta1, w_rest=lerp_rest(1 - beta1, f64), beta2=beta2,
                     eps=group["eps"], wd=group["weight_decay"], l1=group["l1"])
+
+    spec = Spec(reference=reference.adamax, source="torch.optim.Adamax",
+                group_hp=ADAM_GROUPS, fp16_eps=True, test_hp=dict(lr=1e-2),
+                program_hp=dict(lr=1e-2), unsigned=frozenset({"exp_inf"}),
+                bench_hp=dict(lr=1e-3), traffic=(4, 3),
+                aot=(dict(WEIGHT_DECAY=True, LERP_SMALL=False), 3))
 
 
 for _cls, _twin in ((Adam, torch.optim.Adam), (AdamW, torch.optim.AdamW),

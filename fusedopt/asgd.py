@@ -2,8 +2,10 @@
 import torch
 
 from .bucket import scalar_dtype
+from . import reference
 from .optimizer import FusedOptimizer
 from .options import signature_with
+from .spec import Spec
 
 
 class ASGD(FusedOptimizer, torch.optim.ASGD):
@@ -46,6 +48,14 @@ class ASGD(FusedOptimizer, torch.optim.ASGD):
             if found_inf is not None:
                 new = torch.where(found_inf.to(buf.device) != 0, buf, new)
             buf.copy_(new) if torch.is_tensor(new) else buf.fill_(new)
+
+    # t0 at its default (1e6) the average is a copy of the params; small, a running mean
+    spec = Spec(reference=reference.asgd, source="torch.optim.ASGD",
+                cases=({}, dict(t0=5), dict(t0=2, lambd=1e-2, alpha=0.6)),
+                group_hp=(dict(lr=1e-2), dict(lr=3e-2), dict(lr=2e-3), dict(lr=5e-2)),
+                test_hp=dict(lr=1e-2, t0=3, lambd=1e-3, weight_decay=0.05),
+                program_hp=dict(lr=1e-2, t0=2), bench_hp=dict(lr=1e-3), traffic=(3, 2),
+                aot=(dict(WEIGHT_DECAY=True, MAXIMIZE=True), 1))
 
 
 ASGD.__signature__ = signature_with(torch.optim.ASGD)

@@ -19,24 +19,10 @@ import torch
 import fusedopt
 from .workloads import WORKLOADS
 
-# (reads, writes) of float32 tensors per param, and torch kwargs per optimizer
-OPTIMS = {
-    "adam": ("Adam", dict(lr=1e-3), (4, 3)),
-    "adamw": ("AdamW", dict(lr=1e-3), (4, 3)),
-    "adamax": ("Adamax", dict(lr=1e-3), (4, 3)),
-    "rmsprop": ("RMSprop", dict(lr=1e-3), (3, 2)),
-    "adagrad": ("Adagrad", dict(lr=1e-3), (3, 2)),
-    "sgd": ("SGD", dict(lr=1e-3, momentum=0.9), (3, 2)),
-    "adadelta": ("Adadelta", dict(lr=1.0), (4, 3)),
-    "rprop": ("Rprop", dict(lr=1e-3), (4, 3)),
-    "radam": ("RAdam", dict(lr=1e-3), (4, 3)),
-    "nadam": ("NAdam", dict(lr=1e-3), (4, 3)),
-    "asgd": ("ASGD", dict(lr=1e-3), (3, 2)),
-    "lion": ("Lion", dict(lr=1e-4), (3, 2)),
-    # three passes: p and g (norm, row/column sums), g (the update's norm), p and g -> p
-    # (the factors are O(rows + cols): not counted)
-    "adafactor": ("Adafactor", dict(lr=1e-2), (5, 1)),
-}
+# per optimizer (its class name in lower case): the class name, torch kwargs and the
+# (reads, writes) of float32 tensors per param, from its spec (fusedopt/spec.py)
+OPTIMS = {name.lower(): (name, cls.spec.bench_hp, cls.spec.traffic)
+          for name, cls in fusedopt.spec.REGISTRY.items()}
 # mixed precision: fusedopt's options, the params' dtype, clipping, and our bytes per param
 # (the roof streams as many bytes).  torch has no float32 state for bfloat16 params: its
 # rows keep bfloat16 state (14 B/param); with clipping, torch runs clip_grad_norm_ (one
@@ -53,7 +39,7 @@ MIXED = {
 OPTIMS.update({k: OPTIMS["adamw" if k.startswith("adamw") else "adam"] for k in MIXED})
 EIGHT_BIT = {"bitsandbytes-8bit": ("bitsandbytes.optim", "AdamW8bit"),
              "torchao-8bit": ("torchao.optim", "AdamW8bit")}
-TORCH_FUSED = {"Adam", "AdamW", "SGD", "Adagrad"}
+TORCH_FUSED = {name for name, cls in fusedopt.spec.REGISTRY.items() if cls.spec.torch_fused}
 
 
 def _time(fn, device):

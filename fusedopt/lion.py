@@ -5,8 +5,10 @@ others (constructor, validation, state format, the anchor of the parity tests, t
 fallback for params the engines do not take); ``Lion`` is the fused step."""
 import torch
 
+from . import reference
 from .optimizer import FusedOptimizer, closure_loss
 from .options import signature_with
+from .spec import Spec
 
 
 class LionForLoop(torch.optim.Optimizer):
@@ -66,6 +68,14 @@ class Lion(FusedOptimizer, LionForLoop):
         return dict(decay=1 - lr * group["weight_decay"], lr=lr, beta1=beta1,
                     beta1_rest=1 - beta1, beta2=beta2, beta2_rest=1 - beta2, one=1.0,
                     l1=group["l1"])
+
+    spec = Spec(reference=reference.lion, source="lion-pytorch",
+                cases=({}, dict(betas=(0.5, 0.9))),
+                group_hp=(dict(lr=1e-3), dict(lr=3e-4, betas=(0.8, 0.95)), dict(lr=2e-3),
+                          dict(lr=1e-4)),
+                test_hp=dict(lr=1e-3, betas=(0.8, 0.95), weight_decay=0.1),
+                program_hp=dict(lr=1e-3, weight_decay=0.1), bench_hp=dict(lr=1e-4),
+                traffic=(3, 2), aot=(dict(WEIGHT_DECAY=True, DECOUPLED=True, MAXIMIZE=True), 1))
 
 
 Lion.__signature__ = signature_with(LionForLoop)

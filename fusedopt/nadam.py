@@ -1,9 +1,12 @@
 """NAdam: torch.optim.NAdam with a fused multi-tensor step (torch has no fused one)."""
 import torch
 
+from . import reference
+from .adam import ADAM_GROUPS
 from .bucket import scalar_dtype
 from .optimizer import FusedOptimizer, lerp_rest, lerp_small
 from .options import signature_with
+from .spec import Spec
 
 
 class NAdam(FusedOptimizer, torch.optim.NAdam):
@@ -51,6 +54,15 @@ class NAdam(FusedOptimizer, torch.optim.NAdam):
         return dict(w=1 - beta1, w_rest=lerp_rest(1 - beta1, f64), beta2=beta2,
                     beta2_rest=1 - beta2, bc2=bc2, eps=group["eps"], c_grad=c_grad,
                     c_avg=c_avg, wd=wd, l1=group["l1"])
+
+    spec = Spec(reference=reference.nadam, source="torch.optim.NAdam",
+                cases=(dict(decoupled_weight_decay=False), dict(decoupled_weight_decay=True),
+                       dict(momentum_decay=0.02)),
+                group_hp=ADAM_GROUPS, fp16_eps=True,
+                test_hp=dict(lr=2e-3, momentum_decay=0.01, weight_decay=0.05),
+                program_hp=dict(lr=1e-2), unsigned=frozenset({"exp_avg_sq"}),
+                bench_hp=dict(lr=1e-3), traffic=(4, 3),
+                aot=(dict(DECOUPLED=True, WEIGHT_DECAY=True, MAXIMIZE=True), 3))
 
 
 NAdam.__signature__ = signature_with(torch.optim.NAdam)

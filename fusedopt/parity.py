@@ -14,7 +14,7 @@ Criteria, for one optimizer, flag set, dtype and engine, after ``steps`` steps:
     right).  The rules fuse multiply-adds exactly where torch's vector kernels do: on CPU
     every float32/float64 case comes out bitwise equal.  ULP_STEPS leaves room for the
     compiled GPU engine, whose compiler contracts some multiply-adds;
-  * engines agree within 2 ulp of each other (Adafactor: see ULP_FOR).
+  * engines agree within 2 ulp of each other (Adafactor: its spec's ``ulp``).
 float16 runs use eps >= 1e-4: torch's default 1e-8 rounds to 0 in float16 and turns
 torch.optim's own float16 Adam into NaN.
 """
@@ -24,19 +24,11 @@ import os
 import torch
 
 import fusedopt
-from fusedopt import arith, reference
+from fusedopt import arith, reference, spec
 
 ULP_STEPS = 64
-# Adafactor scales each param's update by norms (of the param, of the update) and by row and
-# column sums.  The CPU engine's sums are exact enough, but the update comes from a factor
-# per row and per column (rules.adafactor): against torch's (replayed with correctly
-# rounded norms: arith.norm) each step's update differs by an ulp of the update (not of
-# the param) now and then, and that accumulates: up to ~60 ulp in 20 steps (seeds
-# 0-400 gave 18-56 in float32, 20-40 in float64).  The GPU
-# engine sums in float32 (as its norm kernel): the engines up to 50 ulp apart in these
-# units.  The looser bound still catches real errors: tests/test_adafactor.py's mutants
-# (eps1 not squared, the step counter one ahead) land more than 10x outside it.
-ULP_FOR = {"Adafactor": 256}
+# an algorithm whose spec sets ``ulp`` (Adafactor) is held to that bound instead, on both
+# counts, in units of the param or of the update (max_ulp with scales)
 
 # four param groups per run: sizes 0, 1, 7, 65537, 1023, 2-D and 3-D, many tiny tensors
 SHAPES = [[(0,), (1,), (7,), (65537,)], [(1023,), (33, 17)], [(5,), (300,), (2, 3, 4)],
@@ -138,64 +130,23 @@ def max_ulp(xs, ys, scales=None, floor=0.0):
     return worst
 
 
-# algorithm-specific flags per case; every case also crosses maximize x weight_decay (CROSS)
-CASES = {
-    "Adam": [dict(amsgrad=a, decoupled_weight_decay=d) for a in (False, True) for d in (False, True)],
-    "AdamW": [dict(amsgrad=a) for a in (False, True)],
-    "Adamax": [{}],
-    "RMSprop": [dict(centered=c, momentum=m) for c in (False, True) for m in (0, 0.9)],
-    "Adagrad": [dict(lr_decay=d, initial_accumulator_value=a) for d in (0, 0.01) for a in (0, 0.1)],
-    "SGD": [dict(momentum=0), dict(momentum=0.9), dict(momentum=0.9, dampening=0.1),
-            dict(momentum=0.9, nesterov=True)],
-    "Adadelta": [{}],
-    "Rprop": [dict(etas=(0.5, 1.2)), dict(etas=(0.3, 1.5), step_sizes=(1e-4, 0.02))],
-    "RAdam": [dict(decoupled_weight_decay=d) for d in (False, True)],
-    "NAdam": [dict(decoupled_weight_decay=d) for d in (False, True)]
-    + [dict(momentum_decay=0.02)],
-    # t0 at its default (1e6) the average is a copy of the params; small, a running mean
-    "ASGD": [{}, dict(t0=5), dict(t0=2, lambd=1e-2, alpha=0.6)],
-    "Lion": [{}, dict(betas=(0.5, 0.9))],
-    # eps1 = 0.5: the variance estimate is clamped; eps2 = 2: alpha is
-    "Adafactor": [{}, dict(beta2_decay=-0.5, d=1.5), dict(eps=(0.5, 2.0))],
-}
-_ADAM_HP = [dict(lr=1e-2), dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6), dict(lr=2e-3, betas=(0.3, 0.9)),
-            dict(lr=1e-2, betas=(0.5, 0.95))]  # beta1 < 0.5: torch's lerp switches formula
-GROUP_HP = {
-    "Adam": _ADAM_HP, "AdamW": _ADAM_HP, "Adamax": _ADAM_HP, "RAdam": _ADAM_HP,
-    "NAdam": _ADAM_HP,
-    "RMSprop": [dict(lr=1e-2), dict(lr=3e-3, alpha=0.9, eps=1e-6), dict(lr=2e-3, alpha=0.3),
-                dict(lr=1e-3, alpha=0.5)],
-    "Adagrad": [dict(lr=1e-2), dict(lr=3e-2, eps=1e-6), dict(lr=2e-3), dict(lr=5e-2)],
-    "SGD": [dict(lr=1e-2), dict(lr=3e-2), dict(lr=2e-3), dict(lr=5e-2)],
-    "Adadelta": [dict(lr=1.0), dict(lr=0.5, rho=0.95, eps=1e-5), dict(lr=2.0, rho=0.3),
-                 dict(lr=1.0, rho=0.6)],
-    "Rprop": [dict(lr=1e-2), dict(lr=3e-3), dict(lr=2e-2), dict(lr=1e-3)],
-    "ASGD": [dict(lr=1e-2), dict(lr=3e-2), dict(lr=2e-3), dict(lr=5e-2)],
-    "Lion": [dict(lr=1e-3), dict(lr=3e-4, betas=(0.8, 0.95)), dict(lr=2e-3), dict(lr=1e-4)],
-    # lr 0.5: rho_t = 1 / sqrt(t) after the 4th step
-    "Adafactor": [dict(lr=1e-2), dict(lr=0.5), dict(lr=3e-2, beta2_decay=-0.6), dict(lr=1e-3)],
-}
-# torch's Adafactor divides by zero on an empty param (it raises; tests/test_behaviour);
-# here 1-D, 2-D, 3-D and 4-D params, rows of a matrix split over chunks
-SHAPES_FOR = {"Adafactor": [[(1,), (7,), (65537,)], [(1023,), (33, 17), (1, 5)],
-                            [(5,), (300, 257), (2, 3, 4)], [(3,)] * 8 + [(3, 4, 1, 6)]]}
+# each algorithm's cases, four groups' hyperparameters and shapes: its spec (fusedopt/spec.py);
+# every case also crosses maximize x weight_decay (CROSS)
 CROSS = [dict(maximize=False, weight_decay=0), dict(maximize=True, weight_decay=0.1),
          dict(maximize=False, weight_decay=0.05), dict(maximize=True, weight_decay=0)]
-NO_WEIGHT_DECAY = {"Rprop"}  # torch's Rprop has none
 
 
 def groups_for(name, case, dtype, shapes=None):
     """Four param groups for one case: each its own sizes, hyperparameters and
     maximize/weight_decay (``shapes``, if given, are dealt out over the four groups)."""
-    groups = []
-    for k, (hp, cross) in enumerate(zip(GROUP_HP[name], CROSS)):
-        if name in NO_WEIGHT_DECAY:
+    groups, sp = [], spec.spec(name)
+    for k, (hp, cross) in enumerate(zip(sp.group_hp, CROSS)):
+        if not sp.weight_decay:
             cross = {k: v for k, v in cross.items() if k != "weight_decay"}
         hp = {**hp, **cross, **case}
-        if dtype == torch.float16 and name in ("Adam", "AdamW", "Adamax", "RMSprop", "RAdam",
-                                                   "NAdam"):
+        if dtype == torch.float16 and sp.fp16_eps:
             hp["eps"] = max(hp.get("eps", 0), 1e-4)
-        groups.append((shapes[k::4] if shapes else SHAPES_FOR.get(name, SHAPES)[k], hp))
+        groups.append((shapes[k::4] if shapes else (sp.shapes or SHAPES)[k], hp))
     return groups
 
 
@@ -240,12 +191,12 @@ def check(name, case, dtype, backends=None, steps=20, shapes=None, cls=None, dev
                                        floor=hp["lr"]))
             k += n
         out["ulp_vs_torch"] = worst
-        bound = ULP_FOR.get(name, ULP_STEPS)
+        bound = spec.spec(name).ulp or ULP_STEPS
         if worst > bound:
             out["failures"].append(f"{worst:.0f} ulp from torch.optim > {bound}")
     if len(backends) > 1:
         a, b = ours[backends[0]], ours[backends[1]]
-        if name in ULP_FOR:  # sums of float64 (CPU) and float32 (GPU): in units as above
+        if spec.spec(name).ulp:  # sums of float64 (CPU) and float32 (GPU): in units as above
             init, k, apart = initial(dtype, groups), 0, 0.0
             for shp, hp in groups:
                 n = len(shp)
@@ -254,7 +205,7 @@ def check(name, case, dtype, backends=None, steps=20, shapes=None, cls=None, dev
         else:
             apart = max_ulp(a, b)
         out["ulp_between_engines"] = apart
-        if apart > ULP_FOR.get(name, 2):
+        if apart > (spec.spec(name).ulp or 2):
             out["failures"].append(f"engines {apart:.0f} ulp apart")
     out["ok"] = not out["failures"]
     return out
@@ -262,8 +213,8 @@ def check(name, case, dtype, backends=None, steps=20, shapes=None, cls=None, dev
 
 def matrix(optims=None, dtypes=None):
     """(name, case, dtype) for every case of the given optimizers (default: all)."""
-    names = [n for n in CASES if optims is None or n.lower() in optims]
-    return [(n, c, d) for n in names for c in CASES[n] for d in (dtypes or DTYPES)]
+    names = [n for n in spec.names() if optims is None or n.lower() in optims]
+    return [(n, c, d) for n in names for c in spec.spec(n).cases for d in (dtypes or DTYPES)]
 
 
 def case_id(case):

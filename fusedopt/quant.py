@@ -34,15 +34,12 @@ from math import inf
 
 import torch
 
+from . import spec
 from .kernels import qmap
 
 BLOCK = qmap.QBLOCK
 MIN_NUMEL = 4096
 _EXPONENTS = 7  # 10^-6 ... 10^0
-# state slots that are never negative (second moments, sums of squares, step sizes) use
-# the unsigned map; every other slot (first moments, momentum, averages) the signed one
-UNSIGNED = frozenset({"exp_avg_sq", "max_exp_avg_sq", "exp_inf", "square_avg", "sum",
-                      "acc_delta", "step_size"})
 ABSMAX = "_absmax"  # state[name + ABSMAX]: the float32 absmax of each block of state[name]
 
 
@@ -89,7 +86,9 @@ def dequantize(codes, absmax, qmap, dtype=torch.float32):
 
 
 def signed(name):
-    return name not in UNSIGNED
+    """Whether state slot ``name`` takes the signed map: all but the slots a spec declares
+    unsigned (second moments, sums of squares, step sizes: never negative)."""
+    return name not in spec.unsigned_slots()
 
 
 def zero_code(is_signed):

@@ -1,9 +1,11 @@
 """RAdam: torch.optim.RAdam with a fused multi-tensor step (torch has no fused one)."""
 import torch
 
-from .adam import Adam
+from . import reference
+from .adam import ADAM_GROUPS, Adam
 from .optimizer import FusedOptimizer, lerp_rest, lerp_small
 from .options import signature_with
+from .spec import Spec
 
 
 class RAdam(FusedOptimizer, torch.optim.RAdam):
@@ -36,6 +38,15 @@ class RAdam(FusedOptimizer, torch.optim.RAdam):
         return dict(lr=lr, bc1=bc1, bc2_sqrt=bc2_sqrt, w=1 - beta1,
                     w_rest=lerp_rest(1 - beta1, f64), beta2=beta2, beta2_rest=1 - beta2,
                     eps=group["eps"], wd=wd, l1=group["l1"], rect=rect)
+
+    spec = Spec(reference=reference.radam, source="torch.optim.RAdam",
+                cases=(dict(decoupled_weight_decay=False), dict(decoupled_weight_decay=True)),
+                group_hp=ADAM_GROUPS, fp16_eps=True,
+                test_hp=dict(lr=2e-3, betas=(0.8, 0.95), decoupled_weight_decay=True,
+                             weight_decay=0.1),
+                program_hp=dict(lr=1e-2, weight_decay=0.05), unsigned=frozenset({"exp_avg_sq"}),
+                bench_hp=dict(lr=1e-3), traffic=(4, 3),
+                aot=(dict(DECOUPLED=True, WEIGHT_DECAY=True, LERP_SMALL=False), 3))
 
 
 RAdam.__signature__ = signature_with(torch.optim.RAdam)

@@ -189,19 +189,26 @@ def adafactor(p, g, st, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weig
     p.sub_(alpha / max(1.0, _norm(u) / (u.numel() ** 0.5 * d)) * u)
 
 
-ALGORITHMS = {f.__name__: f for f in (adam, adamw, adamax, rmsprop, adagrad, sgd, adadelta,
-                                      rprop, radam, nadam, asgd, lion, adafactor)}
+def algorithm(name):
+    """The float64 step of the optimizer class named ``name`` (any case): its spec's
+    ``reference`` (fusedopt/spec.py)."""
+    from . import spec
+    for cls_name, cls in spec.REGISTRY.items():
+        if cls_name.lower() == name.lower():
+            return cls.spec.reference
+    raise KeyError(f"no optimizer named {name!r}; known: {', '.join(spec.REGISTRY)}")
 
 
 def step(name, params, grads, states, **hp):
     """One step of algorithm ``name`` on float64 tensors; params without a grad are skipped."""
     hp = {k: v for k, v in hp.items() if k not in ("foreach", "fused", "capturable",
                                                    "differentiable", "backend")}
+    fn = algorithm(name)
     for p, g, st in zip(params, grads, states):
         if g is None:
             continue
         assert p.dtype == torch.float64
-        ALGORITHMS[name](p, g.to(torch.float64), st, **hp)
+        fn(p, g.to(torch.float64), st, **hp)
 
 
 def step_8bit(name, params, grads, states, signed, **hp):

@@ -1,8 +1,10 @@
 """RMSprop: torch.optim.RMSprop with a fused multi-tensor step (torch has no fused RMSprop)."""
 import torch
 
+from . import reference
 from .optimizer import FusedOptimizer, lerp_rest, lerp_small
 from .options import signature_with
+from .spec import Spec
 
 
 class RMSprop(FusedOptimizer, torch.optim.RMSprop):
@@ -22,6 +24,15 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
         return dict(lr=group["lr"], alpha=alpha, alpha_rest=1 - alpha,
                     w_rest=lerp_rest(1 - alpha, f64), eps=group["eps"],
                     momentum=group["momentum"], wd=group["weight_decay"], l1=group["l1"])
+
+    spec = Spec(reference=reference.rmsprop, source="torch.optim.RMSprop",
+                cases=tuple(dict(centered=c, momentum=m) for c in (False, True) for m in (0, 0.9)),
+                group_hp=(dict(lr=1e-2), dict(lr=3e-3, alpha=0.9, eps=1e-6),
+                          dict(lr=2e-3, alpha=0.3), dict(lr=1e-3, alpha=0.5)),
+                fp16_eps=True, test_hp=dict(lr=1e-3, momentum=0.9, centered=True),
+                program_hp=dict(lr=1e-3, momentum=0.9, centered=True),
+                unsigned=frozenset({"square_avg"}), bench_hp=dict(lr=1e-3), traffic=(3, 2),
+                aot=(dict(CENTERED=True, MOMENTUM=True, WEIGHT_DECAY=True), 7))
 
 
 RMSprop.__signature__ = signature_with(torch.optim.RMSprop)

@@ -2,8 +2,10 @@
 import torch
 
 from .bucket import scalar_dtype, state_dtype
+from . import reference
 from .optimizer import FusedOptimizer
 from .options import signature_with
+from .spec import Spec
 
 
 class Rprop(FusedOptimizer, torch.optim.Rprop):
@@ -32,6 +34,13 @@ class Rprop(FusedOptimizer, torch.optim.Rprop):
         (etaminus, etaplus), (lo, hi) = group["etas"], group["step_sizes"]
         return dict(etaplus=etaplus, etaminus=etaminus, lo=lo, hi=hi, one=1.0, wd=0.0,
                     l1=group["l1"])
+
+    spec = Spec(reference=reference.rprop, source="torch.optim.Rprop",
+                cases=(dict(etas=(0.5, 1.2)), dict(etas=(0.3, 1.5), step_sizes=(1e-4, 0.02))),
+                group_hp=(dict(lr=1e-2), dict(lr=3e-3), dict(lr=2e-2), dict(lr=1e-3)),
+                weight_decay=False, test_hp=dict(lr=1e-2, etas=(0.4, 1.3)),
+                program_hp=dict(lr=1e-2), unsigned=frozenset({"step_size"}),
+                bench_hp=dict(lr=1e-3), traffic=(4, 3), aot=(dict(MAXIMIZE=True, L1=True), 3))
 
 
 Rprop.__signature__ = signature_with(torch.optim.Rprop)

@@ -8,8 +8,10 @@ Sparse gradients go to torch's own SGD for those params.
 import torch
 from torch.optim.sgd import sgd as torch_sgd
 
+from . import reference
 from .optimizer import FusedOptimizer
 from .options import signature_with
+from .spec import Spec
 
 
 class SGD(FusedOptimizer, torch.optim.SGD):
@@ -47,6 +49,15 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         if group["momentum"]:
             for p, b in zip(params, bufs):
                 self.state[p]["momentum_buffer"] = b
+
+    spec = Spec(reference=reference.sgd, source="torch.optim.SGD",
+                cases=(dict(momentum=0), dict(momentum=0.9), dict(momentum=0.9, dampening=0.1),
+                       dict(momentum=0.9, nesterov=True)),
+                group_hp=(dict(lr=1e-2), dict(lr=3e-2), dict(lr=2e-3), dict(lr=5e-2)),
+                torch_fused=True, test_hp=dict(lr=1e-2, momentum=0.9, nesterov=True),
+                program_hp=dict(lr=1e-2, momentum=0.9),
+                bench_hp=dict(lr=1e-3, momentum=0.9), traffic=(3, 2),
+                aot=(dict(MOMENTUM=True, NESTEROV=True), 1))
 
 
 SGD.__signature__ = signature_with(torch.optim.SGD)

@@ -32,7 +32,11 @@ class Spec:
     weight_decay: whether the algorithm has a weight_decay argument.
     fp16_eps: parity raises eps to 1e-4 in float16 (eps below float16's range).
     torch_fused: torch has a fused kernel for it (the benchmark's fused row).
-    aot: the flags and state-slot mask of the variant the AOT PTX test compiles.
+    aot: the flags and state-slot mask of the variant the AOT PTX test compiles (one
+        per rule: a class that shares its parent's rule declares none).
+    ulp: parity's bound on the distance to torch's result where the default does not
+        hold, in ulp of the param or of the update (fusedopt/parity.py), which then also
+        bounds the engines' distance to each other.
     factored: the state of a matrix param is factored into row and column statistics
         (Adafactor): the plan steps such params through the matrix kernel.
     """
@@ -49,7 +53,8 @@ class Spec:
     weight_decay: bool = True
     fp16_eps: bool = False
     torch_fused: bool = False
-    aot: tuple = ({}, 0)
+    aot: tuple = None
+    ulp: int = None
     factored: bool = False
 
 
@@ -65,9 +70,30 @@ def names():
     return list(REGISTRY)
 
 
+def unsigned_slots():
+    """The state slots any registered algorithm declares never negative."""
+    return frozenset().union(*(cls.spec.unsigned for cls in REGISTRY.values()))
+
+
 def spec(name):
     """The spec of the class named ``name``; a KeyError naming the known ones otherwise."""
     try:
         return REGISTRY[name].spec
     except KeyError:
         raise KeyError(f"no optimizer named {name!r}; known: {', '.join(REGISTRY)}") from None
+
+
+def table():
+    """The README's optimizer table (markdown), one row per registered class
+    (``python -c "import fusedopt; print(fusedopt.spec.table())"``; tests/test_spec.py
+    checks the README holds it)."""
+    rows = ["| optimizer | twin (checked against) | torch fused | 8-bit state | masters / SR |",
+            "|---|---|---|---|---|"]
+    for name, cls in REGISTRY.items():
+        refuses = set(getattr(cls, "_refuses", ()))
+        sr = [o for o, k in (("masters", "master_weights"), ("SR", "stochastic_rounding"))
+              if k not in refuses]
+        rows.append(f"| `{name}` | {cls.spec.source} | {'yes' if cls.spec.torch_fused else '-'} "
+                    f"| {'-' if 'state_dtype' in refuses else 'yes'} | {' / '.join(sr) or '-'} |")
+    return "\n".join(rows)
+

@@ -8,17 +8,10 @@ import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton engine on CPU tensors
 import fusedopt  # noqa: E402
-from fusedopt import arith  # noqa: E402
+from fusedopt import arith, spec  # noqa: E402
 
-NAMES = ["Adam", "AdamW", "Adamax", "RMSprop", "Adagrad", "SGD", "Adadelta", "Rprop", "RAdam",
-         "NAdam", "ASGD", "Lion", "Adafactor"]
-HP = {"Adam": dict(lr=1e-2, amsgrad=True), "AdamW": dict(lr=1e-2, weight_decay=0.1),
-      "Adamax": dict(lr=1e-2), "RMSprop": dict(lr=1e-3, momentum=0.9, centered=True),
-      "Adagrad": dict(lr=1e-2), "SGD": dict(lr=1e-2, momentum=0.9),
-      "Adadelta": dict(lr=1.0, rho=0.8), "Rprop": dict(lr=1e-2),
-      "RAdam": dict(lr=1e-2, weight_decay=0.05), "NAdam": dict(lr=1e-2),
-      "ASGD": dict(lr=1e-2, t0=2), "Lion": dict(lr=1e-3, weight_decay=0.1),
-      "Adafactor": dict(lr=1e-2, weight_decay=0.05)}
+NAMES = spec.names()
+HP = {name: spec.spec(name).program_hp for name in NAMES}  # fusedopt/spec.py
 SHAPES = [(5, 3), (7,), (1,), (33,), (2, 3, 4, 5)]
 
 

@@ -1,6 +1,6 @@
 """Adafactor beyond the shared tests (which run it through harness.NAMES and the parity
 matrix): the matrix kernel's reductions on their own, torch's errors, state shapes,
-mutants that the looser ulp bound (parity.ULP_FOR) must still catch, real training."""
+mutants that the looser ulp bound (its spec's ulp) must still catch, real training."""
 import copy
 
 import numpy as np
@@ -266,10 +266,10 @@ class _StepAhead(fusedopt.Adafactor):
 @pytest.mark.parametrize("mutant,case", [(_Eps1Unsquared, dict(eps=(0.5, 2.0))),
                                          (_StepAhead, {})])
 def test_looser_ulp_bound_catches_mutants(mutant, case):
-    """Adafactor's ulp bound against torch (parity.ULP_FOR) is looser than the others';
+    """Adafactor's ulp bound against torch (its spec's ulp) is looser than the others';
     real errors still exceed it many times over, in float32 and float64 (the same cases
     without the mutation pass it: test_parity.py)."""
-    bound = parity.ULP_FOR["Adafactor"]
+    bound = fusedopt.Adafactor.spec.ulp
     for dtype in (torch.float32, torch.float64):
         bad = parity.check("Adafactor", case, dtype, backends=["numba"], cls=mutant)
         assert bad["ulp_vs_torch"] > 10 * bound, bad["ulp_vs_torch"]

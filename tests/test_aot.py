@@ -7,28 +7,17 @@ import sys
 
 import pytest
 
+import fusedopt  # noqa: F401  (defining the classes registers their specs)
+from fusedopt import spec
 from fusedopt.kernels import rules
 from fusedopt.kernels.flags import SLOT, Update, update_mask
 
-# one representative flag set per rule: every flag on that the rule reads, and the state
-# slots it uses (flags.Update)
-VARIANTS = {
-    "adam": (dict(AMSGRAD=True, WEIGHT_DECAY=True, MAXIMIZE=True, L1=True, LERP_SMALL=True), 7),
-    "adamax": (dict(WEIGHT_DECAY=True, LERP_SMALL=False), 3),
-    "rmsprop": (dict(CENTERED=True, MOMENTUM=True, WEIGHT_DECAY=True), 7),
-    "adagrad": (dict(WEIGHT_DECAY=True, L1=True), 1),
-    "sgd": (dict(MOMENTUM=True, NESTEROV=True), 1),
-    "adadelta": (dict(WEIGHT_DECAY=True, MAXIMIZE=True), 3),
-    "rprop": (dict(MAXIMIZE=True, L1=True), 3),
-    "radam": (dict(DECOUPLED=True, WEIGHT_DECAY=True, LERP_SMALL=False), 3),
-    "nadam": (dict(DECOUPLED=True, WEIGHT_DECAY=True, MAXIMIZE=True), 3),
-    "asgd": (dict(WEIGHT_DECAY=True, MAXIMIZE=True), 1),
-    "lion": (dict(WEIGHT_DECAY=True, DECOUPLED=True, MAXIMIZE=True), 1),
-    # the update kernel over the rule alone (fusedopt runs it in the matrix kernel:
-    # test_matrix_kernel_compiles)
-    "adafactor": (dict(DECOUPLED=True, WEIGHT_DECAY=True, MAXIMIZE=True, L1=True), 0),
-    "scale": ({}, 0),  # clip_grad_norm_'s multiply
-}
+# one representative flag set per rule, from the spec of the class that runs it (every flag
+# on that the rule reads, and the state slots it uses: flags.Update); Adafactor's is the
+# update kernel over the rule alone (fusedopt runs it in the matrix kernel:
+# test_matrix_kernel_compiles)
+VARIANTS = {cls._rule: cls.spec.aot for cls in spec.REGISTRY.values() if cls.spec.aot}
+VARIANTS["scale"] = ({}, 0)  # clip_grad_norm_'s multiply
 
 
 # The update kernel's variants are compiled in one process of their own without

@@ -14,13 +14,7 @@ import fusedopt
 from fusedopt import parity
 from harness import NAMES
 
-HP = {"Adam": dict(lr=1e-2, amsgrad=True), "AdamW": dict(lr=1e-2, weight_decay=0.1),
-      "Adamax": dict(lr=1e-2), "RMSprop": dict(lr=1e-3, momentum=0.9, centered=True),
-      "Adagrad": dict(lr=1e-2, lr_decay=0.01), "SGD": dict(lr=1e-2, momentum=0.9),
-      "Adadelta": dict(lr=1.0, rho=0.8), "Rprop": dict(lr=1e-2),
-      "RAdam": dict(lr=1e-2, betas=(0.8, 0.95)), "NAdam": dict(lr=1e-2),
-      "ASGD": dict(lr=5e-2, t0=20), "Lion": dict(lr=3e-3),
-      "Adafactor": dict(lr=1e-2, weight_decay=0.05)}
+HP = {name: fusedopt.spec.spec(name).program_hp for name in NAMES}
 SHAPES = [(5, 3), (7,), (1023,), (1,)]
 
 

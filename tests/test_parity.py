@@ -8,7 +8,7 @@ The criteria and their slack are documented in fusedopt/parity.py (``check``).
 import pytest
 import torch
 
-from fusedopt import parity
+from fusedopt import parity, spec
 
 MATRIX = parity.matrix()
 
@@ -17,7 +17,7 @@ MATRIX = parity.matrix()
                          ids=[f"{n}[{parity.case_id(c)}]-{str(d)[6:]}" for n, c, d in MATRIX])
 def test_parity(name, case, dtype):
     backends = parity.BACKENDS
-    if name == "Adafactor" and (case != parity.CASES[name][0]
+    if name == "Adafactor" and (case != spec.spec(name).cases[0]
                                 or dtype in (torch.float16, torch.bfloat16)):
         # Triton's interpreter takes ~20-40 s per Adafactor case (its matrix kernel, program
         # by program in Python) against ~2 s for Numba: the interpreted engine runs

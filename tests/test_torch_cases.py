@@ -112,7 +112,7 @@ def test_gradscaler_non_contiguous_grads(name, backend):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
         # the for-loop's op order is the kernel's: equal bit for bit; but Adafactor's row
         # and column means, float32 reductions in an order of torch's choosing (ours sum
-        # in float64), leave its params a few ulp apart (parity.ULP_FOR)
+        # in float64), leave its params a few ulp apart (the Adafactor spec's ulp)
         tol = dict(rtol=4e-6, atol=4e-7) if name == "Adafactor" else dict(rtol=0, atol=0)
         torch.testing.assert_close(a, b, **tol)
 
