@@ -14,8 +14,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PROGRAMS = os.path.join(HERE, "..", "tests", "programs.py")
-DIST = os.path.join(HERE, "..", "tests", "dist_programs.py")
+PROGRAMS = os.path.join(HERE, "..", "tests", "helpers", "programs.py")
+DIST = os.path.join(HERE, "..", "tests", "helpers", "dist_programs.py")
 
 
 def programs(total, chunk, engines, jobs):

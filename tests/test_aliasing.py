@@ -7,7 +7,7 @@ import torch
 
 import fusedopt
 from harness import HP, NAMES
-from test_safety import _grads, _same, _same_outcome, _step, _twins
+from twins import same, same_outcome, set_grads, step_both, twins
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -17,16 +17,16 @@ def test_reshaped_in_place_after_a_step_gives_torchs_result_or_error(name, what)
     shape.  The plan notices (the facts hold a digest of the sizes) and torch's for-loop
     decides: torch's error where the state keeps the old shape, as torch's own step
     raises; never a silent step over the old layout."""
-    ps, opts = _twins(name)
-    _grads(ps, 0)
-    _step(opts)
-    _grads(ps, 1)
+    ps, opts = twins(name)
+    set_grads(ps, 0)
+    step_both(opts)
+    set_grads(ps, 1)
     for side in ps:
         t = side[0] if what == "param" else side[0].grad
         t.data = t.data.view(3, 5)
         if what == "param":
             side[0].grad = side[0].grad.view(3, 5)
-    _same_outcome(ps, opts)
+    same_outcome(ps, opts)
 
 
 def _state_cases():
@@ -53,9 +53,9 @@ def test_state_sharing_memory_or_not_a_tensor_gives_torchs_result_or_error(name,
     counts it up once per param), a moment that is the param's own memory or another
     moment, a step that is a Python number.  The engines update all of a param's tensors
     at once, so the plan hands such params to torch's for-loop: torch's result or error."""
-    ps, opts = _twins(name)
-    _grads(ps, 0)
-    _step(opts)
+    ps, opts = twins(name)
+    set_grads(ps, 0)
+    step_both(opts)
     for side, opt in zip(ps, opts):
         st = opt.state[side[0]]
         moments = sorted(k for k, v in st.items() if torch.is_tensor(v) and v.shape == side[0].shape)
@@ -68,9 +68,9 @@ def test_state_sharing_memory_or_not_a_tensor_gives_torchs_result_or_error(name,
         else:
             st[moments[1]] = st[moments[0]]
     for s in range(1, 3):
-        _grads(ps, s)
+        set_grads(ps, s)
         # (a moment that is another can take a root of < 0: NaN on both sides)
-        if _same_outcome(ps, opts, equal_nan=True) is not None:
+        if same_outcome(ps, opts, equal_nan=True) is not None:
             break
 
 
@@ -115,14 +115,14 @@ def test_a_grad_that_meets_memory_the_step_writes_gives_torchs_result(name, how)
     or after that tensor's update, by param order; the engines update every chunk at
     once.  The plan notices (each step, host.read's MEETS) and torch's for-loop steps
     those params: torch's result, also the steps after."""
-    ps, opts = _twins(name, shapes=((5, 3), (7,), (65537,), (1,), (65537,)))
-    _grads(ps, 0)
-    _step(opts)
+    ps, opts = twins(name, shapes=((5, 3), (7,), (65537,), (1,), (65537,)))
+    set_grads(ps, 0)
+    step_both(opts)
     for s in range(1, 4):
-        _grads(ps, s)
+        set_grads(ps, s)
         if not all(_meet(how, side, opt) for side, opt in zip(ps, opts)):
             pytest.skip(f"{name} keeps no param-shaped moment")
-        _same_outcome(ps, opts, replay_ours=True)
+        same_outcome(ps, opts, replay_ours=True)
 
 
 def test_a_grad_meeting_written_memory_with_8bit_state_is_a_clear_error():
@@ -147,16 +147,16 @@ def test_state_tensors_a_user_holds_stay_the_state_across_plan_rebuilds(name):
     another param's `p.data = ...`) keeps them too (found by the random programs: Adafactor
     moved its factors into a new buffer at every plan build, and a grad that was a view
     of one stopped being the state)."""
-    ps, opts = _twins(name)
-    _grads(ps, 0)
-    _step(opts)
-    _grads(ps, 1)
-    _step(opts)  # (Adafactor's factors are one buffer from here)
+    ps, opts = twins(name)
+    set_grads(ps, 0)
+    step_both(opts)
+    set_grads(ps, 1)
+    step_both(opts)  # (Adafactor's factors are one buffer from here)
     held = [(st, k, v) for p in ps[0] for st in [opts[0].state[p]] for k, v in st.items()
             if torch.is_tensor(v)]
     for side in ps:
         side[1].data = side[1].data.clone()
-    _grads(ps, 2)
-    _step(opts)
+    set_grads(ps, 2)
+    step_both(opts)
     assert all(st[k] is v for st, k, v in held)
-    _same(ps)
+    same(ps)

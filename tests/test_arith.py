@@ -17,6 +17,7 @@ from fusedopt import arith
 import mutants
 
 HERE = os.path.dirname(__file__)
+HELPERS = os.path.join(HERE, "helpers")
 
 
 def _nearest(x, dtype):
@@ -86,7 +87,7 @@ ADAM = ["Adam", {"amsgrad": False, "decoupled_weight_decay": False}]
 def _mutants(mutation, cases, tmp_path):
     # a private numba cache: a mutated kernel has the same cache key as the real one
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"))
-    out = subprocess.run([sys.executable, os.path.join(HERE, "mutants.py"), mutation,
+    out = subprocess.run([sys.executable, os.path.join(HELPERS, "mutants.py"), mutation,
                           "exact,off", json.dumps(cases), "float32"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

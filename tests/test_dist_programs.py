@@ -5,12 +5,13 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+HELPERS = os.path.join(HERE, "helpers")
 COUNT = 50
 
 
 def programs(first, count, *flags):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, os.path.join(HERE, "dist_programs.py"), str(first),
+    return subprocess.run([sys.executable, os.path.join(HELPERS, "dist_programs.py"), str(first),
                            str(count), *flags], capture_output=True, text=True, env=env,
                           timeout=900)
 

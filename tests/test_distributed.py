@@ -7,11 +7,12 @@ import sys
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+HELPERS = os.path.join(HERE, "helpers")
 
 
 def scenario(name, world, out):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "dist_workers.py"), name,
+    proc = subprocess.run([sys.executable, os.path.join(HELPERS, "dist_workers.py"), name,
                            str(world), str(out)], capture_output=True, text=True, env=env,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

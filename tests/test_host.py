@@ -7,7 +7,7 @@ import torch
 
 from fusedopt import host
 from harness import NAMES
-from test_safety import _grads, _same, _same_outcome, _step, _twins
+from twins import same, same_outcome, set_grads, step_both, twins
 
 
 def _helper(monkeypatch):
@@ -139,35 +139,35 @@ def test_grads_meeting_written_memory_are_flagged_alike_by_both_readers(reader):
 # the three changes the first wave's fast path did not notice (README, Safety)
 @pytest.mark.parametrize("name", NAMES)
 def test_grad_of_the_same_width_but_another_dtype_gives_torchs_outcome(name):
-    ps, opts = _twins(name, shapes=((5, 3), (7,)), ours={})
+    ps, opts = twins(name, shapes=((5, 3), (7,)), ours={})
     for side in ps:
         for p in side:
             p.data = p.data.half()
-    _grads(ps, 0)
-    _step(opts)
-    _grads(ps, 1)
+    set_grads(ps, 0)
+    step_both(opts)
+    set_grads(ps, 1)
     for side in ps:
         side[1].grad.data = side[1].grad.data.view(torch.bfloat16)
     # float16: torch rounds after every op, the kernel once per step: an ulp apart
-    _same_outcome(ps, opts, rtol=2e-3, atol=2e-3)
+    same_outcome(ps, opts, rtol=2e-3, atol=2e-3)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_param_narrowed_in_place_gives_torchs_outcome(name):
-    ps, opts = _twins(name, shapes=((9,), (7,)))
-    _grads(ps, 0)
-    _step(opts)
+    ps, opts = twins(name, shapes=((9,), (7,)))
+    set_grads(ps, 0)
+    step_both(opts)
     for side in ps:
         side[0].data = side[0].data[:4]  # the same address, fewer bytes
-    _grads(ps, 1)
-    _same_outcome(ps, opts)
+    set_grads(ps, 1)
+    same_outcome(ps, opts)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_state_swapped_in_place_is_used_as_torch_uses_it(name):
-    ps, opts = _twins(name)
-    _grads(ps, 0)
-    _step(opts)
+    ps, opts = twins(name)
+    set_grads(ps, 0)
+    step_both(opts)
     for key, t in opts[1].state[ps[1][0]].items():
         if key != "step" and t.shape == ps[1][0].shape:
             # each slot's storage swapped; values changed too, where they may (a doubled
@@ -176,9 +176,9 @@ def test_state_swapped_in_place_is_used_as_torch_uses_it(name):
             for opt, side in zip(opts, ps):
                 opt.state[side[0]][key].data = new.clone()
     for s in range(1, 3):
-        _grads(ps, s)
-        _step(opts)
-        _same(ps)
+        set_grads(ps, s)
+        step_both(opts)
+        same(ps)
 
 
 def test_ranges_merge_what_overlaps_or_touches_and_drop_what_is_empty():

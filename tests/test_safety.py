@@ -1,6 +1,6 @@
 """Memory safety and torch.optim's semantics under ordinary PyTorch calls made between
 steps (issue: cached addresses are a cache, never the truth).  Each class of case has a
-named test here; tests/programs.py interleaves them at random, in a subprocess with
+named test here; tests/helpers/programs.py interleaves them at random, in a subprocess with
 glibc's heap checking on, so that a stray write aborts it and a crash fails the test."""
 import contextlib
 import copy
@@ -15,61 +15,11 @@ import torch
 import fusedopt
 from fusedopt import arith
 from harness import HP, NAMES
+from twins import same, same_outcome, set_grads, step_both, twins
 
 HERE = os.path.dirname(__file__)
+HELPERS = os.path.join(HERE, "helpers")
 HEAP_CHECK = dict(MALLOC_CHECK_="3", MALLOC_PERTURB_="165")
-
-
-def _twins(name, shapes=((5, 3), (7,), (65537,), (1,)), backend="numba", ours=None, **kw):
-    gen = torch.Generator().manual_seed(0)
-    init = [torch.randn(s, generator=gen) for s in shapes]
-    ps = [[torch.nn.Parameter(t.clone()) for t in init] for _ in range(2)]
-    hp = {**HP[name], **kw}
-    return ps, (getattr(fusedopt, name)(ps[0], backend=backend, **hp, **(ours or {})),
-                getattr(fusedopt, name).twin()(ps[1], foreach=False, **hp))
-
-
-def _grads(ps, seed):
-    gen = torch.Generator().manual_seed(seed)
-    gs = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in ps[1]]
-    for side in ps:
-        for p, g in zip(side, gs):
-            p.grad = g.clone()
-
-
-def _step(opts):
-    opts[0].step()
-    with arith.replay():
-        opts[1].step()
-
-
-def _same(ps):
-    for a, b in zip(*ps):
-        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
-
-
-def _outcome(fn):
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001
-        return type(e)
-    return None
-
-
-def _same_outcome(ps, opts, equal_nan=False, rtol=1e-6, atol=1e-7, replay_ours=False):
-    """One step of each: the same error type, or (none) the same params.  Returns the
-    error type.  ``replay_ours``: our step too under arith.replay (where it hands params
-    to torch's for-loop, that loop then rounds as the twin's does on every CPU)."""
-    with arith.replay() if replay_ours else contextlib.nullcontext():
-        kinds = [_outcome(opts[0].step)]
-    with arith.replay():
-        kinds.append(_outcome(opts[1].step))
-    assert kinds[0] is kinds[1]
-    if kinds[0] is None:
-        for a, b in zip(*ps):
-            torch.testing.assert_close(a.detach(), b.detach(), rtol=rtol, atol=atol,
-                                       equal_nan=equal_nan)
-    return kinds[0]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -77,9 +27,9 @@ def _same_outcome(ps, opts, equal_nan=False, rtol=1e-6, atol=1e-7, replay_ours=F
 def test_param_storage_replaced_after_a_step(name, how):
     """p.data = ..., p.set_(...), vector_to_parameters, a new memory format: the param's
     storage moved; the next steps update it where it now lives, as torch's do."""
-    ps, opts = _twins(name, shapes=((5, 3), (7,), (2, 3, 4, 5), (1,)))
-    _grads(ps, 0)
-    _step(opts)
+    ps, opts = twins(name, shapes=((5, 3), (7,), (2, 3, 4, 5), (1,)))
+    set_grads(ps, 0)
+    step_both(opts)
     for side in ps:
         if how == "data_clone":
             for p in side:
@@ -92,9 +42,9 @@ def test_param_storage_replaced_after_a_step(name, how):
         else:
             side[2].data = side[2].data.to(memory_format=torch.channels_last)
     for s in range(1, 4):
-        _grads(ps, s)
-        _step(opts)
-        _same(ps)
+        set_grads(ps, s)
+        step_both(opts)
+        same(ps)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.bfloat16])
@@ -125,11 +75,11 @@ def test_module_dtype_change_after_a_step_raises_as_torch(dtype):
 def test_state_reset_is_honoured(name):
     """state.clear(), del state[p], a replaced state tensor: torch.optim honours each at
     the next step, and so does fusedopt (its tables are rebuilt, not reused)."""
-    ps, opts = _twins(name)
+    ps, opts = twins(name)
     for s, change in enumerate(["clear", "del", "replace", None]):
-        _grads(ps, s)
-        _step(opts)
-        _same(ps)
+        set_grads(ps, s)
+        step_both(opts)
+        same(ps)
         for o, side in zip(opts, ps):
             if change == "clear":
                 o.state.clear()
@@ -139,14 +89,14 @@ def test_state_reset_is_honoured(name):
                 st = o.state[side[0]]
                 for k in [k for k in st if k != "step"]:
                     st[k] = torch.full_like(st[k], 0.25)
-    _grads(ps, 9)
-    _step(opts)
-    _same(ps)
+    set_grads(ps, 9)
+    step_both(opts)
+    same(ps)
 
 
 def test_load_state_dict_of_wrong_shape_raises_naming_param_and_key():
-    ps, (ours, theirs) = _twins("Adam")
-    _grads(ps, 0)
+    ps, (ours, theirs) = twins("Adam")
+    set_grads(ps, 0)
     theirs.step()
     sd = copy.deepcopy(theirs.state_dict())
     sd["state"][2]["exp_avg"] = torch.zeros(3)
@@ -157,9 +107,9 @@ def test_load_state_dict_of_wrong_shape_raises_naming_param_and_key():
 def test_load_state_dict_with_a_scalar_of_another_shape_raises_naming_it():
     """(found by CI's random programs) a step counter or NAdam's mu_product that is not one
     element is refused at the load, as a moment of the wrong shape is."""
-    ps, opts = _twins("NAdam")
-    _grads(ps, 0)
-    _step(opts)
+    ps, opts = twins("NAdam")
+    set_grads(ps, 0)
+    step_both(opts)
     for key in ("step", "mu_product"):
         sd = copy.deepcopy(opts[0].state_dict())
         sd["state"][1][key] = torch.zeros(2)
@@ -170,25 +120,25 @@ def test_load_state_dict_with_a_scalar_of_another_shape_raises_naming_it():
 
 @pytest.mark.parametrize("name", ["Adam", "RMSprop", "Adagrad"])
 def test_load_state_dict_with_a_missing_key_raises_torchs_keyerror(name):
-    ps, opts = _twins(name)
-    _grads(ps, 0)
+    ps, opts = twins(name)
+    set_grads(ps, 0)
     opts[1].step()
     sd = copy.deepcopy(opts[1].state_dict())
     del sd["state"][1][[k for k in sd["state"][1] if k != "step"][0]]
     kinds = []
     for o in opts:
         o.load_state_dict(copy.deepcopy(sd))
-        _grads(ps, 1)
-        kinds.append(_outcome(o.step))
+        set_grads(ps, 1)
+        kinds.append(outcome(o.step))
     assert kinds[0] is kinds[1] is KeyError
 
 
 @pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("name", ["Adam", "SGD"])
 def test_reordered_group_params_pair_each_grad_with_its_param(name, scaled):
-    ps, opts = _twins(name)
-    _grads(ps, 0)
-    _step(opts)
+    ps, opts = twins(name)
+    set_grads(ps, 0)
+    step_both(opts)
     for o in opts:
         o.param_groups[0]["params"].reverse()
     if scaled:
@@ -196,7 +146,7 @@ def test_reordered_group_params_pair_each_grad_with_its_param(name, scaled):
         for sc in scalers:
             sc.scale(torch.ones(()))
     for s in range(1, 3):
-        _grads(ps, s)
+        set_grads(ps, s)
         if scaled:
             scalers[0].step(opts[0])
             with arith.replay():
@@ -204,8 +154,8 @@ def test_reordered_group_params_pair_each_grad_with_its_param(name, scaled):
             for sc in scalers:
                 sc.update()
         else:
-            _step(opts)
-        _same(ps)
+            step_both(opts)
+        same(ps)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -213,19 +163,19 @@ def test_reordered_group_params_pair_each_grad_with_its_param(name, scaled):
 def test_grad_of_another_size_or_dtype_gives_torchs_result_or_error(name, how):
     """A grad whose bytes are not the param's: torch's own for-loop steps that param
     (torch's result, e.g. SGD's type promotion, or torch's error); never a read past it."""
-    ps, opts = _twins(name)
-    _grads(ps, 0)
+    ps, opts = twins(name)
+    set_grads(ps, 0)
     for side in ps:
         g = side[1].grad
         g.data = torch.ones(4) if how == "size" else g.data.double()
-    _same_outcome(ps, opts)
+    same_outcome(ps, opts)
 
 
 def test_version_counters_move_as_torchs_so_autograd_sees_the_update():
     for name in NAMES:
-        ps, opts = _twins(name) if name in ("Adamax", "Rprop") else _twins(name, weight_decay=0.1)
-        _grads(ps, 0)
-        _step(opts)
+        ps, opts = twins(name) if name in ("Adamax", "Rprop") else twins(name, weight_decay=0.1)
+        set_grads(ps, 0)
+        step_both(opts)
         assert [p._version for p in ps[0]] == [p._version for p in ps[1]], name
     w = torch.nn.Parameter(torch.randn(3))
     opt = fusedopt.SGD([w], lr=0.1)
@@ -239,13 +189,13 @@ def test_version_counters_move_as_torchs_so_autograd_sees_the_update():
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 @pytest.mark.parametrize("name", NAMES)
 def test_copied_optimizer_steps_like_the_original(name, how):
-    ps, (ours, _) = _twins(name, ours=dict(max_grad_norm=1.0))
-    _grads(ps, 0)
+    ps, (ours, _) = twins(name, ours=dict(max_grad_norm=1.0))
+    set_grads(ps, 0)
     ours.step()
     twin = copy.deepcopy(ours) if how == "deepcopy" else pickle.loads(pickle.dumps(ours))
     mine = twin.param_groups[0]["params"]
     for s in range(1, 3):
-        _grads([ps[0], mine], s)
+        set_grads([ps[0], mine], s)
         ours.step()
         twin.step()
     assert all(torch.equal(a, b) for a, b in zip(ps[0], mine))
@@ -254,14 +204,14 @@ def test_copied_optimizer_steps_like_the_original(name, how):
 def test_duplicate_params_step_as_torchs_for_loop():
     """A param given twice in a group (torch warns, then steps it twice): the engines
     would update it from two threads at once; fusedopt hands it to torch's for-loop."""
-    ps, _ = _twins("Adam")
+    ps, _ = twins("Adam")
     with pytest.warns(UserWarning):
         opts = [fusedopt.Adam([ps[0][0], ps[0][1], ps[0][0]], lr=1e-2),
                 torch.optim.Adam([ps[1][0], ps[1][1], ps[1][0]], lr=1e-2, foreach=False)]
     for s in range(3):
-        _grads(ps, s)
-        _step(opts)
-        _same(ps)
+        set_grads(ps, s)
+        step_both(opts)
+        same(ps)
 
 
 def test_non_float_params_and_tensor_hyperparameters_behave_as_torch():
@@ -269,13 +219,13 @@ def test_non_float_params_and_tensor_hyperparameters_behave_as_torch():
     for cls in (fusedopt.SGD, torch.optim.SGD):
         q = torch.zeros(3, dtype=torch.int32)
         q.grad = torch.ones(3, dtype=torch.int32)
-        kinds.append(_outcome(cls([q], lr=0.1).step))
+        kinds.append(outcome(cls([q], lr=0.1).step))
     assert kinds[0] is kinds[1] is not None
-    ps, opts = _twins("SGD", momentum=torch.tensor(0.9))
+    ps, opts = twins("SGD", momentum=torch.tensor(0.9))
     for s in range(3):
-        _grads(ps, s)
-        _step(opts)
-    _same(ps)
+        set_grads(ps, s)
+        step_both(opts)
+    same(ps)
 
 
 def test_meta_params_step_as_torch():
@@ -288,33 +238,10 @@ def test_meta_params_step_as_torch():
         assert opt.state[m.weight]["exp_avg"].device.type == "meta"
 
 
-def test_clear_errors_for_fusedopts_own_keywords_and_engines(monkeypatch):
-    p = [torch.nn.Parameter(torch.randn(3))]
-    for kw, kind, word in [(dict(l1="x"), TypeError, "l1"), (dict(l1=-1.0), ValueError, "l1"),
-                           (dict(max_grad_norm="x"), TypeError, "max_grad_norm"),
-                           (dict(state_dtype=torch.int8), ValueError, "state_dtype"),
-                           (dict(backend="cuda"), ValueError, "backend")]:
-        with pytest.raises(kind, match=word):
-            fusedopt.Adam(p, **kw)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    opt = fusedopt.Adam(p, backend="triton")
-    p[0].grad = torch.ones(3)
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        opt.step()
-
-
-def test_bench_plot_without_matplotlib_names_the_extra(tmp_path):
-    code = ("import sys; sys.modules['matplotlib'] = None; from fusedopt.cli import main; "
-            f"sys.argv = ['fusedopt', 'bench', '--sizes', '10x10', '--repeats', '1', '--quick', "
-            f"'--plot', r'{tmp_path / 'x.png'}']; main()")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode != 0 and "fusedopt[plot]" in out.stderr and "Traceback" not in out.stderr
-
-
 def test_no_cache_grows_and_memory_stays_flat():
     """2,000 steps, a param's storage replaced at every step (a rebuild each time): one
     plan per group, and the resident set no larger after than after warm-up (+ noise)."""
-    ps, (ours, _) = _twins("Adam", shapes=((64, 64), (64,)))
+    ps, (ours, _) = twins("Adam", shapes=((64, 64), (64,)))
 
     def rss():
         with open("/proc/self/statm") as f:
@@ -335,7 +262,7 @@ def test_random_programs_under_heap_checking(first, count, reader):
     """260 random programs (tests/programs.py), both engines, glibc heap checks on; the
     last 60 with the facts read in Python (host.py: a machine without a compiler)."""
     env = dict(os.environ, **HEAP_CHECK, FUSEDOPT_HOST=reader)
-    out = subprocess.run([sys.executable, os.path.join(HERE, "programs.py"), str(first),
+    out = subprocess.run([sys.executable, os.path.join(HELPERS, "programs.py"), str(first),
                           str(count), "both"],
                          capture_output=True, text=True, env=env, timeout=1200)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
@@ -365,8 +292,8 @@ def test_forked_child_steps_like_the_parent(name):
     """multiprocessing's default fork, after the parent stepped (numba's OpenMP pool in
     use): the child steps on serial kernels, with the parent's bits."""
     import multiprocessing as mp
-    ps, (ours, _) = _twins(name)
-    _grads(ps, 0)
+    ps, (ours, _) = twins(name)
+    set_grads(ps, 0)
     ours.step()
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
@@ -409,12 +336,12 @@ def test_param_stepped_by_torch_is_clipped_and_its_grad_left_as_given():
     """max_grad_norm folds clipping into the step; a param handed to torch's for-loop (its
     grad is float64, allowed by grad_dtype=None) is clipped by the same factor, and its
     gradient is not written (as for the params the kernel takes)."""
-    ps, _ = _twins("SGD")
+    ps, _ = twins("SGD")
     for side in ps:
         side[1].grad_dtype = None
     opts = [fusedopt.SGD(ps[0], lr=0.1, max_grad_norm=0.5),
             torch.optim.SGD(ps[1], lr=0.1, foreach=False)]
-    _grads(ps, 0)
+    set_grads(ps, 0)
     for side in ps:
         side[1].grad = side[1].grad.double()
     given = [p.grad.clone() for p in ps[0]]
@@ -422,5 +349,5 @@ def test_param_stepped_by_torch_is_clipped_and_its_grad_left_as_given():
     torch.nn.utils.clip_grad_norm_(ps[1], 0.5)
     with arith.replay():
         opts[1].step()
-    _same(ps)
+    same(ps)
     assert all(torch.equal(p.grad, g) for p, g in zip(ps[0], given))

@@ -1,0 +1,61 @@
+"""fusedopt and its torch twin on equal params (the safety tests' pairs): build them, give
+both the same grads, step both, and compare params or outcomes (the same error type)."""
+import contextlib
+
+import torch
+
+import fusedopt
+from fusedopt import arith
+from harness import HP
+
+
+def twins(name, shapes=((5, 3), (7,), (65537,), (1,)), backend="numba", ours=None, **kw):
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    ps = [[torch.nn.Parameter(t.clone()) for t in init] for _ in range(2)]
+    hp = {**HP[name], **kw}
+    return ps, (getattr(fusedopt, name)(ps[0], backend=backend, **hp, **(ours or {})),
+                getattr(fusedopt, name).twin()(ps[1], foreach=False, **hp))
+
+
+def set_grads(ps, seed):
+    gen = torch.Generator().manual_seed(seed)
+    gs = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in ps[1]]
+    for side in ps:
+        for p, g in zip(side, gs):
+            p.grad = g.clone()
+
+
+def step_both(opts):
+    opts[0].step()
+    with arith.replay():
+        opts[1].step()
+
+
+def same(ps):
+    for a, b in zip(*ps):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
+
+
+def outcome(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001
+        return type(e)
+    return None
+
+
+def same_outcome(ps, opts, equal_nan=False, rtol=1e-6, atol=1e-7, replay_ours=False):
+    """One step of each: the same error type, or (none) the same params.  Returns the
+    error type.  ``replay_ours``: our step too under arith.replay (where it hands params
+    to torch's for-loop, that loop then rounds as the twin's does on every CPU)."""
+    with arith.replay() if replay_ours else contextlib.nullcontext():
+        kinds = [outcome(opts[0].step)]
+    with arith.replay():
+        kinds.append(outcome(opts[1].step))
+    assert kinds[0] is kinds[1]
+    if kinds[0] is None:
+        for a, b in zip(*ps):
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=rtol, atol=atol,
+                                       equal_nan=equal_nan)
+    return kinds[0]
