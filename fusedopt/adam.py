@@ -6,6 +6,13 @@ from .options import signature_with
 
 
 class Adam(FusedOptimizer, torch.optim.Adam):
+    """Drop-in for ``torch.optim.Adam`` (amsgrad, decoupled_weight_decay, capturable and the
+    rest as torch): the same constructor, defaults, errors and ``state_dict``, with one
+    fused multi-tensor step per (device, dtype) group (Numba on CPU, Triton on CUDA). Extra
+    keyword-only arguments: ``backend``, ``l1``, ``max_grad_norm``, ``state_dtype``
+    (``torch.float32``, or ``torch.uint8`` for 8-bit state), ``master_weights``,
+    ``stochastic_rounding``, ``flat``; each is described on the Options page of the
+    documentation (``docs/options.md``)."""
     _rule = "adam"
     _sparse_error = "Adam does not support sparse gradients, please consider SparseAdam instead"
 
@@ -38,10 +45,22 @@ class Adam(FusedOptimizer, torch.optim.Adam):
 
 
 class AdamW(Adam, torch.optim.AdamW):
+    """Drop-in for ``torch.optim.AdamW`` (Adam with decoupled weight decay): the same
+    constructor, defaults, errors and ``state_dict``, with one fused multi-tensor step per
+    (device, dtype) group (Numba on CPU, Triton on CUDA). Extra keyword-only arguments:
+    ``backend``, ``l1``, ``max_grad_norm``, ``state_dtype`` (``torch.float32``, or
+    ``torch.uint8`` for 8-bit state), ``master_weights``, ``stochastic_rounding``, ``flat``;
+    each is described on the Options page of the documentation (``docs/options.md``)."""
     pass
 
 
 class Adamax(FusedOptimizer, torch.optim.Adamax):
+    """Drop-in for ``torch.optim.Adamax`` (torch has no fused Adamax): the same constructor,
+    defaults, errors and ``state_dict``, with one fused multi-tensor step per (device,
+    dtype) group (Numba on CPU, Triton on CUDA). Extra keyword-only arguments: ``backend``,
+    ``l1``, ``max_grad_norm``, ``state_dtype`` (``torch.float32``, or ``torch.uint8`` for
+    8-bit state), ``master_weights``, ``stochastic_rounding``, ``flat``; each is described
+    on the Options page of the documentation (``docs/options.md``)."""
     _rule = "adamax"
     _sparse_error = "Adamax does not support sparse gradients"
 
@@ -61,7 +80,3 @@ class Adamax(FusedOptimizer, torch.optim.Adamax):
 for _cls, _twin in ((Adam, torch.optim.Adam), (AdamW, torch.optim.AdamW),
                     (Adamax, torch.optim.Adamax)):
     _cls.__signature__ = signature_with(_twin)
-    _cls.__doc__ = (f"Drop-in for ``torch.optim.{_twin.__name__}`` with a fused multi-tensor "
-                    "step.\n\nExtra keyword-only arguments (see the README): ``backend``, "
-                    "``l1``, ``max_grad_norm``, ``state_dtype``, ``master_weights``, "
-                    "``stochastic_rounding``.\n")
