@@ -8,6 +8,12 @@ from .spec import Spec
 
 
 class Adadelta(FusedOptimizer, torch.optim.Adadelta):
+    """Drop-in for ``torch.optim.Adadelta`` (torch has no fused Adadelta): the same
+    constructor, defaults, errors and ``state_dict``, with one fused multi-tensor step per
+    (device, dtype) group (Numba on CPU, Triton on CUDA). Extra keyword-only arguments:
+    ``backend``, ``l1``, ``max_grad_norm``, ``state_dtype`` (``torch.float32``, or
+    ``torch.uint8`` for 8-bit state), ``master_weights``, ``stochastic_rounding``, ``flat``;
+    each is described on the Options page of the documentation (``docs/options.md``)."""
     _rule = "adadelta"
     _sparse_error = "Adadelta does not support sparse gradients"
 

@@ -12,6 +12,13 @@ ADAM_GROUPS = (dict(lr=1e-2), dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6),
 
 
 class Adam(FusedOptimizer, torch.optim.Adam):
+    """Drop-in for ``torch.optim.Adam`` (amsgrad, decoupled_weight_decay, capturable and the
+    rest as torch): the same constructor, defaults, errors and ``state_dict``, with one
+    fused multi-tensor step per (device, dtype) group (Numba on CPU, Triton on CUDA). Extra
+    keyword-only arguments: ``backend``, ``l1``, ``max_grad_norm``, ``state_dtype``
+    (``torch.float32``, or ``torch.uint8`` for 8-bit state), ``master_weights``,
+    ``stochastic_rounding``, ``flat``; each is described on the Options page of the
+    documentation (``docs/options.md``)."""
     _rule = "adam"
     _sparse_error = "Adam does not support sparse gradients, please consider SparseAdam instead"
 
@@ -55,6 +62,13 @@ class Adam(FusedOptimizer, torch.optim.Adam):
 
 
 class AdamW(Adam, torch.optim.AdamW):
+    """Drop-in for ``torch.optim.AdamW`` (Adam with decoupled weight decay): the same
+    constructor, defaults, errors and ``state_dict``, with one fused multi-tensor step per
+    (device, dtype) group (Numba on CPU, Triton on CUDA). Extra keyword-only arguments:
+    ``backend``, ``l1``, ``max_grad_norm``, ``state_dtype`` (``torch.float32``, or
+    ``torch.uint8`` for 8-bit state), ``master_weights``, ``stochastic_rounding``, ``flat``;
+    each is described on the Options page of the documentation (``docs/options.md``)."""
+
     spec = Spec(reference=reference.adamw, source="torch.optim.AdamW",
                 cases=(dict(amsgrad=False), dict(amsgrad=True)), group_hp=ADAM_GROUPS,
                 fp16_eps=True, torch_fused=True, test_hp=dict(lr=1e-2),
@@ -64,6 +78,12 @@ class AdamW(Adam, torch.optim.AdamW):
 
 
 class Adamax(FusedOptimizer, torch.optim.Adamax):
+    """Drop-in for ``torch.optim.Adamax`` (torch has no fused Adamax): the same constructor,
+    defaults, errors and ``state_dict``, with one fused multi-tensor step per (device,
+    dtype) group (Numba on CPU, Triton on CUDA). Extra keyword-only arguments: ``backend``,
+    ``l1``, ``max_grad_norm``, ``state_dtype`` (``torch.float32``, or ``torch.uint8`` for
+    8-bit state), ``master_weights``, ``stochastic_rounding``, ``flat``; each is described
+    on the Options page of the documentation (``docs/options.md``)."""
     _rule = "adamax"
     _sparse_error = "Adamax does not support sparse gradients"
 
@@ -89,7 +109,3 @@ class Adamax(FusedOptimizer, torch.optim.Adamax):
 for _cls, _twin in ((Adam, torch.optim.Adam), (AdamW, torch.optim.AdamW),
                     (Adamax, torch.optim.Adamax)):
     _cls.__signature__ = signature_with(_twin)
-    _cls.__doc__ = (f"Drop-in for ``torch.optim.{_twin.__name__}`` with a fused multi-tensor "
-                    "step.\n\nExtra keyword-only arguments (see the README): ``backend``, "
-                    "``l1``, ``max_grad_norm``, ``state_dtype``, ``master_weights``, "
-                    "``stochastic_rounding``.\n")

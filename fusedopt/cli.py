@@ -21,6 +21,8 @@ def _model_shapes(spec):
 
 
 def parity_cmd(args, cls=None):
+    """``fusedopt parity``: every optimizer x flag set x dtype x engine against torch.optim's
+    for-loop and the float64 reference; prints one line per case and returns 1 if any fails."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":  # the Triton engine runs in its interpreter on CPU
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -76,6 +78,8 @@ OPTIMS_HELP = ("every optimizer by its class name in lower case (adam, sgd, lion
 
 
 def bench_cmd(args):
+    """``fusedopt bench``: one step of each optimizer on each workload, timed in rounds beside
+    torch's paths and the memory roof; prints the table, returns (0, rows)."""
     from . import benchmark
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     optims = args.optim.split(",")
@@ -140,6 +144,9 @@ def check_cmd(args):
 
 
 def main(argv=None, cls=None):
+    """The ``fusedopt`` command (also ``python -m fusedopt``): ``parity``, ``bench`` or
+    ``check``; returns the exit status.  ``cls`` maps optimizer names to classes to test in
+    place of fusedopt's (the tests pass mutants)."""
     ap = argparse.ArgumentParser(prog="fusedopt", description="fused optimizer tools")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("parity", help="numerical parity against torch.optim and float64")

@@ -196,7 +196,14 @@ def scale_(tensors, factor, backend="auto"):
 def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False,
                     foreach=None, *, backend="auto"):
     """Drop-in for ``torch.nn.utils.clip_grad_norm_`` (same arguments, result and errors;
-    ``foreach`` is accepted and ignored).  Returns the total norm as a tensor."""
+    ``foreach`` is accepted and ignored).  Returns the total norm as a tensor.
+
+    The norm takes one engine call per (device, dtype) and the scaling one more; norms 1, 2,
+    inf and any p > 0 run on the engines (accumulated in float64 on the CPU), 0, -inf,
+    negative p, complex and sparse gradients go to torch.  Under FSDP2 (DTensor gradients)
+    the norm is the whole model's, one all-reduce per mesh, the same on every rank.
+    ``backend`` (keyword-only): ``"auto"``, ``"numba"`` or ``"triton"``, as for the
+    optimizers.  See the Options page of the documentation (``docs/options.md``)."""
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
     grads = [p.grad for p in parameters if p.grad is not None]

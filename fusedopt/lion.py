@@ -50,6 +50,15 @@ class LionForLoop(torch.optim.Optimizer):
 
 
 class Lion(FusedOptimizer, LionForLoop):
+    """Lion (Chen et al., 2023), which torch lacks: ``lr=1e-4, betas=(0.9, 0.99),
+    weight_decay=0.0, *, maximize=False``; state ``exp_avg``; decoupled weight decay, then
+    ``p -= lr * sign(beta1 * m + (1 - beta1) * g)`` and ``m = beta2 * m + (1 - beta2) * g``.
+    Its twin is ``fusedopt.lion.LionForLoop`` (one tensor at a time, in the op order of the
+    ``lion-pytorch`` package, which the tests check it against); one fused multi-tensor step
+    per (device, dtype) group (Numba on CPU, Triton on CUDA). Extra keyword-only arguments:
+    ``backend``, ``l1``, ``max_grad_norm``, ``state_dtype`` (``torch.float32``, or
+    ``torch.uint8`` for 8-bit state), ``master_weights``, ``stochastic_rounding``, ``flat``;
+    each is described on the Options page of the documentation (``docs/options.md``)."""
     _rule = "lion"
     _sparse_error = "Lion does not support sparse gradients"
     _has_step = False  # Lion keeps no step counter

@@ -10,6 +10,12 @@ from .spec import Spec
 
 
 class NAdam(FusedOptimizer, torch.optim.NAdam):
+    """Drop-in for ``torch.optim.NAdam`` (torch has no fused NAdam): the same constructor,
+    defaults, errors and ``state_dict``, with one fused multi-tensor step per (device,
+    dtype) group (Numba on CPU, Triton on CUDA). Extra keyword-only arguments: ``backend``,
+    ``l1``, ``max_grad_norm``, ``state_dtype`` (``torch.float32``, or ``torch.uint8`` for
+    8-bit state), ``master_weights``, ``stochastic_rounding``, ``flat``; each is described
+    on the Options page of the documentation (``docs/options.md``)."""
     _rule = "nadam"
     _sparse_error = "NAdam does not support sparse gradients"
     _scalars = ("mu_product",)

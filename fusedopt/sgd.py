@@ -15,6 +15,13 @@ from .spec import Spec
 
 
 class SGD(FusedOptimizer, torch.optim.SGD):
+    """Drop-in for ``torch.optim.SGD`` (momentum, dampening, nesterov; sparse gradients go
+    to torch's own SGD): the same constructor, defaults, errors and ``state_dict``, with one
+    fused multi-tensor step per (device, dtype) group (Numba on CPU, Triton on CUDA). Extra
+    keyword-only arguments: ``backend``, ``l1``, ``max_grad_norm``, ``state_dtype``
+    (``torch.float32``, or ``torch.uint8`` for 8-bit state), ``master_weights``,
+    ``stochastic_rounding``, ``flat``; each is described on the Options page of the
+    documentation (``docs/options.md``)."""
     _rule = "sgd"
     _has_step = False
 

@@ -89,11 +89,12 @@ def table():
     checks the README holds it)."""
     rows = ["| optimizer | twin (checked against) | torch fused | 8-bit state | masters / SR |",
             "|---|---|---|---|---|"]
+    yes = {True: "yes", False: "no"}
     for name, cls in REGISTRY.items():
         refuses = set(getattr(cls, "_refuses", ()))
-        sr = [o for o, k in (("masters", "master_weights"), ("SR", "stochastic_rounding"))
-              if k not in refuses]
-        rows.append(f"| `{name}` | {cls.spec.source} | {'yes' if cls.spec.torch_fused else '-'} "
-                    f"| {'-' if 'state_dtype' in refuses else 'yes'} | {' / '.join(sr) or '-'} |")
+        rows.append(f"| `{name}` | `{cls.spec.source}` | {yes[cls.spec.torch_fused]} "
+                    f"| {yes['state_dtype' not in refuses]} "
+                    f"| {yes['master_weights' not in refuses]} / "
+                    f"{yes['stochastic_rounding' not in refuses]} |")
     return "\n".join(rows)
 

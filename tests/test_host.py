@@ -136,7 +136,7 @@ def test_grads_meeting_written_memory_are_flagged_alike_by_both_readers(reader):
     assert not host.owned(written) and host.owned(written[:2]) == (reader == "native")
 
 
-# the three changes the first wave's fast path did not notice (README, Safety)
+# the three changes the first wave's fast path did not notice (docs/architecture.md, Safety)
 @pytest.mark.parametrize("name", NAMES)
 def test_grad_of_the_same_width_but_another_dtype_gives_torchs_outcome(name):
     ps, opts = twins(name, shapes=((5, 3), (7,)), ours={})

@@ -256,7 +256,7 @@ def test_stochastic_rounding_same_bits_on_both_engines_and_after_restore(name):
     fresh.param_groups[0]["sr_seed"] = 12345  # overwritten by the checkpoint's seed
     fresh.load_state_dict(sd)
     run("numba", 3, opt=fresh, ps=d, first=3)
-    if name != "SGD":  # SGD keeps no step count in its state: see README
+    if name != "SGD":  # SGD keeps no step count in its state: see docs/options.md
         assert all(map(torch.equal, a, d))
     _, e = run("numba", 6, seed=7)
     assert not all(map(torch.equal, a, e))

@@ -243,7 +243,7 @@ def op_grad_meets(t):
     """A grad that is memory the step writes (another param's, its own, a state tensor's):
     torch reads it before or after that tensor's update, in param order.  (Not with flat
     buffers: a plan built there moves the params into new buffers, and a view of the old
-    memory no longer tracks them, README.)"""
+    memory no longer tracks them: docs/options.md, flat.)"""
     if t.flat or t.max_norm is not None:  # (torch's clip would scale the memory too)
         return
     t.grads()
