@@ -39,12 +39,20 @@ def parity_cmd(args, cls=None):
     if args.quick:  # each algorithm's last case: the one with the most flags on
         from .spec import spec
         cases = [c for c in cases if c[1] == spec(c[0]).cases[-1]]
-    results, off = [], []
+    results, off, interp_off = [], [], []
+    from . import versions
+    print(versions.describe())
     if device == "cpu":  # which side is off where torch and fusedopt differ (fusedopt/arith.py)
         from . import arith
         off = arith.describe()
         print("\n".join(off) if off else "torch's elementary ops (sqrt, multiply-adds, division) "
-              "on this machine are correctly rounded", end="\n\n")
+              "on this machine are correctly rounded")
+        if "triton" in backends:  # and Triton's interpreter (kernels/triton_interp.py)
+            from .kernels import triton_interp
+            interp_off = triton_interp.describe()
+            print("\n".join(interp_off) if interp_off else "Triton's interpreter computes tl.fma, "
+                  "div_rn and sqrt_rn correctly rounded, as compiled Triton does")
+        print()
     head = (f"{'optimizer':9} {'flags':44} {'dtype':8} {'err vs f64: ours/torch':>22} "
             f"{'ulp vs torch':>12} {'ulp engines':>11}  result")
     print(head)
@@ -66,7 +74,8 @@ def parity_cmd(args, cls=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"steps": args.steps, "backends": backends, "results": results,
-                       "torch_ops_off": off}, f,
+                       "torch_ops_off": off, "interpreter_ops_off": interp_off,
+                       "versions": versions.installed()}, f,
                       indent=1, default=str)
     return 1 if failed else 0
 
@@ -135,7 +144,12 @@ def check_cmd(args):
                             quick=True, sizes=None, compile=False, json=args.json, plot=args.plot)
     _, rows = bench_cmd(bs)
     print("\n== verdict ==")
-    print(f"parity: {'PASS' if not parity_failed else 'FAIL'}")
+    from . import versions
+    off = versions.untested()
+    # torch's CPU ops and Triton's interpreter are replayed correctly rounded where they are
+    # not (the lines above the parity table): a FAIL is the engines', on tested versions
+    print(f"parity: {'PASS' if not parity_failed else 'FAIL'}"
+          + (f" (untested here: {', '.join(off)}; the tested ranges: pyproject.toml)" if off else ""))
     for r in rows:
         if r["impl"].startswith("fusedopt"):
             print(f"{r['optimizer']:5} {r['workload']:10} {r['impl']:14} {r['ms']:8.2f} ms  "

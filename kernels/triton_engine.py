@@ -7,13 +7,14 @@ alignment facts, so when the host has checked that every address is 16-byte alig
 mask: that is what lets the compiler emit 128-bit loads.  bfloat16 is moved as uint16
 and rounded to nearest even by hand: ``.to(tl.bfloat16)`` truncates in the interpreter.
 """
+import contextlib
 import os
 import types
 
 import numpy as np
 import torch
 
-from . import coefficients, import_triton, rules, triton_ops, triton_quant
+from . import coefficients, import_triton, rules, triton_interp, triton_ops, triton_quant
 from .coefficients import NCOEF, SLOTS
 from .flags import CONSTANTS, Codes
 
@@ -25,6 +26,13 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 CHUNK = 1 << 16 if _INTERPRET else 1 << 14
 BLOCK = CHUNK if _INTERPRET else 1024
 NUM_WARPS = 4
+
+
+def launching():
+    """The context of every launch: in the interpreter, its ops that are not correctly
+    rounded on this triton version replayed correctly rounded, as compiled Triton computes
+    them (kernels/triton_interp.py); compiled, nothing."""
+    return triton_interp.replay() if _INTERPRET else contextlib.nullcontext()
 
 
 @triton.jit
@@ -348,10 +356,11 @@ def run(rule, flags, dtypes, mask, P, G, S, C, R, TID, CS, CE, aligned, found_in
     h = _NO_COEFS if coefs is None else np.array(coefs, np.float64).view(np.int64).tolist()
     A = S[4:7] if mask & Codes.ANY else (P, P, P)
     q = C if Q is None else Q  # (unused without 8-bit slots)
-    kernel[(TID.numel(),)](P, G, S[0], S[1], S[2], S[3], *A, q, C, R, TID, CS, CE, fi, *h, MASK=mask,
-                           KIND=KINDS[dtypes[0]], SKIND=KINDS[dtypes[1]], ALIGNED=aligned,
-                           UNIFORM=coefs is not None, BLOCK=BLOCK,
-                           num_warps=NUM_WARPS, enable_fp_fusion=False)
+    with launching():
+        kernel[(TID.numel(),)](P, G, S[0], S[1], S[2], S[3], *A, q, C, R, TID, CS, CE, fi, *h,
+                               MASK=mask, KIND=KINDS[dtypes[0]], SKIND=KINDS[dtypes[1]],
+                               ALIGNED=aligned, UNIFORM=coefs is not None, BLOCK=BLOCK,
+                               num_warps=NUM_WARPS, enable_fp_fusion=False)
 
 
 def norm_partials(dtype, order, G, TID, CS, CE):
@@ -362,9 +371,10 @@ def norm_partials(dtype, order, G, TID, CS, CE):
     out = torch.empty(TID.numel(), dtype=torch.float64 if f64 else torch.float32,
                       device=TID.device)
     if TID.numel():
-        _norm_jit(_INTERPRET)[(TID.numel(),)](G, TID, CS, CE, float(order), out,
-                                              KIND=KINDS[dtype], ORD=ord_, BLOCK=BLOCK,
-                                              num_warps=NUM_WARPS)
+        with launching():
+            _norm_jit(_INTERPRET)[(TID.numel(),)](G, TID, CS, CE, float(order), out,
+                                                  KIND=KINDS[dtype], ORD=ord_, BLOCK=BLOCK,
+                                                  num_warps=NUM_WARPS)
     return out
 
 

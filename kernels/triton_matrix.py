@@ -2,7 +2,7 @@
 the params or (flag REDUCE) reducing squares per tensor, row and column.  The general
 reduction pass (numba_matrix.py is the CPU twin); the rules are bound as in triton_engine."""
 from . import import_triton
-from .triton_engine import _INTERPRET, _kernels, _bind, _rebind, BLOCK, KINDS, NUM_WARPS
+from .triton_engine import _INTERPRET, _kernels, _bind, _rebind, BLOCK, KINDS, NUM_WARPS, launching
 
 triton = import_triton()
 tl = triton.language
@@ -138,8 +138,9 @@ def run_matrix(rule, flags, dtypes, mask, P, G, S, C, TID, RS, RE, F, ROFF, COFF
     if TID.numel() == 0:
         return
     bc = min(triton.next_power_of_2(max(int(max_cols), 1)), BLOCK)
-    build_matrix(rule, flags)[(TID.numel(),)](
-        P, G, S[0], S[1], S[2], C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS, CPART, MASK=mask,
-        KIND=KINDS[dtypes[0]], SKIND=KINDS[dtypes[1]], BR=BLOCK // bc, BC=bc, ALIGNED=aligned,
-        num_warps=NUM_WARPS, enable_fp_fusion=False)
+    with launching():
+        build_matrix(rule, flags)[(TID.numel(),)](
+            P, G, S[0], S[1], S[2], C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS, CPART, MASK=mask,
+            KIND=KINDS[dtypes[0]], SKIND=KINDS[dtypes[1]], BR=BLOCK // bc, BC=bc,
+            ALIGNED=aligned, num_warps=NUM_WARPS, enable_fp_fusion=False)
 

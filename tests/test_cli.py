@@ -37,8 +37,13 @@ def test_parity_tiny_config_passes_and_prints_table(capsys, tmp_path):
     text = capsys.readouterr().out
     assert rc == 0
     assert "err vs f64" in text and "2/2 cases pass" in text
+    # above the table: the versions against the tested ranges, torch's ops, and (both
+    # engines on CPU) Triton's interpreter's ops: which side is off, if any
+    head = text.split("optimizer")[0]
+    assert "within the tested ranges" in head and "torch's" in head and "interpreter" in head
     data = json.loads(out.read_text())
     assert len(data["results"]) == 2 and all(r["ok"] for r in data["results"])
+    assert set(data["versions"]) == {"torch", "triton"} and "interpreter_ops_off" in data
 
 
 def test_parity_fails_on_a_broken_optimizer(capsys):
