@@ -64,6 +64,7 @@ def _source():
 
 
 NAME = "fusedopt_host"
+LIB = NAME + (".pyd" if os.name == "nt" else ".so")  # cpp_extension's LIB_EXT
 READY = "fusedopt-ready"  # size and mtime of the library a finished build left
 
 
@@ -76,7 +77,7 @@ def _load_built(build):
     """The library a finished build left in ``build``, loaded without cpp_extension
     (whose import and ninja run cost ~0.1-1 s per process); None if there is none, or if
     the library changed since (another process is rebuilding it)."""
-    lib = os.path.join(build, NAME + ".so")
+    lib = os.path.join(build, LIB)
     try:
         with open(os.path.join(build, READY)) as f:
             if f.read().strip() != _stamp(lib):
@@ -122,11 +123,13 @@ def _build():
     with notice.slow("building the C++ host helper (kernels/host.cpp)"):
         module = _cpp_extension().load(NAME, [_source()], build_directory=build,
                                        extra_cflags=["-O2"], verbose=False)
-    lib = os.path.join(build, NAME + ".so")
     tmp = os.path.join(build, f"{READY}.{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(_stamp(lib))
-    os.replace(tmp, os.path.join(build, READY))  # never a half-written stamp
+    try:
+        with open(tmp, "w") as f:
+            f.write(_stamp(os.path.join(build, LIB)))
+        os.replace(tmp, os.path.join(build, READY))  # never a half-written stamp
+    except OSError:  # only the next process's shortcut is lost
+        pass
     return module
 
 

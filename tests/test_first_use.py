@@ -131,3 +131,14 @@ def test_cuda_runtime_notice_silenced(tmp_path):
     ours = _run(NO_CUDA.format("from fusedopt import host; host._cpp_extension()"), **env)
     assert ours.returncode == 0, ours.stderr
     assert "No CUDA runtime" not in ours.stderr, ours.stderr
+
+
+def test_direct_load_only_of_a_finished_build(tmp_path):
+    """The shortcut takes the library only while it is the file the last finished build
+    stamped: no stamp (a build under way or failed) or another file (rebuilt since) goes
+    through cpp_extension.load and its lock."""
+    lib = tmp_path / host.LIB
+    lib.write_bytes(b"not a library")
+    assert host._load_built(str(tmp_path)) is None
+    (tmp_path / host.READY).write_text("1 2")
+    assert host._load_built(str(tmp_path)) is None
