@@ -82,3 +82,39 @@ def test_step_split_accounts_for_the_step(capsys):
     assert med["smallest rest"] >= 0 and med["rest of the step"] < med["whole step"]
     assert (plan._Plan.grad_ptrs, bucket._Bucket.run) == before
     assert "rmsprop on tiny: 20000 tensors" in capsys.readouterr().out
+
+
+def test_check_prints_each_table_once_and_notes_after_the_verdict(capsys, monkeypatch):
+    """A terminal shows stdout and stderr together: each speed table appears once in the
+    two, and the notes on torch's arithmetic come after the verdict.  (One parity case and
+    a small workload: the real check's are sized in check_workloads.)"""
+    from fusedopt import cli, parity
+    full = parity.matrix
+    monkeypatch.setattr(parity, "matrix", lambda optims, dtypes: full(["sgd"], [torch.float32]))
+    monkeypatch.setattr(cli, "check_workloads",
+                        lambda limit=cli.CHECK_MEMORY: ({"small": [(300, 7), (100,)]}, "sized"))
+    assert main(["check"]) == 0
+    cap = capsys.readouterr()
+    both = cap.out + cap.err
+    lines = [ln for ln in both.splitlines() if ln.strip()]
+    head = next(ln for ln in lines if ln.startswith("optimizer") and "Gparam/s" in ln)
+    assert both.count(head) == 2  # adam's table and sgd's
+    rows = [ln for ln in lines if ln.split()[:2] in (["adam", "small"], ["sgd", "small"])]
+    assert rows and len(rows) == len(set(rows))
+    out = cap.out
+    assert out.index("== verdict ==") < out.index("== notes on this machine ==")
+    notes = out[out.index("== notes on this machine =="):]
+    assert "sized" in notes and "check took" in notes
+    from fusedopt import arith
+    for line in arith.describe() or ["torch's elementary ops"]:
+        assert line[:40] in notes and line[:40] not in out[:out.index("== verdict ==")]
+
+
+def test_check_workloads_fit_the_limit():
+    from fusedopt import cli, workloads
+    for limit in (4e9, 2e9):
+        sized, note = cli.check_workloads(limit)
+        n = sum(workloads._numel(s) for s in next(iter(sized.values())))
+        rss = cli._memory()[0]
+        assert rss + 0.3e9 + n * cli.CHECK_BYTES_PER_PARAM <= limit, (limit, n)
+        assert len(next(iter(sized.values()))) == 148 and "GB" in note
