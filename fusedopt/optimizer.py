@@ -10,6 +10,7 @@ What the plan needs of the algorithm it gets as data (plan.GroupSpec, ``_describ
 """
 import functools
 import inspect
+import weakref
 
 import numpy as np
 import torch
@@ -65,11 +66,13 @@ class FusedOptimizer:
         """Move the per-param scalars of the state (``_scalars``) for this step."""
 
     def _describe(self, group):
-        """What the plan of ``group`` needs of this algorithm (plan.GroupSpec)."""
+        """What the plan of ``group`` needs of this algorithm (plan.GroupSpec).  Its
+        state initializer holds the optimizer weakly: a plan keeps no optimizer alive."""
         slots = self._slots(group)
+        init = functools.partial(type(self)._init_state, weakref.proxy(self), group)
         return GroupSpec(
             name=type(self).__name__, slots=slots, has_step=self._has_step,
-            scalars=tuple(self._scalars), init_state=functools.partial(self._init_state, group),
+            scalars=tuple(self._scalars), init_state=init,
             needs_state=self._has_step or any(slots) or bool(group.get("master_weights")),
             factored=self._is_factored(), backend=self._backend,
             index=next(i for i, g in enumerate(self.param_groups) if g is group))

@@ -210,7 +210,8 @@ class _Plan:
                                       [state[params[i]] for i in idx] if need else None,
                                       fresh, idx, flats.get(key)))
                         for key, idx in order.items()]
-        for idx, b in self.buckets if spec.factored else ():  # (watched from here on)
+        # a factored state's matrix tables and factor buffers, watched as the slots are
+        for idx, b in self.buckets if spec.factored else ():
             b.tables, b.factors = matrix.factors(b, [state[params[i]] for i in idx])
         self.all_live = len(live) == len(params)
         self.single = len(self.buckets) == 1 and self.all_live and not self.fallback
