@@ -153,8 +153,8 @@ def bind_rule(rule, flags):
 
 
 def bindings(rule, flags, dtypes, names):
-    """What a kernel variant binds (variant_globals): ``rule`` (bind_rule), the loads and stores
-    of dtypes (params', state's: load, store, sload, sstore) and the flags of ``names``."""
+    """What a kernel variant binds (variant_globals): ``rule`` (bind_rule), the loads and
+    stores of dtypes (params', state's: load, store, sload, sstore), the flags of ``names``."""
     fl = dict(flags)
     return dict(rule=bind_rule(rule, flags), load=IO[dtypes[0]][1], store=IO[dtypes[0]][2],
                 sload=IO[dtypes[1]][1], sstore=IO[dtypes[1]][2], **{n: fl[n] for n in names})
@@ -165,7 +165,8 @@ def variant_globals(module_globals, binds):
     variant's rule, loads and stores, flags).  Each one must be a name the module declares,
     so that the kernel's code reads no name its module does not define."""
     undeclared = set(binds) - set(module_globals)
-    assert not undeclared, f"{module_globals['__name__']} does not declare {sorted(undeclared)}"
+    if undeclared:
+        raise NameError(f"{module_globals['__name__']} does not declare {sorted(undeclared)}")
     return dict(module_globals, **binds)
 
 

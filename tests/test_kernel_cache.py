@@ -179,3 +179,11 @@ def test_keys_tell_variants_apart(monkeypatch):
     assert numba_base.cache_key("fusedopt.kernels.numba_engine", "adam", 1) == key
     monkeypatch.setattr(numba_base, "PARALLEL", [False])  # (a forked child: serial kernels)
     assert numba_base.cache_key("numba_engine", "adam", 1) != key
+
+
+def test_a_variant_binds_only_names_its_module_declares():
+    from fusedopt.kernels import numba_base, numba_engine
+    gl = numba_base.variant_globals(vars(numba_engine), {"rule": 1, "SCALE_GRAD": True})
+    assert gl["rule"] == 1 and gl["SCALE_GRAD"] and numba_engine.rule is None
+    with pytest.raises(NameError, match="REDUCE"):
+        numba_base.variant_globals(vars(numba_engine), {"REDUCE": True})
