@@ -8,12 +8,12 @@ master copy of a low-precision param, and the keys of the stochastic-rounding st
 """
 import operator
 import os
-import sys
 
 import numpy as np
 import torch
 
 from . import quant
+from .dtensor import dtensor_class as _dtensor, local as _local
 from .kernels.coefficients import NCOEF
 from .kernels.flags import update_mask
 
@@ -23,18 +23,6 @@ _PTR = torch.Tensor.data_ptr
 _CONTIG = torch.Tensor.is_contiguous
 
 _REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
-
-
-def _dtensor():
-    """DTensor's class, or () while torch.distributed.tensor is not imported: importing it
-    takes ~0.6 s, and a program with DTensors has imported it already."""
-    mod = sys.modules.get("torch.distributed.tensor")
-    return getattr(mod, "DTensor", ()) if mod is not None else ()
-
-
-def _local(t):
-    """The shard a DTensor holds on this rank (the engine updates local shards), else t."""
-    return t._local_tensor if isinstance(t, _dtensor()) else t
 
 
 def scalar_dtype():
