@@ -5,5 +5,8 @@ from setuptools import setup
 setup(
     packages=["fusedopt", "fusedopt.kernels"],
     package_dir={"fusedopt": "fusedopt", "fusedopt.kernels": "kernels"},
-    package_data={"fusedopt.kernels": ["host.cpp"]},  # compiled at first use (fusedopt/host.py)
+    # host.cpp is compiled at first use or by `fusedopt warmup` (fusedopt/host.py), not here:
+    # pip builds in an isolated environment without torch, and the helper must be compiled
+    # against the torch that will load it (and again when that torch is upgraded)
+    package_data={"fusedopt.kernels": ["host.cpp"]},
 )

@@ -14,6 +14,8 @@ from .sgd import SGD
 
 try:  # the CPU engine: numba's one-time setup belongs to import, not to the first step
     from .kernels import numba_engine as _numba_engine  # noqa: F401
+    from . import notice as _notice
+    _notice.install()  # a line on stderr while a first-use compile runs long
 except ImportError:  # numba missing: the Triton engine still works
     pass
 

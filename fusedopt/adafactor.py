@@ -12,14 +12,14 @@ import torch
 
 from .bucket import scalar_dtype
 from .kernels.flags import Matrix
-from .matrix import Factored, exact_sqrt
+from .matrix import exact_sqrt, state_shape
 from . import reference
 from .optimizer import FusedOptimizer
 from .options import signature_with
 from .spec import Spec
 
 
-class Adafactor(Factored, FusedOptimizer, torch.optim.Adafactor):
+class Adafactor(FusedOptimizer, torch.optim.Adafactor):
     """Drop-in for ``torch.optim.Adafactor`` (factored second moments: three passes of the
     matrix kernel per step): the same constructor, defaults, errors and ``state_dict``, with
     one fused multi-tensor step per (device, dtype) group (Numba on CPU, Triton on CUDA).
@@ -45,12 +45,16 @@ class Adafactor(Factored, FusedOptimizer, torch.optim.Adafactor):
             raise RuntimeError("Adafactor does not support complex parameters")
         state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
         if p.grad.dim() > 1:
-            state["row_var"] = p.grad.new_zeros(self._state_shape("row_var", p))
-            state["col_var"] = p.grad.new_zeros(self._state_shape("col_var", p))
+            state["row_var"] = p.grad.new_zeros(state_shape("row_var", p))
+            state["col_var"] = p.grad.new_zeros(state_shape("col_var", p))
         else:
             state["variance"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
 
-    def _run(self, bucket, group, gptr, amp):
+    def _factors(self, group, bucket):
+        """(matrix.Tables, (row factors, column factors)) of the bucket (matrix.factors)."""
+        return bucket.tables, bucket.factors
+
+    def _matrix_step(self, bucket, group, gptr, amp):
         dt = bucket.params[0].dtype
         if dt.is_complex:
             raise RuntimeError("Adafactor does not support complex parameters")

@@ -8,12 +8,12 @@ master copy of a low-precision param, and the keys of the stochastic-rounding st
 """
 import operator
 import os
-import sys
 
 import numpy as np
 import torch
 
 from . import quant
+from .dtensor import dtensor_class as _dtensor, local as _local
 from .kernels.coefficients import NCOEF
 from .kernels.flags import update_mask
 
@@ -23,18 +23,6 @@ _PTR = torch.Tensor.data_ptr
 _CONTIG = torch.Tensor.is_contiguous
 
 _REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
-
-
-def _dtensor():
-    """DTensor's class, or () while torch.distributed.tensor is not imported: importing it
-    takes ~0.6 s, and a program with DTensors has imported it already."""
-    mod = sys.modules.get("torch.distributed.tensor")
-    return getattr(mod, "DTensor", ()) if mod is not None else ()
-
-
-def _local(t):
-    """The shard a DTensor holds on this rank (the engine updates local shards), else t."""
-    return t._local_tensor if isinstance(t, _dtensor()) else t
 
 
 def scalar_dtype():
@@ -133,10 +121,15 @@ def _stacked(states, name, device):
 
 
 class _Bucket:
-    """The params of one group that share device and dtype, ready for one engine call."""
+    """The params of one group that share device and dtype, ready for one engine call.
+    ``spec``: the group's plan.GroupSpec; ``states``: the params' state dicts (None where
+    the algorithm keeps none); ``index``: the params' places in their group."""
 
-    def __init__(self, opt, group, params, slots, fresh, index, buffers=None):
+    tables = factors = None  # a factored state's (matrix.factors)
+
+    def __init__(self, spec, group, params, states, fresh, index, buffers=None):
         self.params = params
+        slots = spec.slots
         self.device = params[0].device
         self.dtype = _name(params[0].dtype)
         sdt = state_dtype(group, params[0])
@@ -146,14 +139,14 @@ class _Bucket:
         used = [bool(name) for name in slots]
         self.mask = update_mask(used, master, used if q else (),
                                 [bool(name) and quant.signed(name) for name in slots])
-        self.backend = backend_for(opt._backend, self.device)
+        self.backend = backend_for(spec.backend, self.device)
         if self.backend == "triton" and self.device.type == "cpu" \
                 and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError(
                 "backend='triton' runs on CUDA tensors; these params are on the CPU. Use "
                 "backend='numba' (or 'auto'), or, to test the Triton kernels on the CPU, set "
                 "TRITON_INTERPRET=1 before triton is imported (its interpreter: slow)")
-        states = [opt.state[p] for p in params] if opt._needs_state(group) else [{}] * len(params)
+        states = states if states is not None else [{}] * len(params)
         # engines need contiguous memory: non-contiguous params are updated through a copy
         local = [_local(p) for p in params]
         self.work = [(i, p, p.contiguous()) for i, p in enumerate(local) if not p.is_contiguous()]
@@ -189,7 +182,7 @@ class _Bucket:
         # them: the coefficients are then Python floats, passed to the kernel as scalars
         self.capturable = bool(group.get("capturable", False))
         cdev = self.device if self.capturable else torch.device("cpu")
-        if opt._has_step:
+        if spec.has_step:
             steps = _stacked(states, "step", cdev)
         else:  # a private count: 0 for state created by this plan, so step 1 is its first
             steps = torch.tensor([0.0 if id(p) in fresh else 1.0 for p in params],
@@ -199,14 +192,14 @@ class _Bucket:
         # other per-param scalars of the state (NAdam's mu_product): stacked likewise, each
         # state entry a 0-d view, advanced in one op per step by the class
         self.scalars = {}
-        for name in opt._scalars:
+        for name in spec.scalars:
             self.scalars[name] = _stacked(states, name, cdev)
         # numpy views of the CPU ones (sharing memory): read as numbers without a torch op
         self.scalars_np = {n: b.numpy() for n, b in self.scalars.items() if b.device.type == "cpu"}
         # the state tensors as the optimizer's state holds them, whose facts are re-read
         # before every step: `state[p][k].data = t` changes no mapping but must be noticed
-        names = [n for n in slots if n] + ["master"] * master + ["step"] * opt._has_step \
-            + list(opt._scalars) + [n + quant.ABSMAX for n in slots if n and q]
+        names = [n for n in slots if n] + ["master"] * master + ["step"] * spec.has_step \
+            + list(spec.scalars) + [n + quant.ABSMAX for n in slots if n and q]
         self.watched = [_local(st[n]) for st in states for n in names if n in st]
         math_dtype = torch.float64 if self.dtype == "float64" else torch.float32
         self.C = torch.zeros(len(params), NCOEF, dtype=math_dtype, device=self.device)
@@ -215,7 +208,7 @@ class _Bucket:
         tid, cs, ce = _chunks(self.backend, self.numel)
         # the stochastic-rounding stream of a param depends on its place in the optimizer,
         # never on which other params have gradients
-        self.place = torch.tensor([(index[0] << 20 ^ i) * 0x85EBCA77 & _M32 for i in index[1]],
+        self.place = torch.tensor([(spec.index << 20 ^ i) * 0x85EBCA77 & _M32 for i in index],
                                   dtype=torch.int64, device=cdev)
         self.buffers, self.flat = buffers, None
         if buffers is not None:

@@ -1,4 +1,4 @@
-"""``fusedopt parity | bench | check``: the user-facing tools."""
+"""``fusedopt parity | bench | check | warmup``: the user-facing tools."""
 import argparse
 import importlib
 import json
@@ -20,9 +20,12 @@ def _model_shapes(spec):
     return [tuple(p.shape) for p in params]
 
 
-def parity_cmd(args, cls=None):
+def parity_cmd(args, cls=None, notes=None):
     """``fusedopt parity``: every optimizer x flag set x dtype x engine against torch.optim's
-    for-loop and the float64 reference; prints one line per case and returns 1 if any fails."""
+    for-loop and the float64 reference; prints one line per case and returns 1 if any fails.
+    ``notes``: a list that receives the notes on this machine (torch and triton versions
+    against the tested ranges, torch's arithmetic, Triton's interpreter's) instead of
+    printing them after the summary (check prints them after its verdict)."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":  # the Triton engine runs in its interpreter on CPU
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -40,19 +43,12 @@ def parity_cmd(args, cls=None):
         from .spec import spec
         cases = [c for c in cases if c[1] == spec(c[0]).cases[-1]]
     results, off, interp_off = [], [], []
-    from . import versions
-    print(versions.describe())
     if device == "cpu":  # which side is off where torch and fusedopt differ (fusedopt/arith.py)
         from . import arith
         off = arith.describe()
-        print("\n".join(off) if off else "torch's elementary ops (sqrt, multiply-adds, division) "
-              "on this machine are correctly rounded")
         if "triton" in backends:  # and Triton's interpreter (kernels/triton_interp.py)
             from .kernels import triton_interp
             interp_off = triton_interp.describe()
-            print("\n".join(interp_off) if interp_off else "Triton's interpreter computes tl.fma, "
-                  "div_rn and sqrt_rn correctly rounded, as compiled Triton does")
-        print()
     head = (f"{'optimizer':9} {'flags':44} {'dtype':8} {'err vs f64: ours/torch':>22} "
             f"{'ulp vs torch':>12} {'ulp engines':>11}  result")
     print(head)
@@ -71,6 +67,18 @@ def parity_cmd(args, cls=None):
     failed = sum(not r["ok"] for r in results)
     print(f"\n{len(results) - failed}/{len(results)} cases pass "
           f"({args.steps} steps, engines: {', '.join(backends)})")
+    from . import versions
+    text = [versions.describe()]  # context for the ulp column, not the result: after it
+    if device == "cpu":
+        text += off or ["torch's elementary ops (sqrt, multiply-adds, division) on this machine "
+                        "are correctly rounded"]
+        if "triton" in backends:
+            text += interp_off or ["Triton's interpreter computes tl.fma, div_rn and sqrt_rn "
+                                   "correctly rounded, as compiled Triton does"]
+    if notes is None:
+        print("\n" + "\n".join(text))
+    else:
+        notes += text
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"steps": args.steps, "backends": backends, "results": results,
@@ -97,22 +105,25 @@ def bench_cmd(args):
     if args.sizes:
         custom = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
         workloads = ["custom"]
+    sized = getattr(args, "shapes", None) or {}  # workload name -> shapes (check's)
     rows = []
     t0 = time.time()
     for optim in optims:
         for wl in workloads:
             try:
-                new = benchmark.bench_one(optim, wl, device, args.repeats, shapes=custom,
+                new = benchmark.bench_one(optim, wl, device, args.repeats,
+                                          shapes=sized.get(wl, custom),
                                           compile_step=args.compile, progress=_progress)
             except torch.OutOfMemoryError as e:  # one workload too big: report, go on
                 _progress(f"{optim} on {wl} skipped: {str(e).splitlines()[0]}")
                 continue
             rows += new
-            _progress("\n" + benchmark.format_table(new))  # a long run shows figures as it goes
+            # each table once, on stdout, as soon as it is done: a long run shows figures
+            # as it goes, and a terminal (stdout and stderr) does not show them twice
+            print(benchmark.format_table(new) + "\n", flush=True)
             if args.json:  # and leaves them behind if it is cut short
                 with open(args.json, "w") as f:
                     json.dump({"machine": benchmark.machine(), "rows": rows}, f, indent=1)
-    print(benchmark.format_table(rows))
     extra = benchmark.first_step_times() if device.type == "cpu" and not args.quick else {}
     for k, v in extra.items():
         print(f"{k}: {v:.2f}")
@@ -133,28 +144,168 @@ def bench_default_workloads(device):
     return "gpt2-124m,many-small,tiny" + (",llama-1b" if device.type == "cuda" else "")
 
 
+CHECK_MEMORY = 4e9  # what `fusedopt check` may use at most (an 8 GB laptop runs it)
+# bytes of memory per param of the speed workload while one optimizer is timed: the roof's
+# buffers and, per implementation (torch's for-loop, foreach, fused; fusedopt, flat),
+# params, grads, state and torch's temporaries (measured: Adam ~120 B, SGD ~92 B)
+CHECK_BYTES_PER_PARAM = 125
+
+
+def _memory():
+    """(bytes this process holds now, bytes the system has available), from /proc where
+    there is one; (0, None) elsewhere."""
+    rss = avail = None
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return rss or 0, avail
+
+
+def check_workloads(limit=CHECK_MEMORY):
+    """The speed workloads of ``fusedopt check``, sized so that the process stays under
+    ``limit`` bytes (and under 60 % of the memory available now): GPT-2-124M's 148 tensors
+    scaled down to what fits (~22M params from 4 GB), and 20000 tensors of 100.  Returns
+    ({name: shapes}, a line that says what was chosen)."""
+    from . import workloads
+    rss, avail = _memory()
+    budget = min(limit, 0.6 * avail) if avail else limit
+    full = sum(workloads._numel(s) for s in workloads.gpt2_124m())
+    # 0.3 GB: what torch's allocator and numba's threads add beyond the measured figure
+    room = max(budget - rss - 0.3e9, 0) / CHECK_BYTES_PER_PARAM
+    shapes = workloads.gpt2_like(max(room, 1e6))
+    n = sum(workloads._numel(s) for s in shapes)
+    name = "gpt2-124m" if n == full else f"gpt2/{n / 1e6:.0f}M"
+    note = (f"speed workloads: {name} (GPT-2 small's 148 tensors"
+            + ("" if n == full else f", every dimension scaled down to {n / 1e6:.1f}M params")
+            + f") and tiny (20000 x 100), for a peak of ~{(rss + 0.3e9 + n * CHECK_BYTES_PER_PARAM) / 1e9:.1f} GB"
+            + ("" if n == full else
+               f"; GPT-2-124M itself needs ~{(rss + 0.3e9 + full * CHECK_BYTES_PER_PARAM) / 1e9:.0f} GB: "
+               "fusedopt bench --optim adam,sgd --workloads gpt2-124m"))
+    return {name: shapes, "tiny": workloads.WORKLOADS["tiny"]()}, note
+
+
 def check_cmd(args):
-    """Quick parity and speed on this machine, then a verdict table."""
+    """Quick parity and speed on this machine, then a verdict, then notes on the machine."""
+    from . import notice
+    t0, compiled = time.perf_counter(), notice.COMPILES.count
     ns = argparse.Namespace(optim="adam,adamw,rmsprop,sgd", dtypes="float32,bfloat16", backends=None,
                             steps=5, model=None, quick=True, json=None, device=None)
-    print("== parity: fusedopt vs torch.optim vs float64 reference ==")
-    parity_failed = parity_cmd(ns)
-    print("\n== speed: one optimizer step, fusedopt vs torch ==")
-    bs = argparse.Namespace(optim="adam,sgd", workloads="gpt2-124m,tiny", repeats=3, device=None,
-                            quick=True, sizes=None, compile=False, json=args.json, plot=args.plot)
+    notes = []
+    print("== parity: fusedopt vs torch.optim vs float64 reference ==", flush=True)
+    parity_failed = parity_cmd(ns, notes=notes)
+    print("\n== speed: one optimizer step, fusedopt vs torch ==", flush=True)
+    sized, line = check_workloads()
+    notes.append(line)
+    bs = argparse.Namespace(optim="adam,sgd", workloads=",".join(sized), shapes=sized, repeats=3,
+                            device=None, quick=True, sizes=None, compile=False, json=args.json,
+                            plot=args.plot)
     _, rows = bench_cmd(bs)
-    print("\n== verdict ==")
+    print("== verdict ==")
     from . import versions
     off = versions.untested()
     # torch's CPU ops and Triton's interpreter are replayed correctly rounded where they are
-    # not (the lines above the parity table): a FAIL is the engines', on tested versions
+    # not (the notes): on tested versions a FAIL is the engines', never the environment's
     print(f"parity: {'PASS' if not parity_failed else 'FAIL'}"
           + (f" (untested here: {', '.join(off)}; the tested ranges: pyproject.toml)" if off else ""))
     for r in rows:
         if r["impl"].startswith("fusedopt"):
             print(f"{r['optimizer']:5} {r['workload']:10} {r['impl']:14} {r['ms']:8.2f} ms  "
                   f"{r['speedup_vs_best_torch']:6.2f}x torch's best  {r['pct_of_roof']:5.1f}% of roof")
+    n = notice.COMPILES.count - compiled
+    took = f"check took {time.perf_counter() - t0:.0f} s" + (
+        f"; {n} CPU kernels compiled (first use on this machine: a second run loads them "
+        "from numba's cache)" if n else "; the CPU kernels came from numba's cache")
+    print("\n== notes on this machine ==")
+    print("\n".join(notes + [took]))
     return parity_failed
+
+
+def _warmup_optimizers():
+    import fusedopt  # noqa: F401  (defining the classes registers them)
+    from .spec import REGISTRY
+    return {name.lower(): cls for name, cls in REGISTRY.items()}
+
+
+def warmup_cmd(args):
+    """Compile ahead what a first step would compile: the C++ host helper and, per
+    optimizer, the CPU kernels its default options use (two steps over a few small float32
+    params, 1-D and 2-D), and clip_grad_norm_'s norm kernel.  They are cached on disk
+    (numba's cache: next to the installed kernels, or $NUMBA_CACHE_DIR; the helper:
+    ~/.cache/fusedopt or $FUSEDOPT_BUILD_DIR), so a container or CI image built with
+    `fusedopt warmup` starts its first step without compiling."""
+    import fusedopt
+    from . import host, notice
+    known = _warmup_optimizers()
+    names = args.optim.lower().split(",") if args.optim else list(known) + ["clip"]
+    unknown = [n for n in names if n not in known and n != "clip"]
+    if unknown:
+        print(f"unknown optimizer(s): {', '.join(unknown)}; known: {', '.join(known)}, clip",
+              file=sys.stderr)
+        return 2
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    t_all = time.perf_counter()
+    with notice.silenced():  # this command says what it does itself
+        if os.environ.get("FUSEDOPT_HOST") != "python":
+            t0 = time.perf_counter()
+            helper = host.native()
+            state = "ready" if helper is not None else "could not be built (see the warning)"
+            print(f"{'host helper':20} {time.perf_counter() - t0:6.1f} s  {state}"
+                  + (f" ({host._build_dir()})" if helper is not None else ""), flush=True)
+        for name in names:
+            for dtype in dtypes:
+                t0, c0 = time.perf_counter(), notice.COMPILES.count
+                ps = [torch.nn.Parameter(torch.zeros(s, dtype=dtype)) for s in ((7,), (33, 5))]
+                for p in ps:
+                    p.grad = torch.ones_like(p)
+                if name == "clip":
+                    fusedopt.clip_grad_norm_(ps, 1.0)
+                else:
+                    opt = known[name](ps)
+                    for _ in range(2):  # a first step may take a variant later ones do not
+                        opt.step()
+                n = notice.COMPILES.count - c0
+                what = f"{n} kernel(s) compiled" if n else "loaded from the cache"
+                print(f"{name + ' ' + str(dtype)[6:]:20} {time.perf_counter() - t0:6.1f} s  {what}",
+                      flush=True)
+    print(f"warmup took {time.perf_counter() - t_all:.1f} s; kernels cached in {_numba_cache()}")
+    return 0
+
+
+def _numba_cache():
+    """Where numba keeps fusedopt's compiled kernels (a best guess without a kernel)."""
+    try:
+        from .kernels import numba_engine
+        for fn in numba_engine._kernels.values():
+            return os.path.dirname(fn._cache._cache_path + os.sep)
+    except (ImportError, AttributeError):
+        pass
+    return os.environ.get("NUMBA_CACHE_DIR") or "numba's cache"
+
+
+CHECK_HELP = """\
+Parity of Adam, AdamW, RMSprop and SGD against torch.optim and a float64
+reference, then the speed of one step against torch's paths and the memory
+roof, then a verdict and notes on this machine.
+
+Memory: the speed workloads are sized to stay under 4 GB (and under 60 % of
+the memory available): GPT-2-124M's tensors scaled down (~22M params) and
+20000 tiny tensors.  GPT-2-124M itself needs ~16 GB:
+fusedopt bench --optim adam,sgd --workloads gpt2-124m.
+
+Time: the first run on a machine compiles the CPU kernels (28) and the C++ host
+helper, later runs load them.  Measured on a 2-core AMD EPYC VM shared with other
+work (load ~10, so wall times are inflated; CPU seconds are the steadier figure):
+first run 14 min 47 s wall, 194 s of CPU; a second run 6 min 46 s wall, 95 s of
+CPU; peak memory 3.1 GB (docs/first-use.md).  `fusedopt warmup` compiles the
+default variants ahead; check's parity cases use others (amsgrad, nesterov,
+centered, bfloat16), which it compiles itself, with a line on stderr.
+"""
 
 
 def main(argv=None, cls=None):
@@ -182,9 +333,16 @@ def main(argv=None, cls=None):
     b.add_argument("--compile", action="store_true", help="also time a torch.compile'd step (slow to compile)")
     b.add_argument("--json")
     b.add_argument("--plot", help="write a PNG chart")
-    c = sub.add_parser("check", help="quick parity + speed on this machine, with a verdict")
+    c = sub.add_parser("check", help="quick parity + speed on this machine, with a verdict",
+                       description=CHECK_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("--json")
     c.add_argument("--plot")
+    w = sub.add_parser("warmup", help="compile ahead what a first step compiles (for images, CI)",
+                       description=warmup_cmd.__doc__)
+    w.add_argument("--optim", help="comma list of " + ",".join(_warmup_optimizers())
+                   + ",clip (default: all)")
+    w.add_argument("--dtypes", default="float32",
+                   help="comma list of param dtypes (default: float32)")
     args = ap.parse_args(argv)
     if args.cmd == "parity":
         return parity_cmd(args, cls)
@@ -195,6 +353,8 @@ def main(argv=None, cls=None):
         if args.quick:
             args.repeats = min(args.repeats, 3)
         return bench_cmd(args)[0]
+    if args.cmd == "warmup":
+        return warmup_cmd(args)
     return check_cmd(args)
 
 

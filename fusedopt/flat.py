@@ -63,13 +63,13 @@ class Buffers:
         self.numel = total
 
 
-def buffers_of(opt, group):
+def buffers_of(plan, group, state, slots):
     """(the group's Buffers, whether every grad is still its alias), or (None, False)
-    where the group has no single flat plan or a param moved (p.data = ..., .half())."""
-    plan = opt._plans.get(id(group))
+    where the group's ``plan`` (None: none yet) is not one flat bucket still valid for
+    ``state`` and ``slots`` (plan.valid), or a param moved (p.data = ..., .half())."""
     if not (group.get("flat") and plan is not None and plan.single
             and plan.buckets[0][1].buffers is not None
-            and plan.valid(opt, group, group["params"], None)):
+            and plan.valid(state, group, group["params"], None, slots)):
         return None, False
     buffers = plan.buckets[0][1].buffers
     P, G, _ = host.read(group["params"], [])
@@ -78,17 +78,17 @@ def buffers_of(opt, group):
     return buffers, np.array_equal(G[:, 0], buffers.grad_ptrs)
 
 
-def zero(opt, group):
+def zero(plan, group, state, slots):
     """zero_grad(set_to_none=False) for a flat group: one fill of its grad buffer.  Fresh
     grads (after set_to_none or model.zero_grad(); every param has one) are replaced by
     the buffer's zeroed aliases.  False where the group is not flat or its grads no
     longer fit the buffer: torch's zero_grad does it."""
-    buffers, aliased = buffers_of(opt, group)
+    buffers, aliased = buffers_of(plan, group, state, slots)
     if buffers is None:
         return False
     if not aliased:
         _, G, _ = host.read(group["params"], [])
-        if not np.array_equal(G[:, 1:], opt._plans[id(group)].gwant):
+        if not np.array_equal(G[:, 1:], plan.gwant):
             return False
         for p, off in zip(group["params"], buffers.offsets.tolist()):
             p.grad = alias(buffers.grad, off, p)

@@ -11,9 +11,20 @@ the first wave's unchecked reads), compiled with torch's cpp_extension at first
 use and kept under ~/.cache/fusedopt (or $FUSEDOPT_BUILD_DIR), one build per torch
 version.  Without a compiler, or with FUSEDOPT_HOST=python, the same facts are read in
 Python: the same proof, only slower (a warning says why the helper is missing).
+
+The build takes ~15-20 s (a line on stderr says so while it runs: fusedopt/notice.py);
+``fusedopt warmup`` does it ahead, e.g. in a container image.  It is not built when the
+package is installed: pip builds a wheel in an isolated environment without torch (the
+helper is compiled against the torch that will import it, and must be rebuilt when that
+torch changes), and a wheel built once would not match the user's torch.  Once built, a
+later process loads the library directly (milliseconds) when the build directory shows
+the file this module's last successful build left; otherwise it goes through
+cpp_extension.load, which rebuilds what is stale under its lock.
 """
 import hashlib
+import importlib.util
 import itertools
+import logging
 import operator
 import os
 import re
@@ -34,23 +45,92 @@ _GRAD = operator.attrgetter("grad")
 _native = None  # the compiled helper once loaded, False where it cannot be
 
 
-def _build():
-    from torch.utils import cpp_extension
-    src = os.path.join(os.path.dirname(sys.modules["fusedopt.kernels"].__file__), "host.cpp")
-    # one build per torch, Python and helper source: an extension built against another
-    # torch's headers must never be loaded (its view of a tensor's layout could differ),
-    # and two versions of fusedopt on one machine must not rebuild each other's helper
-    # in one directory (a process could load the other's)
-    with open(src, "rb") as f:
+def _build_dir():
+    """Where this torch, Python and helper source build the helper: an extension built
+    against another torch's headers must never be loaded (its view of a tensor's layout
+    could differ), and two versions of fusedopt on one machine must not rebuild each
+    other's helper in one directory (a process could load the other's)."""
+    with open(_source(), "rb") as f:
         source = hashlib.sha256(f.read()).hexdigest()[:12]
     tag = re.sub(r"[^\w.+-]", "_", f"torch{torch.__version__}-{torch.version.git_version[:12]}"
                                    f"-py{sys.version_info.major}{sys.version_info.minor}-{source}")
     root = os.environ.get("FUSEDOPT_BUILD_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "fusedopt")
-    build = os.path.join(root, "host-" + tag)
+    return os.path.join(root, "host-" + tag)
+
+
+def _source():
+    return os.path.join(os.path.dirname(sys.modules["fusedopt.kernels"].__file__), "host.cpp")
+
+
+NAME = "fusedopt_host"
+LIB = NAME + (".pyd" if os.name == "nt" else ".so")  # cpp_extension's LIB_EXT
+READY = "fusedopt-ready"  # size and mtime of the library a finished build left
+
+
+def _stamp(lib):
+    st = os.stat(lib)
+    return f"{st.st_size} {st.st_mtime_ns}"
+
+
+def _load_built(build):
+    """The library a finished build left in ``build``, loaded without cpp_extension
+    (whose import and ninja run cost ~0.1-1 s per process); None if there is none, or if
+    the library changed since (another process is rebuilding it)."""
+    lib = os.path.join(build, LIB)
+    try:
+        with open(os.path.join(build, READY)) as f:
+            if f.read().strip() != _stamp(lib):
+                return None
+    except OSError:
+        return None
+    spec = importlib.util.spec_from_file_location(NAME, lib)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _NoCudaNotice(logging.Filter):
+    # a CUDA build of torch on a machine without a GPU: importing cpp_extension logs
+    # "No CUDA runtime is found, using CUDA_HOME=..." in every process, for a helper that
+    # is CPU code
+    def filter(self, record):
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+def _cpp_extension():
+    if "torch.utils.cpp_extension" in sys.modules:
+        return sys.modules["torch.utils.cpp_extension"]
+    log, quiet = logging.getLogger("torch.utils.cpp_extension"), _NoCudaNotice()
+    log.addFilter(quiet)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.removeFilter(quiet)
+    return cpp_extension
+
+
+def _build():
+    build = _build_dir()
     os.makedirs(build, exist_ok=True)
-    return cpp_extension.load("fusedopt_host", [src], build_directory=build,
-                              extra_cflags=["-O2"], verbose=False)
+    try:
+        module = _load_built(build)
+    except ImportError:  # a damaged file: rebuilt below
+        module = None
+    if module is not None:
+        return module
+    from . import notice
+    with notice.slow("building the C++ host helper (kernels/host.cpp)"):
+        module = _cpp_extension().load(NAME, [_source()], build_directory=build,
+                                       extra_cflags=["-O2"], verbose=False)
+    tmp = os.path.join(build, f"{READY}.{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(_stamp(os.path.join(build, LIB)))
+        os.replace(tmp, os.path.join(build, READY))  # never a half-written stamp
+    except OSError:  # only the next process's shortcut is lost
+        pass
+    return module
 
 
 def native():

@@ -7,7 +7,8 @@ summing squares of the rule's outputs per tensor, per row and per column.
 ``Tables`` holds, per bucket and set of shapes, the views and the chunk table (a chunk is
 up to CHUNK elements of whole rows of one matrix, so that a chunk owns its rows' sums;
 its column sums are partials, added up here).  ``reduce`` and ``apply`` make one engine
-call each.  ``Factored`` is what an optimizer with a factored second moment shares.
+call each.  ``factors`` and the functions before it are what an algorithm with a factored
+second moment (Spec.factored) shares: the plan calls them, never the optimizer.
 """
 import numpy as np
 import torch
@@ -222,11 +223,10 @@ class Tables:
         return call(rule, flags, dts, mask, bucket.P, G, list(S), C, aligned=aligned)
 
 
-def as_views(opt, group, entries, empty):
-    """The state tensors ``entries`` ((state dict, key, tensor) of one group's bucket) as
-    views of one new buffer (``empty`` where there are none), for one op per step over all
-    (as the step counters, bucket.py).  Written through the state (the plan stays: these
-    are its own writes) and watched by the plan: a later `.data =` on one rebuilds it."""
+def _as_views(entries, empty):
+    """The state tensors ``entries`` ((state dict, key, tensor) of one bucket) as views of
+    one new buffer (``empty`` where there are none), for one op per step over all (as the
+    step counters, bucket.py), written through the state."""
     if not entries:
         return empty
     buf = one_buffer([v for _, _, v in entries])
@@ -234,68 +234,60 @@ def as_views(opt, group, entries, empty):
         buf = torch.cat([v.reshape(-1) for _, _, v in entries])
         for (s, k, v), piece in zip(entries, buf.split([v.numel() for _, _, v in entries])):
             s[k] = piece.view(v.shape)
-    plan = opt._plans.get(id(group))
-    if plan is not None:
-        plan.changes = opt.state.changes
-        plan.watched = plan.watched + [s[k] for s, k, _ in entries]
-        plan.record(group["params"])
     return buf
 
 
-class Factored:
-    """Mixin (before FusedOptimizer) for a second moment kept as factors, torch's
-    Adafactor's state: a row factor ``row_var`` and a column factor ``col_var`` (the last
-    dim, then the one before, reduced to 1) for a param of 2 or more dims, one value per
-    element (``variance``) for a 1-D one.  Their shapes and checks, and per bucket the
-    matrix tables of its shapes and the factors as views of two buffers."""
+# A factored second moment (Spec.factored), torch's Adafactor's state: a row factor
+# ``row_var`` and a column factor ``col_var`` (the last dim, then the one before, reduced
+# to 1) for a param of 2 or more dims, one value per element (``variance``) for a 1-D one.
 
-    def _factor_names(self, p):
-        return ("row_var", "col_var") if p.dim() > 1 else ("variance",)
+def factor_names(p):
+    return ("row_var", "col_var") if p.dim() > 1 else ("variance",)
 
-    def _state_shape(self, name, p):
-        s = list(p.shape)
-        if name in ("row_var", "col_var"):
-            s[-1 if name == "row_var" else -2] = 1
-        return torch.Size(s)
 
-    def _unfit_state(self, group, p, st):
-        # factors missing, or of another param's shape (p.data = ... of another size) or
-        # dtype (model.half(): torch's lerp_ takes no other dtype): torch's for-loop raises
-        # its AssertionError or RuntimeError, param by param, in its order
-        for k in self._factor_names(p) if st else ():
-            v = st.get(k)
-            if not torch.is_tensor(v) or v.shape != self._state_shape(k, p) \
-                    or v.device != p.device or v.dtype != p.dtype:
-                return f"state {k!r} that does not fit the param"
-        return None
+def state_shape(name, p):
+    """The shape of state tensor ``name`` of param p."""
+    s = list(p.shape)
+    if name in ("row_var", "col_var"):
+        s[-1 if name == "row_var" else -2] = 1
+    return torch.Size(s)
 
-    def _factors(self, group, bucket):
-        """(Tables, (row factors, column factors)) of the bucket, made at its first step:
-        a bucket lives as long as its plan, which is rebuilt when a param's shape changes
-        (host.py's facts hold a digest of the sizes)."""
-        if getattr(bucket, "factors", None) is None:
-            shapes = tuple(p.shape for p in bucket.params)
-            bucket.tables = Tables(shapes, bucket.backend, bucket.device)
-            bucket.factors = self._views(group, bucket)
-        return bucket.tables, bucket.factors
 
-    def _views(self, group, bucket):
-        # the factors (row_var or variance, col_var) as views of two buffers, so that one
-        # op per step updates them all (as the step counters, bucket.py).  A state entry
-        # replaced later rebuilds the plan, and these
-        states, dev = [self.state[p] for p in bucket.params], bucket.device
-        rk = ["row_var" if "row_var" in s else "variance" for s in states]
-        vs = [[(s, k, s.get(k)) for s, k in zip(states, rk)],
-              [(s, "col_var", s.get("col_var")) for s in states if "col_var" in s]]
-        for (s, k, v), p in zip(vs[0], bucket.params):  # torch's errors: a missing factor,
-            c = s.get("col_var")  # then its lerp_ on the wrong shape
-            if (k == "row_var") != (p.dim() > 1) or v is None:
-                raise AssertionError("row_var and col_var should be defined when grad is "
-                                     "multidimensional" if p.dim() > 1 else
-                                     "variance should be defined when grad is a vector")
-            if v.shape != self._state_shape(k, p) or \
-                    (c is not None and c.shape != self._state_shape("col_var", p)):
-                raise RuntimeError(f"state {k!r} of shape {tuple(v.shape)} does not fit a "
-                                   f"param of shape {tuple(p.shape)}")
-        one = torch.ones(1, dtype=bucket.params[0].dtype, device=dev)
-        return [as_views(self, group, col, one) for col in vs]
+def unfit_factors(p, st):
+    """Why p's factors do not fit the engines, or None: missing, or of another param's
+    shape (p.data = ... of another size) or dtype (model.half(): torch's lerp_ takes no
+    other dtype): torch's for-loop raises its AssertionError or RuntimeError, param by
+    param, in its order."""
+    for k in factor_names(p) if st else ():
+        v = st.get(k)
+        if not torch.is_tensor(v) or v.shape != state_shape(k, p) \
+                or v.device != p.device or v.dtype != p.dtype:
+            return f"state {k!r} that does not fit the param"
+    return None
+
+
+def factors(bucket, states):
+    """(Tables, [row factors, column factors]) of a bucket (bucket.py) of a factored
+    state, made with its plan (rebuilt when a param's shape changes: host.py's facts hold
+    a digest of the sizes): the matrix tables of its shapes, and the factors (row_var or
+    variance, col_var) as views of two buffers, so that one op per step updates them all.
+    The factors are watched as the bucket's other state tensors: a state entry replaced
+    later rebuilds the plan, and these."""
+    tables = Tables(tuple(p.shape for p in bucket.params), bucket.backend, bucket.device)
+    rk = ["row_var" if "row_var" in s else "variance" for s in states]
+    vs = [[(s, k, s.get(k)) for s, k in zip(states, rk)],
+          [(s, "col_var", s.get("col_var")) for s in states if "col_var" in s]]
+    for (s, k, v), p in zip(vs[0], bucket.params):  # torch's errors: a missing factor,
+        c = s.get("col_var")  # then its lerp_ on the wrong shape
+        if (k == "row_var") != (p.dim() > 1) or v is None:
+            raise AssertionError("row_var and col_var should be defined when grad is "
+                                 "multidimensional" if p.dim() > 1 else
+                                 "variance should be defined when grad is a vector")
+        if v.shape != state_shape(k, p) or \
+                (c is not None and c.shape != state_shape("col_var", p)):
+            raise RuntimeError(f"state {k!r} of shape {tuple(v.shape)} does not fit a "
+                               f"param of shape {tuple(p.shape)}")
+    one = torch.ones(1, dtype=bucket.params[0].dtype, device=bucket.device)
+    bufs = [_as_views(col, one) for col in vs]
+    bucket.watched = bucket.watched + [s[k] for col in vs for s, k, _ in col]
+    return tables, bufs

@@ -6,50 +6,26 @@ replaces ``step``.  Per param group it keeps a plan (bucket.py): the params sort
 buckets by device and dtype, rebuilt only when the set of params with gradients
 changes, or after load_state_dict / add_param_group: per step the host reads the
 gradients' addresses, computes the coefficients and makes one engine call per bucket.
+What the plan needs of the algorithm it gets as data (plan.GroupSpec, ``_describe``).
 """
-import itertools
+import functools
+import inspect
 import weakref
 
 import numpy as np
 import torch
 
-from . import clip, flat, host, quant, spec
-from .bucket import _GRAD, _PTR, _local, scalar_dtype, state_dtype
+from . import clip, compiled, flat, host, matrix, spec
+from .bucket import _GRAD, _PTR, _local, scalar_dtype
 from .options import validate
-from .plan import _Plan, refuse_torch, torch_step
-from .state import State
+from .plan import GroupSpec, _Plan, refuse_torch
+from .state import State, check_loaded, keep_dtypes
 from .kernels import rules
 from .kernels.coefficients import pack
 from .kernels.flags import Update
 
 
 _SKIP = object()  # _amp(): the scaler found an inf on the CPU, nothing to do
-_LIVE = weakref.WeakValueDictionary()  # handle -> optimizer, for the custom op
-_HANDLES = itertools.count()
-
-
-@torch.library.custom_op("fusedopt::step", mutates_args=("params", "grads"))
-def _step_op(handle: int, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-    """The whole step as an opaque op, so torch.compile puts it in its graph: tracing
-    never sees data_ptr tables, lr or the step counters, so changing them neither breaks
-    the graph nor recompiles.  ``params`` are the params with grads (declared mutated, so
-    the graph orders the step after whatever made the grads; the grads too, which the
-    step unscales in place under GradScaler); the step itself reads the optimizer's own
-    tensors."""
-    opt = _LIVE[handle]
-    own = opt._with_grads()
-    # where the compiler handed us copies, the update goes through the originals
-    moved = [(a, b) for a, b in zip(params, own) if a.data_ptr() != b.data_ptr()]
-    for a, b in moved:
-        b.copy_(a)
-    opt._eager_step()
-    for a, b in moved:
-        a.copy_(b)
-
-
-@_step_op.register_fake
-def _(handle, params, grads):
-    return None
 
 
 class FusedOptimizer:
@@ -58,7 +34,8 @@ class FusedOptimizer:
     Subclasses define ``_rule`` (a name in kernels/rules.py), ``_sparse_error`` and
     ``_slots``, ``_flags``, ``_coefficients`` (a new dict of the rule's coefficients by
     name: kernels/coefficients.py); ``_init_state`` only where a state entry
-    starts as something other than zeros (the plan creates the slots, in the state dtype).
+    starts as something other than zeros (the plan creates the slots, in the state dtype);
+    a factored algorithm (Spec.factored) ``_matrix_step``.
     """
 
     _rule = None
@@ -87,17 +64,21 @@ class FusedOptimizer:
     def _advance(self, group, bucket, step, found_inf):
         """Move the per-param scalars of the state (``_scalars``) for this step."""
 
-    def _unfit_state(self, group, p, st):
-        """Why p's state, other than its slots, does not fit the engines, or None (then
-        torch's for-loop steps p: torch's error, in torch's order of params)."""
-        return None
+    def _describe(self, group):
+        """What the plan of ``group`` needs of this algorithm (plan.GroupSpec).  Its
+        state initializer holds the optimizer weakly: a plan keeps no optimizer alive."""
+        slots = self._slots(group)
+        init = functools.partial(type(self)._init_state, weakref.proxy(self), group)
+        return GroupSpec(
+            name=type(self).__name__, slots=slots, has_step=self._has_step,
+            scalars=tuple(self._scalars), init_state=init,
+            needs_state=self._has_step or any(slots) or bool(group.get("master_weights")),
+            factored=self._is_factored(), backend=self._backend,
+            index=next(i for i, g in enumerate(self.param_groups) if g is group))
 
-    def _state_shape(self, name, p):
-        """The shape of state tensor ``name`` of param p (Adafactor's factors differ)."""
-        return p.shape
-
-    def _needs_state(self, group):
-        return self._has_step or any(self._slots(group)) or bool(group.get("master_weights"))
+    @classmethod
+    def _is_factored(cls):
+        return cls.spec is not None and cls.spec.factored
 
     def __init__(self, *args, backend="auto", l1=0.0, max_grad_norm=None, state_dtype=None,
                  master_weights=False, stochastic_rounding=False, flat=False, **kwargs):
@@ -131,8 +112,7 @@ class FusedOptimizer:
         return mro[mro.index(FusedOptimizer) + 1]
 
     def _register(self):
-        self._handle = next(_HANDLES)
-        _LIVE[self._handle] = self
+        self._handle = compiled.register(self)
         self._reset()
 
     def _reset(self):
@@ -164,7 +144,8 @@ class FusedOptimizer:
         # flat=True: grads still aliases of a plan's buffer are zeroed in one fill each
         # (torch zeroes them one by one); set_to_none is torch's (grads become None)
         if not set_to_none and self._plans:
-            rest = [g for g in self.param_groups if not flat.zero(self, g)]
+            rest = [g for g in self.param_groups
+                    if not flat.zero(self._plans.get(id(g)), g, self.state, self._slots(g))]
             if not rest:
                 return
         super().zero_grad(set_to_none)
@@ -178,22 +159,9 @@ class FusedOptimizer:
         self._reset()
 
     def load_state_dict(self, state_dict):
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        saved = state_dict["state"]
-        for i, p in zip(saved_ids, (p for g in self.param_groups for p in g["params"])):
-            for k, v in saved.get(i, {}).items():
-                # every state tensor has the param's shape but the step counter and other
-                # scalars (one element): say which does not, now, rather than at a step
-                # (torch) or never (a kernel)
-                scalar = k in ("step", *self._scalars)
-                want = quant.absmax_shape(p) if k.endswith(quant.ABSMAX) \
-                    else self._state_shape(k, p)
-                if torch.is_tensor(v) and (v.numel() != 1 if scalar else v.shape != want):
-                    raise RuntimeError(
-                        f"loaded state dict has state[{i}][{k!r}] of shape {tuple(v.shape)}, "
-                        f"but " + ("it is a scalar" if scalar else
-                                   f"param {i} has shape {tuple(p.shape)}" if want == p.shape
-                                   else f"{k!r} of param {i} has shape {tuple(want)}"))
+        shape = matrix.state_shape if self._is_factored() else lambda k, p: p.shape
+        check_loaded(state_dict, [p for g in self.param_groups for p in g["params"]],
+                     self._scalars, shape)
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             # a torch.optim state_dict has no l1 (torch's math: 0) and no precision options
@@ -201,15 +169,7 @@ class FusedOptimizer:
             group.setdefault("l1", 0.0)
             for k, v in self._extras.items():
                 group.setdefault(k, v)
-        owners = [(p, g) for g in self.param_groups for p in g["params"]]
-        for i, (p, group) in zip(saved_ids, owners):
-            for k, v in saved.get(i, {}).items():
-                # torch casts all state to the param's dtype: float32 moments and master
-                # copies of a bfloat16 param (state_dtype, master_weights) stay float32
-                if k != "step" and torch.is_tensor(v) and v.dtype != p.dtype \
-                        and (k == "master" or v.dtype == state_dtype(group, p)
-                             or v.dtype == torch.uint8 or k.endswith(quant.ABSMAX)):
-                    self.state[p][k] = v.to(p.device, copy=True)
+        keep_dtypes(state_dict, self.param_groups, self.state)
         self._reset()
 
     def state_dict(self):
@@ -234,7 +194,7 @@ class FusedOptimizer:
         loss = closure_loss(closure)
         if torch.compiler.is_compiling():
             live = self._with_grads()
-            _step_op(self._handle, live, [p.grad for p in live])
+            compiled.step_op(self._handle, live, [p.grad for p in live])
         else:
             self._eager_step()
         return loss
@@ -251,7 +211,8 @@ class FusedOptimizer:
             # grads), the factor applied by the kernel with the unscale
             # flat=True, every grad its buffer's alias: the norm over the buffers (one
             # range each), not over each grad
-            flats = [flat.buffers_of(self, g) for g in self.param_groups]
+            flats = [flat.buffers_of(self._plans.get(id(g)), g, self.state, self._slots(g))
+                     for g in self.param_groups]
             grads = [b.grad for b, aliased in flats] if all(a for _, a in flats) \
                 else [p.grad for p in self._with_grads()]
             norm = _local(clip.total_norm(grads, 2.0, self._backend))  # a DTensor's: every rank's
@@ -288,7 +249,8 @@ class FusedOptimizer:
     def _step_group(self, group, amp=(None, None, False)):
         params = group["params"]
         plan = self._plans.get(id(group))
-        if plan is not None and plan.single and plan.valid(self, group, params, None):
+        if plan is not None and plan.single and plan.valid(self.state, group, params, None,
+                                                           self._slots(group)):
             # fast path: no per-param Python beyond the attribute reads and their check
             gptr = plan.grad_ptrs(params)
             if gptr is not None:
@@ -310,15 +272,17 @@ class FusedOptimizer:
             live = [i for i in live if not grads[i].is_sparse]
         if not live:
             return
-        if plan is None or not plan.valid(self, group, params, live) or not plan.proven(params):
-            plan = self._plans[id(group)] = _Plan(self, group, params, live, grads)
+        if plan is None or not plan.valid(self.state, group, params, live, self._slots(group)) \
+                or not plan.proven(params):
+            plan = self._plans[id(group)] = _Plan(self._describe(group), self.state, group,
+                                                  params, live, grads)
             if group.get("flat"):  # the grads were re-homed into the plan's buffer
                 grads = list(map(_GRAD, params))
         if plan.fallback:
             # first: an error of torch's there ends the step before the engines ran (no
             # param, grad or state of the two sets shares memory: the order is free)
-            refuse_torch(self, group, [params[i] for i in plan.fallback])
-            torch_step(self, group, [params[i] for i in plan.fallback], *amp)
+            refuse_torch(plan.spec, self.state, group, [params[i] for i in plan.fallback])
+            self._torch_step(group, [params[i] for i in plan.fallback], *amp)
         self._bump_versions(group, [params[i] for i in plan.take], plan)
         for idx, bucket in plan.buckets:
             given = [_local(grads[i]) for i in idx]
@@ -328,6 +292,30 @@ class FusedOptimizer:
                 for g, k in zip(given, keep):
                     if k is not g:
                         g.copy_(k)
+
+    def _torch_step(self, group, params, mult, found, scaled):
+        """Step ``params`` with the twin's own for-loop (foreach=False): torch's result,
+        or torch's error, for what the engines do not take (see plan._unfit)."""
+        if found is not None and found.item():  # a GPU scaler's inf: the step is skipped
+            return
+        # what GradScaler's unscale or the clipping would have done: written back under a
+        # scaler (as its unscale), else undone after the step (in place: a grad set
+        # through .data may not pass a grad assignment's checks)
+        given = [p.grad.clone() for p in params] if mult is not None and not scaled else []
+        if mult is not None:
+            for p in params:
+                p.grad.mul_(mult.to(p.grad.device))
+        saved = self.param_groups
+        # the scaler's grad_scale and found_inf were for our kernels; the grads are unscaled
+        scaler = {k: self.__dict__.pop(k) for k in ("grad_scale", "found_inf") if k in self.__dict__}
+        self.param_groups = [{**group, "params": params, "foreach": False, "fused": False}]
+        try:
+            inspect.unwrap(self.twin().step)(self)
+        finally:
+            self.param_groups = saved
+            self.__dict__.update(scaler)
+            for p, g in zip(params, given):
+                p.grad.copy_(g)
 
     def _bump_versions(self, group, params, plan):
         # autograd's in-place check: a param's version moves as torch's in-place updates
@@ -342,6 +330,8 @@ class FusedOptimizer:
         return 1
 
     def _run(self, bucket, group, gptr, amp):
+        if bucket.factors is not None:  # a factored state (Spec.factored): its own passes
+            return self._matrix_step(bucket, group, gptr, amp)
         # the gradient's factor (1 / scale, clipping), the inf flag, whether a scaler is in it
         inv, found, amp_scaled = amp
         if found is not None:

@@ -1,22 +1,53 @@
 """The engine calls for one param group (``_Plan``): which params go to which bucket
 (bucket.py), which to torch's own for-loop, and the proof, before every step, that every
 address the buckets' tables cached is still right.  The state a plan needs is created
-here too: zeros in the state dtype, 8-bit codes (quant.py), master copies.
+here too: zeros in the state dtype, 8-bit codes (quant.py), master copies, factors.
+Everything the plan needs of the algorithm comes in a ``GroupSpec``: it never calls the
+optimizer.
 """
-import inspect
 import operator
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
-from . import flat, host, quant
+from . import flat, host, matrix, quant
 from .bucket import _Bucket, _dtensor, _local, has_master, state_dtype
 
 _ENGINE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64,
                   torch.complex128)
 
 
-def _unfit(opt, group, p, g, st, slots):
+@dataclass(frozen=True)
+class GroupSpec:
+    """What a plan and its buckets need of one param group's algorithm, resolved by the
+    optimizer when it builds the plan (FusedOptimizer._describe).
+
+    name: the optimizer's class name (for messages).
+    slots: the state names of the rule's three slots (None: a slot the rule leaves unused).
+    has_step: torch keeps ``state["step"]`` (all but SGD and Lion).
+    scalars: the other per-param 0-d state entries (NAdam's mu_product), stacked per bucket.
+    needs_state: whether the step keeps any state at all.
+    init_state: ``init_state(p, state)``: the first entries of an empty state (the plan
+        makes the missing slots: zeros of the state dtype).
+    factored: the state of a matrix param is row and column factors (Spec.factored; their
+        shapes, checks and buffers: matrix.py).
+    backend: the engine choice the optimizer was built with ("auto", "numba", "triton").
+    index: the group's place among the optimizer's groups (stochastic rounding's stream).
+    """
+    name: str
+    slots: tuple
+    has_step: bool
+    scalars: tuple
+    needs_state: bool
+    init_state: Callable
+    factored: bool
+    backend: str
+    index: int
+
+
+def _unfit(spec, group, p, g, st):
     """Why the engines cannot take param p with grad g this step, or None.  Such a param
     is stepped by torch.optim's own for-loop instead: torch's result, or torch's error
     (a grad of another dtype or size, state that does not fit, a missing state key)."""
@@ -24,16 +55,16 @@ def _unfit(opt, group, p, g, st, slots):
         return f"a {p.dtype} param on {p.device.type}"
     if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
         return f"a {g.dtype} grad of shape {tuple(g.shape)} for a {p.dtype} param of shape {tuple(p.shape)}"
-    if not opt._needs_state(group):
+    if not spec.needs_state:
         return None
-    for name in ("step", *opt._scalars) if opt._has_step else ():
+    for name in ("step", *spec.scalars) if spec.has_step else ():
         if name in st and not torch.is_tensor(st[name]):  # (a Python number: torch decides)
             return f"state {name!r} that is not a tensor"
     sdt = state_dtype(group, p)
     mixed = sdt != p.dtype
-    for name in slots:
+    for name in spec.slots:
         t = st.get(name) if name else None
-        if name and t is None and len(st) and opt._has_step:
+        if name and t is None and len(st) and spec.has_step:
             return f"state without {name!r}"
         # (a DTensor's state: the engines read its local shard, which must be the param's)
         if t is not None and (not torch.is_tensor(t) or t.shape != p.shape or t.device != p.device
@@ -49,7 +80,7 @@ def _unfit(opt, group, p, g, st, slots):
                 return f"8-bit state {name!r} without a fitting {name + quant.ABSMAX!r}"
         elif t is not None and t.dtype != p.dtype and not (mixed and t.is_floating_point()):
             return f"state {name!r} that does not fit the param"
-    return opt._unfit_state(group, p, st)
+    return matrix.unfit_factors(p, st) if spec.factored else None
 
 
 def _overlapping(start, end):
@@ -119,22 +150,20 @@ class _Plan:
     holds every storage its tables point into, so that no address it cached can be freed
     and reused while it lives."""
 
-    def __init__(self, opt, group, params, live, grads):
-        gi = next(i for i, g in enumerate(opt.param_groups) if g is group)
+    def __init__(self, spec, state, group, params, live, grads):
         self.group, self.params, self.nparams, self.live = group, params, len(params), live
-        self.state_obj = opt.state
-        self.slots = opt._slots(group)
+        self.spec, self.state_obj, self.slots = spec, state, spec.slots
         self.capturable = bool(group.get("capturable", False))  # where the counters live
-        need = opt._needs_state(group)
+        need = spec.needs_state
         order, fresh, self.fallback = {}, set(), []
         take = []
         for i in live:
             p = params[i]
-            st = opt.state[p] if need else {}
-            why = _unfit(opt, group, p, grads[i], st, self.slots)
+            st = state[p] if need else {}
+            why = _unfit(spec, group, p, grads[i], st)
             (self.fallback if why else take).append(i)
         self.dist = any(isinstance(params[i], _dtensor()) for i in live)
-        memory = _memory(opt.state, params, live, need)  # (before state made here)
+        memory = _memory(state, params, live, need)  # (before state made here)
         for k in sorted(_sharing(take, memory), reverse=True):
             self.fallback.append(take.pop(k))
         meeting = _meeting(params, live, memory, _local if self.dist else None)
@@ -146,9 +175,9 @@ class _Plan:
             order.setdefault((p.device, p.dtype, state_dtype(group, p)), []).append(i)
             if not need:
                 continue
-            st = opt.state[p]
-            if len(st) == 0 and opt._has_step:
-                opt._init_state(group, p, st)
+            st = state[p]
+            if len(st) == 0 and spec.has_step:
+                spec.init_state(p, st)
             sdt = state_dtype(group, p)
             for name in self.slots:
                 if name and sdt == torch.uint8:
@@ -175,11 +204,15 @@ class _Plan:
             if group.get("flat") and key[2] != torch.uint8 \
                     and flat.eligible(ps, [grads[i] for i in idx]):  # 8-bit: per tensor
                 names = [n for n in self.slots if n] + ["master"] * has_master(group, ps[0])
-                flats[key] = flat.Buffers(ps, [opt.state[p] for p in ps] if need else None,
+                flats[key] = flat.Buffers(ps, [state[p] for p in ps] if need else None,
                                           names)
-        self.buckets = [(idx, _Bucket(opt, group, [params[i] for i in idx], self.slots, fresh,
-                                      (gi, idx), flats.get(key)))
+        self.buckets = [(idx, _Bucket(spec, group, [params[i] for i in idx],
+                                      [state[params[i]] for i in idx] if need else None,
+                                      fresh, idx, flats.get(key)))
                         for key, idx in order.items()]
+        # a factored state's matrix tables and factor buffers, watched as the slots are
+        for idx, b in self.buckets if spec.factored else ():
+            b.tables, b.factors = matrix.factors(b, [state[params[i]] for i in idx])
         self.all_live = len(live) == len(params)
         self.single = len(self.buckets) == 1 and self.all_live and not self.fallback
         self.take = take
@@ -188,7 +221,7 @@ class _Plan:
         self.watched = [t for _, b in self.buckets for t in b.watched]
         self.need = need
         self.record(params)
-        self.changes = opt.state.changes  # after this plan's own writes to the state
+        self.changes = state.changes  # after this plan's own writes to the state
 
     def record(self, params):
         """Read and keep what the proof compares: the facts every cached address depends
@@ -243,59 +276,33 @@ class _Plan:
                 and np.array_equal(G[:, 1:4], self.pfacts[:, 1:4])
                 and host.same_shapes(G, self.pfacts) and not (G[:, -1] & host.MEETS).any())
 
-    def valid(self, opt, group, params, live):
-        """Still right for this group, params and live indices (None: every param), and
-        the state unchanged since?"""
+    def valid(self, state, group, params, live, slots):
+        """Still right for this group, params and live indices (None: every param), its
+        state slots as the algorithm now names them (``slots``), and the state unchanged
+        since?"""
         live_ok = self.all_live if live is None else self.live == live
-        return (self.group is group and self.state_obj is opt.state
-                and self.changes == opt.state.changes
+        return (self.group is group and self.state_obj is state
+                and self.changes == state.changes
                 and self.nparams == len(params) and live_ok
                 and all(map(operator.is_, self.params, params))
-                and self.slots == opt._slots(group)
+                and self.slots == slots
                 and self.capturable == bool(group.get("capturable", False)))
 
 
-def refuse_torch(opt, group, params):
+def refuse_torch(spec, state, group, params):
     """torch.optim has no l1, master_weights, state_dtype or stochastic_rounding: params
     the engines do not take are then a RuntimeError naming them and why (before the
     engines run: no half-done step)."""
     if group.get("l1") or group.get("master_weights") or group.get("stochastic_rounding") \
             or group.get("state_dtype") is not None:
-        why = [_unfit_reason(opt, group, p) for p in params]
+        why = [_unfit_reason(spec, state, group, p) for p in params]
         raise RuntimeError(
-            f"fusedopt.{type(opt).__name__}: params {why} cannot be fused, and torch.optim "
+            f"fusedopt.{spec.name}: params {why} cannot be fused, and torch.optim "
             f"has no l1, master_weights, state_dtype or stochastic_rounding to step them with")
 
 
-def torch_step(opt, group, params, mult, found, scaled):
-    """Step ``params`` with torch.optim's own for-loop (foreach=False): torch's result,
-    or torch's error, for what the engines do not take (see plan._unfit)."""
-    if found is not None and found.item():  # a GPU scaler's inf: the step is skipped
-        return
-    # what GradScaler's unscale or the clipping would have done: written back under a
-    # scaler (as its unscale), else undone after the step (in place: a grad set through
-    # .data may not pass a grad assignment's checks)
-    given = [p.grad.clone() for p in params] if mult is not None and not scaled else []
-    if mult is not None:
-        for p in params:
-            p.grad.mul_(mult.to(p.grad.device))
-    twin = opt.twin()
-    saved = opt.param_groups
-    # the scaler's grad_scale and found_inf were for our kernels; the grads are unscaled
-    scaler = {k: opt.__dict__.pop(k) for k in ("grad_scale", "found_inf") if k in opt.__dict__}
-    opt.param_groups = [{**group, "params": params, "foreach": False, "fused": False}]
-    try:
-        inspect.unwrap(twin.step)(opt)
-    finally:
-        opt.param_groups = saved
-        opt.__dict__.update(scaler)
-        for p, g in zip(params, given):
-            p.grad.copy_(g)
-
-
-def _unfit_reason(opt, group, p):
+def _unfit_reason(spec, state, group, p):
     # for the error message: the param's index in its group and why it went to torch
-    st = opt.state.get(p, {})
-    why = _unfit(opt, group, p, p.grad, st, opt._slots(group)) or \
+    why = _unfit(spec, group, p, p.grad, state.get(p, {})) or \
         "its memory, its state's or its grad's overlapping a param or state tensor"
     return f"{next(i for i, q in enumerate(group['params']) if q is p)} ({why})"

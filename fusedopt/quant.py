@@ -101,13 +101,13 @@ def nblocks(numel):
 
 
 def _dtensor(t):
-    from .bucket import _dtensor  # (bucket imports this module)
-    return isinstance(t, _dtensor())
+    from .dtensor import dtensor_class
+    return isinstance(t, dtensor_class())
 
 
 def _local(t):
-    from .bucket import _local
-    return _local(t)
+    from .dtensor import local
+    return local(t)
 
 
 def takes(p):

@@ -7,8 +7,15 @@ the next step.  Here ``State`` is a defaultdict whose every mutation, and every 
 of one of its per-param dicts, bumps ``State.changes``; a plan remembers the count it was
 built at and is rebuilt when it moved.  Pickling and deepcopy give plain equivalents back
 through the same classes.
+
+Also here: what a state dict must fit to be loaded, and the dtypes its state keeps.
 """
 from collections import defaultdict
+
+import torch
+
+from . import quant
+from .bucket import state_dtype
 
 
 class Entry(dict):
@@ -100,3 +107,38 @@ def _adopt(owner, value):
     if isinstance(value, dict):
         return Entry(value, owner=owner)
     return value
+
+
+def check_loaded(state_dict, params, scalars, shape):
+    """Refuse a state dict (before anything is loaded) where a state tensor does not fit
+    its param: every state tensor has the shape ``shape(name, p)`` (the param's but for
+    Adafactor's factors) but the step counter and the other ``scalars`` (one element).
+    Said now, rather than at a step (torch) or never (a kernel).  ``params``: the
+    optimizer's, in the order of the state dict's param ids."""
+    saved = state_dict["state"]
+    ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    for i, p in zip(ids, params):
+        for k, v in saved.get(i, {}).items():
+            scalar = k in ("step", *scalars)
+            want = quant.absmax_shape(p) if k.endswith(quant.ABSMAX) else shape(k, p)
+            if torch.is_tensor(v) and (v.numel() != 1 if scalar else v.shape != want):
+                raise RuntimeError(
+                    f"loaded state dict has state[{i}][{k!r}] of shape {tuple(v.shape)}, "
+                    f"but " + ("it is a scalar" if scalar else
+                               f"param {i} has shape {tuple(p.shape)}" if want == p.shape
+                               else f"{k!r} of param {i} has shape {tuple(want)}"))
+
+
+def keep_dtypes(state_dict, groups, state):
+    """After torch's load_state_dict, which casts all state to the param's dtype: the
+    float32 moments and master copies of a bfloat16 param (state_dtype, master_weights)
+    and 8-bit codes and their absmax (uint8, float32) as ``state_dict`` has them."""
+    saved = state_dict["state"]
+    ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    owners = [(p, g) for g in groups for p in g["params"]]
+    for i, (p, group) in zip(ids, owners):
+        for k, v in saved.get(i, {}).items():
+            if k != "step" and torch.is_tensor(v) and v.dtype != p.dtype \
+                    and (k == "master" or v.dtype == state_dtype(group, p)
+                         or v.dtype == torch.uint8 or k.endswith(quant.ABSMAX)):
+                state[p][k] = v.to(p.device, copy=True)

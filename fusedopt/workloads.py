@@ -26,3 +26,31 @@ WORKLOADS = {
     "tiny": lambda: [(100,)] * 20000,
     "llama-1b": llama_1b,
 }
+
+
+def gpt2_like(max_params):
+    """GPT-2 small's 148 tensors with every dimension scaled down so that the model has
+    at most ``max_params`` parameters (all of GPT-2-124M when that is larger): the same
+    mix of tensor sizes, less memory (``fusedopt check`` sizes it to the machine)."""
+    full = sum(_numel(s) for s in gpt2_124m())
+    f = min(1.0, (max_params / full) ** 0.5)
+    while True:
+        d = max(64, round(768 * f / 64) * 64)
+        vocab, ctx = max(64, round(50257 * f)), max(64, round(1024 * f))
+        shapes = [(vocab, d), (ctx, d)]
+        for _ in range(12):
+            shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,),
+                       (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+        shapes += [(d,), (d,)]
+        if f == 1.0:
+            return gpt2_124m()
+        if sum(_numel(s) for s in shapes) <= max_params or d == 64:
+            return shapes
+        f *= 0.97
+
+
+def _numel(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -26,6 +26,7 @@ NCOEF = 16
 OWN = NCOEF - len(ENGINE)  # the most coefficients a rule may have: slots 0..OWN-1
 SLOT = {name: OWN + i for i, name in enumerate(ENGINE)}
 SLOTS = {name.upper(): i for name, i in SLOT.items()}  # the kernels' names for them
+GRAD_SCALE, LERP_W, LERP_W_REST, LERP_COUNT = SLOTS.values()  # (as names, to import)
 STATE = 3  # state slots the engines carry (a, b, c)
 
 

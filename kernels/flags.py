@@ -54,6 +54,12 @@ SIGNED = (Codes.SIGNED_A, Codes.SIGNED_B, Codes.SIGNED_C)
 
 CONSTANTS = {f"{family.__name__.upper()}_{m.name}": int(m)
              for family in (Update, Codes, Matrix) for m in family}
+# the same as names, which the Numba kernels' code imports (numba reads a global int as a
+# constant; the Triton engine binds CONSTANTS as constexprs)
+UPDATE_A, UPDATE_B, UPDATE_C, UPDATE_MASTER = map(int, Update)
+CODES_A, CODES_B, CODES_C, CODES_SIGNED_A, CODES_SIGNED_B, CODES_SIGNED_C = map(int, Codes)
+MATRIX_A, MATRIX_B, MATRIX_C, MATRIX_TOTAL_ONLY = map(int, Matrix)
+assert CONSTANTS == {n: globals()[n] for n in CONSTANTS}
 
 
 def update_mask(used, master, coded=(), signed=()):

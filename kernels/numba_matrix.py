@@ -1,18 +1,21 @@
 """The matrix kernel on the CPU: any rule over tensors seen as batches of matrices, storing
 the params or (flag REDUCE) reducing squares per tensor, row and column -- the general
 reduction pass (triton_matrix.py is the GPU twin).  Built like numba_engine's kernels."""
-# ruff: noqa: F821  (rule, load, store and the flags are bound by run_matrix)
-import hashlib
 import types
 
 import numba
 import numpy as np
 from numba import prange
 
-from . import numba_ops
-from .coefficients import SLOTS
-from .flags import CONSTANTS
-from .numba_engine import _IO, _PARALLEL, _SOURCE_HASH, _kernels, _row, _voidptr, bind_rule, JIT
+from . import numba_base as base, numba_ops
+from .coefficients import GRAD_SCALE, LERP_COUNT, LERP_W, LERP_W_REST
+from .flags import MATRIX_A, MATRIX_B, MATRIX_C, MATRIX_TOTAL_ONLY
+from .numba_base import IO, JIT, coef_row, voidptr
+
+# what each variant binds (run_matrix): the rule, the loads and stores of the params' and
+# the state's dtypes, the math dtype, the flags, the one-column path (_vector_template)
+rule = load = store = sload = sstore = MT = _vector = None
+REDUCE = SCALE_GRAD = WRITE_GRAD = ROW_LERP = False
 
 TILE = 256  # columns of a row taken at once (float64 params: see _matrix_template)
 # elements of whole rows per chunk (a chunk has its own column partials: 4x numba_engine's
@@ -168,12 +171,12 @@ def _matrix_template(KEY, MASK, DT, SDT, EXACT):
             t = TID[ci]
             ncol, nrow, n = F[t, 0], F[t, 1], F[t, 2]
             nmat = n // (ncol * nrow)
-            p = numba.carray(_voidptr(P[t]), n, DT)
-            g = numba.carray(_voidptr(G[t]), n, DT)
-            a = numba.carray(_voidptr(S0[t]), nmat * nrow, SDT)
-            b = numba.carray(_voidptr(S1[t]), nmat * ncol, SDT)
-            c = numba.carray(_voidptr(S2[t]), nmat, SDT)
-            hs = _row(C, t if C.shape[0] > 1 else 0)
+            p = numba.carray(voidptr(P[t]), n, DT)
+            g = numba.carray(voidptr(G[t]), n, DT)
+            a = numba.carray(voidptr(S0[t]), nmat * nrow, SDT)
+            b = numba.carray(voidptr(S1[t]), nmat * ncol, SDT)
+            c = numba.carray(voidptr(S2[t]), nmat, SDT)
+            hs = coef_row(C, t if C.shape[0] > 1 else 0)
             mat = RS[ci] // nrow
             cp = COFF[ci]
             tot = np.float64(0)
@@ -255,18 +258,14 @@ def run_matrix(rule, flags, dtypes, mask, P, G, S, C, TID, RS, RE, F, ROFF, COFF
     """Apply ``rule`` to one group of tensors seen as matrices (see _matrix_template), one
     compiled call: stores the params, or (flag REDUCE) fills TOT, ROWS and CPART."""
     k = ("matrix", rule, flags, dtypes, mask)
-    fn = _kernels.get(k)
+    fn = base.kernels.get(k)
     if fn is None:
-        dt, load, store = _IO[dtypes[0]]
-        sdt, sload, sstore = _IO[dtypes[1]]
-        key = int(hashlib.sha256(repr((_SOURCE_HASH, k, _PARALLEL[0])).encode())
-                  .hexdigest()[:15], 16) | 1
-        proto = _matrix_template(key, mask, dt, sdt, dtypes[0] == "float64")
-        kgl = dict(globals(), rule=bind_rule(rule, flags), load=load, store=store, sload=sload,
-                   sstore=sstore, **SLOTS, **CONSTANTS,
-                   MT=np.float64 if dtypes[0] == "float64" else np.float32,
-                   **{f: dict(flags)[f] for f in ("REDUCE", "SCALE_GRAD", "WRITE_GRAD",
-                                                  "ROW_LERP")})
+        key = base.cache_key(__name__, *k)
+        proto = _matrix_template(key, mask, IO[dtypes[0]][0], IO[dtypes[1]][0],
+                                 dtypes[0] == "float64")
+        kgl = base.variant_globals(globals(), dict(
+            base.bindings(rule, flags, dtypes, ("REDUCE", "SCALE_GRAD", "WRITE_GRAD", "ROW_LERP")),
+            MT=np.float64 if dtypes[0] == "float64" else np.float32))
         # compiled apart (LLVM inlines it, its instructions keeping their flags): a
         # reducing kernel's reassociation must not reach the factor's rounded ops
         kgl["_row_factor"] = numba.njit(**JIT)(
@@ -274,12 +273,10 @@ def run_matrix(rule, flags, dtypes, mask, P, G, S, C, TID, RS, RE, F, ROFF, COFF
         vec = _vector_template(mask, dtypes[0] == "float64")
         kgl["_vector"] = numba.njit(inline="always", **JIT)(
             types.FunctionType(vec.__code__, kgl, "_vector", None, vec.__closure__))
-        code = types.FunctionType(proto.__code__, kgl, proto.__name__, None, proto.__closure__)
-        code.__qualname__ = f"matrix_{rule}_{key:x}"
         # a reduction over float32 math: its sums may be reassociated (squares of float32
         # values are exact in float64, and a chunk's sum of them is good to ~CHUNK * 2**-53;
         # the rules' outputs are only summed there).  Never a kernel that stores params
         fast = dict(flags)["REDUCE"] and dtypes[0] != "float64"
-        fn = _kernels[k] = numba.njit(parallel=_PARALLEL[0], cache=True,
-                                      fastmath={"reassoc"} if fast else False, **JIT)(code)
+        fn = base.kernels[k] = base.compile_kernel(proto, kgl, f"matrix_{rule}_{key:x}",
+                                                   fastmath={"reassoc"} if fast else False)
     fn(P, G, S[0], S[1], S[2], C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS, CPART)

@@ -1,22 +1,29 @@
 """The CPU engine's 8-bit state (fusedopt/quant.py): the variant of numba_engine's kernel
 whose moment slots are uint8 codes with a float32 absmax per block of QBLOCK elements.
 Each block is dequantized into float32 scratch, updated by the same rule, and quantized
-again with its new absmax, in the one pass over the chunk.  numba_engine compiles
-``template8`` with these names in the kernel's globals (``GLOBALS``).
+again with its new absmax, in the one pass over the chunk: numba_engine compiles
+``template8`` with this module's globals.
 """
-# ruff: noqa: F821  (template8's code runs with numba_engine's globals: its helpers, the
-# rule, load/store and the flags are bound in by numba_engine._build)
 import numba
 import numpy as np
 from llvmlite import ir
+from numba import prange
 from numba import types as nt
 from numba.core import cgutils
 from numba.core.registry import cpu_target
 from numba.extending import intrinsic
 
 from . import numba_ops, qmap
-from .flags import Codes
-from .numba_engine import JIT, _bits_f32, _f32_bits
+from .coefficients import GRAD_SCALE
+from .flags import UPDATE_A, UPDATE_B, UPDATE_C, UPDATE_MASTER, Codes
+from .numba_base import JIT, bits_f32, coef_row, f32_bits, f32_to_bf16_stochastic, voidptr
+
+QBLOCK = qmap.QBLOCK
+
+# what each variant binds (numba_engine._build): the rule, the loads and stores of the
+# params' and the state's dtypes, the flags
+rule = load = store = sload = sstore = None
+SCALE_GRAD = WRITE_GRAD = STOCH_ROUND = False
 
 # what the CPU numba compiles for (its target machine's features) has: with AVX-512, the
 # codes are computed 16 at a time with permutes (_coders); with AVX-512 VBMI's byte
@@ -288,8 +295,8 @@ def requantize(f, codes, m, T, signed):
     else:
         mx = np.uint32(0)
         for j in range(m):
-            mx = max(mx, _f32_bits(f[j]) & np.uint32(0x7FFFFFFF))
-    absmax = _bits_f32(mx)
+            mx = max(mx, f32_bits(f[j]) & np.uint32(0x7FFFFFFF))
+    absmax = bits_f32(mx)
     # y = |x| / absmax as a product: one division per block.  A subnormal absmax (moments of
     # vanishing grads) has no finite float32 reciprocal: such blocks are scaled by
     # 1 / qmap.TINY first, which is exact for x and absmax alike
@@ -305,10 +312,10 @@ def requantize(f, codes, m, T, signed):
 
 
 def template8(KEY, MASK, DT, SDT, ADT, BDT, CDT):
-    # as _template, with the slots that MASK's Codes bits name held as 8-bit codes: each
-    # block of QBLOCK elements is dequantized into float32 scratch, updated by the rule,
-    # and quantized again with its new absmax, in one pass over the chunk (chunks start
-    # at multiples of CHUNK, hence of QBLOCK)
+    # as numba_engine._template, with the slots that MASK's Codes bits name held as 8-bit
+    # codes: each block of QBLOCK elements is dequantized into float32 scratch, updated by
+    # the rule, and quantized again with its new absmax, in one pass over the chunk (chunks
+    # start at multiples of numba_engine.CHUNK, hence of QBLOCK)
     QA, QB, QC = MASK & Codes.A, MASK & Codes.B, MASK & Codes.C
     RA, RB, RC = (int(bool(MASK & s)) for s in (Codes.SIGNED_A, Codes.SIGNED_B,
                                                 Codes.SIGNED_C))  # map rows
@@ -323,17 +330,17 @@ def template8(KEY, MASK, DT, SDT, ADT, BDT, CDT):
             n = N[t]
             nb = (n + QBLOCK - 1) // QBLOCK
             key = R[t]
-            p_ = numba.carray(_voidptr(P[t]), n, DT)
-            g_ = numba.carray(_voidptr(G[t]), n, DT)
-            a_ = numba.carray(_voidptr(S0[t]), n, ADT)
-            b_ = numba.carray(_voidptr(S1[t]), n, BDT)
-            c_ = numba.carray(_voidptr(S2[t]), n, CDT)
-            w_ = numba.carray(_voidptr(S3[t]), n, SDT)
-            xa = numba.carray(_voidptr(A0[t]), nb, np.float32)
-            xb = numba.carray(_voidptr(A1[t]), nb, np.float32)
-            xc = numba.carray(_voidptr(A2[t]), nb, np.float32)
+            p_ = numba.carray(voidptr(P[t]), n, DT)
+            g_ = numba.carray(voidptr(G[t]), n, DT)
+            a_ = numba.carray(voidptr(S0[t]), n, ADT)
+            b_ = numba.carray(voidptr(S1[t]), n, BDT)
+            c_ = numba.carray(voidptr(S2[t]), n, CDT)
+            w_ = numba.carray(voidptr(S3[t]), n, SDT)
+            xa = numba.carray(voidptr(A0[t]), nb, np.float32)
+            xb = numba.carray(voidptr(A1[t]), nb, np.float32)
+            xc = numba.carray(voidptr(A2[t]), nb, np.float32)
             qa, qb, qc = Q[RA], Q[RB], Q[RC]
-            hs = _row(C, t if C.shape[0] > 1 else 0)
+            hs = coef_row(C, t if C.shape[0] > 1 else 0)
             fa = np.empty(QBLOCK, np.float32)
             fb = np.empty(QBLOCK, np.float32)
             fc = np.empty(QBLOCK, np.float32)
@@ -386,7 +393,3 @@ def template8(KEY, MASK, DT, SDT, ADT, BDT, CDT):
                 if QC:
                     xc[blk] = requantize(fc, c, m, qc, RC)
     return kernel
-
-
-# what template8's code looks up besides numba_engine's globals
-GLOBALS = dict(QBLOCK=qmap.QBLOCK, dequantize=dequantize, requantize=requantize)

@@ -13,7 +13,7 @@ names reach the engines: kernels/coefficients.py.
 There are no float literals here: in Numba a literal promotes float32 math to float64
 (slower, and no longer torch's arithmetic).
 
-``ops`` and the UPPER-CASE flags are not defined in this module on purpose: each engine
+``ops`` and the UPPER-CASE flags are mere placeholders in this module: each engine
 compiles a copy of these functions whose globals bind ``ops`` to its math library
 (``numba_ops`` or ``triton_ops``: division and square root are ``ops.div`` and
 ``ops.sqrt`` because Triton's ``/`` on float32 is approximate; ``ops.fma`` is a fused
@@ -24,8 +24,6 @@ The order of operations follows torch 2.13's for-loop implementations
 (``torch/optim/*.py``, ``_single_tensor_*``), so that float32 results match
 ``torch.optim.X(foreach=False)`` to the last bit wherever the arithmetic allows.
 """
-# ruff: noqa: F821  (ops and the flags are injected by the engines)
-
 # SCALE_GRAD, WRITE_GRAD, FOUND_INF and STOCH_ROUND belong to the engines, not the rules:
 # SCALE_GRAD multiplies the gradient by the engines' grad_scale coefficient (GradScaler's
 # 1 / scale, a clipping factor) before the rule and rounds it to the gradient's dtype;
@@ -42,6 +40,10 @@ The order of operations follows torch 2.13's for-loop implementations
 FLAGS = ("MAXIMIZE", "WEIGHT_DECAY", "L1", "LERP_SMALL", "AMSGRAD", "DECOUPLED",
          "CENTERED", "MOMENTUM", "NESTEROV", "SCALE_GRAD", "WRITE_GRAD", "FOUND_INF",
          "STOCH_ROUND", "REDUCE", "SECOND", "ROW_LERP")
+# the names each engine's copy of the rules binds (numba_base.bind_rule, triton_base.bind_rule)
+ops = None
+(MAXIMIZE, WEIGHT_DECAY, L1, LERP_SMALL, AMSGRAD, DECOUPLED, CENTERED, MOMENTUM, NESTEROV,
+ SCALE_GRAD, WRITE_GRAD, FOUND_INF, STOCH_ROUND, REDUCE, SECOND, ROW_LERP) = (False,) * len(FLAGS)
 
 
 def lerp(start, end, w, w_rest):

@@ -2,6 +2,7 @@
 read their PTX for 128-bit loads, IEEE math and register spills."""
 from . import triton_engine as te, triton_matrix as tm
 from .flags import Matrix, Update
+from .triton_base import KINDS, NUM_WARPS, SCALARS, triton
 
 
 def aot(kernel, sig, const, aligned_args, arch):
@@ -14,19 +15,19 @@ def aot(kernel, sig, const, aligned_args, arch):
     sig.update({n: "constexpr" for n in const})
     attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned_args}
     src = ASTSource(kernel, signature=sig, constexprs=const, attrs=attrs)
-    out = te.triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": te.NUM_WARPS, "enable_fp_fusion": False})
+    out = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                         options={"num_warps": NUM_WARPS, "enable_fp_fusion": False})
     return out.asm["ptx"], out.metadata
 
 
 def compile_norm_ptx(dtype="float32", order=2.0, arch=90):
     """The norm kernel compiled ahead of time (as compile_ptx)."""
-    kernel = te._norm_jit(False)
+    kernel = te.norm_jit(False)
     names = ["G", "TID", "CS", "CE"]
     sig = {n: "*i64" for n in names}
     sig.update(PW="fp32", OUT="*fp64" if dtype == "float64" else "*fp32")
     ord_ = {1.0: 1, 2.0: 2, float("inf"): 0}.get(float(order), 3)
-    const = {"KIND": te.KINDS[dtype], "ORD": ord_, "BLOCK": 1024}
+    const = {"KIND": KINDS[dtype], "ORD": ord_, "BLOCK": 1024}
     return aot(kernel, sig, const, names + ["OUT"], arch)
 
 
@@ -40,8 +41,8 @@ def compile_ptx(rule, flags, dtype="float32", mask=Update.A | Update.B, arch=90,
     sig["FI"] = "*fp32"
     sig["Q"] = "*fp32"
     sig["C"] = "*fp64" if dtype == "float64" else "*fp32"
-    sig.update({h: "i64" for h in te._SCALARS})
-    const = {"MASK": int(mask), "KIND": te.KINDS[dtype], "SKIND": te.KINDS[sdtype or dtype],
+    sig.update({h: "i64" for h in SCALARS})
+    const = {"MASK": int(mask), "KIND": KINDS[dtype], "SKIND": KINDS[sdtype or dtype],
              "ALIGNED": aligned, "UNIFORM": uniform, "BLOCK": 1024}
     return aot(kernel, sig, const, names + ["C"], arch)
 
@@ -54,6 +55,6 @@ def compile_matrix_ptx(rule, flags, dtype="float32", mask=Matrix.SLOTS, arch=90,
     sig = {n: "*i64" for n in names}
     f = "*fp64" if dtype == "float64" else "*fp32"
     sig.update(C=f, TOT=f, ROWS=f, CPART=f)
-    const = {"MASK": int(mask), "KIND": te.KINDS[dtype], "SKIND": te.KINDS[dtype], "BR": 1024 // bc,
+    const = {"MASK": int(mask), "KIND": KINDS[dtype], "SKIND": KINDS[dtype], "BR": 1024 // bc,
              "BC": bc, "ALIGNED": aligned}
     return aot(kernel, sig, const, names + ["C"], arch)

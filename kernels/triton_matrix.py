@@ -1,16 +1,16 @@
 """The matrix kernel in Triton: any rule over tensors seen as batches of matrices, storing
 the params or (flag REDUCE) reducing squares per tensor, row and column.  The general
-reduction pass (numba_matrix.py is the CPU twin); the rules are bound as in triton_engine."""
-from . import import_triton
-from .triton_engine import _INTERPRET, _kernels, _bind, _rebind, BLOCK, KINDS, NUM_WARPS, launching
+reduction pass (numba_matrix.py is the CPU twin); the rules are bound by triton_base.bind_rule,
+as in triton_engine."""
+from . import triton_base as base
+from .coefficients import GRAD_SCALE, LERP_COUNT, LERP_W, LERP_W_REST
+from .flags import MATRIX_A, MATRIX_B, MATRIX_C, MATRIX_TOTAL_ONLY
+from .triton_base import (BLOCK, INTERPRET, KINDS, NUM_WARPS, kernels, launching, loaded_row, narrow,
+                          rebind, tensor_ptr, tl, triton, widen)
 
-triton = import_triton()
-tl = triton.language
-
-# names the kernel reads from the globals _bind supplies
-_ptr = _widen = _narrow = _loaded = rule = REDUCE = SCALE_GRAD = WRITE_GRAD = ROW_LERP = None
-GRAD_SCALE = LERP_W = LERP_W_REST = LERP_COUNT = None
-MATRIX_A = MATRIX_B = MATRIX_C = MATRIX_TOTAL_ONLY = None
+# what build_matrix binds per kernel: the rule, the flags (as constexprs)
+rule = None
+REDUCE = SCALE_GRAD = WRITE_GRAD = ROW_LERP = False
 
 
 @triton.jit
@@ -21,14 +21,14 @@ def _row_factor(s, count, old, w, w_rest, KIND: tl.constexpr):
         r = tl.sqrt(s)
     else:
         r = tl.sqrt_rn(s)
-    r = _widen(_narrow(r, KIND), KIND)
-    m = _widen(_narrow(r * r, KIND), KIND)
+    r = widen(narrow(r, KIND), KIND)
+    m = widen(narrow(r * r, KIND), KIND)
     n = tl.maximum(count, 1)  # (count 0: the other branch)
     if KIND == 1:
         m = m / n
     else:
         m = tl.div_rn(m, n)
-    m = tl.where(count > 0, _widen(_narrow(m, KIND), KIND), _widen(_narrow(s, KIND), KIND))
+    m = tl.where(count > 0, widen(narrow(m, KIND), KIND), widen(narrow(s, KIND), KIND))
     small = tl.abs(w) < 0.5
     return tl.fma(tl.where(small, w, -w_rest), m - old, tl.where(small, old, m))
 
@@ -37,7 +37,7 @@ def _row_factor(s, count, old, w, w_rest, KIND: tl.constexpr):
 def _matrix_kernel(P, G, S0, S1, S2, C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS, CPART,
                    MASK: tl.constexpr, KIND: tl.constexpr, SKIND: tl.constexpr,
                    BR: tl.constexpr, BC: tl.constexpr, ALIGNED: tl.constexpr):
-    # as numba_engine._matrix_template: one program per chunk (rows RS..RE of one matrix),
+    # as numba_matrix._matrix_template: one program per chunk (rows RS..RE of one matrix),
     # in tiles of BR rows x BC columns; sums accumulate in the math dtype (float32 unless
     # float64), as the norm kernel's
     pid = tl.program_id(0)
@@ -53,12 +53,12 @@ def _matrix_kernel(P, G, S0, S1, S2, C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS, C
     VEC: tl.constexpr = 2 if KIND == 1 else (4 if KIND == 0 else 8)
     if ALIGNED:
         ncol = tl.multiple_of(ncol, VEC)
-    pp = _ptr(P, t, KIND, ALIGNED)
-    gp = _ptr(G, t, KIND, ALIGNED)
-    ap = _ptr(S0, t, SKIND, False)
-    bp = _ptr(S1, t, SKIND, False)
-    cp = _ptr(S2, t, SKIND, False)
-    hs = _loaded(C, t)
+    pp = tensor_ptr(P, t, KIND, ALIGNED)
+    gp = tensor_ptr(G, t, KIND, ALIGNED)
+    ap = tensor_ptr(S0, t, SKIND, False)
+    bp = tensor_ptr(S1, t, SKIND, False)
+    cp = tensor_ptr(S2, t, SKIND, False)
+    hs = loaded_row(C, t)
     mat = r0 // nrow
     co = tl.load(COFF + pid)
     ro = tl.load(ROFF + t)
@@ -79,23 +79,23 @@ def _matrix_kernel(P, G, S0, S1, S2, C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS, C
             cmask = cols < ncol
             mask = rmask[:, None] & cmask[None, :]
             offs = rows[:, None] * ncol + cols[None, :]
-            p = _widen(tl.load(pp + offs, mask=mask, other=0), KIND)
-            g = _widen(tl.load(gp + offs, mask=mask, other=0), KIND)
+            p = widen(tl.load(pp + offs, mask=mask, other=0), KIND)
+            g = widen(tl.load(gp + offs, mask=mask, other=0), KIND)
             if SCALE_GRAD:  # as the update kernel (rules.FLAGS)
-                gs = _narrow(g * hs[GRAD_SCALE], KIND)
+                gs = narrow(g * hs[GRAD_SCALE], KIND)
                 if WRITE_GRAD:
                     tl.store(gp + offs, gs, mask=mask)
-                g = _widen(gs, KIND)
+                g = widen(gs, KIND)
             a = tl.where(mask, p, 1)  # unused slots: no 0 / 0 in masked lanes
             b = a
             c = a
             if MASK & MATRIX_A:
-                a = _widen(tl.load(ap + rows[:, None], mask=rmask[:, None], other=1), SKIND)
+                a = widen(tl.load(ap + rows[:, None], mask=rmask[:, None], other=1), SKIND)
             if MASK & MATRIX_B:
-                b = _widen(tl.load(bp + mat * ncol + cols[None, :], mask=cmask[None, :],
+                b = widen(tl.load(bp + mat * ncol + cols[None, :], mask=cmask[None, :],
                                    other=1), SKIND)
             if MASK & MATRIX_C:
-                c = _widen(tl.load(cp + mat), SKIND)
+                c = widen(tl.load(cp + mat), SKIND)
             x, y, _b, _c = rule(p, g, a, b, c, hs)
             if REDUCE:
                 x = tl.where(mask, x, 0)
@@ -106,11 +106,11 @@ def _matrix_kernel(P, G, S0, S1, S2, C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS, C
                     old = tl.load(CPART + co + cols, mask=cmask, other=0)
                     tl.store(CPART + co + cols, old + tl.sum(y * y, 0), mask=cmask)
             else:
-                tl.store(pp + offs, _narrow(x, KIND), mask=mask)
+                tl.store(pp + offs, narrow(x, KIND), mask=mask)
         if REDUCE and ROW_LERP:  # each row's factor (rules.FLAGS), in slot a
-            old = _widen(tl.load(ap + rows, mask=rmask, other=0), SKIND)
+            old = widen(tl.load(ap + rows, mask=rmask, other=0), SKIND)
             new = _row_factor(racc, hs[LERP_COUNT], old, hs[LERP_W], hs[LERP_W_REST], KIND)
-            tl.store(ap + rows, _narrow(new, SKIND), mask=rmask)
+            tl.store(ap + rows, narrow(new, SKIND), mask=rmask)
         elif REDUCE and not MASK & MATRIX_TOTAL_ONLY:
             tl.store(ROWS + ro + rows, racc, mask=rmask)
     if REDUCE:
@@ -119,14 +119,14 @@ def _matrix_kernel(P, G, S0, S1, S2, C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS, C
 
 def build_matrix(rule, flags, interpret=None):
     """The matrix kernel (_matrix_kernel) for one rule and flag set."""
-    interpret = _INTERPRET if interpret is None else interpret
+    interpret = INTERPRET if interpret is None else interpret
     k = ("matrix", rule, flags, interpret)
-    if k not in _kernels:
-        kgl = _bind(rule, flags, interpret)
+    if k not in kernels:
+        kgl = base.bind_rule(rule, flags, interpret)
         kgl["ROW_LERP"] = tl.constexpr(dict(flags)["ROW_LERP"])
-        kgl["_row_factor"] = _rebind(_row_factor, kgl, interpret)
-        _kernels[k] = _rebind(_matrix_kernel, kgl, interpret, launch=True)
-    return _kernels[k]
+        kgl["_row_factor"] = rebind(_row_factor, kgl, interpret)
+        kernels[k] = rebind(_matrix_kernel, kgl, interpret, launch=True)
+    return kernels[k]
 
 
 def run_matrix(rule, flags, dtypes, mask, P, G, S, C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS,

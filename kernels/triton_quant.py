@@ -3,13 +3,10 @@ slots held as uint8 codes with a float32 absmax per block of QBLOCK elements, de
 before the rule and quantized again after it, in the same launch.  A program's BLOCK holds
 BLOCK // QBLOCK whole blocks (chunks and BLOCKs start at multiples of QBLOCK), so each
 block's absmax is a reduction over one row of the BLOCK reshaped.  triton_engine binds
-these helpers into its kernel (they call its ``_store_raw``).
+these helpers into its kernel.
 """
-# ruff: noqa: F821  (_store_raw is triton_engine's, bound in when the kernel is built)
-from . import import_triton, qmap
-
-triton = import_triton()
-tl = triton.language
+from . import qmap
+from .triton_base import store_raw, tl, triton
 
 QBLOCK = tl.constexpr(qmap.QBLOCK)  # elements per absmax
 QTABLE = tl.constexpr(qmap.TABLE)  # columns of a row of quant.engine_table()
@@ -17,10 +14,11 @@ QTABLE = tl.constexpr(qmap.TABLE)  # columns of a row of quant.engine_table()
 # the kernel
 QCOLS = {n: tl.constexpr(getattr(qmap, n)) for n in ("LOW", "P", "PARTS", "NINTH", "TOP_MID",
                                                      "TOP_K", "TINY")}
+LOW, P, PARTS, NINTH, TOP_MID, TOP_K, TINY = QCOLS.values()
 
 
 @triton.jit
-def _qload(cp, xp, offs, end, T, MASKED: tl.constexpr):
+def qload(cp, xp, offs, end, T, MASKED: tl.constexpr):
     # 8-bit codes -> float32: the map's value (row T of quant.engine_table) times the
     # block's absmax
     codes = tl.load(cp + offs, mask=offs < end, other=0) if MASKED else tl.load(cp + offs)
@@ -28,13 +26,13 @@ def _qload(cp, xp, offs, end, T, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _per_block(v, BLOCK: tl.constexpr):
+def per_block(v, BLOCK: tl.constexpr):
     # one value per block of QBLOCK -> one per element of the BLOCK
     return tl.reshape(tl.broadcast_to(tl.expand_dims(v, 1), [BLOCK // QBLOCK, QBLOCK]), [BLOCK])
 
 
 @triton.jit
-def _qstore(cp, xp, offs, end, x, T, SIGNED: tl.constexpr, BLOCK: tl.constexpr,
+def qstore(cp, xp, offs, end, x, T, SIGNED: tl.constexpr, BLOCK: tl.constexpr,
             MASKED: tl.constexpr):
     # float32 -> 8-bit codes with each block's new absmax, as numba_quant's qcode (the
     # same float32 operations: the engines' codes are equal)
@@ -47,7 +45,7 @@ def _qstore(cp, xp, offs, end, x, T, SIGNED: tl.constexpr, BLOCK: tl.constexpr,
     amf = amax.to(tl.float32, bitcast=True)
     sc = tl.where(amf < TINY, 1.0 / TINY, 1.0)
     inv = tl.div_rn(1.0, amf * sc)
-    y = tl.abs(x) * _per_block(sc, BLOCK) * _per_block(inv, BLOCK)
+    y = tl.abs(x) * per_block(sc, BLOCK) * per_block(inv, BLOCK)
     pr = tl.load(T + P)
     parts = tl.load(T + PARTS)
     for i in tl.static_range(1, 7):
@@ -64,4 +62,4 @@ def _qstore(cp, xp, offs, end, x, T, SIGNED: tl.constexpr, BLOCK: tl.constexpr,
         code = tl.where(x >= 0, 127.0 + k, 127.0 - tl.minimum(k, 127.0))
     else:
         code = k
-    _store_raw(cp, offs, end, code.to(tl.uint8), MASKED)
+    store_raw(cp, offs, end, code.to(tl.uint8), MASKED)

@@ -37,10 +37,10 @@ def test_parity_tiny_config_passes_and_prints_table(capsys, tmp_path):
     text = capsys.readouterr().out
     assert rc == 0
     assert "err vs f64" in text and "2/2 cases pass" in text
-    # above the table: the versions against the tested ranges, torch's ops, and (both
+    # after the summary: the versions against the tested ranges, torch's ops, and (both
     # engines on CPU) Triton's interpreter's ops: which side is off, if any
-    head = text.split("optimizer")[0]
-    assert "within the tested ranges" in head and "torch's" in head and "interpreter" in head
+    tail = text.split("2/2 cases pass")[1]
+    assert "within the tested ranges" in tail and "torch's" in tail and "interpreter" in tail
     data = json.loads(out.read_text())
     assert len(data["results"]) == 2 and all(r["ok"] for r in data["results"])
     assert set(data["versions"]) == {"torch", "triton"} and "interpreter_ops_off" in data
@@ -87,3 +87,43 @@ def test_step_split_accounts_for_the_step(capsys):
     assert med["smallest rest"] >= 0 and med["rest of the step"] < med["whole step"]
     assert (plan._Plan.grad_ptrs, bucket._Bucket.run) == before
     assert "rmsprop on tiny: 20000 tensors" in capsys.readouterr().out
+
+
+def test_check_prints_each_table_once_and_notes_after_the_verdict(capsys, monkeypatch):
+    """A terminal shows stdout and stderr together: each speed table appears once in the
+    two, and the notes on torch's arithmetic come after the verdict.  (One parity case and
+    a small workload: the real check's are sized in check_workloads.)"""
+    from fusedopt import cli, parity
+    full = parity.matrix
+    monkeypatch.setattr(parity, "matrix", lambda optims, dtypes: full(["sgd"], [torch.float32]))
+    monkeypatch.setattr(cli, "check_workloads",
+                        lambda limit=cli.CHECK_MEMORY: ({"small": [(300, 7), (100,)]}, "sized"))
+    assert main(["check"]) == 0
+    cap = capsys.readouterr()
+    both = cap.out + cap.err
+    lines = [ln for ln in both.splitlines() if ln.strip()]
+    head = next(ln for ln in lines if ln.startswith("optimizer") and "Gparam/s" in ln)
+    assert both.count(head) == 2  # adam's table and sgd's
+    rows = [ln for ln in lines if ln.split()[:2] in (["adam", "small"], ["sgd", "small"])]
+    assert rows and len(rows) == len(set(rows))
+    out = cap.out
+    assert out.index("== verdict ==") < out.index("== notes on this machine ==")
+    notes = out[out.index("== notes on this machine =="):]
+    assert "sized" in notes and "check took" in notes
+    from fusedopt import arith
+    for line in arith.describe() or ["torch's elementary ops"]:
+        assert line[:40] in notes and line[:40] not in out[:out.index("== verdict ==")]
+    # SGD float32 is the case triton 3.8's interpreter failed (its fma rounds twice): the
+    # verdict is the engines', the interpreter and the versions are notes
+    assert "parity: PASS\n" in out and "within the tested ranges" in notes
+    assert "interpreter" in notes
+
+
+def test_check_workloads_fit_the_limit():
+    from fusedopt import cli, workloads
+    for limit in (4e9, 2e9):
+        sized, note = cli.check_workloads(limit)
+        n = sum(workloads._numel(s) for s in next(iter(sized.values())))
+        rss = cli._memory()[0]
+        assert rss + 0.3e9 + n * cli.CHECK_BYTES_PER_PARAM <= limit, (limit, n)
+        assert len(next(iter(sized.values()))) == 148 and "GB" in note

@@ -1,9 +1,9 @@
-"""The Numba engine's float16/bfloat16 conversions against torch's, over all 65536 patterns."""
+"""numba_base's float16/bfloat16 conversions against torch's, over all 65536 patterns."""
 import numba
 import numpy as np
 import torch
 
-from fusedopt.kernels import numba_engine as ne
+from fusedopt.kernels import numba_base as ne
 
 
 @numba.njit

@@ -207,7 +207,7 @@ def test_block_absmax_equals_the_loop():
     def both(f):
         mx = np.uint32(0)
         for j in range(f.shape[0]):
-            b = nq._f32_bits(f[j]) & np.uint32(0x7FFFFFFF)
+            b = nq.f32_bits(f[j]) & np.uint32(0x7FFFFFFF)
             mx = b if b > mx else mx
         return nq._absmax_block(f), mx
 

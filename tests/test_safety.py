@@ -2,7 +2,6 @@
 steps (issue: cached addresses are a cache, never the truth).  Each class of case has a
 named test here; tests/helpers/programs.py interleaves them at random, in a subprocess with
 glibc's heap checking on, so that a stray write aborts it and a crash fails the test."""
-import contextlib
 import copy
 import os
 import pickle
@@ -14,8 +13,8 @@ import torch
 
 import fusedopt
 from fusedopt import arith
-from harness import HP, NAMES
-from twins import same, same_outcome, set_grads, step_both, twins
+from harness import NAMES
+from twins import outcome, same, same_outcome, set_grads, step_both, twins
 
 HERE = os.path.dirname(__file__)
 HELPERS = os.path.join(HERE, "helpers")

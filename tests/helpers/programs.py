@@ -118,8 +118,10 @@ def op_load_state_dict(t):
     if any(isinstance(sd, str) for sd in sds):
         raise Raised(*(sd if isinstance(sd, str) else None for sd in sds))
     sd = copy.deepcopy(sds[1])
-    if how != "good" and sd["state"]:
-        i = t.rng.choice(sorted(sd["state"]))
+    # an entry may be empty (an earlier "missing" load took a param's only buffer away)
+    held = sorted(i for i, st in sd["state"].items() if st)
+    if how != "good" and held:
+        i = t.rng.choice(held)
         key = t.rng.choice([k for k in sd["state"][i] if k != "step"] or ["step"])
         if how == "shape":
             sd["state"][i][key] = torch.zeros(2)
