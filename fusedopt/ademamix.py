@@ -157,9 +157,6 @@ class AdEMAMix(FusedOptimizer, AdEMAMixForLoop):
     def _inplace_updates(self, group):  # p.mul_ for decoupled weight decay, then p.addcdiv_
         return 2 if group["weight_decouple"] and group["weight_decay"] != 0 else 1
 
-    def _unfit_state(self, group, p, st):  # the twin raises the package's error for it
-        return "a complex param" if p.is_complex() else None
-
     def _sparse_step(self, group, params):
         raise NoSparseGradientError("AdEMAMix")
 
@@ -183,7 +180,7 @@ class AdEMAMix(FusedOptimizer, AdEMAMixForLoop):
                           dict(lr=1e-2, betas=(0.5, 0.95, 0.99), t_alpha_beta3=30, eps=1e-6)),
                 fp16_eps=True, test_hp=dict(lr=1e-2, weight_decay=0.1, t_alpha_beta3=10),
                 program_hp=dict(lr=1e-2, t_alpha_beta3=5), bench_hp=dict(lr=1e-3),
-                unsigned=frozenset({"exp_avg_sq"}), traffic=(5, 4),
+                unsigned=frozenset({"exp_avg_sq"}), traffic=(5, 4), complex_params=False,
                 aot=(dict(WEIGHT_DECAY=True, MAXIMIZE=True, L1=True, LERP_SMALL=True), 7))
 
 
