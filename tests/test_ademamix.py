@@ -11,6 +11,7 @@ import fusedopt
 from fusedopt import arith, parity
 from fusedopt import ademamix as mod
 from harness import BACKENDS, max_ulp
+from twins import train
 
 pytorch_optimizer = pytest.importorskip(
     "pytorch_optimizer", reason="pytorch-optimizer (a test extra) is not installed")
@@ -26,19 +27,6 @@ HPS = {  # each: a weight-decay mode, and the warmup or beta1 < 0.5 / beta3 < 0.
 }
 
 
-def _train(cls, dtype, hp, steps=20, replay=True, **kw):
-    params, grads = parity.make_data(3, dtype, steps, SHAPES)
-    ps = [torch.nn.Parameter(p.clone()) for p in params]
-    opt = cls(ps, **hp, **kw)
-    for gs in grads:
-        for p, g in zip(ps, gs):
-            p.grad = g.clone()
-        if replay:
-            with arith.replay():  # torch's ops rounded once, on any CPU (see parity.py)
-                opt.step()
-        else:
-            opt.step()
-    return [p.detach() for p in ps], params, opt
 
 
 def _agree(ours, theirs, init, dtype, lr):
@@ -56,9 +44,9 @@ def _agree(ours, theirs, init, dtype, lr):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("hp", HPS.values(), ids=HPS.keys())
 def test_ademamix_steps_as_pytorch_optimizer(backend, dtype, hp):
-    theirs, init, _ = _train(Theirs, dtype, hp, foreach=False)  # its per-tensor path
-    loop, _, _ = _train(mod.AdEMAMixForLoop, dtype, hp)
-    ours, _, _ = _train(fusedopt.AdEMAMix, dtype, hp, backend=backend)
+    theirs, init, _ = train(Theirs, dtype, hp, SHAPES, foreach=False)  # its per-tensor path
+    loop, _, _ = train(mod.AdEMAMixForLoop, dtype, hp, SHAPES)
+    ours, _, _ = train(fusedopt.AdEMAMix, dtype, hp, SHAPES, backend=backend)
     assert max_ulp(loop, theirs) == 0  # the twin is the package's arithmetic
     _agree(ours, theirs, init, dtype, hp["lr"])
     if backend == "numba":  # IEEE ops in torch's order, multiply-adds fused where torch's
@@ -70,8 +58,8 @@ def test_ademamix_steps_as_pytorch_optimizer(backend, dtype, hp):
 def test_the_packages_default_foreach_path_is_its_per_tensor_arithmetic(dtype):
     # (on this machine's own torch ops: arith.replay patches the per-tensor ops only)
     hp = HPS["decoupled-maximize"]
-    a = _train(Theirs, dtype, hp, replay=False)[0]
-    b = _train(Theirs, dtype, hp, replay=False, foreach=False)[0]
+    a = train(Theirs, dtype, hp, SHAPES, replay=False)[0]
+    b = train(Theirs, dtype, hp, SHAPES, replay=False, foreach=False)[0]
     assert max_ulp(a, b) == 0
 
 
@@ -83,9 +71,9 @@ def test_a_beta3_schedule_one_step_off_is_caught(monkeypatch):
         return (*right(group, step)[:3], right(group, step + 1)[3])
 
     hp = HPS["fixed-decay-warmup"]
-    theirs, init, _ = _train(Theirs, torch.float32, hp, foreach=False)
+    theirs, init, _ = train(Theirs, torch.float32, hp, SHAPES, foreach=False)
     monkeypatch.setattr(mod, "schedules", ahead)
-    ours, _, _ = _train(fusedopt.AdEMAMix, torch.float32, hp, backend="numba")
+    ours, _, _ = train(fusedopt.AdEMAMix, torch.float32, hp, SHAPES, backend="numba")
     with pytest.raises(AssertionError):
         _agree(ours, theirs, init, torch.float32, hp["lr"])
 
