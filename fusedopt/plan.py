@@ -59,6 +59,8 @@ def _unfit(spec, group, p, g, st):
         return f"a {g.dtype} grad of shape {tuple(g.shape)} for a {p.dtype} param of shape {tuple(p.shape)}"
     if spec.real_only and p.is_complex():
         return "a complex param"
+    if spec.factored and isinstance(p, _dtensor()):  # (torch's ops all-reduce them)
+        return "a DTensor param of a factored state (its sums span the shards)"
     if not spec.needs_state:
         return None
     for name in ("step", *spec.scalars) if spec.has_step else ():
