@@ -3,6 +3,7 @@ from .adadelta import Adadelta
 from .adafactor import Adafactor
 from .adagrad import Adagrad
 from .adam import Adam, Adamax, AdamW
+from .ademamix import AdEMAMix
 from .asgd import ASGD
 from .clip import clip_grad_norm_
 from .lion import Lion
@@ -20,5 +21,5 @@ except ImportError:  # numba missing: the Triton engine still works
     pass
 
 __all__ = ["Adam", "AdamW", "Adamax", "RMSprop", "Adagrad", "SGD", "Adadelta", "Rprop", "RAdam",
-           "NAdam", "ASGD", "Adafactor", "Lion", "clip_grad_norm_"]
+           "NAdam", "ASGD", "Adafactor", "Lion", "AdEMAMix", "clip_grad_norm_"]
 __version__ = "0.1.0"

@@ -110,8 +110,10 @@ def _steps(cls_name, hp, shapes, device, compile_step, mixed=None):
     ours, dtype, clip, _ = mixed or ({}, torch.float32, None, 0)
     impls = {"torch-forloop": dict(foreach=False), "torch-foreach": dict(foreach=True)}
     twin = getattr(fusedopt, cls_name).twin()
-    if not twin.__module__.startswith("torch.optim"):  # Lion: not in torch
-        impls = {"lion-pytorch": {}}
+    other = None
+    if not twin.__module__.startswith("torch.optim"):  # not in torch: its spec's source
+        row, other = _source(cls_name, twin)
+        impls = {row: {}}  # its default path (pytorch_optimizer's: foreach, on CPU too)
     if cls_name in TORCH_FUSED and not (cls_name == "Adagrad" and device.type == "cuda"):  # CPU-only
         impls["torch-fused"] = dict(fused=True)
     if compile_step:
@@ -122,7 +124,7 @@ def _steps(cls_name, hp, shapes, device, compile_step, mixed=None):
     for impl, kw in impls.items():
         mine = impl.startswith("fusedopt")
         cls = getattr(fusedopt, cls_name) if mine else twin if impl.startswith("torch") \
-            else _lion_pytorch()
+            else other
         ps = _make(shapes, device, dtype)
         opt = cls(ps, **hp, **kw, **(ours if mine else {}))
         steps[impl] = torch.compile(opt.step) if impl == "torch-compile" else opt.step
@@ -150,12 +152,20 @@ def _steps(cls_name, hp, shapes, device, compile_step, mixed=None):
     return steps
 
 
-def _lion_pytorch():
+def _source(cls_name, twin):
+    """(row name, class) of the package an algorithm torch lacks is a twin of: its spec's
+    ``source``, ``"module.Class"`` or a distribution whose module holds the class of the
+    same name (``"lion-pytorch"``: ``lion_pytorch.Lion``); the row is named after the
+    distribution (``pytorch-optimizer``).  Where it is not installed, the twin's
+    one-tensor-at-a-time arithmetic (fusedopt.lion.LionForLoop, ...), in a row of its name."""
+    source = fusedopt.spec.spec(cls_name).source
+    module, _, attr = source.rpartition(".") if "." in source else (source, "", cls_name)
+    module = module.replace("-", "_")
     try:
-        from lion_pytorch import Lion
-        return Lion
-    except ImportError:  # its one-tensor-at-a-time arithmetic, as written in fusedopt.lion
-        return fusedopt.lion.LionForLoop
+        cls = getattr(__import__(module, fromlist=[attr]), attr)
+        return module.split(".")[0].replace("_", "-"), cls
+    except (ImportError, AttributeError):
+        return twin.__name__, twin
 
 
 HOST = " host"  # suffix: a fusedopt step with the engine calls stubbed, its host work

@@ -74,6 +74,7 @@ class FusedOptimizer:
             scalars=tuple(self._scalars), init_state=init,
             needs_state=self._has_step or any(slots) or bool(group.get("master_weights")),
             factored=self._is_factored(), backend=self._backend,
+            real_only=self.spec is not None and not self.spec.complex_params,
             index=next(i for i, g in enumerate(self.param_groups) if g is group))
 
     @classmethod

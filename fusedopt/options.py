@@ -52,6 +52,9 @@ def signature_with(torch_cls):
     """torch_cls's constructor signature plus fusedopt's keyword-only extras."""
     sig = inspect.signature(torch_cls.__init__)
     params = list(sig.parameters.values())[1:]
-    params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v)
-               for k, v in EXTRAS.items()]
+    # before a **kwargs (pytorch_optimizer's constructors end with one), which stays last
+    rest = [p for p in params if p.kind == p.VAR_KEYWORD]
+    params = [p for p in params if p.kind != p.VAR_KEYWORD] + [
+        inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v)
+        for k, v in EXTRAS.items()] + rest
     return sig.replace(parameters=params)

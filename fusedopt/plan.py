@@ -33,6 +33,7 @@ class GroupSpec:
         makes the missing slots: zeros of the state dtype).
     factored: the state of a matrix param is row and column factors (Spec.factored; their
         shapes, checks and buffers: matrix.py).
+    real_only: complex params are left to the twin (Spec.complex_params is False).
     backend: the engine choice the optimizer was built with ("auto", "numba", "triton").
     index: the group's place among the optimizer's groups (stochastic rounding's stream).
     """
@@ -43,6 +44,7 @@ class GroupSpec:
     needs_state: bool
     init_state: Callable
     factored: bool
+    real_only: bool
     backend: str
     index: int
 
@@ -55,6 +57,10 @@ def _unfit(spec, group, p, g, st):
         return f"a {p.dtype} param on {p.device.type}"
     if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
         return f"a {g.dtype} grad of shape {tuple(g.shape)} for a {p.dtype} param of shape {tuple(p.shape)}"
+    if spec.real_only and p.is_complex():
+        return "a complex param"
+    if spec.factored and isinstance(p, _dtensor()):  # (torch's ops all-reduce them)
+        return "a DTensor param of a factored state (its sums span the shards)"
     if not spec.needs_state:
         return None
     for name in ("step", *spec.scalars) if spec.has_step else ():

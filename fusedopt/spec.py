@@ -39,6 +39,8 @@ class Spec:
         bounds the engines' distance to each other.
     factored: the state of a matrix param is factored into row and column statistics
         (Adafactor): the plan steps such params through the matrix kernel.
+    complex_params: the twin steps complex params (as a real view); False: the plan leaves
+        them to the twin, which raises its own error for them, in its order of params.
     """
     reference: Callable
     source: str
@@ -56,6 +58,7 @@ class Spec:
     aot: tuple = None
     ulp: int = None
     factored: bool = False
+    complex_params: bool = True
 
 
 def register(cls):

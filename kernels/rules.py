@@ -216,6 +216,20 @@ def lion(p, g, m, *, decay, lr, beta1, beta1_rest, beta2, beta2_rest, one, l1):
     return p, m
 
 
+def ademamix(p, g, m, v, s, *, wd, l1, w, beta2, beta2_rest, w3, bc1, bc2_sqrt, eps, alpha,
+             lr, one):
+    # pytorch_optimizer's AdEMAMix (fusedopt/ademamix.py): Adam's moments, then the slow
+    # one, s.lerp_(g, w3) (w3 = 1 - beta3 this step: torch's lerp picks its formula by
+    # the weight, here too, without a flag), then p.addcdiv_(m / bc1 + alpha * s (add with
+    # alpha), sqrt(v) / bc2_sqrt + eps, value=-lr).  `one` stands for 1 (no literals)
+    p, g, m, v = adam_moments(p, g, m, v, w, one - w, beta2, beta2_rest, wd, l1)
+    small = w3 < ops.div(one, one + one)
+    s = ops.fma(ops.where(small, w3, w3 - one), g - s, ops.where(small, s, g))
+    denom = ops.div(ops.sqrt(v), bc2_sqrt) + eps
+    p = p + ops.div(-lr * ops.fma(alpha, s, ops.div(m, bc1)), denom)
+    return p, m, v, s
+
+
 def adafactor(p, g, row, col, mean, *, wd, l1, step_size, bound):
     # Run by the matrix kernel: row and mean are the element's row factor and its matrix's
     # clamped row-factor mean, col is 1 / sqrt(its column factor), computed per column on
@@ -255,5 +269,5 @@ def scale(p, g, *, factor):
 
 
 RULES = {f.__name__: f for f in (adam, adamax, rmsprop, adagrad, sgd, adadelta, rprop, radam,
-                                  nadam, asgd, lion, adafactor, scale)}
+                                  nadam, asgd, lion, adafactor, ademamix, scale)}
 HELPERS = (lerp, regularize, adam_moments)

@@ -62,6 +62,9 @@ def _step_against_reference(name, ps, opt, hp=None):
                 continue
             absmax = opt.state[p].get(k + quant.ABSMAX)
             st[k] = (v.clone(), absmax.clone()) if absmax is not None else v.double().clone()
+        group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+        if "step" not in st and "step" in group:  # a group's counter (AdEMAMix's)
+            st["step"] = group["step"]
         states.append(st)
     signed = {k: quant.signed(k) for st in states for k, v in st.items() if isinstance(v, tuple)}
     hp = dict(HP[name] if hp is None else hp)

@@ -18,7 +18,7 @@ def scenario(name, world, out):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
-@pytest.mark.parametrize("name", ["ddp", "fsdp", "ddp_flat", "fsdp_flat"])
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "ddp_flat", "fsdp_flat", "fsdp_adafactor"])
 def test_matches_torch_optim(name, tmp_path):
     scenario(name, 2, tmp_path)
 

@@ -5,24 +5,15 @@ import pytest
 import torch
 
 import fusedopt
-from fusedopt import arith, parity
+from fusedopt import parity
 from harness import BACKENDS, max_ulp
+from twins import train
 
 lion_pytorch = pytest.importorskip("lion_pytorch", reason="lion-pytorch (a test extra) is not installed")
 
 SHAPES = [(0,), (1,), (7,), (33, 17), (2, 3, 4), (65537,)]
 
 
-def _train(cls, dtype, hp, steps=20, **kw):
-    params, grads = parity.make_data(3, dtype, steps, SHAPES)
-    ps = [torch.nn.Parameter(p.clone()) for p in params]
-    opt = cls(ps, **hp, **kw)
-    for gs in grads:
-        for p, g in zip(ps, gs):
-            p.grad = g.clone()
-        with arith.replay():  # torch's ops rounded once, on any CPU (see parity.py)
-            opt.step()
-    return [p.detach() for p in ps], params
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -30,9 +21,9 @@ def _train(cls, dtype, hp, steps=20, **kw):
 @pytest.mark.parametrize("hp", [dict(lr=1e-3), dict(lr=3e-3, betas=(0.8, 0.95), weight_decay=0.1)],
                          ids=["default", "weight_decay"])
 def test_lion_steps_as_lion_pytorch(backend, dtype, hp):
-    theirs, init = _train(lion_pytorch.Lion, dtype, hp)
-    ours, _ = _train(fusedopt.Lion, dtype, hp, backend=backend)
-    loop, _ = _train(fusedopt.lion.LionForLoop, dtype, hp)
+    theirs, init = train(lion_pytorch.Lion, dtype, hp, SHAPES)[:2]
+    ours, _ = train(fusedopt.Lion, dtype, hp, SHAPES, backend=backend)[:2]
+    loop, _ = train(fusedopt.lion.LionForLoop, dtype, hp, SHAPES)[:2]
     assert max_ulp(loop, theirs) == 0  # the twin is lion-pytorch's arithmetic
     # each param moved by about lr per step: the unit is an ulp of the param or the update
     assert max_ulp(ours, theirs, init, floor=hp["lr"]) <= 2

@@ -4,6 +4,9 @@ WORLD DIR``: WORLD processes on the gloo backend (CPU), every rank asserting on 
 * ddp:        DDP training with fusedopt equals training with the torch.optim twin.
 * fsdp:       FSDP2 (fully_shard, DTensor params on a CPU mesh): the optimizer updates
               the local shards and equals torch.optim on the same sharding.
+* fsdp_adafactor: Adafactor's factors and param RMS are sums over a whole param: its
+              DTensor params go to torch's own step, whose outcome (torch 2.13: a
+              RuntimeError from DTensor's sharding propagation) fusedopt's is.
 * ddp_flat:   the same with flat=True and zero_grad(set_to_none=False) (the grads stay the
               buffer's aliases), with and without DDP's gradient_as_bucket_view.
 * fsdp_flat:  flat=True with DTensor params is refused with a clear RuntimeError.
@@ -131,6 +134,22 @@ def fsdp(rank, world, mesh, out):
     # one engine call per step updates every local shard: one plan, one bucket
     (plan,) = runs["adamw"][0][1]._plans.values()
     assert len(plan.buckets) == 1 and len(plan.buckets[0][1].params) == 4
+
+
+def fsdp_adafactor(rank, world, mesh, out):
+    (m, o), (t, to) = pair(lambda: shard(model(), mesh), "Adafactor", lr=0.01)
+    outcome = []
+    for mm, oo in ((m, o), (t, to)):
+        mm(batch(0, rank, world)).pow(2).mean().backward()
+        try:
+            oo.step()
+            outcome.append(None)
+        except RuntimeError as e:
+            outcome.append(str(e).splitlines()[0])
+    assert outcome[0] == outcome[1], outcome
+    if outcome[0] is None:  # a torch that steps it: the same params
+        assert_close([p.to_local() for p in m.parameters()],
+                     [p.to_local() for p in t.parameters()], "fsdp adafactor")
 
 
 def _dcp_setup(mesh):

@@ -5,7 +5,7 @@ import contextlib
 import torch
 
 import fusedopt
-from fusedopt import arith
+from fusedopt import arith, parity
 from harness import HP
 
 
@@ -59,3 +59,18 @@ def same_outcome(ps, opts, equal_nan=False, rtol=1e-6, atol=1e-7, replay_ours=Fa
             torch.testing.assert_close(a.detach(), b.detach(), rtol=rtol, atol=atol,
                                        equal_nan=equal_nan)
     return kinds[0]
+
+
+def train(cls, dtype, hp, shapes, steps=20, replay=True, **kw):
+    """``steps`` steps of ``cls(params, **hp, **kw)`` on parity's random params and grads
+    (float64-made, rounded to ``dtype``), torch's ops rounded once where ``replay``:
+    (the params after, the params before, the optimizer)."""
+    params, grads = parity.make_data(3, dtype, steps, shapes)
+    ps = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = cls(ps, **hp, **kw)
+    for gs in grads:
+        for p, g in zip(ps, gs):
+            p.grad = g.clone()
+        with arith.replay() if replay else contextlib.nullcontext():
+            opt.step()
+    return [p.detach() for p in ps], params, opt
