@@ -81,9 +81,25 @@ def _update_variants():
     return out
 
 
+def _needs(item):
+    # the variant keys a test of this module reads from update_ptx (none for the others)
+    p = getattr(item, "callspec", None) and item.callspec.params
+    name = getattr(item, "originalname", "")
+    if name == "test_compiles_with_vector_loads":
+        return [f"{p['rule']}-{p['arch']}-{p['amp']}-{d}" for d in _dtypes(p["arch"], p["amp"])]
+    if name == "test_8bit_state_compiles":
+        return [f"{p['rule']}-8bit-{p['arch']}"]
+    if name == "test_mixed_precision_compiles":
+        return [f"{p['rule']}-mixed-{p['sr']}"]
+    return []
+
+
 @pytest.fixture(scope="module")
-def update_ptx():
-    variants = _update_variants()
+def update_ptx(request):
+    # only the variants the session's selected tests read (the quick tier's few, --full's
+    # all; ~0.6 s each): a test whose key was left out would fail on the missing key
+    wanted = {k for item in request.session.items for k in _needs(item)}
+    variants = {k: v for k, v in _update_variants().items() if k in wanted}
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.run([sys.executable, "-c", UPDATE_AOT, json.dumps(variants)], env=env,
                           capture_output=True, text=True, timeout=1200)
