@@ -90,11 +90,20 @@ RULES = {
     "test_safety.py::test_these_tests_under_heap_checking": FULL(
         "reruns test files under heap checking in a subprocess (~70 s)"),
     "test_safety.py::test_random_programs_under_heap_checking": rule(
-        "one run of random programs under heap checking stays quick"),
+        "the 60 programs with the facts read in Python stay quick (every other test reads "
+        "them natively); the 200 native ones run in --full", reader="python"),
     # -- distributed: each scenario once
     "test_distributed.py::test_matches_torch_optim": rule(ONE),
     "test_distributed.py::test_clipping_by_the_global_norm": rule(ONE),
-    "test_distributed.py::test_8bit_checkpoint_reshard": rule(ONE),
+    "test_distributed.py::test_8bit_state_under_fsdp2": FULL(
+        "FSDP2 8-bit training and a DCP save (~150 s); 8-bit state and FSDP2 stay quick apart"),
+    "test_distributed.py::test_8bit_checkpoint_reshard": FULL(
+        "reshards the FSDP2 8-bit checkpoint (the fixture above)"),
+    "test_distributed.py::test_checkpoint_resume_and_reshard": FULL(
+        "DCP save, load and reshard (~120 s); test_dist_programs' programs save and load "
+        "DCP checkpoints under FSDP2 in the quick tier"),
+    "test_distributed.py::test_clipping_without_the_all_reduce_fails": FULL(
+        "the norm all-reduce mutation; test_dist_programs runs the same mutation quick"),
     # -- AOT PTX: one rule per check keeps each kind of variant (arch, amp, 8-bit, masters/SR)
     "test_aot.py::test_compiles_with_vector_loads": rule(
         "52 PTX compiles; each arch and amp on one rule", cover=("arch", "amp")),
