@@ -57,7 +57,8 @@ class _ScheduleFreeForLoop(torch.optim.Optimizer):
             if group["train_mode"]:
                 for p in group["params"]:
                     if "z" in self.state[p]:  # the package's: x = y + (1 - 1/beta1)(z - y)
-                        p.lerp_(end=self.state[p]["z"].to(p.device), weight=1 - 1 / self._beta1(group))
+                        p.lerp_(end=self.state[p]["z"].to(p.device),
+                                weight=1 - 1 / self._beta1(group))
                 group["train_mode"] = False
 
     @torch.no_grad()
@@ -108,7 +109,8 @@ class AdamWScheduleFreeForLoop(_ScheduleFreeForLoop):
         st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def _update(self, group, y, g, st, lr, ckp1):
-        (beta1, beta2), decay, z, v = group["betas"], group["weight_decay"], st["z"], st["exp_avg_sq"]
+        (beta1, beta2), decay = group["betas"], group["weight_decay"]
+        z, v = st["z"], st["exp_avg_sq"]
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         denom = v.div(1 - beta2 ** (group["k"] + 1)).sqrt_().add_(group["eps"])
         g = g.div(denom)  # (the package divides p.grad in place)
@@ -307,7 +309,8 @@ class AdamWScheduleFree(_ScheduleFree, AdamWScheduleFreeForLoop):
                 test_hp=dict(lr=1e-2, weight_decay=0.1, warmup_steps=3),
                 program_hp=dict(lr=1e-2, warmup_steps=3), bench_hp=dict(lr=2.5e-3),
                 unsigned=frozenset({"exp_avg_sq"}), traffic=(4, 3), complex_params=False,
-                train_mode=True, aot=(dict(WEIGHT_DECAY=True, MAXIMIZE=True, L1=True, DECOUPLED=True), 3))
+                train_mode=True,
+                aot=(dict(WEIGHT_DECAY=True, MAXIMIZE=True, L1=True, DECOUPLED=True), 3))
 
 
 class SGDScheduleFree(_ScheduleFree, SGDScheduleFreeForLoop):

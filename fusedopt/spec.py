@@ -72,9 +72,10 @@ def register(cls):
 
 
 def ready(opt):
-    """``opt`` (a registered class or its twin), put in train mode where the algorithm
-    steps only there (Spec.train_mode); any other optimizer as it is."""
-    if any(cls.spec.train_mode and isinstance(opt, (cls, cls.twin()))
+    """``opt`` (a registered class, its twin or its source's class), put in train mode
+    where the algorithm steps only there (Spec.train_mode); any other optimizer as it is."""
+    where = f"{type(opt).__module__.partition('.')[0]}.{type(opt).__name__}"
+    if any(cls.spec.train_mode and (isinstance(opt, (cls, cls.twin())) or where == cls.spec.source)
            for cls in REGISTRY.values()):
         opt.train()
     return opt
