@@ -38,7 +38,11 @@ def schedule(group):
     computes them; ``group["k"]`` is the count of steps before this one."""
     k, warmup = group["k"], group["warmup_steps"]
     lr = group["lr"] * ((k + 1) / warmup if k < warmup else 1.0)
-    lr_max = max(lr, group["lr_max"])
+    if torch.is_tensor(lr):  # the package's max(), without its host sync (a tensor's bool)
+        lr_max = torch.maximum(lr, torch.as_tensor(group["lr_max"], dtype=lr.dtype,
+                                                   device=lr.device))
+    else:
+        lr_max = max(lr, group["lr_max"])
     weight = ((k + 1) ** group["r"]) * (lr_max ** group["weight_lr_power"])
     weight_sum = group["weight_sum"] + weight
     try:
@@ -200,9 +204,16 @@ class _ScheduleFree(FusedOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        if not self.param_groups[0]["train_mode"]:
+        # before the closure, as the package; under torch.compile in the opaque step
+        # (_eager_step): reading param_groups in the traced code would guard on them
+        if not torch.compiler.is_compiling() and not self.param_groups[0]["train_mode"]:
             raise Exception(NOT_TRAINING)
         return super().step(closure)
+
+    def _eager_step(self):
+        if not self.param_groups[0]["train_mode"]:
+            raise Exception(NOT_TRAINING)
+        super()._eager_step()
 
     def _step_group(self, group, amp=(None, None, False)):
         keys, lr, ckp1 = schedule(group)
