@@ -202,6 +202,11 @@ class _ScheduleFree(FusedOptimizer):
     def _sparse_step(self, group, params):
         self._torch_step(group, params, None, None, False)  # the package's result or error
 
+    def _torch_step(self, group, params, *amp):
+        # the twin checks the mode of its first group, which is this one alone here: the
+        # package checks group 0's once per step (done), whatever this group's mode
+        super()._torch_step({**group, "train_mode": True}, params, *amp)
+
     @torch.no_grad()
     def step(self, closure=None):
         # before the closure, as the package; under torch.compile in the opaque step
