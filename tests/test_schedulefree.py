@@ -209,3 +209,22 @@ def test_options_it_cannot_offer_are_refused_by_name(name, kw):
     with pytest.raises(ValueError, match=f"fusedopt.{name}ScheduleFree does not support "
                                          f"{list(kw)[0]}"):
         _classes(name)[2]([torch.nn.Parameter(torch.zeros(3))], **kw)
+
+
+def test_a_group_in_eval_mode_steps_as_the_packages():
+    """The package checks group 0's mode alone: a group added after train() (in eval mode)
+    still steps, the params the twin steps for the engines too (AdamW's complex params)."""
+    def run(cls):
+        a = torch.nn.Parameter(torch.linspace(-1, 1, 5))
+        c = torch.nn.Parameter(torch.ones(2, dtype=torch.complex64))
+        opt = cls([a], lr=0.1, foreach=False)
+        opt.train()
+        opt.add_param_group({"params": [c]})
+        for s in range(3):
+            a.grad = torch.linspace(0, 1, 5) - s
+            c.grad = torch.full((2,), 0.5 + 0.25j * s, dtype=torch.complex64)
+            opt.step()
+        return torch.cat([a.detach(), torch.view_as_real(c.detach()).flatten()])
+
+    assert torch.allclose(run(fusedopt.AdamWScheduleFree), run(schedulefree.AdamWScheduleFree),
+                          rtol=1e-6, atol=1e-7)
