@@ -11,6 +11,7 @@ from .nadam import NAdam
 from .radam import RAdam
 from .rmsprop import RMSprop
 from .rprop import Rprop
+from .schedulefree import AdamWScheduleFree, SGDScheduleFree
 from .sgd import SGD
 
 try:  # the CPU engine: numba's one-time setup belongs to import, not to the first step
@@ -21,5 +22,6 @@ except ImportError:  # numba missing: the Triton engine still works
     pass
 
 __all__ = ["Adam", "AdamW", "Adamax", "RMSprop", "Adagrad", "SGD", "Adadelta", "Rprop", "RAdam",
-           "NAdam", "ASGD", "Adafactor", "Lion", "AdEMAMix", "clip_grad_norm_"]
+           "NAdam", "ASGD", "Adafactor", "Lion", "AdEMAMix", "AdamWScheduleFree",
+           "SGDScheduleFree", "clip_grad_norm_"]
 __version__ = "0.1.0"

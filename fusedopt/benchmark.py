@@ -126,7 +126,7 @@ def _steps(cls_name, hp, shapes, device, compile_step, mixed=None):
         cls = getattr(fusedopt, cls_name) if mine else twin if impl.startswith("torch") \
             else other
         ps = _make(shapes, device, dtype)
-        opt = cls(ps, **hp, **kw, **(ours if mine else {}))
+        opt = fusedopt.spec.ready(cls(ps, **hp, **kw, **(ours if mine else {})))
         steps[impl] = torch.compile(opt.step) if impl == "torch-compile" else opt.step
         if clip is not None and not mine:  # torch clips with clip_grad_norm_ before its step
             steps[impl] = _clipped(ps, clip, kw.get("foreach", True), steps[impl])

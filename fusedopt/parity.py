@@ -74,7 +74,7 @@ def run(impl, name, dtype, groups, steps=20, seed=0, backend=None, cls=None, dev
     for (params, _), (_, hp) in zip(data, groups):
         pgroups.append(dict(params=[torch.nn.Parameter(p.clone().to(device)) for p in params], **hp))
     kw = {"backend": backend} if impl == "fusedopt" else {"foreach": False}
-    opt = cls(pgroups, **kw)
+    opt = spec.ready(cls(pgroups, **kw))
     # torch.optim's op order, each op rounded once, whatever this machine's torch does
     replay = arith.replay if impl == "torch" else contextlib.nullcontext
     for s in range(steps):

@@ -41,6 +41,8 @@ class Spec:
         (Adafactor): the plan steps such params through the matrix kernel.
     complex_params: the twin steps complex params (as a real view); False: the plan leaves
         them to the twin, which raises its own error for them, in its order of params.
+    train_mode: the class steps only in train mode, as its source (schedule-free: a new
+        optimizer raises at step until ``train()`` is called); harnesses call ``ready``.
     """
     reference: Callable
     source: str
@@ -59,6 +61,7 @@ class Spec:
     ulp: int = None
     factored: bool = False
     complex_params: bool = True
+    train_mode: bool = False
 
 
 def register(cls):
@@ -66,6 +69,16 @@ def register(cls):
     if cls.__name__ in REGISTRY and REGISTRY[cls.__name__] is not cls:
         raise ValueError(f"two optimizer classes named {cls.__name__}")
     REGISTRY[cls.__name__] = cls
+
+
+def ready(opt):
+    """``opt`` (a registered class, its twin or its source's class), put in train mode
+    where the algorithm steps only there (Spec.train_mode); any other optimizer as it is."""
+    where = f"{type(opt).__module__.partition('.')[0]}.{type(opt).__name__}"
+    if any(cls.spec.train_mode and (isinstance(opt, (cls, cls.twin())) or where == cls.spec.source)
+           for cls in REGISTRY.values()):
+        opt.train()
+    return opt
 
 
 def names():

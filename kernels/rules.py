@@ -263,11 +263,51 @@ def adafactor(p, g, row, col, mean, *, wd, l1, step_size, bound):
     return out, sq, col, mean
 
 
+def sf_interpolate(p, z, c, one):
+    # torch's y.lerp_(z, c) with c this step's weight (schedule-free's ckp1, or a train() /
+    # eval() swap's): its formula picked per value by |c| < 0.5, as torch picks it
+    small = ops.abs(c) < ops.div(one, one + one)
+    return ops.fma(ops.where(small, c, c - one), z - p, ops.where(small, p, z))
+
+
+def schedulefree_adamw(p, g, z, v, *, beta2, beta2_rest, bc2, eps, wd, l1, ckp1, y_step, lr,
+                       one):
+    # the schedulefree package's AdamWScheduleFree (fusedopt/schedulefree.py), its order:
+    # v.mul_(beta2).addcmul_(g, g, 1 - beta2), g / (sqrt(v / bc2) + eps), + wd * y (add
+    # with alpha: at y, after the normalization), y.lerp_(z, ckp1), y += y_step * g (add
+    # with alpha; y_step = lr * (beta1 * (1 - ckp1) - 1)), z -= lr * g.  DECOUPLED is set:
+    # regularize leaves wd to this rule and does maximize and L1 on the raw gradient
+    g = regularize(p, g, wd, l1)
+    v = ops.fma(beta2_rest * g, g, v * beta2)
+    g = ops.div(g, ops.sqrt(ops.div(v, bc2)) + eps)
+    if WEIGHT_DECAY:
+        g = ops.fma(wd, p, g)
+    p = ops.fma(y_step, g, sf_interpolate(p, z, ckp1, one))
+    z = ops.fma(-lr, g, z)
+    return p, z, v
+
+
+def schedulefree_sgd(p, g, z, *, wd, l1, ckp1, y_step, lr, one):
+    # SGDScheduleFree's order: g + wd * y (coupled: regularize), y.lerp_(z, ckp1),
+    # y += y_step * g, z -= lr * g (adds with alpha); y_step = lr * (momentum * (1 - ckp1) - 1)
+    g = regularize(p, g, wd, l1)
+    p = ops.fma(y_step, g, sf_interpolate(p, z, ckp1, one))
+    z = ops.fma(-lr, g, z)
+    return p, z
+
+
+def schedulefree_swap(p, g, z, *, w, one):
+    # train() / eval(): p.lerp_(z, w), w = 1 - beta1 (to y) or 1 - 1 / beta1 (to x); the
+    # engines pass the param as g (never read)
+    return sf_interpolate(p, z, w, one), z
+
+
 def scale(p, g, *, factor):
     # not an optimizer: clip_grad_norm_'s multiply, run with the gradients as `p`
     return p * factor
 
 
 RULES = {f.__name__: f for f in (adam, adamax, rmsprop, adagrad, sgd, adadelta, rprop, radam,
-                                  nadam, asgd, lion, adafactor, ademamix, scale)}
-HELPERS = (lerp, regularize, adam_moments)
+                                  nadam, asgd, lion, adafactor, ademamix, schedulefree_adamw,
+                                  schedulefree_sgd, schedulefree_swap, scale)}
+HELPERS = (lerp, regularize, adam_moments, sf_interpolate)

@@ -12,8 +12,9 @@ from fusedopt import quant, reference
 
 from harness import HP, NAMES
 
-# every optimizer with moment state (Adafactor refuses state_dtype: its factors are its own)
-MOMENTS = [n for n in NAMES if n != "Adafactor"]
+# every optimizer with moment state (Adafactor refuses state_dtype: its factors are its own;
+# schedule-free: its z is a copy of the weights)
+MOMENTS = [n for n in NAMES if "state_dtype" not in getattr(fusedopt, n)._refuses]
 SHAPES = [(300, 77), (4096,), (70000,), (100,)]  # blocks cut short, two chunks, under threshold
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fusedopt
+from fusedopt import spec
 from harness import HP, NAMES
 from twins import same, same_outcome, set_grads, step_both, twins
 
@@ -37,7 +38,7 @@ def _state_cases():
     for name in NAMES:
         p = torch.nn.Parameter(torch.zeros(5, 3))
         p.grad = torch.ones(5, 3)
-        opt = getattr(fusedopt, name).twin()([p], **HP[name])
+        opt = spec.ready(getattr(fusedopt, name).twin()([p], **HP[name]))
         opt.step()
         st = opt.state[p]
         moments = [k for k, v in st.items() if torch.is_tensor(v) and v.shape == p.shape]

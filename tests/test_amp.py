@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fusedopt
+from fusedopt.spec import ready  # (schedule-free steps in train mode only)
 from harness import BACKENDS, HP, NAMES
 
 SHAPES = [(5, 3), (7,), (65537,), (1,)]
@@ -58,11 +59,11 @@ def test_unscale_in_kernel(name, dtype, backend):
     """Bit for bit what the scaler's own unscale pass followed by the step gives; within
     rounding of torch.optim's for-loop under the same scaler; skipped steps leave every
     byte alone (the first step creates no state)."""
-    fused = getattr(fusedopt, name)(params(dtype), backend=backend, **HP[name])
+    fused = ready(getattr(fusedopt, name)(params(dtype), backend=backend, **HP[name]))
     assert fused._step_supports_amp_scaling
-    separate = getattr(fusedopt, name)(params(dtype), backend=backend, **HP[name])
+    separate = ready(getattr(fusedopt, name)(params(dtype), backend=backend, **HP[name]))
     separate._step_supports_amp_scaling = False  # GradScaler unscales in a pass of its own
-    theirs = getattr(fusedopt, name).twin()(params(dtype), foreach=False, **HP[name])
+    theirs = ready(getattr(fusedopt, name).twin()(params(dtype), foreach=False, **HP[name]))
     scales = train(fused)
     assert train(separate) == scales and train(theirs, check_skips=False) == scales
     assert len(set(scales)) > 1  # the scale moved: backed off at inf, grew in between

@@ -18,6 +18,7 @@ from fusedopt.kernels.flags import SLOT, Update, update_mask
 # test_matrix_kernel_compiles)
 VARIANTS = {cls._rule: cls.spec.aot for cls in spec.REGISTRY.values() if cls.spec.aot}
 VARIANTS["scale"] = ({}, 0)  # clip_grad_norm_'s multiply
+VARIANTS["schedulefree_swap"] = ({}, 1)  # schedule-free's train()/eval(): slot a is z
 
 
 # The update kernel's variants are compiled in one process of their own without

@@ -10,6 +10,7 @@ import torch
 
 import fusedopt
 from fusedopt import arith, reference
+from fusedopt.spec import ready  # (schedule-free steps in train mode only)
 from harness import BACKENDS, HP, NAMES, max_ulp, mse_losses
 
 
@@ -23,8 +24,8 @@ def _pair(name, backend="numba", cls=None, **hp):
     a = _params()
     b = [torch.nn.Parameter(p.detach().clone()) for p in a]
     hp = {**HP[name], **hp}
-    return ((cls or getattr(fusedopt, name))(a, backend=backend, **hp),
-            getattr(fusedopt, name).twin()(b, foreach=False, **hp))
+    return (ready((cls or getattr(fusedopt, name))(a, backend=backend, **hp)),
+            ready(getattr(fusedopt, name).twin()(b, foreach=False, **hp)))
 
 
 def _grads(opts, seed, skip=()):
@@ -239,7 +240,7 @@ def test_l1_matches_reference(name):
     hp = {**HP[name], "l1": 0.01}
     ps = _params(shapes=((1000,), (3, 5)))
     ref = [p.detach().double().clone() for p in ps]
-    opt = getattr(fusedopt, name)(ps, **hp)
+    opt = ready(getattr(fusedopt, name)(ps, **hp))
     states = [{} for _ in ps]
     for s in range(10):
         gen = torch.Generator().manual_seed(s)
@@ -265,7 +266,7 @@ def test_training_loop_matches_torch(name):
     curves = []
     for cls, kw in ((getattr(fusedopt, name), {}), (getattr(fusedopt, name).twin(), {"foreach": False})):
         m = model()
-        opt = cls(m.parameters(), **HP[name], **kw)
+        opt = ready(cls(m.parameters(), **HP[name], **kw))
         curves.append(mse_losses(m, opt, x, y, 50))
     assert curves[0][-1] < curves[0][0]
     assert torch.allclose(curves[0], curves[1], rtol=1e-4, atol=1e-6)
@@ -278,7 +279,8 @@ def test_reference_matches_torch_float64():
         for hp in (HP[name], {**HP[name], **extra}):
             ps = [p.detach().double() for p in _params(shapes=((100,), (4, 4)))]
             tp = [torch.nn.Parameter(p.clone()) for p in ps]
-            opt = getattr(fusedopt, name).twin()(tp, foreach=False, **hp)
+            # (in the group: a twin without a maximize argument still honours a group's)
+            opt = ready(getattr(fusedopt, name).twin()([dict(params=tp, **hp)], foreach=False))
             states = [{} for _ in ps]
             for s in range(10):
                 gen = torch.Generator().manual_seed(s)
@@ -298,7 +300,7 @@ def test_complex_and_noncontiguous_params(name):
     gen = torch.Generator().manual_seed(0)
     base = [torch.randn(6, 5, dtype=torch.complex64, generator=gen), torch.randn(5, 4, generator=gen).t()]
     def refusal(cls):
-        o = cls([torch.nn.Parameter(base[0].clone())], **HP[name])
+        o = ready(cls([torch.nn.Parameter(base[0].clone())], **HP[name]))
         o.param_groups[0]["params"][0].grad = torch.ones_like(base[0])
         try:
             o.step()
@@ -311,7 +313,8 @@ def test_complex_and_noncontiguous_params(name):
         base = base[1:]
     ours = [torch.nn.Parameter(b.clone()) for b in base]
     theirs = [torch.nn.Parameter(b.clone()) for b in base]
-    opts = (getattr(fusedopt, name)(ours, **HP[name]), getattr(fusedopt, name).twin()(theirs, foreach=False, **HP[name]))
+    opts = (ready(getattr(fusedopt, name)(ours, **HP[name])),
+            ready(getattr(fusedopt, name).twin()(theirs, foreach=False, **HP[name])))
     for s in range(4):
         g = [torch.randn(b.shape, dtype=b.dtype, generator=gen) for b in base]
         g[-1] = torch.randn(5, 4, generator=gen).t()  # non-contiguous grad

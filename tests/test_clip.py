@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fusedopt
+from fusedopt.spec import ready  # (schedule-free steps in train mode only)
 from harness import BACKENDS, NAMES
 
 SIZES = [0, 1, 7, 1023, 65537]
@@ -125,9 +126,9 @@ def test_max_grad_norm(name, amp, backend):
         ps = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (7, 1023, 65537)]
         return ps, kw
     scaler = (lambda: torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)) if amp else (lambda: None)
-    folded = getattr(fusedopt, name)(make()[0], lr=1e-2, backend=backend, max_grad_norm=1.0)
-    separate = getattr(fusedopt, name)(make()[0], lr=1e-2, backend=backend)
-    theirs = getattr(fusedopt, name).twin()(make()[0], lr=1e-2, foreach=False)
+    folded = ready(getattr(fusedopt, name)(make()[0], lr=1e-2, backend=backend, max_grad_norm=1.0))
+    separate = ready(getattr(fusedopt, name)(make()[0], lr=1e-2, backend=backend))
+    theirs = ready(getattr(fusedopt, name).twin()(make()[0], lr=1e-2, foreach=False))
     _loop(folded, None, scaler())
     _loop(separate, lambda ps, m: fusedopt.clip_grad_norm_(ps, m, backend=backend), scaler())
     _loop(theirs, torch.nn.utils.clip_grad_norm_, scaler())

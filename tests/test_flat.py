@@ -8,6 +8,7 @@ import torch
 
 import fusedopt
 from fusedopt import arith, bucket
+from fusedopt.spec import ready  # (schedule-free steps in train mode only)
 from harness import HP, NAMES
 from test_host_ops import _Count  # records every torch op dispatched
 
@@ -55,8 +56,9 @@ PATTERN = [False, False, True, False, "model", False, False, True, True, False]
 @pytest.mark.parametrize("name", NAMES)
 def test_flat_steps_as_torch_whatever_zeroes_the_grads(name, backend, ranges):
     ms = _models()
-    opts = [getattr(fusedopt, name)(ms[0].parameters(), backend=backend, flat=True, **HP[name]),
-            getattr(fusedopt, name).twin()(ms[1].parameters(), foreach=False, **HP[name])]
+    opts = [ready(getattr(fusedopt, name)(ms[0].parameters(), backend=backend, flat=True,
+                                          **HP[name])),
+            ready(getattr(fusedopt, name).twin()(ms[1].parameters(), foreach=False, **HP[name]))]
     gen = torch.Generator().manual_seed(1)
     for k, how in enumerate(PATTERN):
         x, y = torch.randn(17, 13, generator=gen), torch.randn(17, 3, generator=gen)
@@ -111,8 +113,8 @@ def test_param_replaced_after_a_step_is_rehomed_and_stepped_as_torch(ranges):
 @pytest.mark.parametrize("name", NAMES)
 def test_flat_state_dict_round_trips_with_torch_both_ways(name):
     ms = _models()
-    ours = getattr(fusedopt, name)(ms[0].parameters(), flat=True, **HP[name])
-    theirs = getattr(fusedopt, name).twin()(ms[1].parameters(), foreach=False, **HP[name])
+    ours = ready(getattr(fusedopt, name)(ms[0].parameters(), flat=True, **HP[name]))
+    theirs = ready(getattr(fusedopt, name).twin()(ms[1].parameters(), foreach=False, **HP[name]))
     x, y = torch.randn(8, 13), torch.randn(8, 3)
     for m, o in zip(ms, (ours, theirs)):
         _backward(m, x, y)

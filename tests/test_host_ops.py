@@ -8,6 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedopt
 from fusedopt.kernels import triton_engine, triton_matrix
+from fusedopt.spec import ready  # (schedule-free steps in train mode only)
 from harness import HP, NAMES
 
 
@@ -48,7 +49,7 @@ def _ops_per_step(name, backend, n, monkeypatch):
     matrix = _Launches(triton_matrix.build_matrix)  # Adafactor's kernel
     monkeypatch.setattr(triton_matrix, "build_matrix", matrix)
     params = [torch.nn.Parameter(torch.randn(7)) for _ in range(n)]
-    opt = getattr(fusedopt, name)(params, backend=backend, **HP[name])
+    opt = ready(getattr(fusedopt, name)(params, backend=backend, **HP[name]))
     for _ in range(3):  # the plan built, the first steps' special cases over
         for p in params:
             p.grad = torch.randn(7)

@@ -12,6 +12,7 @@ from torch._dynamo.utils import counters
 
 import fusedopt
 from fusedopt import parity
+from fusedopt.spec import ready  # (schedule-free steps in train mode only)
 from harness import NAMES
 
 HP = {name: fusedopt.spec.spec(name).program_hp for name in NAMES}
@@ -27,8 +28,8 @@ def twins(name, ours_kw=None, theirs_kw=None, **hp):
     """fusedopt.NAME and torch.optim.NAME (for-loop) over equal params."""
     hp = {**HP[name], **hp}
     a, b = params(), params()
-    return (getattr(fusedopt, name)(a, **hp, **(ours_kw or {})),
-            getattr(fusedopt, name).twin()(b, foreach=False, **hp, **(theirs_kw or {})))
+    return (ready(getattr(fusedopt, name)(a, **hp, **(ours_kw or {}))),
+            ready(getattr(fusedopt, name).twin()(b, foreach=False, **hp, **(theirs_kw or {}))))
 
 
 def set_grads(opts, seed):
@@ -58,7 +59,7 @@ def test_compile_fullgraph_no_recompile(name, lr_kind):
     every step does not recompile, and the results equal the eager step bit for bit."""
     lr = HP[name]["lr"]
     make = (lambda: torch.tensor(lr)) if lr_kind == "tensor" else (lambda: lr)
-    compiled, eager = (getattr(fusedopt, name)(params(), **{**HP[name], "lr": make()})
+    compiled, eager = (ready(getattr(fusedopt, name)(params(), **{**HP[name], "lr": make()}))
                        for _ in range(2))
     torch._dynamo.reset()
     counters.clear()
@@ -134,7 +135,7 @@ def test_capturable_step_has_no_host_sync(name, monkeypatch):
     capturable, no .numpy() either after the first step (which makes the CPU engine's views
     of its tables); without it, the CPU step reads its counters as numbers, as torch does."""
     kw = {"capturable": True} if name in CAPTURABLE else {}
-    opt = getattr(fusedopt, name)(params(), **{**HP[name], "lr": torch.tensor(1e-2)}, **kw)
+    opt = ready(getattr(fusedopt, name)(params(), **{**HP[name], "lr": torch.tensor(1e-2)}, **kw))
     calls = []
 
     def forbid(meth):
@@ -246,7 +247,7 @@ def test_hooks_as_torch():
 def test_state_through_map_location(name):
     """A state_dict saved, loaded with map_location="cpu" (step counters included) and
     loaded into a fresh optimizer continues exactly as the uninterrupted run."""
-    run, resumed = getattr(fusedopt, name)(params(), **HP[name]), None
+    run, resumed = ready(getattr(fusedopt, name)(params(), **HP[name])), None
     for s in range(3):
         set_grads([run], s)
         run.step()
@@ -254,7 +255,7 @@ def test_state_through_map_location(name):
     torch.save(run.state_dict(), buf)
     buf.seek(0)
     sd = torch.load(buf, map_location="cpu")
-    resumed = getattr(fusedopt, name)(params(), **HP[name])
+    resumed = ready(getattr(fusedopt, name)(params(), **HP[name]))
     with torch.no_grad():
         for p, q in zip(flat(run), resumed.param_groups[0]["params"]):
             q.copy_(p)
@@ -275,11 +276,11 @@ def test_state_through_map_location(name):
 def test_cpu_state_into_cuda_model(name):
     """State saved on the CPU loads into an optimizer over CUDA params (torch's fused
     path fails here on its CPU step counters) and continues as the CPU run does."""
-    cpu = getattr(fusedopt, name)(params(), **HP[name])
+    cpu = ready(getattr(fusedopt, name)(params(), **HP[name]))
     set_grads([cpu], 0)
     cpu.step()
     gpu_params = [torch.nn.Parameter(p.detach().cuda()) for p in flat(cpu)]
-    gpu = getattr(fusedopt, name)(gpu_params, **HP[name])
+    gpu = ready(getattr(fusedopt, name)(gpu_params, **HP[name]))
     # through a file, as state is moved in practice: a live state_dict shares its CPU step
     # tensors with the optimizer that made it (torch.optim's load keeps them as they are)
     buf = io.BytesIO()

@@ -26,9 +26,10 @@ class Twin:
         self.flat = rng.random() < 0.5  # params, grads and state in flat buffers
         # fusedopt's max_grad_norm= against torch's clip_grad_norm_ before each step
         self.max_norm = rng.choice([0.5, 4.0, 1e3]) if rng.random() < 0.15 else None
-        self.opt = [getattr(fusedopt, name)(self.p[0], backend=backend, flat=self.flat,
-                                            max_grad_norm=self.max_norm, **HP[name]),
-                    getattr(fusedopt, name).twin()(self.p[1], foreach=False, **HP[name])]
+        self.opt = [spec.ready(getattr(fusedopt, name)(self.p[0], backend=backend, flat=self.flat,
+                                                       max_grad_norm=self.max_norm, **HP[name])),
+                    spec.ready(getattr(fusedopt, name).twin()(self.p[1], foreach=False,
+                                                              **HP[name]))]
         self.scaler = None
         self.low = False
         self.meets = []  # params whose grad is memory the step writes (op_grad_meets)

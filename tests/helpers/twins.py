@@ -6,6 +6,7 @@ import torch
 
 import fusedopt
 from fusedopt import arith, parity
+from fusedopt.spec import ready  # (schedule-free steps in train mode only)
 from harness import HP
 
 
@@ -14,8 +15,8 @@ def twins(name, shapes=((5, 3), (7,), (65537,), (1,)), backend="numba", ours=Non
     init = [torch.randn(s, generator=gen) for s in shapes]
     ps = [[torch.nn.Parameter(t.clone()) for t in init] for _ in range(2)]
     hp = {**HP[name], **kw}
-    return ps, (getattr(fusedopt, name)(ps[0], backend=backend, **hp, **(ours or {})),
-                getattr(fusedopt, name).twin()(ps[1], foreach=False, **hp))
+    return ps, (ready(getattr(fusedopt, name)(ps[0], backend=backend, **hp, **(ours or {}))),
+                ready(getattr(fusedopt, name).twin()(ps[1], foreach=False, **hp)))
 
 
 def set_grads(ps, seed):
