@@ -3,6 +3,7 @@ steps (float32 and float64, both engines, both weight-decay modes, the alpha/bet
 constructor errors and state_dict.  fusedopt.ademamix.AdEMAMixForLoop (the parity tests'
 anchor for AdEMAMix) is the package's arithmetic bit for bit."""
 import copy
+import functools
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import fusedopt
 from fusedopt import arith, parity
 from fusedopt import ademamix as mod
 from harness import BACKENDS, max_ulp
-from twins import train
+from twins import agree, outcome, train
 
 pytorch_optimizer = pytest.importorskip(
     "pytorch_optimizer", reason="pytorch-optimizer (a test extra) is not installed")
@@ -29,15 +30,6 @@ HPS = {  # each: a weight-decay mode, and the warmup or beta1 < 0.5 / beta3 < 0.
 
 
 
-def _agree(ours, theirs, init, dtype, lr):
-    """The acceptance bound: float32 within 2 ulp of the param or the update; float64
-    within 1e-10 of the distance the params moved."""
-    if dtype == torch.float32:
-        assert max_ulp(ours, theirs, init, floor=lr) <= 2
-    else:
-        moved = max((t - i).abs().max().item() for t, i in zip(theirs, init) if t.numel())
-        apart = max((o - t).abs().max().item() for o, t in zip(ours, theirs) if o.numel())
-        assert moved > 0 and apart <= 1e-10 * moved
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -48,7 +40,7 @@ def test_ademamix_steps_as_pytorch_optimizer(backend, dtype, hp):
     loop, _, _ = train(mod.AdEMAMixForLoop, dtype, hp, SHAPES)
     ours, _, _ = train(fusedopt.AdEMAMix, dtype, hp, SHAPES, backend=backend)
     assert max_ulp(loop, theirs) == 0  # the twin is the package's arithmetic
-    _agree(ours, theirs, init, dtype, hp["lr"])
+    agree(ours, theirs, init, dtype, hp["lr"])
     if backend == "numba":  # IEEE ops in torch's order, multiply-adds fused where torch's
         assert max_ulp(ours, theirs) == 0
     assert any(not torch.equal(a, b) for a, b in zip(ours, init) if a.numel())
@@ -75,15 +67,11 @@ def test_a_beta3_schedule_one_step_off_is_caught(monkeypatch):
     monkeypatch.setattr(mod, "schedules", ahead)
     ours, _, _ = train(fusedopt.AdEMAMix, torch.float32, hp, SHAPES, backend="numba")
     with pytest.raises(AssertionError):
-        _agree(ours, theirs, init, torch.float32, hp["lr"])
+        agree(ours, theirs, init, torch.float32, hp["lr"])
 
 
-def _raised(fn):
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001
-        return type(e).__name__, str(e)
-    return None
+
+raised = functools.partial(outcome, message=True)
 
 
 @pytest.mark.parametrize("kw", [dict(lr=-1.0), dict(betas=(1.0, 0.9, 0.9)),
@@ -93,10 +81,10 @@ def _raised(fn):
                                 dict(eps=-1e-8)])
 def test_constructor_errors_are_the_packages(kw):
     p = [torch.nn.Parameter(torch.zeros(3))]
-    want = _raised(lambda: Theirs(p, **kw))
+    want = raised(lambda: Theirs(p, **kw))
     assert want is None or want[0] != "TypeError"
-    assert _raised(lambda: fusedopt.AdEMAMix(p, **kw)) == want
-    assert _raised(lambda: mod.AdEMAMixForLoop(p, **kw)) == want
+    assert raised(lambda: fusedopt.AdEMAMix(p, **kw)) == want
+    assert raised(lambda: mod.AdEMAMixForLoop(p, **kw)) == want
 
 
 @pytest.mark.parametrize("case", ["sparse", "complex"])
@@ -108,7 +96,7 @@ def test_step_errors_are_the_packages(case):
         else:
             p = torch.nn.Parameter(torch.zeros(4, dtype=torch.complex64))
             p.grad = torch.ones(4, dtype=torch.complex64)
-        return _raised(cls([p]).step)
+        return raised(cls([p]).step)
     want = run(Theirs)
     assert want is not None and run(fusedopt.AdEMAMix) == want
 

@@ -5,6 +5,7 @@ state_dict both ways, refused options.  fusedopt.schedulefree's <Name>ForLoop (t
 tests' anchor) is the package's arithmetic bit for bit."""
 import contextlib
 import copy
+import functools
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import fusedopt
 from fusedopt import arith, parity
 from fusedopt import schedulefree as mod
 from harness import BACKENDS, max_ulp
+from twins import agree, outcome
 
 schedulefree = pytest.importorskip(
     "schedulefree", reason="schedulefree (a test extra) is not installed")
@@ -51,15 +53,6 @@ def _train(cls, dtype, hp, steps=20, replay=True, **kw):
     return y, [p.detach().clone() for p in ps], params, opt
 
 
-def _agree(ours, theirs, init, dtype, lr):
-    """float32 within 2 ulp of the param or the update; float64 within 1e-10 of the
-    distance the params moved."""
-    if dtype == torch.float32:
-        assert max_ulp(ours, theirs, init, floor=lr) <= 2
-    else:
-        moved = max((t - i).abs().max().item() for t, i in zip(theirs, init) if t.numel())
-        apart = max((o - t).abs().max().item() for o, t in zip(ours, theirs) if o.numel())
-        assert moved > 0 and apart <= 1e-10 * moved
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -73,7 +66,7 @@ def test_steps_and_eval_as_the_package(backend, dtype, case):
     oy, ox, _, oopt = _train(Ours, dtype, hp, backend=backend)
     assert max_ulp(ly, ty) == 0 and max_ulp(lx, tx) == 0  # the twin is the package's arithmetic
     for ours, theirs in ((oy, ty), (ox, tx)):
-        _agree(ours, theirs, init, dtype, hp["lr"])
+        agree(ours, theirs, init, dtype, hp["lr"])
         if backend == "numba":  # IEEE ops in torch's order, multiply-adds fused where torch's
             assert max_ulp(ours, theirs) == 0
     assert any(not torch.equal(a, b) for a, b in zip(ox, init) if a.numel())
@@ -104,7 +97,7 @@ def test_a_ckp1_one_step_off_is_caught(monkeypatch):
     monkeypatch.setattr(mod, "schedule", ahead)
     oy, _, _, _ = _train(fusedopt.AdamWScheduleFree, torch.float32, hp, backend="numba")
     with pytest.raises(AssertionError):
-        _agree(oy, ty, init, torch.float32, hp["lr"])
+        agree(oy, ty, init, torch.float32, hp["lr"])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -129,12 +122,8 @@ def test_train_and_eval_are_one_engine_pass(backend, monkeypatch):
     assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(ps, x))
 
 
-def _raised(fn):
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001
-        return type(e).__name__, str(e)
-    return None
+
+raised = functools.partial(outcome, message=True)
 
 
 @pytest.mark.parametrize("name,kw", [("SGD", dict(lr=-1.0)), ("SGD", dict(weight_decay=-0.1)),
@@ -143,9 +132,9 @@ def _raised(fn):
 def test_constructor_errors_are_the_packages(name, kw):
     p = [torch.nn.Parameter(torch.zeros(3))]
     Theirs, Loop, Ours = _classes(name)
-    want = _raised(lambda: Theirs(p, **kw))
-    assert _raised(lambda: Ours(p, **kw)) == want
-    assert _raised(lambda: Loop(p, **kw)) == want
+    want = raised(lambda: Theirs(p, **kw))
+    assert raised(lambda: Ours(p, **kw)) == want
+    assert raised(lambda: Loop(p, **kw)) == want
 
 
 @pytest.mark.parametrize("name", ["AdamW", "SGD"])
@@ -157,7 +146,7 @@ def test_step_errors_are_the_packages(name, case):
         p.grad = torch.eye(4)[0].to_sparse() if case.startswith("sparse") else torch.ones(4)
         if case != "not-training":
             opt.train()
-        return _raised(opt.step) or p.detach().clone()
+        return raised(opt.step) or p.detach().clone()
 
     want = run(_classes(name)[0])
     for cls in _classes(name)[1:]:

@@ -7,7 +7,7 @@ import torch
 import fusedopt
 from fusedopt import arith, parity
 from fusedopt.spec import ready  # (schedule-free steps in train mode only)
-from harness import HP
+from harness import HP, max_ulp
 
 
 def twins(name, shapes=((5, 3), (7,), (65537,), (1,)), backend="numba", ours=None, **kw):
@@ -38,11 +38,12 @@ def same(ps):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
 
 
-def outcome(fn):
+def outcome(fn, message=False):
+    """The type of the error fn() raises (with its text where ``message``), or None."""
     try:
         fn()
     except Exception as e:  # noqa: BLE001
-        return type(e)
+        return (type(e).__name__, str(e)) if message else type(e)
     return None
 
 
@@ -75,3 +76,14 @@ def train(cls, dtype, hp, shapes, steps=20, replay=True, **kw):
         with arith.replay() if replay else contextlib.nullcontext():
             opt.step()
     return [p.detach() for p in ps], params, opt
+
+
+def agree(ours, theirs, init, dtype, lr):
+    """The bound against a source package: float32 within 2 ulp of the param or the
+    update; float64 within 1e-10 of the distance the params moved."""
+    if dtype == torch.float32:
+        assert max_ulp(ours, theirs, init, floor=lr) <= 2
+    else:
+        moved = max((t - i).abs().max().item() for t, i in zip(theirs, init) if t.numel())
+        apart = max((o - t).abs().max().item() for o, t in zip(ours, theirs) if o.numel())
+        assert moved > 0 and apart <= 1e-10 * moved
