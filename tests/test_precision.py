@@ -56,15 +56,19 @@ def side_by_side(name, dtype, backend, rounded_twin, **kw):
 
 
 # Adafactor's state is its row and column factors, which its matrix kernel does not keep
-# in another dtype: it refuses these options (test_adafactor_refuses_mixed_precision)
-MIXED = [n for n in NAMES if n != "Adafactor"]
+# in another dtype; schedule-free's z is a second copy of the weights: they refuse these
+# options (test_refusing_optimizers_refuse_mixed_precision)
+OPTIONS = ("state_dtype", "master_weights", "stochastic_rounding")
+MIXED = [n for n in NAMES if not set(OPTIONS) & set(getattr(fusedopt, n)._refuses)]
+REFUSING = [n for n in NAMES if n not in MIXED]
 
 
-@pytest.mark.parametrize("option", ["state_dtype", "master_weights", "stochastic_rounding"])
-def test_adafactor_refuses_mixed_precision(option):
+@pytest.mark.parametrize("option", OPTIONS)
+@pytest.mark.parametrize("name", REFUSING)
+def test_refusing_optimizers_refuse_mixed_precision(name, option):
     value = torch.float32 if option == "state_dtype" else True
-    with pytest.raises(ValueError, match=f"fusedopt.Adafactor does not support {option}"):
-        fusedopt.Adafactor(make(torch.bfloat16), **{option: value})
+    with pytest.raises(ValueError, match=f"fusedopt.{name} does not support {option}"):
+        getattr(fusedopt, name)(make(torch.bfloat16), **{option: value})
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
