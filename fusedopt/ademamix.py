@@ -16,7 +16,8 @@ import math
 
 import torch
 
-from .optimizer import FusedOptimizer, closure_loss, lerp_small
+from .arith import lerp_small
+from .optimizer import FusedOptimizer, closure_loss
 from .options import signature_with
 from .reference import _regularize
 from .spec import Spec

@@ -3,8 +3,9 @@ import torch
 
 from . import reference
 from .adam import ADAM_GROUPS
+from .arith import lerp_rest, lerp_small
 from .bucket import scalar_dtype
-from .optimizer import FusedOptimizer, lerp_rest, lerp_small
+from .optimizer import FusedOptimizer
 from .options import signature_with
 from .spec import Spec
 

@@ -3,7 +3,8 @@ import torch
 
 from . import reference
 from .adam import ADAM_GROUPS, Adam
-from .optimizer import FusedOptimizer, lerp_rest, lerp_small
+from .arith import lerp_rest, lerp_small
+from .optimizer import FusedOptimizer
 from .options import signature_with
 from .spec import Spec
 

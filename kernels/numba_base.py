@@ -152,12 +152,25 @@ def bind_rule(rule, flags):
     return jit(types.FunctionType(coefficients.adapter(rule).__code__, gl, "call"))
 
 
+def _kahan(p0, pv, w):
+    # kahan_sum=True: the rule moved the param from p0 to pv (float32); that update goes
+    # into the param as optimi's compensated sum, its three steps in its order:
+    # comp += update; param += comp (rounded to the param's dtype); comp += old - new.
+    # Returns the param's and the compensation's new bits (w: the compensation's bits)
+    y = load(w) + (pv - p0)
+    q = store(p0 + y)
+    return q, store(y + (p0 - load(q)))
+
+
 def bindings(rule, flags, dtypes, names):
     """What a kernel variant binds (variant_globals): ``rule`` (bind_rule), the loads and
-    stores of dtypes (params', state's: load, store, sload, sstore), the flags of ``names``."""
+    stores of dtypes (params', state's: load, store, sload, sstore), the compensated update
+    of the params' dtype (kahan), the flags of ``names``."""
     fl = dict(flags)
-    return dict(rule=bind_rule(rule, flags), load=IO[dtypes[0]][1], store=IO[dtypes[0]][2],
-                sload=IO[dtypes[1]][1], sstore=IO[dtypes[1]][2], **{n: fl[n] for n in names})
+    io = {"load": IO[dtypes[0]][1], "store": IO[dtypes[0]][2]}
+    kahan = numba.njit(inline="always", **JIT)(types.FunctionType(_kahan.__code__, io, "kahan"))
+    return dict(rule=bind_rule(rule, flags), **io, kahan=kahan, sload=IO[dtypes[1]][1],
+                sstore=IO[dtypes[1]][2], **{n: fl[n] for n in names})
 
 
 def variant_globals(module_globals, binds):
