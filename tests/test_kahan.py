@@ -216,3 +216,54 @@ def test_close_to_optimis_kahan_adamw():
     print(f"fusedopt {a:.3g} optimi {b:.3g} apart {distance(ours, theirs):.3g}")
     assert a <= 1.2 * b and b <= 1.2 * a
     assert 4 * distance(ours, theirs) < distance(plain, theirs)
+
+
+# -- the address-safety invariant: the compensation is checked as the master copy is -------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["replace", "data", "delete", "dtype", "shape", "param"])
+def test_compensation_changed_between_steps(how, backend):
+    """What a user does to the compensation between steps is noticed before the kernel
+    runs (DESIGN.md invariant 1): a replaced tensor (`st["kahan_comp"] = t`, or its `.data`
+    swapped) is the one read and written, the old memory untouched; a deleted one or one
+    of another shape starts from zeros, one of another dtype as its values cast; a param
+    written from outside starts its compensation from zeros (what it carried belonged to
+    the overwritten value).  Each step equals its replay from the state as changed."""
+    ps = make(torch.bfloat16, shapes=[(5, 3), (70000,)])
+    opt = fusedopt.AdamW(ps, backend=backend, kahan_sum=True, **HP["AdamW"])
+    for s in range(2):
+        give(ps, grads(ps, s))
+        opt.step()
+    st, p = opt.state[ps[1]], ps[1]
+    old = st[KEY]
+    kept = old.clone()
+    gen = torch.Generator().manual_seed(5)
+    new = (torch.randn(p.shape, generator=gen) * 1e-3).bfloat16()
+    want = new
+    if how == "replace":
+        st[KEY] = new.clone()
+    elif how == "data":
+        st[KEY].data = new.clone()
+    elif how == "delete":
+        del st[KEY]
+        want = torch.zeros_like(new)
+    elif how == "dtype":
+        st[KEY] = new.double()
+    elif how == "shape":
+        st[KEY] = torch.zeros(3, dtype=torch.bfloat16)
+        want = torch.zeros_like(new)
+    else:
+        with torch.no_grad():
+            p.mul_(2)
+        want = torch.zeros_like(new)
+    gs = grads(ps, 2)
+    before = [{k: v.clone() for k, v in opt.state[q].items()} for q in ps]
+    before[1][KEY] = want
+    want_p, want_c, _ = replay_step("AdamW", backend, ps, before, gs, None)
+    give(ps, gs)
+    opt.step()
+    assert all(map(torch.equal, ps, want_p))
+    assert torch.equal(opt.state[p][KEY], want_c[1])
+    assert opt.state[p][KEY].dtype == torch.bfloat16
+    if how in ("replace", "delete", "dtype", "shape"):  # a new tensor: the old one stays as it was
+        assert torch.equal(old, kept)
