@@ -162,15 +162,18 @@ def _kahan(p0, pv, w):
     return q, store(y + (p0 - load(q)))
 
 
+def kahan_for(dtype):
+    """_kahan for params of ``dtype`` (a torch dtype name): the update kernels' ``kahan``."""
+    io = {"load": IO[dtype][1], "store": IO[dtype][2]}
+    return numba.njit(inline="always", **JIT)(types.FunctionType(_kahan.__code__, io, "kahan"))
+
+
 def bindings(rule, flags, dtypes, names):
     """What a kernel variant binds (variant_globals): ``rule`` (bind_rule), the loads and
-    stores of dtypes (params', state's: load, store, sload, sstore), the compensated update
-    of the params' dtype (kahan), the flags of ``names``."""
+    stores of dtypes (params', state's: load, store, sload, sstore), the flags of ``names``."""
     fl = dict(flags)
-    io = {"load": IO[dtypes[0]][1], "store": IO[dtypes[0]][2]}
-    kahan = numba.njit(inline="always", **JIT)(types.FunctionType(_kahan.__code__, io, "kahan"))
-    return dict(rule=bind_rule(rule, flags), **io, kahan=kahan, sload=IO[dtypes[1]][1],
-                sstore=IO[dtypes[1]][2], **{n: fl[n] for n in names})
+    return dict(rule=bind_rule(rule, flags), load=IO[dtypes[0]][1], store=IO[dtypes[0]][2],
+                sload=IO[dtypes[1]][1], sstore=IO[dtypes[1]][2], **{n: fl[n] for n in names})
 
 
 def variant_globals(module_globals, binds):

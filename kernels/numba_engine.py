@@ -86,7 +86,8 @@ def _build(rule, flags, dtypes, mask):
         module = vars(numba_quant)
     else:
         proto, module = _template(key, mask, dt, sdt), globals()
-    gl = base.variant_globals(module, base.bindings(rule, flags, dtypes, _FLAGS))
+    gl = base.variant_globals(module, dict(base.bindings(rule, flags, dtypes, _FLAGS),
+                                           kahan=base.kahan_for(dtypes[0])))
     return base.compile_kernel(proto, gl, f"kernel_{rule}_{key:x}")
 
 
