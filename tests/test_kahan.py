@@ -55,22 +55,15 @@ def replay_step(name, backend, params, states, gs, state_dtype):
     return out_p, out_c, [opt.state[t] for t in twin]
 
 
-@pytest.mark.parametrize("state_dtype", [None, torch.float32, torch.uint8],
-                         ids=["own", "float32", "8bit"])
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", LOW)
-@pytest.mark.parametrize("name", MIXED)
-def test_engines_follow_the_float32_replay(name, dtype, backend, state_dtype):
-    """Five steps, each checked against its replay (replay_step) from the state before it:
-    Numba bit for bit (params, compensations and state).  Triton: the same float32 ops,
-    correctly rounded in its interpreter (triton_interp), hence the same bits here; on a
-    GPU test_cuda_matches_cpu holds it to the CPU's."""
+def check_replay(name, dtype, backend, state_dtype=None, steps=5):
+    """``steps`` steps of kahan_sum=True, each checked against its replay (replay_step)
+    from the state before it: params, compensations and state bit for bit."""
     ps = make(dtype)
     opt = getattr(fusedopt, name)(ps, backend=backend, kahan_sum=True, state_dtype=state_dtype,
                                   **HP[name])
     give(ps, grads(ps, 0))
     opt.step()  # (the state is created by the first step)
-    for s in range(1, 6):
+    for s in range(1, steps + 1):
         gs = grads(ps, s)
         before = [{k: v.clone() for k, v in opt.state[p].items()} for p in ps]
         want_p, want_c, want_s = replay_step(name, backend, ps, before, gs, state_dtype)
@@ -85,6 +78,30 @@ def test_engines_follow_the_float32_replay(name, dtype, backend, state_dtype):
                 if k != "step":
                     assert torch.equal(st[k], v.to(st[k].dtype)), (s, k)
         assert any(opt.state[p][KEY].any() for p in ps)  # the compensation does carry something
+
+
+# Numba bit for bit by construction (the same float32 ops, correctly rounded).  Triton: the
+# same, correctly rounded in its interpreter (triton_interp), hence the same bits here; on a
+# GPU, test_precision.py's test_cuda_matches_cpu holds the compiled engine to the CPU's bits.
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", MIXED)
+def test_every_algorithm_follows_the_float32_replay(name, backend):
+    check_replay(name, torch.bfloat16, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("state_dtype", [None, torch.float32], ids=["own", "float32"])
+@pytest.mark.parametrize("dtype", LOW)
+def test_dtypes_and_state_follow_the_float32_replay(dtype, state_dtype, backend):
+    check_replay("AdamW", dtype, backend, state_dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", LOW)
+def test_8bit_state_follows_the_float32_replay(dtype, backend):
+    """8-bit moments (the 65537-element param: coded; the small ones: float32 state)."""
+    check_replay("AdamW", dtype, backend, torch.uint8)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
