@@ -32,13 +32,16 @@ def give(ps, gs):
         p.grad = g.clone()
 
 
-def replay_step(name, backend, params, states, gs, state_dtype):
+def replay_step(name, backend, params, states, gs, state_dtype, group_step=None):
     """One step of the compensated update replayed with torch's float32 ops: the rule's
     float32 result from fusedopt's own float32 step (a fresh optimizer on float32 copies of
     the params, given float32 copies of the state), then the compensated sum in
-    numba_base._kahan's op order.  Returns (params, compensations, float32 state)."""
+    numba_base._kahan's op order.  Returns (params, compensations, float32 state).
+    ``group_step``: a counter kept in the group (AdEMAMix's), before the step."""
     twin = [torch.nn.Parameter(p.detach().float()) for p in params]
     opt = getattr(fusedopt, name)(twin, backend=backend, state_dtype=state_dtype, **HP[name])
+    if group_step is not None:
+        opt.param_groups[0]["step"] = group_step
     for t, st in zip(twin, states):
         # 8-bit codes as they are; the rest in float32 (exact), the step counters too
         opt.state[t] = {k: v.clone() if v.dtype == torch.uint8 else v.float()
@@ -66,7 +69,8 @@ def check_replay(name, dtype, backend, state_dtype=None, steps=5):
     for s in range(1, steps + 1):
         gs = grads(ps, s)
         before = [{k: v.clone() for k, v in opt.state[p].items()} for p in ps]
-        want_p, want_c, want_s = replay_step(name, backend, ps, before, gs, state_dtype)
+        want_p, want_c, want_s = replay_step(name, backend, ps, before, gs, state_dtype,
+                                             opt.param_groups[0].get("step"))
         give(ps, gs)
         opt.step()
         for p, q, c, ws in zip(ps, want_p, want_c, want_s):
