@@ -29,7 +29,7 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
     (``docs/options.md``)."""
     _rule = "adafactor"
     _sparse_error = "Adafactor does not support sparse gradients"
-    _refuses = ("master_weights", "stochastic_rounding", "state_dtype")
+    _refuses = ("master_weights", "stochastic_rounding", "state_dtype", "kahan_sum")
 
     def _slots(self, group):
         return (None, None, None)  # the factors are not param-shaped: gathered per step

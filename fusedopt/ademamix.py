@@ -16,7 +16,8 @@ import math
 
 import torch
 
-from .optimizer import FusedOptimizer, closure_loss, lerp_small
+from .arith import lerp_small
+from .optimizer import FusedOptimizer, closure_loss
 from .options import signature_with
 from .reference import _regularize
 from .spec import Spec
@@ -141,7 +142,7 @@ class AdEMAMix(FusedOptimizer, AdEMAMixForLoop):
     ``cautious``, ``stable_adamw`` and ``capturable`` by name. One fused multi-tensor step
     per (device, dtype) group (Numba on CPU, Triton on CUDA). Extra keyword-only arguments:
     ``backend``, ``l1``, ``max_grad_norm``, ``state_dtype``, ``master_weights``,
-    ``stochastic_rounding``, ``flat``: the Options page of the documentation
+    ``stochastic_rounding``, ``kahan_sum``, ``flat``: the Options page of the documentation
     (``docs/options.md``)."""
     _rule = "ademamix"
     _has_step = False  # its counter is group["step"], as the package's

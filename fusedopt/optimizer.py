@@ -17,7 +17,7 @@ import torch
 
 from . import clip, compiled, flat, host, matrix, spec
 from .bucket import _GRAD, _PTR, _local, scalar_dtype
-from .options import validate
+from .options import exclusive, validate
 from .plan import GroupSpec, _Plan, refuse_torch
 from .state import State, check_loaded, keep_dtypes
 from .kernels import rules
@@ -72,7 +72,8 @@ class FusedOptimizer:
         return GroupSpec(
             name=type(self).__name__, slots=slots, has_step=self._has_step,
             scalars=tuple(self._scalars), init_state=init,
-            needs_state=self._has_step or any(slots) or bool(group.get("master_weights")),
+            needs_state=self._has_step or any(slots) or bool(group.get("master_weights")
+                                                             or group.get("kahan_sum")),
             factored=self._is_factored(), backend=self._backend,
             real_only=self.spec is not None and not self.spec.complex_params,
             index=next(i for i, g in enumerate(self.param_groups) if g is group))
@@ -82,7 +83,8 @@ class FusedOptimizer:
         return cls.spec is not None and cls.spec.factored
 
     def __init__(self, *args, backend="auto", l1=0.0, max_grad_norm=None, state_dtype=None,
-                 master_weights=False, stochastic_rounding=False, flat=False, **kwargs):
+                 master_weights=False, stochastic_rounding=False, kahan_sum=False, flat=False,
+                 **kwargs):
         if kwargs.get("differentiable"):
             raise NotImplementedError(
                 f"fusedopt.{type(self).__name__} does not implement differentiable=True; "
@@ -90,10 +92,10 @@ class FusedOptimizer:
         validate(type(self).__name__, self._refuses, backend=backend, l1=l1,
                  max_grad_norm=max_grad_norm, state_dtype=state_dtype,
                  master_weights=master_weights, stochastic_rounding=stochastic_rounding,
-                 flat=flat)
+                 kahan_sum=kahan_sum, flat=flat)
         # group keys, so that they go into state_dict and can differ between groups
         extras = dict(l1=l1, state_dtype=state_dtype, master_weights=master_weights, flat=flat,
-                      stochastic_rounding=stochastic_rounding)
+                      stochastic_rounding=stochastic_rounding, kahan_sum=kahan_sum)
         if stochastic_rounding:  # the stream's seed: set group["sr_seed"] to change it
             extras["sr_seed"] = torch.initial_seed() & 0xFFFFFFFF
         self._max_grad_norm = max_grad_norm
@@ -156,6 +158,7 @@ class FusedOptimizer:
             param_group.setdefault(k, v)
         if param_group.get("differentiable"):
             raise NotImplementedError("fusedopt does not implement differentiable=True")
+        exclusive(param_group)  # (a group's own precision options, as the constructor's)
         super().add_param_group(param_group)
         self._reset()
 
@@ -321,7 +324,8 @@ class FusedOptimizer:
     def _bump_versions(self, group, params, plan):
         # autograd's in-place check: a param's version moves as torch's in-place updates
         # move it (so a backward through a graph that saved it raises, as after torch's step)
-        masters = [(b, b.reseed_masters()) for _, b in plan.buckets if b.mask & Update.MASTER]
+        masters = [(b, b.reseed_masters()) for _, b in plan.buckets
+                   if b.mask & (Update.MASTER | Update.KAHAN)]
         n = self._inplace_updates(group)
         host.bump(params, n)
         for b, ver in masters:
@@ -349,9 +353,9 @@ class FusedOptimizer:
         if inv is not None:  # a CPU tensor read costs nothing: one float for every tensor
             coeffs["grad_scale"] = float(inv) if inv.device.type == "cpu" \
                 else inv.to(bucket.device, non_blocking=True)
-        # bfloat16 params without a master copy only
+        # bfloat16 params without a master copy or compensation only
         sr = bool(group.get("stochastic_rounding")) and bucket.dtype == "bfloat16" \
-            and not bucket.mask & Update.MASTER
+            and not bucket.mask & (Update.MASTER | Update.KAHAN)
         keys = bucket.stream_keys(group.get("sr_seed", 0)) if sr else None
         # the gradient the step used is written back under GradScaler (unscaled, as the
         # scaler's own pass leaves it); clipping alone leaves the gradients as they were
@@ -382,15 +386,3 @@ def closure_loss(closure):
         return None
     with torch.enable_grad():
         return closure()
-
-
-def lerp_rest(w, f64):
-    """1 - w as torch's lerp computes it: in the tensor's math dtype (float32 unless float64)."""
-    w = float(w)
-    return 1 - w if f64 else float(np.float32(1) - np.float32(w))
-
-
-def lerp_small(w):
-    # torch's lerp switches formula at |w| = 0.5
-    return abs(float(w)) < 0.5
-

@@ -7,8 +7,16 @@ import torch
 
 # FusedOptimizer.__init__'s keywords and their defaults, in signature order
 EXTRAS = dict(backend="auto", l1=0.0, max_grad_norm=None, state_dtype=None, master_weights=False,
-              stochastic_rounding=False, flat=False)
-_SWITCHES = ("master_weights", "stochastic_rounding", "flat")
+              stochastic_rounding=False, kahan_sum=False, flat=False)
+_SWITCHES = ("master_weights", "stochastic_rounding", "kahan_sum", "flat")
+# the low-precision options that keep bfloat16/float16 params honest, each its own way:
+# at most one of them per param group
+_EXCLUSIVE = {("master_weights", "stochastic_rounding"): "with a float32 master copy the "
+              "param is only a rounded view of it",
+              ("kahan_sum", "master_weights"): "both carry what the param's rounding loses "
+              "(a compensation in the param's dtype, or a float32 copy)",
+              ("kahan_sum", "stochastic_rounding"): "the compensation carries what rounding to "
+              "nearest loses; random rounding would feed it noise"}
 
 
 def _number(name, v):
@@ -40,12 +48,20 @@ def validate(cls_name, refuses, *, backend, l1, max_grad_norm, state_dtype, **sw
             raise TypeError(f"{k} must be True or False, got {type(switches[k]).__name__}: "
                             f"{switches[k]!r}")
     for k, v in (("master_weights", switches["master_weights"]), ("state_dtype", state_dtype),
-                 ("stochastic_rounding", switches["stochastic_rounding"])):
+                 ("stochastic_rounding", switches["stochastic_rounding"]),
+                 ("kahan_sum", switches["kahan_sum"])):
         if v and k in refuses:
             raise ValueError(f"fusedopt.{cls_name} does not support {k}")
-    if switches["master_weights"] and switches["stochastic_rounding"]:
-        raise ValueError("master_weights and stochastic_rounding exclude each other: with "
-                         "a float32 master copy the param is only a rounded view of it")
+    exclusive(switches)
+
+
+def exclusive(group):
+    """Raise ValueError naming both options where ``group`` (a param group, or the
+    constructor's keywords) turns on two of master_weights, stochastic_rounding and
+    kahan_sum."""
+    for (a, b), why in _EXCLUSIVE.items():
+        if group.get(a) and group.get(b):
+            raise ValueError(f"{a} and {b} exclude each other: {why}")
 
 
 def signature_with(torch_cls):

@@ -16,14 +16,13 @@ from numba.extending import intrinsic
 from . import numba_avx2, numba_ops, qmap
 from .numba_avx2 import data_ptrs as _data, splat as _splat
 from .coefficients import GRAD_SCALE
-from .flags import UPDATE_A, UPDATE_B, UPDATE_C, UPDATE_MASTER, Codes
+from .flags import UPDATE_A, UPDATE_B, UPDATE_C, UPDATE_KAHAN, UPDATE_MASTER, Codes
 from .numba_base import JIT, bits_f32, coef_row, f32_bits, f32_to_bf16_stochastic, voidptr
 
 QBLOCK = qmap.QBLOCK
 
-# what each variant binds (numba_engine._build): the rule, the loads and stores of the
-# params' and the state's dtypes, the flags
-rule = load = store = sload = sstore = None
+# what each variant binds (numba_engine._build): as numba_engine's
+rule = load = store = sload = sstore = kahan = None
 SCALE_GRAD = WRITE_GRAD = STOCH_ROUND = False
 
 # what the CPU numba compiles for (its target machine's features) has: with AVX-512, the
@@ -308,6 +307,7 @@ def template8(KEY, MASK, DT, SDT, ADT, BDT, CDT):
     QA, QB, QC = MASK & Codes.A, MASK & Codes.B, MASK & Codes.C
     RA, RB, RC = (int(bool(MASK & s)) for s in (Codes.SIGNED_A, Codes.SIGNED_B,
                                                 Codes.SIGNED_C))  # map rows
+    WDT = DT if MASK & UPDATE_KAHAN else SDT  # (as numba_engine._template)
 
     def kernel(P, G, S0, S1, S2, S3, A0, A1, A2, Q, C, R, TID, CS, CE, N):
         if KEY == 0:
@@ -324,7 +324,7 @@ def template8(KEY, MASK, DT, SDT, ADT, BDT, CDT):
             a_ = numba.carray(voidptr(S0[t]), n, ADT)
             b_ = numba.carray(voidptr(S1[t]), n, BDT)
             c_ = numba.carray(voidptr(S2[t]), n, CDT)
-            w_ = numba.carray(voidptr(S3[t]), n, SDT)
+            w_ = numba.carray(voidptr(S3[t]), n, WDT)
             xa = numba.carray(voidptr(A0[t]), nb, np.float32)
             xb = numba.carray(voidptr(A1[t]), nb, np.float32)
             xc = numba.carray(voidptr(A2[t]), nb, np.float32)
@@ -353,13 +353,16 @@ def template8(KEY, MASK, DT, SDT, ADT, BDT, CDT):
                             g[j] = gs
                         gv = load(gs)
                     pv = sload(w[j]) if MASK & UPDATE_MASTER else load(p[j])
+                    p0 = pv
                     av = (fa[j] if QA else sload(a[j])) if MASK & UPDATE_A else pv
                     bv = (fb[j] if QB else sload(b[j])) if MASK & UPDATE_B else pv
                     cv = (fc[j] if QC else sload(c[j])) if MASK & UPDATE_C else pv
                     pv, av, bv, cv = rule(pv, gv, av, bv, cv, hs)
                     if MASK & UPDATE_MASTER:
                         w[j] = sstore(pv)
-                    if STOCH_ROUND:
+                    if MASK & UPDATE_KAHAN:
+                        p[j], w[j] = kahan(p0, pv, w[j])
+                    elif STOCH_ROUND:
                         p[j] = f32_to_bf16_stochastic(pv, b0 + j, key)
                     else:
                         p[j] = store(pv)

@@ -67,6 +67,14 @@ RULES = {
     # -- mixed precision and clipping: every engine, dtype and option on AdamW
     "test_precision.py::test_float32_state": rule(ONE, cover=("dtype",)),
     "test_precision.py::test_master_weights": rule(ONE, cover=("dtype",)),
+    "test_kahan.py::test_every_algorithm_follows_the_float32_replay": rule(
+        "14 optimizers, ~5-15 s each on a first run (a Kahan variant each); AdamW stands "
+        "for all, the Kahan sum itself is one code path for every rule"),
+    "test_kahan.py::test_dtypes_and_state_follow_the_float32_replay": rule(
+        ONE, cover=("dtype", "state_dtype")),
+    "test_kahan.py::test_8bit_state_follows_the_float32_replay": FULL(
+        "an 8-bit Kahan variant compiles for 60-115 s on Numba; the other Kahan tests stay "
+        "quick on both engines"),
     "test_clip.py::test_max_grad_norm": rule(ONE, cover=("amp",)),
     "test_clip.py::test_matches_torch": rule("36 cases of one kernel", cover=("order", "dtype")),
     "test_integration.py::test_capturable_parity": rule(ONE, cover=("dtype",)),
