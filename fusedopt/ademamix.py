@@ -160,8 +160,8 @@ class AdEMAMix(FusedOptimizer, AdEMAMixForLoop):
     def _sparse_step(self, group, params):
         raise NoSparseGradientError("AdEMAMix")
 
-    def _step_group(self, group, amp=(None, None, False)):
-        super()._step_group(group, amp)  # (the fallback's twin counts on a copy of group)
+    def _step_group(self, group, amp=(None, None, False), plans=None):
+        super()._step_group(group, amp, plans)  # (the fallback's twin counts on a copy of group)
         group["step"] = group.get("step", 0) + 1
 
     def _coefficients(self, group, step, f64):

@@ -7,8 +7,16 @@ import torch
 
 # FusedOptimizer.__init__'s keywords and their defaults, in signature order
 EXTRAS = dict(backend="auto", l1=0.0, max_grad_norm=None, state_dtype=None, master_weights=False,
-              stochastic_rounding=False, flat=False)
-_SWITCHES = ("master_weights", "stochastic_rounding", "flat")
+              stochastic_rounding=False, flat=False, gradient_release=False)
+_SWITCHES = ("master_weights", "stochastic_rounding", "flat", "gradient_release")
+
+# gradient release (release.py) steps each bucket of params from its gradient's hook and
+# frees the gradient: what needs every gradient first has none to read
+SCALER_REFUSAL = (
+    "gradient_release=True does not take torch.amp.GradScaler: each bucket of params was "
+    "stepped (with the scaled gradients) during the backward, before the scaler could check "
+    "every gradient for infs; train without a GradScaler (bfloat16 autocast needs none) or "
+    "build the optimizer without gradient_release")
 
 
 def _number(name, v):
@@ -40,12 +48,22 @@ def validate(cls_name, refuses, *, backend, l1, max_grad_norm, state_dtype, **sw
             raise TypeError(f"{k} must be True or False, got {type(switches[k]).__name__}: "
                             f"{switches[k]!r}")
     for k, v in (("master_weights", switches["master_weights"]), ("state_dtype", state_dtype),
-                 ("stochastic_rounding", switches["stochastic_rounding"])):
+                 ("stochastic_rounding", switches["stochastic_rounding"]),
+                 ("gradient_release", switches["gradient_release"])):
         if v and k in refuses:
             raise ValueError(f"fusedopt.{cls_name} does not support {k}")
     if switches["master_weights"] and switches["stochastic_rounding"]:
         raise ValueError("master_weights and stochastic_rounding exclude each other: with "
                          "a float32 master copy the param is only a rounded view of it")
+    if switches["gradient_release"] and max_grad_norm is not None:
+        raise ValueError("gradient_release and max_grad_norm exclude each other: clipping by "
+                         "the global norm needs every gradient before the first param is "
+                         "stepped, and gradient release steps (and frees) them during the "
+                         "backward")
+    if switches["gradient_release"] and switches["flat"]:
+        raise ValueError("gradient_release and flat exclude each other: flat=True keeps every "
+                         "gradient in one buffer of the plan's, which gradient release would "
+                         "have to free bucket by bucket")
 
 
 def signature_with(torch_cls):

@@ -1,0 +1,215 @@
+"""Gradient release: the optimizer step taken during the backward, bucket by bucket, each
+gradient freed as soon as its bucket is stepped, so that a backward never holds a whole
+model's gradients (the API is torch-optimi's: ``gradient_release=True`` on the optimizer,
+``prepare_for_gradient_release(model, opt)``, ``remove_gradient_release(model)``).
+
+The model's trainable params that the optimizer holds are cut into buckets in reverse
+registration order (the order a backward usually produces their gradients), each within
+one param group and of at most ``bucket_mb`` MiB (a param larger than that is a bucket
+alone).  ``Tensor.register_post_accumulate_grad_hook`` tells when a param's gradient is
+complete (a param used twice in the forward: after both parts were added); when the last
+param of a bucket has told, the bucket is stepped with one fused call per device and dtype
+and its gradients are set to None.  At the end of the backward (a callback queued on
+autograd's engine) the buckets some of whose params got no gradient this time are stepped
+with those they have, as a normal step skips params without a gradient.
+
+Each bucket is stepped by the optimizer's own ``_step_group`` on a view of its group
+(``_Part``: the bucket's params, every other key read from the group at that moment, so
+lr schedulers work) with a plan of its own: the plan proves every cached address before
+each call as for a whole group (DESIGN.md, invariant 1), and keeps each param's place in
+its group (stochastic rounding's stream).  Keys a step writes into its group (AdEMAMix's
+``"step"``) are kept on the bucket's view until the backward ends, then written to the
+group once.  Data flows down: the hooks call the optimizer; nothing below calls back here.
+"""
+import collections
+import operator
+import weakref
+
+import torch
+
+from .dtensor import dtensor_class
+
+_EARLY = 0  # a bucket is stepped when this many of its params still lack a gradient
+_FLUSH = True  # step the buckets a backward left incomplete (tests turn these into mutants)
+
+# params prepared for release, by id (clip_grad_norm_ refuses them: their grads are gone)
+_RELEASED = weakref.WeakValueDictionary()
+
+
+def released(params):
+    """Whether any of ``params`` is prepared for gradient release."""
+    return any(_RELEASED.get(id(p)) is p for p in params)
+
+
+class _Part(collections.ChainMap):
+    """One bucket's view of its param group: ``"params"`` the bucket's, every other key the
+    group's (``parent``); ``places``: each param's index in ``parent["params"]``."""
+
+    def __init__(self, params, parent, places):
+        super().__init__({"params": params}, parent)
+        self.parent, self.places = parent, tuple(places)
+
+    def write_back(self):
+        # what the step wrote into the group (AdEMAMix's "step"), the same from each bucket
+        mine = self.maps[0]
+        for k in [k for k in mine if k != "params"]:
+            self.parent[k] = mine.pop(k)
+
+
+class _Bucket:
+    __slots__ = ("params", "part", "pending", "stepped")
+
+    def __init__(self, params, part):
+        self.params, self.part = params, part
+        self.pending, self.stepped = len(params), False
+
+
+class _Release:
+    """The hooks and buckets of one prepared model (``model._gradient_release``)."""
+
+    def __init__(self, model, opt, bucket_mb):
+        self.opt, self.limit = opt, int(bucket_mb * 2 ** 20)
+        mine = {id(p) for g in opt.param_groups for p in g["params"]}
+        # the model's trainable params the optimizer holds, in registration order
+        self.params = [p for p in model.parameters() if p.requires_grad and id(p) in mine]
+        self.plans = {}  # the buckets' plans, by id of their _Part
+        self.task = None  # the backward under way (autograd's graph task id)
+        self._layout()
+        self.handles = [p.register_post_accumulate_grad_hook(self._arrived) for p in self.params]
+        for p in self.params:
+            _RELEASED[id(p)] = p
+
+    def _current(self):
+        """Whether the optimizer's groups, and the params in each, are those of the layout
+        (compared by identity: one id per param, once per backward)."""
+        groups = self.opt.param_groups
+        return len(groups) == len(self.groups) and all(map(operator.is_, groups, self.groups)) \
+            and [list(map(id, g["params"])) for g in groups] == self.ids
+
+    def _layout(self):
+        """Cut the params into buckets from the optimizer's groups as they are now."""
+        self.groups = list(self.opt.param_groups)
+        self.ids = [list(map(id, g["params"])) for g in self.groups]
+        where = {i: (gi, k) for gi, ids in enumerate(self.ids) for k, i in enumerate(ids)}
+        cuts, size, last = [], 0, None
+        for p in reversed(self.params):
+            at = where.get(id(p))
+            if at is None:  # no longer the optimizer's: its gradient accumulates as usual
+                continue
+            nbytes = p.numel() * p.element_size()
+            if last != at[0] or size + nbytes > self.limit:
+                cuts.append([])
+                size, last = 0, at[0]
+            cuts[-1].append((p, at[1]))
+            size += nbytes
+        self.buckets, self.bucket_of, self.plans = [], {}, {}
+        for cut in (c for c in cuts if c):
+            group = self.opt.param_groups[where[id(cut[0][0])][0]]
+            ps = [p for p, _ in cut]
+            b = _Bucket(ps, _Part(ps, group, [k for _, k in cut]))
+            self.buckets.append(b)
+            self.bucket_of.update((id(p), b) for p in ps)
+
+    def _arrived(self, p):
+        task = torch._C._current_graph_task_id()
+        if task != self.task:
+            self._begin(task)
+        b = self.bucket_of.get(id(p))
+        if b is None:
+            return
+        b.pending -= 1
+        if b.pending == _EARLY and not b.stepped:
+            self._step(b)
+
+    def _begin(self, task):
+        # the first gradient of a backward: the layout checked against the optimizer's
+        # groups (load_state_dict, add_param_group, group["params"] changed), the counts
+        # of an unfinished backward (one that raised) forgotten, the end's callback queued
+        if not self._current():
+            self._layout()
+        self._reset()
+        self.task = task
+        if _FLUSH:
+            torch.autograd.Variable._execution_engine.queue_callback(self._end)
+
+    def _step(self, b):
+        b.stepped = True
+        with torch.no_grad():
+            self.opt._step_group(b.part, plans=self.plans)
+        for p in b.params:
+            p.grad = None
+
+    def _end(self):
+        for b in self.buckets:
+            if not b.stepped and b.pending < len(b.params):
+                self._step(b)
+        self._reset()
+        self.task = None
+
+    def _reset(self):
+        for b in self.buckets:
+            b.part.write_back()
+            b.pending, b.stepped = len(b.params), False
+
+    def remove(self):
+        self._reset()
+        for h in self.handles:
+            h.remove()
+        for p in self.params:
+            if _RELEASED.get(id(p)) is p:
+                del _RELEASED[id(p)]
+
+
+def prepare_for_gradient_release(model, optimizer, ignore_existing_hooks=False, bucket_mb=25):
+    """Step ``optimizer`` during each backward of ``model``, bucket by bucket, and free each
+    bucket's gradients right after (so the backward never holds every gradient at once).
+
+    ``optimizer``: a fusedopt optimizer built with ``gradient_release=True``.  Each trainable
+    param of ``model`` that the optimizer holds gets a post-accumulate-grad hook (torch's
+    ``Tensor.register_post_accumulate_grad_hook``); the params are cut, in reverse
+    registration order, into buckets of at most ``bucket_mb`` MiB within one param group,
+    and a bucket is stepped (one fused call per device and dtype) when its last param's
+    gradient is complete.  Params are then bit for bit what a normal ``backward(); step()``
+    gives.  ``optimizer.step()`` afterwards steps only params that still hold a gradient
+    (none of the prepared ones) and ``zero_grad()`` finds theirs already None.
+
+    Raises ``TypeError`` for an optimizer not fusedopt's, ``ValueError`` for one built
+    without ``gradient_release=True`` or a model already holding post-accumulate-grad hooks
+    (unless ``ignore_existing_hooks``), ``RuntimeError`` for DTensor (FSDP2) params or a
+    DistributedDataParallel model (both untested).  See docs/options.md."""
+    from .optimizer import FusedOptimizer  # (release.py sits above the optimizer)
+    if not isinstance(optimizer, FusedOptimizer):
+        raise TypeError("`optimizer` must be a fusedopt optimizer, got "
+                        f"{type(optimizer).__name__}")
+    if not optimizer._gradient_release:
+        raise ValueError("`optimizer` must be built with gradient_release=True")
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        raise RuntimeError("gradient_release is not tested under DistributedDataParallel "
+                           "(its own hooks all-reduce the gradients after the backward)")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if any(isinstance(p, dtensor_class()) for p in params):
+        raise RuntimeError("gradient_release is not tested with DTensor (FSDP2) params: "
+                           "build the optimizer without gradient_release")
+    if hasattr(model, "_gradient_release"):
+        raise ValueError("`model` is already prepared for gradient release: call "
+                         "remove_gradient_release(model) first")
+    if not ignore_existing_hooks and any(p._post_accumulate_grad_hooks for p in params):
+        raise ValueError("Model already has post_accumulate_grad_hooks. If this is expected, "
+                         "rerun with `ignore_existing_hooks=True`.")
+    if not isinstance(bucket_mb, (int, float)) or isinstance(bucket_mb, bool) or bucket_mb < 0:
+        raise ValueError(f"bucket_mb must be a number >= 0, got {bucket_mb!r}")
+    model._gradient_release = _Release(model, optimizer, bucket_mb)
+
+
+def remove_gradient_release(model):
+    """Remove the hooks ``prepare_for_gradient_release`` put on ``model``'s params: the
+    optimizer steps in ``step()`` again (its state, step counts included, carries on).
+    Warns, as torch-optimi does, when ``model`` was not prepared."""
+    release = getattr(model, "_gradient_release", None)
+    if release is None:
+        import warnings
+        warnings.warn("`model` does not have any gradient release post_accumulate_grad_hooks "
+                      "to remove.")
+        return
+    release.remove()
+    del model._gradient_release
