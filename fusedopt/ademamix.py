@@ -161,6 +161,8 @@ class AdEMAMix(FusedOptimizer, AdEMAMixForLoop):
         raise NoSparseGradientError("AdEMAMix")
 
     def _step_group(self, group, amp=(None, None, False), plans=None):
+        if self._gradient_release and plans is None and all(p.grad is None for p in group["params"]):
+            return  # step() after a released backward: its buckets moved the count (release.py)
         super()._step_group(group, amp, plans)  # (the fallback's twin counts on a copy of group)
         group["step"] = group.get("step", 0) + 1
 
