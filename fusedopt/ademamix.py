@@ -141,7 +141,7 @@ class AdEMAMix(FusedOptimizer, AdEMAMixForLoop):
     ``cautious``, ``stable_adamw`` and ``capturable`` by name. One fused multi-tensor step
     per (device, dtype) group (Numba on CPU, Triton on CUDA). Extra keyword-only arguments:
     ``backend``, ``l1``, ``max_grad_norm``, ``state_dtype``, ``master_weights``,
-    ``stochastic_rounding``, ``flat``: the Options page of the documentation
+    ``stochastic_rounding``, ``flat``, ``gradient_release``: the Options page of the documentation
     (``docs/options.md``)."""
     _rule = "ademamix"
     _has_step = False  # its counter is group["step"], as the package's
