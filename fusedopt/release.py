@@ -30,7 +30,7 @@ import torch
 from .dtensor import dtensor_class
 
 _EARLY = 0  # a bucket is stepped when this many of its params still lack a gradient
-_FLUSH = True  # step the buckets a backward left incomplete (tests turn these into mutants)
+_FLUSH = True  # step what a backward left in incomplete buckets (tests make mutants of both)
 
 # params prepared for release, by id (clip_grad_norm_ refuses them: their grads are gone)
 _RELEASED = weakref.WeakValueDictionary()
@@ -57,11 +57,11 @@ class _Part(collections.ChainMap):
 
 
 class _Bucket:
-    __slots__ = ("params", "part", "pending", "stepped")
+    __slots__ = ("params", "part", "arrived")
 
     def __init__(self, params, part):
         self.params, self.part = params, part
-        self.pending, self.stepped = len(params), False
+        self.arrived = {}  # id -> param: those whose gradient is complete, not yet stepped
 
 
 class _Release:
@@ -74,6 +74,7 @@ class _Release:
         self.params = [p for p in model.parameters() if p.requires_grad and id(p) in mine]
         self.plans = {}  # the buckets' plans, by id of their _Part
         self.task = None  # the backward under way (autograd's graph task id)
+        self.inner = set()  # backwards run inside it (reentrant checkpointing)
         self._layout()
         self.handles = [p.register_post_accumulate_grad_hook(self._arrived) for p in self.params]
         for p in self.params:
@@ -112,47 +113,64 @@ class _Release:
 
     def _arrived(self, p):
         task = torch._C._current_graph_task_id()
-        if task != self.task:
+        if task != self.task and task not in self.inner:
             self._begin(task)
         b = self.bucket_of.get(id(p))
         if b is None:
             return
-        b.pending -= 1
-        if b.pending == _EARLY and not b.stepped:
+        b.arrived[id(p)] = p
+        if len(b.arrived) == len(b.params) - _EARLY:
             self._step(b)
 
     def _begin(self, task):
         # the first gradient of a backward: the layout checked against the optimizer's
-        # groups (load_state_dict, add_param_group, group["params"] changed), the counts
-        # of an unfinished backward (one that raised) forgotten, the end's callback queued
-        if not self._current():
+        # groups (load_state_dict, add_param_group, group["params"] changed) where no
+        # gradient waits on the old one, the end's callback queued
+        if not self._current() and not any(b.arrived for b in self.buckets):
             self._layout()
-        self._reset()
-        self.task = task
+        if self.task is None:
+            self.task = task
+        else:  # run inside the backward under way, or that one raised (its end never came)
+            self.inner.add(task)
         if _FLUSH:
-            torch.autograd.Variable._execution_engine.queue_callback(self._end)
+            torch.autograd.Variable._execution_engine.queue_callback(lambda: self._end(task))
 
     def _step(self, b):
-        b.stepped = True
-        with torch.no_grad():
-            self.opt._step_group(b.part, plans=self.plans)
-        for p in b.params:
+        """Step the params of ``b`` whose gradient is complete, and free those gradients.
+        A param of ``b`` holding a gradient its hook has not announced (left from before
+        this backward) keeps it, out of this step."""
+        arrived, b.arrived = b.arrived, {}
+        hidden = [(p, p.grad) for p in b.params if id(p) not in arrived and p.grad is not None]
+        for p, _ in hidden:
+            p.grad = None
+        try:
+            with torch.no_grad():
+                self.opt._step_group(b.part, plans=self.plans)
+        finally:
+            for p, g in hidden:
+                p.grad = g
+        for p in arrived.values():
             p.grad = None
 
-    def _end(self):
+    def _end(self, task):
+        # a backward's end: the buckets it left incomplete (params that got no gradient)
+        # stepped with the params that did; at the outermost one, what the steps wrote
+        # into the groups written there
         for b in self.buckets:
-            if not b.stepped and b.pending < len(b.params):
+            if b.arrived:
                 self._step(b)
-        self._reset()
-        self.task = None
+        if task == self.task:
+            self.task = None
+            self.inner.clear()
+            self._write_back()
+        self.inner.discard(task)
 
-    def _reset(self):
+    def _write_back(self):
         for b in self.buckets:
             b.part.write_back()
-            b.pending, b.stepped = len(b.params), False
 
     def remove(self):
-        self._reset()
+        self._write_back()
         for h in self.handles:
             h.remove()
         for p in self.params:

@@ -118,12 +118,14 @@ def _live(model, seen):
         p.register_post_accumulate_grad_hook(count)
 
 
-def test_at_most_one_buckets_gradients_are_alive_during_backward():
+def _live_during_backward():
+    """(the largest bucket's bytes, the gradients' bytes alive at each hook with release,
+    the same without): an MLP of 8 equal layers, buckets of two layers."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(8)])
     base = copy.deepcopy(model)
     opt = fusedopt.AdamW(model.parameters(), lr=1e-3, gradient_release=True)
-    fusedopt.prepare_for_gradient_release(model, opt, bucket_mb=33400 / 2 ** 20)  # 2 layers
+    fusedopt.prepare_for_gradient_release(model, opt, bucket_mb=33400 / 2 ** 20)
     buckets = model._gradient_release.buckets
     largest = max(sum(p.numel() * 4 for p in b.params) for b in buckets)
     assert len(buckets) == 4 and largest == 2 * (64 * 64 + 64) * 4
@@ -133,8 +135,13 @@ def test_at_most_one_buckets_gradients_are_alive_during_backward():
     x = torch.randn(5, 64)
     model(x).sum().backward()
     base(x).sum().backward()
-    assert len(seen) == 16 and max(seen) <= largest
-    assert all(p.grad is None for p in model.parameters())
+    assert len(seen) == 16 and all(p.grad is None for p in model.parameters())
+    return largest, seen, whole
+
+
+def test_at_most_one_buckets_gradients_are_alive_during_backward():
+    largest, seen, whole = _live_during_backward()
+    assert max(seen) <= largest
     assert max(whole) == 8 * (64 * 64 + 64) * 4  # the normal backward: every gradient
 
 
@@ -216,17 +223,34 @@ def test_state_dict_round_trip_continues_bitwise():
     assert o3.state_dict()["state"][0]["step"] == 5
 
 
-@pytest.mark.parametrize("mutant", ["early", "no_flush"])
-def test_mutants_fail_the_bitwise_test(monkeypatch, mutant):
-    # early: a bucket stepped when one of its params still lacks its gradient (that one is
-    # then left to the next backward); no_flush: the buckets a backward left incomplete
-    # (side unused on odd steps) not stepped at its end
-    monkeypatch.setattr(release, "_EARLY" if mutant == "early" else "_FLUSH",
-                        1 if mutant == "early" else False)
+@pytest.mark.parametrize("mutant", ["late", "no_flush", "places"])
+def test_mutants_are_caught(monkeypatch, mutant):
+    """late: a bucket stepped only at the end of the backward, not when its last gradient
+    arrives (every gradient alive at once); no_flush: what a backward left in incomplete
+    buckets (side is unused on even steps) not stepped at its end (their gradients alive
+    after it, then met by the next backward: torch's in-place error, or other params);
+    places: each param's place counted in its bucket, not its group (stochastic
+    rounding's stream)."""
+    if mutant == "late":
+        monkeypatch.setattr(release, "_EARLY", -1)
+        largest, seen, _ = _live_during_backward()
+        assert max(seen) > largest
+        return
+    if mutant == "places":
+        init = release._Part.__init__
+        monkeypatch.setattr(release._Part, "__init__", lambda self, ps, g, places:
+                            init(self, ps, g, range(len(ps))))
+        with pytest.raises(AssertionError):
+            test_stochastic_rounding_keeps_each_params_place_in_its_group("numba")
+        return
+    monkeypatch.setattr(release, "_FLUSH", False)
     (m0, o0, _), (m1, o1, _) = _pair("AdamW", dict(lr=1e-2), "numba")
     _train(m0, o0, 4)
-    _train(m1, o1, 4, check=False)
-    assert not _same(m0, m1)
-    m2, o2, _ = _pair("AdamW", dict(lr=1e-2), "numba")[1]
     with pytest.raises(AssertionError, match="a gradient left alive"):
-        _train(m2, o2, 4)
+        _train(m1, o1, 4)
+    m2, o2, _ = _pair("AdamW", dict(lr=1e-2), "numba")[1]
+    try:
+        _train(m2, o2, 4, check=False)
+        assert not _same(m0, m2)
+    except RuntimeError as e:
+        assert "modified by an inplace operation" in str(e)
