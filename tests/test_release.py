@@ -254,3 +254,72 @@ def test_mutants_are_caught(monkeypatch, mutant):
         assert not _same(m0, m2)
     except RuntimeError as e:
         assert "modified by an inplace operation" in str(e)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpointed_segments_step_bitwise(reentrant):
+    # reentrant checkpointing runs a backward inside the backward: its end steps what it
+    # completed, the outer end the rest
+    from torch.utils.checkpoint import checkpoint
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(4))
+    models = [copy.deepcopy(layers) for _ in range(2)]
+    opts = [fusedopt.AdamW(m.parameters(), lr=1e-2, gradient_release=r)
+            for m, r in zip(models, (False, True))]
+    fusedopt.prepare_for_gradient_release(models[1], opts[1], bucket_mb=0.001)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = torch.randn(4, 16, generator=gen, requires_grad=True)
+        for m, o in zip(models, opts):
+            h = x
+            for k, layer in enumerate(m):
+                h = checkpoint(layer, h, use_reentrant=reentrant) if k in (1, 2) else layer(h)
+            h.square().sum().backward()
+            o.step()
+            o.zero_grad()
+    assert all(torch.equal(p, q) for p, q in zip(models[0].parameters(), models[1].parameters()))
+
+
+def test_params_outside_the_model_or_the_optimizer():
+    # the optimizer's param that is not the model's: stepped by step(); the model's param
+    # that is not the optimizer's: its gradient accumulates as usual
+    torch.manual_seed(0)
+    model, extra = torch.nn.Linear(5, 4), torch.nn.Parameter(torch.randn(4))
+    base, base_extra = copy.deepcopy(model), extra.detach().clone().requires_grad_()
+    opts = [fusedopt.SGD([m.weight, e], lr=0.1, momentum=0.9, gradient_release=r)
+            for m, e, r in ((base, base_extra, False), (model, extra, True))]
+    fusedopt.prepare_for_gradient_release(model, opts[1])
+    for m, e, o in ((base, base_extra, opts[0]), (model, extra, opts[1])):
+        for _ in range(2):
+            (m(torch.ones(2, 5)) * e).sum().backward()
+            assert e.grad is not None and (m.weight.grad is None) == (m is model)
+            o.step()
+            o.zero_grad()
+    assert torch.equal(model.bias.grad, base.bias.grad)  # two backwards' worth
+    assert torch.equal(model.weight, base.weight) and torch.equal(extra, base_extra)
+
+
+@pytest.mark.parametrize("backend", ["numba", "triton"])
+def test_master_weights_bitwise(backend):
+    (m0, o0, _), (m1, o1, _) = _pair("AdamW", dict(lr=1e-2), backend, torch.bfloat16,
+                                     master_weights=True)
+    _train(m0, o0, 3)
+    _train(m1, o1, 3)
+    assert _same(m0, m1)
+
+
+def test_8bit_state_bitwise():
+    (m0, o0, _), (m1, o1, _) = _pair("AdamW", dict(lr=1e-2), "numba",
+                                     state_dtype=torch.uint8)
+    _train(m0, o0, 3)
+    _train(m1, o1, 3)
+    assert _same(m0, m1)
+
+
+def test_ddp_models_are_refused():
+    # (no process group here: an unbuilt DistributedDataParallel is enough for the check)
+    ddp = torch.nn.parallel.DistributedDataParallel
+    model = ddp.__new__(ddp)
+    opt = fusedopt.AdamW([torch.nn.Parameter(torch.randn(2))], gradient_release=True)
+    with pytest.raises(RuntimeError, match="DistributedDataParallel"):
+        fusedopt.prepare_for_gradient_release(model, opt)
