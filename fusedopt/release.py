@@ -5,8 +5,8 @@ model's gradients (the API is torch-optimi's: ``gradient_release=True`` on the o
 
 The model's trainable params that the optimizer holds are cut into buckets in reverse
 registration order (the order a backward usually produces their gradients), each within
-one param group and of at most ``bucket_mb`` MiB (a param larger than that is a bucket
-alone).  ``Tensor.register_post_accumulate_grad_hook`` tells when a param's gradient is
+one param group, a module's params kept together, of at most ``bucket_mb`` MiB (a module
+larger than that is a bucket alone).  ``Tensor.register_post_accumulate_grad_hook`` tells when a param's gradient is
 complete (a param used twice in the forward: after both parts were added); when the last
 param of a bucket has told, the bucket is stepped with one fused call per device and dtype
 and its gradients are set to None.  At the end of the backward (a callback queued on
@@ -70,8 +70,11 @@ class _Release:
     def __init__(self, model, opt, bucket_mb):
         self.opt, self.limit = opt, int(bucket_mb * 2 ** 20)
         mine = {id(p) for g in opt.param_groups for p in g["params"]}
-        # the model's trainable params the optimizer holds, in registration order
-        self.params = [p for p in model.parameters() if p.requires_grad and id(p) in mine]
+        # the model's trainable params the optimizer holds, in registration order, each
+        # with the name of the module that registered it
+        self.named = [(n.rpartition(".")[0], p) for n, p in model.named_parameters()
+                      if p.requires_grad and id(p) in mine]
+        self.params = [p for _, p in self.named]
         self.plans = {}  # the buckets' plans, by id of their _Part
         self.task = None  # the backward under way (autograd's graph task id)
         self.inner = set()  # backwards run inside it (reentrant checkpointing)
@@ -88,23 +91,33 @@ class _Release:
             and [list(map(id, g["params"])) for g in groups] == self.ids
 
     def _layout(self):
-        """Cut the params into buckets from the optimizer's groups as they are now."""
+        """Cut the params into buckets from the optimizer's groups as they are now: in
+        reverse registration order, one open bucket per group, a module's params of one
+        group never split (one backward node makes a module's gradients together: a
+        bucket that ended inside a module would wait for a gradient made with its
+        neighbour's, and hold both), a bucket closed before it would pass the limit."""
         self.groups = list(self.opt.param_groups)
         self.ids = [list(map(id, g["params"])) for g in self.groups]
         where = {i: (gi, k) for gi, ids in enumerate(self.ids) for k, i in enumerate(ids)}
-        cuts, size, last = [], 0, None
-        for p in reversed(self.params):
+        units = []  # (group index, module name) -> [(param, its place in the group)]
+        for owner, p in reversed(self.named):
             at = where.get(id(p))
             if at is None:  # no longer the optimizer's: its gradient accumulates as usual
                 continue
-            nbytes = p.numel() * p.element_size()
-            if last != at[0] or size + nbytes > self.limit:
-                cuts.append([])
-                size, last = 0, at[0]
-            cuts[-1].append((p, at[1]))
-            size += nbytes
+            if not units or units[-1][0] != (at[0], owner):
+                units.append(((at[0], owner), []))
+            units[-1][1].append((p, at[1]))
+        cuts, open_ = [], {}  # open_: group index -> [items, bytes]
+        for (gi, _), items in units:
+            nbytes = sum(p.numel() * p.element_size() for p, _ in items)
+            cut = open_.get(gi)
+            if cut is None or (cut[1] and cut[1] + nbytes > self.limit):
+                cut = open_[gi] = [[], 0]
+                cuts.append(cut)
+            cut[0].extend(items)
+            cut[1] += nbytes
         self.buckets, self.bucket_of, self.plans = [], {}, {}
-        for cut in (c for c in cuts if c):
+        for cut, _ in cuts:
             group = self.opt.param_groups[where[id(cut[0][0])][0]]
             ps = [p for p, _ in cut]
             b = _Bucket(ps, _Part(ps, group, [k for _, k in cut]))
@@ -185,7 +198,8 @@ def prepare_for_gradient_release(model, optimizer, ignore_existing_hooks=False, 
     ``optimizer``: a fusedopt optimizer built with ``gradient_release=True``.  Each trainable
     param of ``model`` that the optimizer holds gets a post-accumulate-grad hook (torch's
     ``Tensor.register_post_accumulate_grad_hook``); the params are cut, in reverse
-    registration order, into buckets of at most ``bucket_mb`` MiB within one param group,
+    registration order, into buckets of at most ``bucket_mb`` MiB within one param group
+    (a module's params of one group kept together; a larger module is a bucket alone),
     and a bucket is stepped (one fused call per device and dtype) when its last param's
     gradient is complete.  Params are then bit for bit what a normal ``backward(); step()``
     gives.  ``optimizer.step()`` afterwards steps only params that still hold a gradient

@@ -118,14 +118,15 @@ def _live(model, seen):
         p.register_post_accumulate_grad_hook(count)
 
 
-def _live_during_backward():
+def _live_during_backward(bucket_mb=33400 / 2 ** 20):
     """(the largest bucket's bytes, the gradients' bytes alive at each hook with release,
-    the same without): an MLP of 8 equal layers, buckets of two layers."""
+    the same without): an MLP of 8 equal layers, buckets of two layers (a limit between
+    two and three layers: buckets end between modules)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(8)])
     base = copy.deepcopy(model)
     opt = fusedopt.AdamW(model.parameters(), lr=1e-3, gradient_release=True)
-    fusedopt.prepare_for_gradient_release(model, opt, bucket_mb=33400 / 2 ** 20)
+    fusedopt.prepare_for_gradient_release(model, opt, bucket_mb=bucket_mb)
     buckets = model._gradient_release.buckets
     largest = max(sum(p.numel() * 4 for p in b.params) for b in buckets)
     assert len(buckets) == 4 and largest == 2 * (64 * 64 + 64) * 4
@@ -139,8 +140,9 @@ def _live_during_backward():
     return largest, seen, whole
 
 
-def test_at_most_one_buckets_gradients_are_alive_during_backward():
-    largest, seen, whole = _live_during_backward()
+@pytest.mark.parametrize("bucket_mb", [33400 / 2 ** 20, 0.04])
+def test_at_most_one_buckets_gradients_are_alive_during_backward(bucket_mb):
+    largest, seen, whole = _live_during_backward(bucket_mb)
     assert max(seen) <= largest
     assert max(whole) == 8 * (64 * 64 + 64) * 4  # the normal backward: every gradient
 
