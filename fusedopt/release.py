@@ -6,12 +6,14 @@ model's gradients (the API is torch-optimi's: ``gradient_release=True`` on the o
 The model's trainable params that the optimizer holds are cut into buckets in reverse
 registration order (the order a backward usually produces their gradients), each within
 one param group, a module's params kept together, of at most ``bucket_mb`` MiB (a module
-larger than that is a bucket alone).  ``Tensor.register_post_accumulate_grad_hook`` tells when a param's gradient is
-complete (a param used twice in the forward: after both parts were added); when the last
-param of a bucket has told, the bucket is stepped with one fused call per device and dtype
-and its gradients are set to None.  At the end of the backward (a callback queued on
-autograd's engine) the buckets some of whose params got no gradient this time are stepped
-with those they have, as a normal step skips params without a gradient.
+larger than that is a bucket alone).  ``Tensor.register_post_accumulate_grad_hook`` tells
+when a param's gradient is complete (a param used twice in the forward: after both parts
+were added, which autograd sums before writing the gradient); when every param of a
+bucket has told, the bucket is stepped with one fused call per device and dtype and its
+gradients are set to None.  At the end of the backward (a callback queued on autograd's
+engine) the buckets some of whose params got no gradient this time are stepped with the
+params that did, as a normal step skips params without a gradient.  Only params whose
+hook has told are ever stepped, so when a bucket is stepped changes memory, never values.
 
 Each bucket is stepped by the optimizer's own ``_step_group`` on a view of its group
 (``_Part``: the bucket's params, every other key read from the group at that moment, so
@@ -57,6 +59,7 @@ class _Part(collections.ChainMap):
 
 
 class _Bucket:
+    """The params of one bucket, its view of their group, and those announced so far."""
     __slots__ = ("params", "part", "arrived")
 
     def __init__(self, params, part):
@@ -209,7 +212,7 @@ def prepare_for_gradient_release(model, optimizer, ignore_existing_hooks=False, 
     without ``gradient_release=True`` or a model already holding post-accumulate-grad hooks
     (unless ``ignore_existing_hooks``), ``RuntimeError`` for DTensor (FSDP2) params or a
     DistributedDataParallel model (both untested).  See docs/options.md."""
-    from .optimizer import FusedOptimizer  # (release.py sits above the optimizer)
+    from .optimizer import FusedOptimizer  # (here: optimizer imports clip imports us)
     if not isinstance(optimizer, FusedOptimizer):
         raise TypeError("`optimizer` must be a fusedopt optimizer, got "
                         f"{type(optimizer).__name__}")

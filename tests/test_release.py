@@ -9,6 +9,7 @@ import torch
 
 import fusedopt
 from fusedopt import release
+from harness import HP, NAMES
 
 # (name, hyperparameters): AdamW, SGD with momentum, NAdam (per-param scalar state),
 # AdEMAMix (a key the step writes into its group), Adafactor (factored state)
@@ -325,3 +326,12 @@ def test_ddp_models_are_refused():
     opt = fusedopt.AdamW([torch.nn.Parameter(torch.randn(2))], gradient_release=True)
     with pytest.raises(RuntimeError, match="DistributedDataParallel"):
         fusedopt.prepare_for_gradient_release(model, opt)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if "ScheduleFree" not in n])
+def test_every_optimizer_is_bitwise_the_normal_step(name):
+    # each with its flag-rich hyperparameters (tests/helpers/harness.py)
+    (m0, o0, _), (m1, o1, _) = _pair(name, HP[name], "numba")
+    _train(m0, o0, 3)
+    _train(m1, o1, 3)
+    assert _same(m0, m1)
