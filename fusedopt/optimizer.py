@@ -50,7 +50,7 @@ class FusedOptimizer:
     # gradients in a pass of its own: the kernel unscales them (see _amp)
     _step_supports_amp_scaling = True
     _has_step = True  # torch keeps state["step"] (all but SGD)
-    _refuses = ()  # of master_weights, state_dtype, stochastic_rounding: those it lacks
+    _refuses = ()  # of master_weights, state_dtype, stochastic_rounding, gradient_release
 
     def _init_state(self, group, p, state):
         # torch's first entry; the slots are created by the plan (zeros of the state dtype)
