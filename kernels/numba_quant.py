@@ -13,7 +13,8 @@ from numba.core import cgutils
 from numba.core.registry import cpu_target
 from numba.extending import intrinsic
 
-from . import numba_ops, qmap
+from . import numba_avx2, numba_ops, qmap
+from .numba_avx2 import data_ptrs as _data, splat as _splat
 from .coefficients import GRAD_SCALE
 from .flags import UPDATE_A, UPDATE_B, UPDATE_C, UPDATE_MASTER, Codes
 from .numba_base import JIT, bits_f32, coef_row, f32_bits, f32_to_bf16_stochastic, voidptr
@@ -36,20 +37,8 @@ except Exception:  # (a numba without that attribute: the portable loops)
     _FEATURES = set()
 AVX512 = "+avx512f" in _FEATURES
 VBMI = AVX512 and {"+avx512bw", "+avx512vbmi"} <= _FEATURES
+AVX2 = {"+avx2", "+fma"} <= _FEATURES  # (numba_avx2: 8 lanes, where AVX-512 is not there)
 _I8, _I32, _F32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
-
-
-def _data(context, builder, sig, args, n):
-    # the data pointers of the intrinsic's first n arguments (arrays)
-    return [cgutils.create_struct_proxy(sig.args[k])(context, builder, value=args[k]).data
-            for k in range(n)]
-
-
-def _splat(builder, x, vtype):
-    # a vector of type vtype with x in every lane
-    return builder.shuffle_vector(
-        builder.insert_element(ir.Constant(vtype, None), x, ir.Constant(_I32, 0)),
-        ir.Constant(vtype, None), ir.Constant(ir.VectorType(_I32, vtype.count), [0] * vtype.count))
 
 
 def _permutes(groups):
@@ -283,7 +272,7 @@ def _permuted(codes, f, T, sc, inv, lo, hi, signed):
         _codes16(codes, f, T, sc, inv, j, signed)
 
 
-_coded16 = _permuted if AVX512 else _coded
+_coded16 = _permuted if AVX512 else numba_avx2.coded8 if AVX2 else _coded
 
 
 @numba.njit(inline="always", **JIT)

@@ -90,8 +90,9 @@ RULES = {
         "a parity subset under other ATen dispatch in a subprocess: 50-70 s each"),
     "test_arith.py::test_parity_check_catches_a_1ulp_error_in_our_kernels": rule(
         "a mutated kernel each (~30-80 s); one mutation stays quick"),
-    "test_quant.py::test_portable_loops_give_the_permutes_codes": FULL(
-        "~85 s compiling portable loops; test_codes_are_nearest_per_block checks the codes"),
+    "test_quant.py::test_each_cpu_path_gives_the_portable_codes": FULL(
+        "~45 s per CPU kind compiling the 8-bit kernel; test_vector_codes_equal_the_loop "
+        "checks each path's codes"),
     # -- safety: one heap-checked program run stays quick
     "test_safety.py::test_these_tests_under_heap_checking": FULL(
         "reruns test files under heap checking in a subprocess (~70 s)"),
