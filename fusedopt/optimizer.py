@@ -38,8 +38,8 @@ class FusedOptimizer:
     a factored algorithm (Spec.factored) ``_matrix_step``.
     """
 
-    _rule = None
-    _sparse_error = None
+    _rule = _sparse_error = None
+    _gradient_release = False  # (an optimizer pickled before the keyword existed)
     spec = None  # fusedopt.spec.Spec: declared in each algorithm's own class body
 
     def __init_subclass__(cls, **kwargs):
