@@ -335,3 +335,15 @@ def test_every_optimizer_is_bitwise_the_normal_step(name):
     _train(m0, o0, 3)
     _train(m1, o1, 3)
     assert _same(m0, m1)
+
+
+def test_a_node_that_still_needs_a_stepped_param_raises_torchs_inplace_error():
+    # h * w.detach() saves w; its node runs after w's gradient is complete and w stepped
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4, bias=False)
+    h = torch.randn(4, 4, requires_grad=True)
+    opt = fusedopt.SGD(model.parameters(), lr=0.1, gradient_release=True)
+    fusedopt.prepare_for_gradient_release(model, opt)
+    y = (h * model.weight.detach()).sum() + model(torch.randn(2, 4)).sum()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
