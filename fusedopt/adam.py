@@ -18,8 +18,8 @@ class Adam(FusedOptimizer, torch.optim.Adam):
     fused multi-tensor step per (device, dtype) group (Numba on CPU, Triton on CUDA). Extra
     keyword-only arguments: ``backend``, ``l1``, ``max_grad_norm``, ``state_dtype``
     (``torch.float32``, or ``torch.uint8`` for 8-bit state), ``master_weights``,
-    ``stochastic_rounding``, ``kahan_sum``, ``flat``; each is described on the Options page of the
-    documentation (``docs/options.md``)."""
+    ``stochastic_rounding``, ``kahan_sum``, ``flat``, ``gradient_release``; each is described on the
+    Options page of the documentation (``docs/options.md``)."""
     _rule = "adam"
     _sparse_error = "Adam does not support sparse gradients, please consider SparseAdam instead"
 
@@ -67,8 +67,9 @@ class AdamW(Adam, torch.optim.AdamW):
     constructor, defaults, errors and ``state_dict``, with one fused multi-tensor step per
     (device, dtype) group (Numba on CPU, Triton on CUDA). Extra keyword-only arguments:
     ``backend``, ``l1``, ``max_grad_norm``, ``state_dtype`` (``torch.float32``, or
-    ``torch.uint8`` for 8-bit state), ``master_weights``, ``stochastic_rounding``, ``kahan_sum``, ``flat``;
-    each is described on the Options page of the documentation (``docs/options.md``)."""
+    ``torch.uint8`` for 8-bit state), ``master_weights``, ``stochastic_rounding``, ``kahan_sum``,
+    ``flat``, ``gradient_release``; each is described on the Options page of the documentation
+    (``docs/options.md``)."""
 
     spec = Spec(reference=reference.adamw, source="torch.optim.AdamW",
                 cases=(dict(amsgrad=False), dict(amsgrad=True)), group_hp=ADAM_GROUPS,
@@ -83,8 +84,9 @@ class Adamax(FusedOptimizer, torch.optim.Adamax):
     defaults, errors and ``state_dict``, with one fused multi-tensor step per (device,
     dtype) group (Numba on CPU, Triton on CUDA). Extra keyword-only arguments: ``backend``,
     ``l1``, ``max_grad_norm``, ``state_dtype`` (``torch.float32``, or ``torch.uint8`` for
-    8-bit state), ``master_weights``, ``stochastic_rounding``, ``kahan_sum``, ``flat``; each is described
-    on the Options page of the documentation (``docs/options.md``)."""
+    8-bit state), ``master_weights``, ``stochastic_rounding``, ``kahan_sum``, ``flat``,
+    ``gradient_release``; each is described on the Options page of the documentation
+    (``docs/options.md``)."""
     _rule = "adamax"
     _sparse_error = "Adamax does not support sparse gradients"
 

@@ -7,8 +7,8 @@ import torch
 
 # FusedOptimizer.__init__'s keywords and their defaults, in signature order
 EXTRAS = dict(backend="auto", l1=0.0, max_grad_norm=None, state_dtype=None, master_weights=False,
-              stochastic_rounding=False, kahan_sum=False, flat=False)
-_SWITCHES = ("master_weights", "stochastic_rounding", "kahan_sum", "flat")
+              stochastic_rounding=False, kahan_sum=False, flat=False, gradient_release=False)
+_SWITCHES = ("master_weights", "stochastic_rounding", "kahan_sum", "flat", "gradient_release")
 # the low-precision options that keep bfloat16/float16 params honest, each its own way:
 # at most one of them per param group
 _EXCLUSIVE = {("master_weights", "stochastic_rounding"): "with a float32 master copy the "
@@ -17,6 +17,14 @@ _EXCLUSIVE = {("master_weights", "stochastic_rounding"): "with a float32 master 
               "(a compensation in the param's dtype, or a float32 copy)",
               ("kahan_sum", "stochastic_rounding"): "the compensation carries what rounding to "
               "nearest loses; random rounding would feed it noise"}
+
+# gradient release (release.py) steps each bucket of params from its gradient's hook and
+# frees the gradient: what needs every gradient first has none to read
+SCALER_REFUSAL = (
+    "gradient_release=True does not take torch.amp.GradScaler: each bucket of params was "
+    "stepped (with the scaled gradients) during the backward, before the scaler could check "
+    "every gradient for infs; train without a GradScaler (bfloat16 autocast needs none) or "
+    "build the optimizer without gradient_release")
 
 
 def _number(name, v):
@@ -49,10 +57,20 @@ def validate(cls_name, refuses, *, backend, l1, max_grad_norm, state_dtype, **sw
                             f"{switches[k]!r}")
     for k, v in (("master_weights", switches["master_weights"]), ("state_dtype", state_dtype),
                  ("stochastic_rounding", switches["stochastic_rounding"]),
-                 ("kahan_sum", switches["kahan_sum"])):
+                 ("kahan_sum", switches["kahan_sum"]),
+                 ("gradient_release", switches["gradient_release"])):
         if v and k in refuses:
             raise ValueError(f"fusedopt.{cls_name} does not support {k}")
     exclusive(switches)
+    if switches["gradient_release"] and max_grad_norm is not None:
+        raise ValueError("gradient_release and max_grad_norm exclude each other: clipping by "
+                         "the global norm needs every gradient before the first param is "
+                         "stepped, and gradient release steps (and frees) them during the "
+                         "backward")
+    if switches["gradient_release"] and switches["flat"]:
+        raise ValueError("gradient_release and flat exclude each other: flat=True keeps every "
+                         "gradient in one buffer of the plan's, which gradient release would "
+                         "have to free bucket by bucket")
 
 
 def exclusive(group):

@@ -37,6 +37,8 @@ class GroupSpec:
     real_only: complex params are left to the twin (Spec.complex_params is False).
     backend: the engine choice the optimizer was built with ("auto", "numba", "triton").
     index: the group's place among the optimizer's groups (stochastic rounding's stream).
+    places: where ``group["params"]`` is a gradient-release bucket's slice of its group
+        (release.py), each param's place in the whole group (the stream again); else None.
     """
     name: str
     slots: tuple
@@ -48,6 +50,7 @@ class GroupSpec:
     real_only: bool
     backend: str
     index: int
+    places: tuple = None
 
 
 def _unfit(spec, group, p, g, st):
@@ -233,7 +236,8 @@ class _Plan:
                                           names)
         self.buckets = [(idx, _Bucket(spec, group, [params[i] for i in idx],
                                       [state[params[i]] for i in idx] if need else None,
-                                      fresh, idx, flats.get(key)))
+                                      fresh, idx if spec.places is None
+                                      else [spec.places[i] for i in idx], flats.get(key)))
                         for key, idx in order.items()]
         # a factored state's matrix tables and factor buffers, watched as the slots are
         for idx, b in self.buckets if spec.factored else ():

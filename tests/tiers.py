@@ -51,6 +51,12 @@ RULES = {
     "test_8bit.py::test_bfloat16_params_with_8bit_state": rule(ONE),
     "test_8bit.py::test_training_loss_within_one_percent_of_float32": FULL(
         "a training run (~65 s); the one-step reference and the engines' codes stay quick"),
+    "test_release.py::test_every_optimizer_is_bitwise_the_normal_step": FULL(
+        "each optimizer's own flag-rich variant; five optimizers on both engines stay quick "
+        "in test_released_params_are_bitwise_the_normal_steps"),
+    "test_release.py::test_8bit_state_bitwise": FULL(
+        "compiles its own 8-bit variant (60-190 s on a first run); gradient release with "
+        "float and mixed-precision state stays quick"),
     "test_8bit.py::test_tiny_and_subnormal_blocks": FULL(
         "~90 s of compiling its own variant; the blocks' codes are checked by test_quant"),
     # -- AMP: GradScaler's unscale in the kernel, both engines, both dtypes, AdamW
