@@ -303,12 +303,18 @@ def test_params_outside_the_model_or_the_optimizer():
 
 
 @pytest.mark.parametrize("backend", ["numba", "triton"])
-def test_master_weights_bitwise(backend):
+@pytest.mark.parametrize("option", ["master_weights", "kahan_sum"])
+def test_low_precision_options_bitwise(backend, option):
     (m0, o0, _), (m1, o1, _) = _pair("AdamW", dict(lr=1e-2), backend, torch.bfloat16,
-                                     master_weights=True)
+                                     **{option: True})
     _train(m0, o0, 3)
     _train(m1, o1, 3)
     assert _same(m0, m1)
+    key = "master" if option == "master_weights" else "kahan_comp"
+    # (by param, in the models' order: a released optimizer's state fills bucket by bucket)
+    states = [[o.state[p].get(key) for p in m.parameters()] for m, o in ((m0, o0), (m1, o1))]
+    assert any(v is not None for v in states[0])  # (the option is in use)
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(*states))
 
 
 def test_8bit_state_bitwise():
