@@ -51,6 +51,9 @@ class FusedOptimizer:
     _step_supports_amp_scaling = True
     _has_step = True  # torch keeps state["step"] (all but SGD)
     _refuses = ()  # of master_weights, state_dtype, stochastic_rounding: those it lacks
+    # the twin has a max_grad_norm argument of its own (Apex's FusedLAMB): the keyword is
+    # the twin's, and fusedopt's clipping is not offered
+    _own_clip = False
 
     def _init_state(self, group, p, state):
         # torch's first entry; the slots are created by the plan (zeros of the state dtype)
@@ -87,6 +90,8 @@ class FusedOptimizer:
             raise NotImplementedError(
                 f"fusedopt.{type(self).__name__} does not implement differentiable=True; "
                 f"use torch.optim.{type(self).__name__} for differentiable optimizer steps")
+        if self._own_clip and max_grad_norm is not None:  # the twin's own argument
+            kwargs["max_grad_norm"], max_grad_norm = max_grad_norm, None
         validate(type(self).__name__, self._refuses, backend=backend, l1=l1,
                  max_grad_norm=max_grad_norm, state_dtype=state_dtype,
                  master_weights=master_weights, stochastic_rounding=stochastic_rounding,
@@ -358,9 +363,21 @@ class FusedOptimizer:
         # (a write pass saved)
         flags = self._all_flags(group, SCALE_GRAD=inv is not None, FOUND_INF=found is not None,
                                 WRITE_GRAD=amp_scaled, STOCH_ROUND=sr)
+        if self.spec is not None and self.spec.trust:
+            # per-tensor factors (trust ratios): the rule's sums from one reduce pass over
+            # the bucket (the same loads and math, nothing written), then the update
+            reduce = tuple(sorted(dict(flags, REDUCE=True, WRITE_GRAD=False).items()))
+            sums = bucket.reduce(self._rule, reduce, gptr, pack(self._rule, coeffs), found)
+            coeffs = self._trust(group, bucket, sums, coeffs)
         bucket.run(self._rule, flags, gptr, pack(self._rule, coeffs), found, keys)
         if not self._advance_first:
             self._advance(group, bucket, step, found)
+
+    def _trust(self, group, bucket, sums, coeffs):
+        """Spec.trust: this step's coefficients with the per-tensor ones made from
+        ``sums`` (bucket.reduce's, a (tensors, 2) tensor), as tensors of one value per
+        tensor of ``bucket``."""
+        raise NotImplementedError
 
     def _sparse_step(self, group, params):
         raise RuntimeError(self._sparse_error)

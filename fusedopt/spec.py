@@ -41,6 +41,11 @@ class Spec:
         (Adafactor): the plan steps such params through the matrix kernel.
     complex_params: the twin steps complex params (as a real view); False: the plan leaves
         them to the twin, which raises its own error for them, in its order of params.
+    trust: the update is scaled per tensor by factors made from per-tensor sums (LAMB's
+        and LARS's trust ratios, StableAdamW's RMS): before each update, a reduce pass of
+        the rule (flag REDUCE: the same loads and math, nothing stored) sums the products
+        of its outputs per tensor (bucket.reduce), and the class's ``_trust`` makes them
+        coefficients of one value per tensor.
     train_mode: the class steps only in train mode, as its source (schedule-free: a new
         optimizer raises at step until ``train()`` is called); harnesses call ``ready``.
     """
@@ -62,6 +67,7 @@ class Spec:
     factored: bool = False
     complex_params: bool = True
     train_mode: bool = False
+    trust: bool = False
 
 
 def register(cls):
