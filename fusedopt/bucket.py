@@ -294,8 +294,7 @@ class _Bucket:
     def reduce(self, rule, flags, gptr, coeffs, found_inf=None):
         """Per tensor, the two sums of products of the rule's outputs (p * a, b * c: the
         engines' reduce kernels, flag REDUCE in ``flags``) over this bucket, nothing
-        written: a (tensors, 2) float64 tensor on the CPU (Numba), of the math dtype on the
-        device (Triton).  The tables and the proven grads' addresses are ``run``'s; no
+        written: a (tensors, 2) float64 tensor on the params' device.  The tables and the proven grads' addresses are ``run``'s; no
         8-bit slots.  A trust ratio's norms (Spec.trust) in one call per bucket."""
         if self.mask & ~(UPDATE_A | UPDATE_B | UPDATE_C | UPDATE_MASTER):
             raise NotImplementedError("reduce passes over 8-bit state")

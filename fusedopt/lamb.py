@@ -148,7 +148,7 @@ class LAMB(FusedOptimizer, LAMBForLoop):
     _clips = {}  # this step's clip_factors, by group
 
     def _total_norm(self, grads):
-        return _clip.total_norm(grads, 2.0, self._backend)
+        return _clip.total_norm(grads, 2.0, self._backend, exact=True)
 
     def _slots(self, group):
         return ("exp_avg", "exp_avg_sq", None)

@@ -90,6 +90,9 @@ class FusedOptimizer:
             raise NotImplementedError(
                 f"fusedopt.{type(self).__name__} does not implement differentiable=True; "
                 f"use torch.optim.{type(self).__name__} for differentiable optimizer steps")
+        if self.spec is not None and self.spec.trust and state_dtype == torch.uint8:
+            raise ValueError(f"fusedopt.{type(self).__name__} does not support state_dtype="
+                             f"torch.uint8 (8-bit state): its reduce pass reads float state")
         if self._own_clip and max_grad_norm is not None:  # the twin's own argument
             kwargs["max_grad_norm"], max_grad_norm = max_grad_norm, None
         validate(type(self).__name__, self._refuses, backend=backend, l1=l1,
@@ -165,7 +168,7 @@ class FusedOptimizer:
         self._reset()
 
     def load_state_dict(self, state_dict):
-        shape = matrix.state_shape if self._is_factored() else lambda k, p: p.shape
+        shape = matrix.state_shape if self._is_factored() else self._state_shape
         check_loaded(state_dict, [p for g in self.param_groups for p in g["params"]],
                      self._scalars, shape)
         super().load_state_dict(state_dict)
@@ -334,6 +337,11 @@ class FusedOptimizer:
 
     def _inplace_updates(self, group):
         return 1
+
+    @staticmethod
+    def _state_shape(name, p):
+        """The shape of state tensor ``name`` of param p (load_state_dict's check)."""
+        return p.shape
 
     def _run(self, bucket, group, gptr, amp):
         if bucket.factors is not None:  # a factored state (Spec.factored): its own passes

@@ -135,6 +135,10 @@ class StableAdamW(FusedOptimizer, StableAdamWForLoop):
     def _flags(self, group):
         return {"DECOUPLED": True}
 
+    @staticmethod
+    def _state_shape(name, p):
+        return torch.Size() if name == "eps_sq" else p.shape
+
     def _inplace_updates(self, group):
         return 2 if group["weight_decay"] != 0 else 1
 

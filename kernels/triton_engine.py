@@ -125,8 +125,9 @@ def _kernel(P, G, S0, S1, S2, S3, A0, A1, A2, Q, C, R, TID, CS, CE, FI, H0, H1, 
 def _reduce_kernel(P, G, S0, S1, S2, S3, C, TID, CS, CE, FI, OUT, MASK: tl.constexpr,
                    KIND: tl.constexpr, SKIND: tl.constexpr, BLOCK: tl.constexpr):
     # flag REDUCE (numba_engine._reduce_template): the rule as _block runs it, nothing
-    # stored; per chunk the sums of its outputs' products p * a and b * c, accumulated in
-    # the math dtype (float32 unless float64) as the norm kernel's
+    # stored; per chunk the sums of its outputs' products p * a and b * c in float64, as
+    # the CPU engine's (products of float32 values exact: a trust ratio's norms then agree
+    # with the CPU's to the last bit but for the order of the sums)
     pid = tl.program_id(0)
     t = tl.load(TID + pid)
     start = tl.load(CS + pid)
@@ -140,10 +141,7 @@ def _reduce_kernel(P, G, S0, S1, S2, S3, C, TID, CS, CE, FI, OUT, MASK: tl.const
     cp = tensor_ptr(S2, t, SKIND, False)
     wp = tensor_ptr(S3, t, SKIND, False)
     hs = loaded_row(C, t)
-    if KIND == 1:
-        s0 = tl.zeros([BLOCK], dtype=tl.float64)
-    else:
-        s0 = tl.zeros([BLOCK], dtype=tl.float32)
+    s0 = tl.zeros([BLOCK], dtype=tl.float64)
     s1 = s0
     for i in range(start, end, BLOCK):
         offs = i + tl.arange(0, BLOCK)
@@ -165,15 +163,15 @@ def _reduce_kernel(P, G, S0, S1, S2, S3, C, TID, CS, CE, FI, OUT, MASK: tl.const
             c = load(cp, offs, end, SKIND, True)
         p, a, b, c = rule(p, g, a, b, c, hs)
         inside = offs < end
-        s0 += tl.where(inside, p * a, 0)
-        s1 += tl.where(inside, b * c, 0)
+        s0 += tl.where(inside, p.to(tl.float64) * a.to(tl.float64), 0)
+        s1 += tl.where(inside, b.to(tl.float64) * c.to(tl.float64), 0)
     tl.store(OUT + 2 * pid, tl.sum(s0, 0))
     tl.store(OUT + 2 * pid + 1, tl.sum(s1, 0))
 
 
 @triton.jit
 def _norm_kernel(G, TID, CS, CE, PW, OUT, KIND: tl.constexpr, ORD: tl.constexpr,
-                 BLOCK: tl.constexpr):
+                 BLOCK: tl.constexpr, EXACT: tl.constexpr):
     # one program per chunk: the sum of |g|**p (ORD 1, 2, or 3 for any p) or the max of
     # |g| (ORD 0, inf), accumulated in the math dtype (float32 unless float64) as torch's
     # CUDA norms are
@@ -182,13 +180,15 @@ def _norm_kernel(G, TID, CS, CE, PW, OUT, KIND: tl.constexpr, ORD: tl.constexpr,
     start = tl.load(CS + pid)
     end = tl.load(CE + pid)
     gp = tensor_ptr(G, t, KIND, False)
-    if KIND == 1:
+    if KIND == 1 or EXACT:  # (EXACT: float64 sums of 2-norms' squares, as the CPU's)
         acc = tl.zeros([BLOCK], dtype=tl.float64)
     else:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(start, end, BLOCK):
         offs = i + tl.arange(0, BLOCK)
         x = tl.abs(load(gp, offs, end, KIND, True))
+        if EXACT:
+            x = x.to(tl.float64)
         if ORD == 2:
             acc += x * x
         elif ORD == 1:
@@ -250,10 +250,8 @@ def run(rule, flags, dtypes, mask, P, G, S, C, R, TID, CS, CE, aligned, found_in
 
 def reduce(rule, flags, dtypes, mask, P, G, S, C, TID, CS, CE, found_inf=None):
     """Per chunk, as numba_engine.reduce (C: the [n, NCOEF] table); one launch.  Returns a
-    (chunks, 2) tensor of the math dtype."""
-    f64 = dtypes[0] == "float64"
-    out = torch.zeros((TID.numel(), 2), dtype=torch.float64 if f64 else torch.float32,
-                      device=TID.device)
+    (chunks, 2) float64 tensor."""
+    out = torch.zeros((TID.numel(), 2), dtype=torch.float64, device=TID.device)
     if TID.numel() == 0:
         return out
     k = ("reduce", rule, flags, INTERPRET)
@@ -268,18 +266,18 @@ def reduce(rule, flags, dtypes, mask, P, G, S, C, TID, CS, CE, found_inf=None):
     return out
 
 
-def norm_partials(dtype, order, G, TID, CS, CE):
+def norm_partials(dtype, order, G, TID, CS, CE, exact=False):
     """Per chunk, as numba_engine.norm_partials; one launch.  Tables are int64 tensors on
-    the device; returns a tensor of the math dtype."""
+    the device; returns a tensor of the math dtype (``exact``: float64 sums)."""
     ord_ = {1.0: 1, 2.0: 2, float("inf"): 0}.get(float(order), 3)
-    f64 = dtype == "float64"
+    f64 = dtype == "float64" or bool(exact)
     out = torch.empty(TID.numel(), dtype=torch.float64 if f64 else torch.float32,
                       device=TID.device)
     if TID.numel():
         with launching():
             norm_jit(INTERPRET)[(TID.numel(),)](G, TID, CS, CE, float(order), out,
                                                 KIND=KINDS[dtype], ORD=ord_, BLOCK=BLOCK,
-                                                num_warps=NUM_WARPS)
+                                                EXACT=bool(exact), num_warps=NUM_WARPS)
     return out
 
 
