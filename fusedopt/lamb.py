@@ -162,7 +162,8 @@ class LAMB(FusedOptimizer, LAMBForLoop):
             raise RuntimeError(_SPARSE)
         scale = getattr(self, "grad_scale", None)  # GradScaler's: the unscaled grads' norm
         inv = 1.0 if scale is None else scale.double().reciprocal().float()
-        self._clips = {id(g): c for g, c in zip(
+        # (by the params' list: _run may hand _coefficients a copy of the group)
+        self._clips = {id(g["params"]): c for g, c in zip(
             self.param_groups, clip_factors(self, [p.grad for p in live], inv))}
         super()._eager_step()
 
@@ -173,7 +174,7 @@ class LAMB(FusedOptimizer, LAMBForLoop):
     def _coefficients(self, group, step, f64):
         t, (b1, b2), wd = group.get("step", 0) + 1, group["betas"], group["weight_decay"]
         bc = (1 - b1 ** t, 1 - b2 ** t) if group["bias_correction"] else (1.0, 1.0)
-        return dict(clip=self._clips.get(id(group), 1.0), wd=wd, l1=group["l1"], beta1=b1,
+        return dict(clip=self._clips.get(id(group["params"]), 1.0), wd=wd, l1=group["l1"], beta1=b1,
                     beta3=1 - b1 if group["grad_averaging"] else 1.0, beta2=b2,
                     beta2_rest=1 - b2, bc1=bc[0], bc2=bc[1], eps=group["eps"],
                     step=group["lr"])
