@@ -13,6 +13,7 @@ Differences from optimi: ``kahan_sum=True``, ``foreach=True``, ``triton=True`` a
 summation for float16/bfloat16 params) means none; the RMS's mean is correctly rounded
 (a float64 sum: optimi's float32 ``mean()`` sums in float32).
 """
+import numpy as np
 import torch
 
 from .matrix import exact_sqrt
@@ -65,7 +66,7 @@ class StableAdamWForLoop(torch.optim.Optimizer):
         copy of the group counts apart)."""
         if not group["setup"]:
             group["setup"], group["step"] = True, torch.tensor(0, dtype=torch.int32)
-        return int(group["step"]) + 1
+        return int(group["step"].numpy()) + 1  # (a CPU tensor's value, no op)
 
     def _count(self, group):
         group["step"] = group["step"] + 1
@@ -154,9 +155,9 @@ class StableAdamW(FusedOptimizer, StableAdamWForLoop):
     def _coefficients(self, group, step, f64):
         t = getattr(self, "_t", 1)
         w, b2 = 1 - debias_beta(group["beta1"], t), debias_beta(group["beta2"], t)
-        dt = torch.float64 if f64 else torch.float32
         return dict(w=w, beta2_hat=b2, beta2_comp=1 - b2, eps=group["eps"], one=1.0,
-                    eps_sq=float(torch.tensor(group["eps"] ** 2, dtype=dt)), decay=1.0,
+                    eps_sq=group["eps"] ** 2 if f64 else float(np.float32(group["eps"] ** 2)),
+                    decay=1.0,
                     lr=group["lr"], l1=group["l1"])
 
     def _trust(self, group, bucket, sums, co):
