@@ -100,7 +100,8 @@ def _local_norms(ts, p, device, dtype, backend, exact=False):
         per.scatter_reduce_(0, idx, part, "amax")
     else:
         per = per.index_add_(0, idx, part) ** (1 / p)
-    return per.to(dtype)
+    # (exact: a float16/bfloat16 tensor's norm in float32, as Apex's FusedLAMB takes it)
+    return per.to(dtype if not exact or dtype == torch.float64 else torch.float32)
 
 
 def _norms(ts, p, device, dtype, backend, exact=False):

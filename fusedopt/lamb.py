@@ -67,7 +67,8 @@ class LAMBForLoop(torch.optim.Optimizer):
     def _total_norm(self, grads):
         # torch.nn.utils.get_total_norm's form (the norm of the tensors' norms), each
         # tensor's norm correctly rounded, as the engines' (Apex: float32 sums)
-        return torch.linalg.vector_norm(torch.cat([norm(g, g.dtype).reshape(1) for g in grads]))
+        return torch.linalg.vector_norm(torch.cat([norm(g, math_dtype(g)).reshape(1)
+                                                   for g in grads]))
 
     def _mode(self, group):
         return bool(group.get("adam_w_mode", self.adam_w_mode)), \
@@ -81,7 +82,9 @@ class LAMBForLoop(torch.optim.Optimizer):
             raise RuntimeError(_SPARSE)
         if any(p.dtype not in _DTYPES for p in live):
             raise RuntimeError("FusedLAMB only support fp16 and fp32.")
-        for group, c in zip(self.param_groups, clip_factors(self, [p.grad for p in live])):
+        clips = getattr(self, "_given_clips", None) or \
+            clip_factors(self, [p.grad for p in live])  # (the fused step's, for its fallback)
+        for group, c in zip(self.param_groups, clips):
             group["step"] = t = group.get("step", 0) + 1
             (b1, b2), wd, eps = group["betas"], group["weight_decay"], group["eps"]
             bc1, bc2 = (1 - b1 ** t, 1 - b2 ** t) if group["bias_correction"] else (1.0, 1.0)
@@ -171,6 +174,15 @@ class LAMB(FusedOptimizer, LAMBForLoop):
         super()._step_group(group, amp)
         group["step"] = group.get("step", 0) + 1
 
+    def _torch_step(self, group, params, *amp):
+        # the params the engines do not take, stepped by the twin: with this step's clip
+        # factor (the global norm is every param's, not theirs alone)
+        self._given_clips = [self._clips.get(id(group["params"]), 1.0)]
+        try:
+            super()._torch_step(group, params, *amp)
+        finally:
+            self._given_clips = None
+
     def _coefficients(self, group, step, f64):
         t, (b1, b2), wd = group.get("step", 0) + 1, group["betas"], group["weight_decay"]
         bc = (1 - b1 ** t, 1 - b2 ** t) if group["bias_correction"] else (1.0, 1.0)
@@ -192,7 +204,7 @@ class LAMB(FusedOptimizer, LAMBForLoop):
                             grad_averaging=False)),
                 group_hp=(dict(lr=1e-2), dict(lr=3e-3, betas=(0.8, 0.99)),
                           dict(lr=2e-3, betas=(0.3, 0.9)), dict(lr=1e-2, eps=1e-4)),
-                fp16_eps=True, test_hp=dict(lr=1e-2, weight_decay=0.1, max_grad_norm=2.0),
+                fp16_eps=True, test_hp=dict(lr=1e-2, weight_decay=0.1),
                 program_hp=dict(lr=1e-2), bench_hp=dict(lr=1e-3),
                 unsigned=frozenset({"exp_avg_sq"}), traffic=(8, 3), complex_params=False,
                 trust=True, aot=(dict(WEIGHT_DECAY=True, MAXIMIZE=True, L1=True), 3))

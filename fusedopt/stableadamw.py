@@ -13,7 +13,6 @@ Differences from optimi: ``kahan_sum=True``, ``foreach=True``, ``triton=True`` a
 summation for float16/bfloat16 params) means none; the RMS's mean is correctly rounded
 (a float64 sum: optimi's float32 ``mean()`` sums in float32).
 """
-import numpy as np
 import torch
 
 from .matrix import exact_sqrt
@@ -152,12 +151,18 @@ class StableAdamW(FusedOptimizer, StableAdamWForLoop):
         super()._step_group(group, amp)
         self._count(group)
 
+    def _run(self, bucket, group, gptr, amp):
+        # optimi's max(v, eps_sq) reads each param's state eps_sq (a user may replace it):
+        # read here every step, one value per tensor (nothing cached)
+        self._eps_sq = torch.stack([self.state[p]["eps_sq"] for p in bucket.params]).to(
+            bucket.C.device, bucket.C.dtype)
+        return super()._run(bucket, group, gptr, amp)
+
     def _coefficients(self, group, step, f64):
         t = getattr(self, "_t", 1)
         w, b2 = 1 - debias_beta(group["beta1"], t), debias_beta(group["beta2"], t)
         return dict(w=w, beta2_hat=b2, beta2_comp=1 - b2, eps=group["eps"], one=1.0,
-                    eps_sq=group["eps"] ** 2 if f64 else float(np.float32(group["eps"] ** 2)),
-                    decay=1.0,
+                    eps_sq=self._eps_sq, decay=1.0,
                     lr=group["lr"], l1=group["l1"])
 
     def _trust(self, group, bucket, sums, co):
