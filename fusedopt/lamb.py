@@ -25,6 +25,7 @@ from . import clip as _clip
 from .matrix import exact_sqrt
 from .optimizer import FusedOptimizer, closure_loss
 from .options import signature_with
+from .reference import _regularize
 from .spec import Spec
 
 _SPARSE = "FusedLAMB does not support sparse gradients, please consider SparseAdam instead"
@@ -120,7 +121,8 @@ def reference(p, g, st, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1
     gradient clipping here (parity runs it with max_grad_norm=0)."""
     b1, b2 = betas
     t = st["step"] = st.get("step", 0) + 1
-    g = (-g if maximize else g) + (0 if adam_w_mode else weight_decay * p)
+    g = _regularize(p, g, dict(hp, maximize=maximize, weight_decay=weight_decay),
+                    coupled=not adam_w_mode)
     m = st["exp_avg"] = b1 * st.get("exp_avg", 0 * p) + (1 - b1 if grad_averaging else 1) * g
     v = st["exp_avg_sq"] = b2 * st.get("exp_avg_sq", 0 * p) + (1 - b2) * g * g
     c1, c2 = (1 - b1 ** t, 1 - b2 ** t) if bias_correction else (1, 1)
@@ -204,7 +206,7 @@ class LAMB(FusedOptimizer, LAMBForLoop):
                             grad_averaging=False)),
                 group_hp=(dict(lr=1e-2), dict(lr=3e-3, betas=(0.8, 0.99)),
                           dict(lr=2e-3, betas=(0.3, 0.9)), dict(lr=1e-2, eps=1e-4)),
-                fp16_eps=True, test_hp=dict(lr=1e-2, weight_decay=0.1),
+                fp16_eps=True, test_hp=dict(lr=1e-2, weight_decay=0.1, max_grad_norm=0.0),
                 program_hp=dict(lr=1e-2), bench_hp=dict(lr=1e-3),
                 unsigned=frozenset({"exp_avg_sq"}), traffic=(8, 3), complex_params=False,
                 trust=True, aot=(dict(WEIGHT_DECAY=True, MAXIMIZE=True, L1=True), 3))

@@ -18,6 +18,7 @@ from .ademamix import NegativeLRError, NoSparseGradientError
 from .matrix import exact_sqrt
 from .optimizer import FusedOptimizer, closure_loss
 from .options import signature_with
+from .reference import _regularize
 from .spec import Spec
 
 
@@ -80,7 +81,7 @@ def reference(p, g, st, lr=1e-3, weight_decay=0.0, momentum=0.9, dampening=0.0,
     """The paper's Algorithm 1 in float64 (the local rate eta * |w| / (|g| + beta * |w|)
     on params of 2 or more dims), with the package's momentum (a buffer from zero,
     dampened) and Nesterov."""
-    g = -g if maximize else g
+    g = _regularize(p, g, dict(hp, maximize=maximize), coupled=False)
     if p.dim() > 1:
         pn, gn = p.norm(), g.norm()
         den = gn + weight_decay * pn

@@ -18,6 +18,7 @@ import torch
 from .matrix import exact_sqrt
 from .optimizer import FusedOptimizer, closure_loss
 from .options import signature_with
+from .reference import _regularize
 from .spec import Spec
 
 _REFUSED = ("kahan_sum", "foreach", "triton", "gradient_release")
@@ -105,7 +106,7 @@ def reference(p, g, st, lr=1e-3, betas=(0.9, 0.99), weight_decay=1e-2, eps=1e-6,
     divided by max(1, RMS(g**2 / max(v, eps**2))), decoupled weight decay (optimi's)."""
     t = st["step"] = st.get("step", 0) + 1
     b1, b2 = (debias_beta(b, t) for b in betas)
-    g = -g if maximize else g
+    g = _regularize(p, g, dict(hp, maximize=maximize), coupled=False)
     m = st["exp_avg"] = b1 * st.get("exp_avg", 0 * p) + (1 - b1) * g
     v = st["exp_avg_sq"] = b2 * st.get("exp_avg_sq", 0 * p) + (1 - b2) * g * g
     rms = (g * g / v.clamp(min=eps * eps)).mean().sqrt().item() if p.numel() else 0.0
