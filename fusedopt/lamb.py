@@ -208,7 +208,7 @@ class LAMB(FusedOptimizer, LAMBForLoop):
                           dict(lr=2e-3, betas=(0.3, 0.9)), dict(lr=1e-2, eps=1e-4)),
                 fp16_eps=True, test_hp=dict(lr=1e-2, weight_decay=0.1, max_grad_norm=0.0),
                 program_hp=dict(lr=1e-2), bench_hp=dict(lr=1e-3),
-                unsigned=frozenset({"exp_avg_sq"}), traffic=(8, 3), complex_params=False,
+                unsigned=frozenset({"exp_avg_sq"}), traffic=((4, 0), (4, 3)), complex_params=False,
                 trust=True, aot=(dict(WEIGHT_DECAY=True, MAXIMIZE=True, L1=True), 3))
 
 

@@ -27,7 +27,9 @@ class Spec:
     unsigned: state slots that are never negative (8-bit state keeps them on the
         unsigned map: twice the resolution).
     bench_hp, traffic: the benchmark's constructor kwargs, and the float32 tensors it
-        reads and writes per param (the memory roof streams as many bytes).
+        reads and writes per param (the memory roof streams as many bytes): (reads,
+        writes), or one such pair per pass of a step of several passes (Spec.trust's
+        reduce pass reads alone: ((4, 0), (4, 3))).
     shapes: parity's params per group, where the default shapes do not suit.
     weight_decay: whether the algorithm has a weight_decay argument.
     fp16_eps: parity raises eps to 1e-4 in float16 (eps below float16's range).

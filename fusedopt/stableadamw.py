@@ -181,7 +181,7 @@ class StableAdamW(FusedOptimizer, StableAdamWForLoop):
                 # (optimi's default picks its Triton kernels wherever Triton is installed,
                 # which fail on a CPU: its per-tensor path, its default without Triton)
                 program_hp=dict(lr=1e-2), bench_hp=dict(lr=1e-3, triton=False),
-                unsigned=frozenset({"exp_avg_sq"}), traffic=(8, 3), complex_params=False,
+                unsigned=frozenset({"exp_avg_sq"}), traffic=((4, 0), (4, 3)), complex_params=False,
                 trust=True, aot=(dict(DECOUPLED=True, WEIGHT_DECAY=True, L1=True), 3))
 
 
