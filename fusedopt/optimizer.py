@@ -23,6 +23,7 @@ from .state import State, check_loaded, keep_dtypes
 from .kernels import rules
 from .kernels.coefficients import pack
 from .kernels.flags import Update
+from .scalars import closure_loss, lerp_rest, lerp_small  # noqa: F401  (the classes' helpers)
 
 
 _SKIP = object()  # _amp(): the scaler found an inf on the CPU, nothing to do
@@ -339,8 +340,7 @@ class FusedOptimizer:
         return 1
 
     @staticmethod
-    def _state_shape(name, p):
-        """The shape of state tensor ``name`` of param p (load_state_dict's check)."""
+    def _state_shape(name, p):  # state tensor ``name``'s shape (load_state_dict's check)
         return p.shape
 
     def _run(self, bucket, group, gptr, amp):
@@ -382,9 +382,7 @@ class FusedOptimizer:
             self._advance(group, bucket, step, found)
 
     def _trust(self, group, bucket, sums, coeffs):
-        """Spec.trust: this step's coefficients with the per-tensor ones made from
-        ``sums`` (bucket.reduce's, a (tensors, 2) tensor), as tensors of one value per
-        tensor of ``bucket``."""
+        """Spec.trust: ``coeffs`` with the per-tensor ones made from ``sums`` (bucket.reduce's)."""
         raise NotImplementedError
 
     def _sparse_step(self, group, params):
@@ -399,23 +397,3 @@ class FusedOptimizer:
         flags.update(self._flags(group))
         # a tensor-valued hyperparameter (momentum=torch.tensor(0.9)) gives tensor flags
         return tuple(sorted((k, bool(v)) for k, v in flags.items()))
-
-
-def closure_loss(closure):
-    """step(closure)'s loss, as torch.optim computes it: the closure run with grad enabled."""
-    if closure is None:
-        return None
-    with torch.enable_grad():
-        return closure()
-
-
-def lerp_rest(w, f64):
-    """1 - w as torch's lerp computes it: in the tensor's math dtype (float32 unless float64)."""
-    w = float(w)
-    return 1 - w if f64 else float(np.float32(1) - np.float32(w))
-
-
-def lerp_small(w):
-    # torch's lerp switches formula at |w| = 0.5
-    return abs(float(w)) < 0.5
-
