@@ -6,6 +6,8 @@ from .adam import Adam, Adamax, AdamW
 from .ademamix import AdEMAMix
 from .asgd import ASGD
 from .clip import clip_grad_norm_
+from .lamb import LAMB
+from .lars import LARS
 from .lion import Lion
 from .nadam import NAdam
 from .radam import RAdam
@@ -14,6 +16,7 @@ from .rmsprop import RMSprop
 from .rprop import Rprop
 from .schedulefree import AdamWScheduleFree, SGDScheduleFree
 from .sgd import SGD
+from .stableadamw import StableAdamW
 
 try:  # the CPU engine: numba's one-time setup belongs to import, not to the first step
     from .kernels import numba_engine as _numba_engine  # noqa: F401
@@ -24,6 +27,6 @@ except ImportError:  # numba missing: the Triton engine still works
 
 __all__ = ["Adam", "AdamW", "Adamax", "RMSprop", "Adagrad", "SGD", "Adadelta", "Rprop", "RAdam",
            "NAdam", "ASGD", "Adafactor", "Lion", "AdEMAMix", "AdamWScheduleFree",
-           "SGDScheduleFree", "clip_grad_norm_", "prepare_for_gradient_release",
-           "remove_gradient_release"]
+           "SGDScheduleFree", "LAMB", "LARS", "StableAdamW", "clip_grad_norm_",
+           "prepare_for_gradient_release", "remove_gradient_release"]
 __version__ = "0.1.0"

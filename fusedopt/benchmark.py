@@ -56,10 +56,15 @@ def _time(fn, device):
     return time.perf_counter() - t0
 
 
-def roof(numel, reads, writes, device):
+def roof(numel, reads, writes, device, passes=None):
     """A step function for the machine's memory roof over the optimizer's bytes, and the
     byte count: an in-place stream over float32 buffers of ``numel`` elements in which
-    ``writes`` buffers are read and updated and the others only read."""
+    ``writes`` buffers are read and updated and the others only read; or, with ``passes``
+    (Spec.traffic of a step of several passes: (reads, writes) each), one such stream
+    per pass, one after another."""
+    if passes is not None:
+        fns = [roof(numel, r, w, device) for r, w in passes]
+        return (lambda: [f() for f, _ in fns]), sum(n for _, n in fns)
     if device.type == "cuda":
         # Triton vectorises the masked stream only when the length is a multiple of 16:
         # an H200 run measured 2.98 TB/s over 970,997,028 floats, 4.1 TB/s over 1,235,814,400
@@ -231,7 +236,9 @@ def bench_one(optim, workload, device, repeats=5, shapes=None, compile_step=Fals
     """Rows of results for one optimizer on one workload: every implementation and the
     roof are timed in rounds (one step of each per round, median over rounds), so that a
     noisy neighbour slows them all alike."""
-    cls_name, hp, (reads, writes) = OPTIMS[optim]
+    cls_name, hp, traffic = OPTIMS[optim]
+    passes = traffic if isinstance(traffic[0], tuple) else None  # (one per pass)
+    reads, writes = map(sum, zip(*passes)) if passes else traffic
     shapes = shapes if shapes is not None else WORKLOADS[workload]()
     numel = sum(math.prod(s) for s in shapes)
     if progress:
@@ -240,9 +247,9 @@ def bench_one(optim, workload, device, repeats=5, shapes=None, compile_step=Fals
     steps = _steps(cls_name, hp, shapes, device, compile_step, mixed)
     if mixed:  # the roof streams the same number of bytes as our step
         roof_step, nbytes = roof(int(numel * mixed[3]) // ((reads + writes) * 4), reads, writes,
-                                 device)
+                                 device, passes)
     else:
-        roof_step, nbytes = roof(numel, reads, writes, device)
+        roof_step, nbytes = roof(numel, reads, writes, device, passes)
     steps = {"roof": roof_step, **steps}
     for fn in steps.values():  # warm-up (and torch.compile's compilation)
         fn()

@@ -16,7 +16,8 @@ import torch
 from . import quant
 from .dtensor import dtensor_class as _dtensor, local as _local
 from .kernels.coefficients import NCOEF
-from .kernels.flags import update_mask
+from .kernels.flags import (UPDATE_A, UPDATE_B, UPDATE_C, UPDATE_KAHAN, UPDATE_MASTER,
+                            update_mask)
 
 _GRAD = operator.attrgetter("grad")
 _VERSION = operator.attrgetter("_version")
@@ -196,6 +197,7 @@ class _Bucket:
         self.storages = [t.untyped_storage() for col in cols for t in col] \
             + [p.untyped_storage() for _, p, _ in self.work]
         self.numel = np.array([t.numel() for t in cols[0]], dtype=np.int64)
+        self.ndim = np.array([p.dim() for p in params], dtype=np.int64)  # (LARS: 1-D or not)
         # step counters on the CPU unless capturable, as torch's non-capturable steps keep
         # them: the coefficients are then Python floats, passed to the kernel as scalars
         self.capturable = bool(group.get("capturable", False))
@@ -297,11 +299,10 @@ class _Bucket:
             return float(v[0])
         return self.scalars[name].double()
 
-    def run(self, rule, flags, gptr, coeffs, found_inf=None, keys=None):
-        # coeffs: the engines' row (coefficients.pack), a float or a tensor per slot
-        # the same coefficients for every tensor (Python floats, the usual case): passed
-        # as one row (Numba) or as scalar arguments (Triton), the table is not written
-        uniform = not any(isinstance(c, torch.Tensor) for c in coeffs)
+    def _table(self, coeffs, uniform):
+        # coeffs: the engines' row (coefficients.pack), a float or a tensor per slot.  The
+        # same coefficients for every tensor (Python floats, the usual case): passed as one
+        # row (Numba) or as scalar arguments (Triton), the table is not written
         C, Cn = self.C, self.Cn if self.backend == "numba" else None
         if uniform and self.backend == "numba":
             Cn = np.array([coeffs], dtype=self.Cn.dtype)  # rounds double to float32 as C would
@@ -313,6 +314,35 @@ class _Bucket:
                     Cn[:, j] = c
                 else:
                     C[:, j].fill_(c)
+        return C, Cn
+
+    def reduce(self, rule, flags, gptr, coeffs, found_inf=None):
+        """Per tensor, the two sums of products of the rule's outputs (p * a, b * c: the
+        engines' reduce kernels, flag REDUCE in ``flags``) over this bucket, nothing
+        written: a (tensors, 2) float64 tensor on the params' device.  The tables and the
+        proven grads' addresses are ``run``'s; no 8-bit slots.  A trust ratio's norms (Spec.trust) in one call per bucket."""
+        # a Kahan compensation is the update's alone: the rule reads the param as without it
+        mask = self.mask & ~UPDATE_KAHAN
+        if mask & ~(UPDATE_A | UPDATE_B | UPDATE_C | UPDATE_MASTER):
+            raise NotImplementedError("reduce passes over 8-bit state")
+        C, Cn = self._table(coeffs, False)  # (the Triton kernel reads the table)
+        for i, p, w in self.work:
+            w.copy_(p)
+        if self.backend == "numba":
+            part = torch.from_numpy(_numba().reduce(rule, flags, (self.dtype, self.sdtype),
+                                                    mask, self.P, gptr, self.S, Cn,
+                                                    self.tid, self.cs, self.ce, self.numel))
+            tid = torch.from_numpy(self.tid)
+        else:
+            G = on_device(gptr, self.device)
+            part = _triton().reduce(rule, flags, (self.dtype, self.sdtype), mask, self.P,
+                                    G, self.S, C, self.tid, self.cs, self.ce, found_inf)
+            tid = self.tid
+        return part.new_zeros(len(self.params), 2).index_add_(0, tid, part)
+
+    def run(self, rule, flags, gptr, coeffs, found_inf=None, keys=None):
+        uniform = not any(isinstance(c, torch.Tensor) for c in coeffs)
+        C, Cn = self._table(coeffs, uniform)
         for i, p, w in self.work:
             w.copy_(p)
         aligned = self.aligned and not (gptr % 16).any()

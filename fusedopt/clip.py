@@ -81,9 +81,10 @@ def _all_reduce(v, p, mesh, dims):
     return v
 
 
-def _local_norms(ts, p, device, dtype, backend):
+def _local_norms(ts, p, device, dtype, backend, exact=False):
     """Each tensor's p-norm (its local shard's for a DTensor), in ``dtype`` on ``device``,
-    from one engine call (torch's ``_foreach_norm``: each norm rounded to the dtype)."""
+    from one engine call (torch's ``_foreach_norm``: each norm rounded to the dtype;
+    ``exact``: summed in float64 on a GPU too, as on the CPU)."""
     ts = [t.contiguous() for t in ts]
     be = _opt.backend_for(backend, device)
     tab = _Tables(ts, be)
@@ -92,27 +93,28 @@ def _local_norms(ts, p, device, dtype, backend):
             _opt._name(dtype), p, tab.ptrs, tab.tid, tab.cs, tab.ce, tab.numel))
     else:
         G, tid, cs, ce = tab.on(device)
-        part = _opt._triton().norm_partials(_opt._name(dtype), p, G, tid, cs, ce)
+        part = _opt._triton().norm_partials(_opt._name(dtype), p, G, tid, cs, ce, exact)
     idx = torch.from_numpy(tab.tid).to(part.device)
     per = torch.zeros(len(ts), dtype=part.dtype, device=part.device)
     if p == math.inf:
         per.scatter_reduce_(0, idx, part, "amax")
     else:
         per = per.index_add_(0, idx, part) ** (1 / p)
-    return per.to(dtype)
+    # (exact: a float16/bfloat16 tensor's norm in float32, as Apex's FusedLAMB takes it)
+    return per.to(dtype if not exact or dtype == torch.float64 else torch.float32)
 
 
-def _norms(ts, p, device, dtype, backend):
+def _norms(ts, p, device, dtype, backend, exact=False):
     """The whole tensors' norms: the shards' norms reduced over each mesh they are on."""
     dt = _opt._dtensor()
     if not dt or not isinstance(ts[0], dt):
         if _engine_can(device, dtype, ts, p):
-            return _local_norms(ts, p, device, dtype, backend)
+            return _local_norms(ts, p, device, dtype, backend, exact)
         return torch.stack([torch.linalg.vector_norm(t, p) for t in ts])
     dims = [_mesh_dims(t) for t in ts]
     if not _engine_can(device, dtype, ts, p) or None in dims:
         return torch.stack([torch.linalg.vector_norm(t, p).full_tensor() for t in ts])
-    v = _local_norms([t._local_tensor for t in ts], p, device, dtype, backend)
+    v = _local_norms([t._local_tensor for t in ts], p, device, dtype, backend, exact)
     meshes = {}  # one collective per (mesh, sharded dims), in the order first seen
     for i, t in enumerate(ts):
         meshes.setdefault((t.device_mesh, dims[i]), []).append(i)
@@ -128,8 +130,9 @@ def _mixed_error():
                         "convert every torch.Tensor to a DTensor first, as torch requires")
 
 
-def total_norm(tensors, norm_type=2.0, backend="auto"):
-    """torch.nn.utils.get_total_norm's result for ``tensors``.  DTensor gradients (FSDP2):
+def total_norm(tensors, norm_type=2.0, backend="auto", exact=False):
+    """torch.nn.utils.get_total_norm's result for ``tensors`` (``exact``: each tensor's
+    norm from float64 sums on a GPU too, as on the CPU: LAMB's global norm).  DTensor gradients (FSDP2):
     each rank takes its shards' norms in the engine, one all-reduce per mesh makes them the
     whole tensors' norms, and the result is a replicated DTensor on the first tensor's mesh,
     the same value on every rank."""
@@ -145,7 +148,7 @@ def total_norm(tensors, norm_type=2.0, backend="auto"):
         raise RuntimeError("_foreach_norm cannot compute the infinity norm on an empty tensor "
                            "because the operation does not have an identity")  # as torch
     first = _opt._local(tensors[0]).device
-    norms = [_norms(ts, p, device, dtype, backend).to(first).reshape(-1)
+    norms = [_norms(ts, p, device, dtype, backend, exact).to(first).reshape(-1)
              for (device, dtype), ts in _groups(tensors)]
     total = torch.linalg.vector_norm(torch.cat(norms), p)
     if sharded:

@@ -23,6 +23,7 @@ from .state import State, check_loaded, keep_dtypes
 from .kernels import rules
 from .kernels.coefficients import pack
 from .kernels.flags import Update
+from .scalars import closure_loss  # noqa: F401  (the classes' step helper)
 
 
 _SKIP = object()  # _amp(): the scaler found an inf on the CPU, nothing to do
@@ -51,6 +52,7 @@ class FusedOptimizer:
     _step_supports_amp_scaling = True
     _has_step = True  # torch keeps state["step"] (all but SGD)
     _refuses = ()  # of the options (master_weights, state_dtype, ...): those it lacks
+    _own_clip = False  # max_grad_norm is the twin's own argument (Apex's FusedLAMB's)
 
     def _init_state(self, group, p, state):
         # torch's first entry; the slots are created by the plan (zeros of the state dtype)
@@ -91,6 +93,11 @@ class FusedOptimizer:
             raise NotImplementedError(
                 f"fusedopt.{type(self).__name__} does not implement differentiable=True; "
                 f"use torch.optim.{type(self).__name__} for differentiable optimizer steps")
+        if self.spec is not None and self.spec.trust and state_dtype == torch.uint8:
+            raise ValueError(f"fusedopt.{type(self).__name__} does not support state_dtype="
+                             "torch.uint8 (8-bit state): its reduce pass reads float state")
+        if self._own_clip and max_grad_norm is not None:  # the twin's own argument
+            kwargs["max_grad_norm"], max_grad_norm = max_grad_norm, None
         validate(type(self).__name__, self._refuses, backend=backend, l1=l1,
                  max_grad_norm=max_grad_norm, state_dtype=state_dtype,
                  master_weights=master_weights, stochastic_rounding=stochastic_rounding,
@@ -165,7 +172,7 @@ class FusedOptimizer:
         self._reset()
 
     def load_state_dict(self, state_dict):
-        shape = matrix.state_shape if self._is_factored() else lambda k, p: p.shape
+        shape = matrix.state_shape if self._is_factored() else self._state_shape
         check_loaded(state_dict, [p for g in self.param_groups for p in g["params"]],
                      self._scalars, shape)
         super().load_state_dict(state_dict)
@@ -337,6 +344,8 @@ class FusedOptimizer:
     def _inplace_updates(self, group):
         return 1
 
+    _state_shape = staticmethod(lambda name, p: p.shape)  # (load_state_dict's check)
+
     def _run(self, bucket, group, gptr, amp):
         if bucket.factors is not None:  # a factored state (Spec.factored): its own passes
             return self._matrix_step(bucket, group, gptr, amp)
@@ -360,14 +369,22 @@ class FusedOptimizer:
         sr = bool(group.get("stochastic_rounding")) and bucket.dtype == "bfloat16" \
             and not bucket.mask & (Update.MASTER | Update.KAHAN)
         keys = bucket.stream_keys(group.get("sr_seed", 0)) if sr else None
-        # the gradient the step used is written back under GradScaler (unscaled, as the
-        # scaler's own pass leaves it); clipping alone leaves the gradients as they were
-        # (a write pass saved)
+        # the gradient is written back under GradScaler (unscaled, as its own pass leaves
+        # it); clipping alone leaves the gradients as they were (a write pass saved)
         flags = self._all_flags(group, SCALE_GRAD=inv is not None, FOUND_INF=found is not None,
                                 WRITE_GRAD=amp_scaled, STOCH_ROUND=sr)
+        if self.spec is not None and self.spec.trust:
+            # per-tensor factors: the rule's sums from a reduce pass (nothing written)
+            reduce = tuple(sorted(dict(flags, REDUCE=True, WRITE_GRAD=False).items()))
+            sums = bucket.reduce(self._rule, reduce, gptr, pack(self._rule, coeffs), found)
+            coeffs = self._trust(group, bucket, sums, coeffs)
         bucket.run(self._rule, flags, gptr, pack(self._rule, coeffs), found, keys)
         if not self._advance_first:
             self._advance(group, bucket, step, found)
+
+    def _trust(self, group, bucket, sums, coeffs):
+        """Spec.trust: ``coeffs`` with the per-tensor ones made from ``sums`` (bucket.reduce's)."""
+        raise NotImplementedError
 
     def _sparse_step(self, group, params):
         raise RuntimeError(self._sparse_error)
@@ -381,11 +398,3 @@ class FusedOptimizer:
         flags.update(self._flags(group))
         # a tensor-valued hyperparameter (momentum=torch.tensor(0.9)) gives tensor flags
         return tuple(sorted((k, bool(v)) for k, v in flags.items()))
-
-
-def closure_loss(closure):
-    """step(closure)'s loss, as torch.optim computes it: the closure run with grad enabled."""
-    if closure is None:
-        return None
-    with torch.enable_grad():
-        return closure()

@@ -88,7 +88,9 @@ def signature_with(torch_cls):
     params = list(sig.parameters.values())[1:]
     # before a **kwargs (pytorch_optimizer's constructors end with one), which stays last
     rest = [p for p in params if p.kind == p.VAR_KEYWORD]
+    # (an extra the twin has an argument of its own for, LAMB's max_grad_norm, is the twin's)
+    own = {p.name for p in params}
     params = [p for p in params if p.kind != p.VAR_KEYWORD] + [
         inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v)
-        for k, v in EXTRAS.items()] + rest
+        for k, v in EXTRAS.items() if k not in own] + rest
     return sig.replace(parameters=params)

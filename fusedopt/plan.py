@@ -74,7 +74,9 @@ def _unfit(spec, group, p, g, st):
     mixed = sdt != p.dtype
     for name in spec.slots:
         t = st.get(name) if name else None
-        if name and t is None and len(st) and spec.has_step:
+        # (a state with entries but not this one: the twin decides, as torch's step does:
+        # its KeyError, or the state it makes)
+        if name and t is None and len(st):
             return f"state without {name!r}"
         # (a DTensor's state: the engines read its local shard, which must be the param's)
         if t is not None and (not torch.is_tensor(t) or t.shape != p.shape or t.device != p.device

@@ -27,7 +27,9 @@ class Spec:
     unsigned: state slots that are never negative (8-bit state keeps them on the
         unsigned map: twice the resolution).
     bench_hp, traffic: the benchmark's constructor kwargs, and the float32 tensors it
-        reads and writes per param (the memory roof streams as many bytes).
+        reads and writes per param (the memory roof streams as many bytes): (reads,
+        writes), or one such pair per pass of a step of several passes (Spec.trust's
+        reduce pass reads alone: ((4, 0), (4, 3))).
     shapes: parity's params per group, where the default shapes do not suit.
     weight_decay: whether the algorithm has a weight_decay argument.
     fp16_eps: parity raises eps to 1e-4 in float16 (eps below float16's range).
@@ -41,6 +43,11 @@ class Spec:
         (Adafactor): the plan steps such params through the matrix kernel.
     complex_params: the twin steps complex params (as a real view); False: the plan leaves
         them to the twin, which raises its own error for them, in its order of params.
+    trust: the update is scaled per tensor by factors made from per-tensor sums (LAMB's
+        and LARS's trust ratios, StableAdamW's RMS): before each update, a reduce pass of
+        the rule (flag REDUCE: the same loads and math, nothing stored) sums the products
+        of its outputs per tensor (bucket.reduce), and the class's ``_trust`` makes them
+        coefficients of one value per tensor.
     train_mode: the class steps only in train mode, as its source (schedule-free: a new
         optimizer raises at step until ``train()`` is called); harnesses call ``ready``.
     """
@@ -62,6 +69,7 @@ class Spec:
     factored: bool = False
     complex_params: bool = True
     train_mode: bool = False
+    trust: bool = False
 
 
 def register(cls):
@@ -108,8 +116,10 @@ def table():
     yes = {True: "yes", False: "no"}
     for name, cls in REGISTRY.items():
         refuses = set(getattr(cls, "_refuses", ()))
+        # (a trust algorithm's reduce pass reads float state: it refuses 8-bit state alone)
+        eight = "state_dtype" not in refuses and not cls.spec.trust
         rows.append(f"| `{name}` | `{cls.spec.source}` | {yes[cls.spec.torch_fused]} "
-                    f"| {yes['state_dtype' not in refuses]} "
+                    f"| {yes[eight]} "
                     f"| {yes['master_weights' not in refuses]} / "
                     f"{yes['stochastic_rounding' not in refuses]} / "
                     f"{yes['kahan_sum' not in refuses]} |")

@@ -140,6 +140,20 @@ def coef_row(C, r):
 assert coefficients.NCOEF == 16, "coef_row reads NCOEF slots"
 
 
+@numba.njit(fastmath={"reassoc"}, **JIT)
+def lanes(v):
+    # the sum of v, reassociated so that LLVM splits it over vector lanes (one float64 sum
+    # is a chain of dependent adds, latency-bound: the matrix kernel's Kahan sums per
+    # element made Adafactor's CPU step 2x slower than torch's); compiled apart, so that
+    # the flag reaches no rule (the reduce kernels of numba_engine and numba_matrix).
+    # Squares of float32 values are exact in float64, and n of them sum with a relative
+    # error of at most ~n * 2**-53
+    acc = np.float64(0)
+    for j in range(v.shape[0]):
+        acc += v[j]
+    return acc
+
+
 def bind_rule(rule, flags):
     """``rule`` compiled with ``ops`` = numba_ops and each flag a constant, called through
     its adapter (coefficients.adapter): call(p, g, a, b, c, row) -> (p, a, b, c)."""

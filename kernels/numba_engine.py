@@ -16,6 +16,7 @@ from . import numba_base as base, numba_quant
 from .coefficients import GRAD_SCALE
 from .flags import CODED, UPDATE_A, UPDATE_B, UPDATE_C, UPDATE_KAHAN, UPDATE_MASTER, Codes
 from .numba_base import IO, coef_row, f32_to_bf16_stochastic, voidptr
+from .numba_base import lanes as _lanes
 
 CHUNK = 1 << 16
 
@@ -106,6 +107,70 @@ def run(rule, flags, dtypes, mask, P, G, S, C, R, TID, CS, CE, N, Q=None):
         fn(P, G, S[0], S[1], S[2], S[3], S[4], S[5], S[6], Q, C, R, TID, CS, CE, N)
     else:
         fn(P, G, S[0], S[1], S[2], S[3], C, R, TID, CS, CE, N)
+
+
+TILE = 256  # elements of a reduce pass's products summed at once (see _reduce_template)
+
+
+def _reduce_template(KEY, MASK, DT, SDT):
+    # flag REDUCE: the rule run as by _template (same loads, same math), nothing stored;
+    # per chunk, OUT[ci] = the float64 sums of the products of its outputs (p, a, b, c) two
+    # by two: p * a and b * c (a rule returns (p, p, u, u) for |p|**2 and |u|**2, or (r, 1,
+    # ..) for the sum of r).  Products of float32 values are exact in float64.  A tile's
+    # products go to scratch and are summed by _lanes (compiled apart with reassociation,
+    # so that it reaches no op of the rule)
+    def kernel(P, G, S0, S1, S2, S3, C, R, TID, CS, CE, N, OUT):
+        if KEY == 0:
+            return
+        for ci in prange(TID.shape[0]):
+            t = TID[ci]
+            s = CS[ci]
+            e = CE[ci]
+            n = N[t]
+            hs = coef_row(C, t if C.shape[0] > 1 else 0)
+            xs = np.empty(TILE, np.float64)
+            ys = np.empty(TILE, np.float64)
+            s0 = s1 = np.float64(0)
+            for j0 in range(s, e, TILE):
+                m = min(TILE, e - j0)
+                # slices: LLVM then vectorizes the loop (as _template's)
+                p = numba.carray(voidptr(P[t]), n, DT)[j0:j0 + m]
+                g = numba.carray(voidptr(G[t]), n, DT)[j0:j0 + m]
+                a = numba.carray(voidptr(S0[t]), n, SDT)[j0:j0 + m]
+                b = numba.carray(voidptr(S1[t]), n, SDT)[j0:j0 + m]
+                c = numba.carray(voidptr(S2[t]), n, SDT)[j0:j0 + m]
+                w = numba.carray(voidptr(S3[t]), n, SDT)[j0:j0 + m]
+                for j in range(m):
+                    gv = load(g[j])
+                    if SCALE_GRAD:
+                        gv = load(store(gv * hs[GRAD_SCALE]))
+                    pv = sload(w[j]) if MASK & UPDATE_MASTER else load(p[j])
+                    av = sload(a[j]) if MASK & UPDATE_A else pv
+                    bv = sload(b[j]) if MASK & UPDATE_B else pv
+                    cv = sload(c[j]) if MASK & UPDATE_C else pv
+                    pv, av, bv, cv = rule(pv, gv, av, bv, cv, hs)
+                    xs[j] = np.float64(pv) * np.float64(av)
+                    ys[j] = np.float64(bv) * np.float64(cv)
+                s0 += _lanes(xs[:m])
+                s1 += _lanes(ys[:m])
+            OUT[ci, 0] = s0
+            OUT[ci, 1] = s1
+    return kernel
+
+
+def reduce(rule, flags, dtypes, mask, P, G, S, C, TID, CS, CE, N):
+    """Per chunk, the two sums of the rule's outputs' products (_reduce_template) of one
+    group (the arguments as run's; no 8-bit slots): a (chunks, 2) float64 array."""
+    k = ("reduce", rule, flags, dtypes, mask)
+    fn = base.kernels.get(k)
+    if fn is None:
+        key = base.cache_key(__name__, *k)
+        proto = _reduce_template(key, mask, IO[dtypes[0]][0], IO[dtypes[1]][0])
+        gl = base.variant_globals(globals(), base.bindings(rule, flags, dtypes, _FLAGS))
+        fn = base.kernels[k] = base.compile_kernel(proto, gl, f"reduce_{rule}_{key:x}")
+    out = np.empty((len(TID), 2), dtype=np.float64)
+    fn(P, G, S[0], S[1], S[2], S[3], C, P, TID, CS, CE, N, out)
+    return out
 
 
 def _norm_template(KEY, ORD, DT):

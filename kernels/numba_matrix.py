@@ -11,6 +11,7 @@ from . import numba_base as base, numba_ops
 from .coefficients import GRAD_SCALE, LERP_COUNT, LERP_W, LERP_W_REST
 from .flags import MATRIX_A, MATRIX_B, MATRIX_C, MATRIX_TOTAL_ONLY
 from .numba_base import IO, JIT, coef_row, voidptr
+from .numba_base import lanes as _lanes
 
 # what each variant binds (run_matrix): the rule, the loads and stores of the params' and
 # the state's dtypes, the math dtype, the flags, the one-column path (_vector_template)
@@ -40,19 +41,6 @@ def _kahan_add(s, c, v):
     y = v - c
     t = s + y
     return t, (t - s) - y
-
-
-@numba.njit(fastmath={"reassoc"}, **JIT)
-def _lanes(v):
-    # the sum of v, reassociated so that LLVM splits it over vector lanes (one float64 sum
-    # is a chain of dependent adds: the kernel's Kahan sums per element, latency-bound,
-    # made Adafactor's CPU step 2x slower than torch's); compiled apart, so that the flag
-    # reaches no rule.  Squares of float32 values are exact in float64, and n of them sum
-    # with a relative error of at most ~n * 2**-53
-    acc = np.float64(0)
-    for j in range(v.shape[0]):
-        acc += v[j]
-    return acc
 
 
 @numba.njit(cache=True, **JIT)

@@ -72,9 +72,36 @@ def _r2w0(a, b):
     return s
 
 
+@numba.njit(parallel=True, cache=True, fastmath={"reassoc"}, error_model="numpy")
+def _r3w0(a, b, d):
+    # (a trust ratio's reduce pass: p, g and a moment read, nothing written)
+    s = numba.float32(0)
+    for c in prange((a.size + CHUNK - 1) // CHUNK):
+        s0, e = c * CHUNK, min(a.size, (c + 1) * CHUNK)
+        x, y, z = a[s0:e], b[s0:e], d[s0:e]
+        t = numba.float32(0)
+        for i in range(x.size):
+            t += x[i] + y[i] + z[i]
+        s += t
+    return s
+
+
+@numba.njit(parallel=True, cache=True, fastmath={"reassoc"}, error_model="numpy")
+def _r4w0(a, b, d, f):
+    s = numba.float32(0)
+    for c in prange((a.size + CHUNK - 1) // CHUNK):
+        s0, e = c * CHUNK, min(a.size, (c + 1) * CHUNK)
+        x, y, z, w = a[s0:e], b[s0:e], d[s0:e], f[s0:e]
+        t = numba.float32(0)
+        for i in range(x.size):
+            t += x[i] + y[i] + z[i] + w[i]
+        s += t
+    return s
+
+
 def stream(reads, writes):
     return {(2, 1): _r2w1, (3, 2): _r3w2, (4, 3): _r4w3, (5, 1): _r5w1, (1, 0): _r1w0,
-            (2, 0): _r2w0}[(reads, writes)]
+            (2, 0): _r2w0, (3, 0): _r3w0, (4, 0): _r4w0}[(reads, writes)]
 
 
 def gpu_stream(reads, writes):

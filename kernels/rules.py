@@ -32,6 +32,8 @@ The order of operations follows torch 2.13's for-loop implementations
 # bfloat16 params stochastically instead of to nearest.
 # REDUCE belongs to the engines' matrix kernel (``run_matrix``): instead of storing, it sums
 # the squares of the rule's first output per tensor and of its second per row and column;
+# in the update kernels (``reduce``: Spec.trust), the products of the outputs p * a and
+# b * c per tensor;
 # SECOND tells a rule with two reduction passes which one runs.  ROW_LERP (with REDUCE)
 # makes each row's sum a factor in slot a instead of an output: torch's
 # lerp_(norm(g, dim=-1)**2 / count, w) with the engines' coefficients lerp_count, lerp_w
@@ -302,6 +304,62 @@ def schedulefree_swap(p, g, z, *, w, one):
     return sf_interpolate(p, z, w, one), z
 
 
+def lamb(p, g, m, v, u, *, clip, wd, l1, beta1, beta3, beta2, beta2_rest, bc1, bc2, eps,
+         step):
+    # Apex FusedLAMB (fusedopt/lamb.py): g / clip (the global norm's factor), + wd * p in
+    # L2 mode, m * beta1 + beta3 * g, v * beta2 + (1 - beta2) * g * g (multiply-adds),
+    # u = (m / bc1) / (sqrt(v / bc2) + eps), + wd * p in AdamW mode (DECOUPLED); REDUCE:
+    # |p|**2 and |u|**2 (the trust ratio's norms); else p - step * u, step = lr times the
+    # ratio of this tensor (a coefficient per tensor).  Slot u is never stored
+    g = regularize(p, ops.div(g, clip), wd, l1)
+    m = ops.fma(beta3, g, m * beta1)
+    v = ops.fma(beta2_rest * g, g, v * beta2)
+    u = ops.div(ops.div(m, bc1), ops.sqrt(ops.div(v, bc2)) + eps)
+    if DECOUPLED:
+        if WEIGHT_DECAY:
+            u = ops.fma(wd, p, u)
+    if REDUCE:
+        return p, p, u, u
+    return ops.fma(-step, u, p), m, v, u
+
+
+def lars(p, g, buf, x, y, *, wd, l1, ratio, adapt, momentum, take, lr):
+    # pytorch_optimizer's LARS (fusedopt/lars.py): REDUCE: |p|**2 and |g|**2 (after
+    # maximize); else, for a param of 2 or more dims (adapt = 1), (g + wd * p) * ratio
+    # (add with alpha: fused), then momentum buf * momentum + (1 - dampening) * g, Nesterov
+    # g + momentum * buf, and p - lr * g (each add with alpha).  DECOUPLED: regularize
+    # leaves wd to this rule.  Slots x and y are never stored
+    g = regularize(p, g, wd, l1)
+    if REDUCE:
+        return p, p, g, g
+    g = ops.where(adapt != adapt - adapt, ops.fma(wd, p, g) * ratio, g)
+    if MOMENTUM:
+        buf = ops.fma(take, g, buf * momentum)
+        if NESTEROV:
+            g = ops.fma(momentum, buf, g)
+        else:
+            g = buf
+    return ops.fma(-lr, g, p), buf, x, y
+
+
+def stableadamw(p, g, m, v, x, *, w, beta2_hat, beta2_comp, eps_sq, eps, decay, lr, one, l1):
+    # optimi's StableAdamW (fusedopt/stableadamw.py), its per-tensor order: m.lerp_(g, w)
+    # (w = 1 - beta1_hat this step: the formula picked by the value, as torch's lerp),
+    # v * beta2_hat + beta2_comp * g * g (addcmul); REDUCE: g**2 / max(v, eps**2), summed
+    # (times one); else p * decay (1 - lr * wd, lr this tensor's RMS-clipped rate), then
+    # p + (-lr * m) / (sqrt(v) + eps) (addcdiv).  Slot x is never stored
+    g = regularize(p, g, decay, l1)
+    small = w < ops.div(one, one + one)
+    m = ops.fma(ops.where(small, w, w - one), g - m, ops.where(small, m, g))
+    v = ops.fma(beta2_comp * g, g, v * beta2_hat)
+    if REDUCE:
+        r = ops.div(g * g, ops.maximum(v, eps_sq))
+        return r, one, r, one
+    if WEIGHT_DECAY:
+        p = p * decay
+    return p + ops.div(-lr * m, ops.sqrt(v) + eps), m, v, x
+
+
 def scale(p, g, *, factor):
     # not an optimizer: clip_grad_norm_'s multiply, run with the gradients as `p`
     return p * factor
@@ -309,5 +367,6 @@ def scale(p, g, *, factor):
 
 RULES = {f.__name__: f for f in (adam, adamax, rmsprop, adagrad, sgd, adadelta, rprop, radam,
                                   nadam, asgd, lion, adafactor, ademamix, schedulefree_adamw,
-                                  schedulefree_sgd, schedulefree_swap, scale)}
+                                  schedulefree_sgd, schedulefree_swap, lamb, lars, stableadamw,
+                                  scale)}
 HELPERS = (lerp, regularize, adam_moments, sf_interpolate)

@@ -27,7 +27,7 @@ def compile_norm_ptx(dtype="float32", order=2.0, arch=90):
     sig = {n: "*i64" for n in names}
     sig.update(PW="fp32", OUT="*fp64" if dtype == "float64" else "*fp32")
     ord_ = {1.0: 1, 2.0: 2, float("inf"): 0}.get(float(order), 3)
-    const = {"KIND": KINDS[dtype], "ORD": ord_, "BLOCK": 1024}
+    const = {"KIND": KINDS[dtype], "ORD": ord_, "BLOCK": 1024, "EXACT": False}
     return aot(kernel, sig, const, names + ["OUT"], arch)
 
 

@@ -129,8 +129,56 @@ def _kernel(P, G, S0, S1, S2, S3, A0, A1, A2, Q, C, R, TID, CS, CE, FI, H0, H1, 
 
 
 @triton.jit
+def _reduce_kernel(P, G, S0, S1, S2, S3, C, TID, CS, CE, FI, OUT, MASK: tl.constexpr,
+                   KIND: tl.constexpr, SKIND: tl.constexpr, BLOCK: tl.constexpr):
+    # flag REDUCE (numba_engine._reduce_template): the rule as _block runs it, nothing
+    # stored; per chunk the sums of its outputs' products p * a and b * c in float64, as
+    # the CPU engine's (products of float32 values exact: a trust ratio's norms then agree
+    # with the CPU's to the last bit but for the order of the sums)
+    pid = tl.program_id(0)
+    t = tl.load(TID + pid)
+    start = tl.load(CS + pid)
+    end = tl.load(CE + pid)
+    if FOUND_INF:
+        end = tl.where(tl.load(FI) != 0, start, end)
+    pp = tensor_ptr(P, t, KIND, False)
+    gp = tensor_ptr(G, t, KIND, False)
+    ap = tensor_ptr(S0, t, SKIND, False)
+    bp = tensor_ptr(S1, t, SKIND, False)
+    cp = tensor_ptr(S2, t, SKIND, False)
+    wp = tensor_ptr(S3, t, SKIND, False)
+    hs = loaded_row(C, t)
+    s0 = tl.zeros([BLOCK], dtype=tl.float64)
+    s1 = s0
+    for i in range(start, end, BLOCK):
+        offs = i + tl.arange(0, BLOCK)
+        g = load(gp, offs, end, KIND, True)
+        if SCALE_GRAD:
+            g = widen(narrow(g * hs[GRAD_SCALE], KIND), KIND)
+        if MASK & UPDATE_MASTER:
+            p = load(wp, offs, end, SKIND, True)
+        else:
+            p = load(pp, offs, end, KIND, True)
+        a = p
+        b = p
+        c = p
+        if MASK & UPDATE_A:
+            a = load(ap, offs, end, SKIND, True)
+        if MASK & UPDATE_B:
+            b = load(bp, offs, end, SKIND, True)
+        if MASK & UPDATE_C:
+            c = load(cp, offs, end, SKIND, True)
+        p, a, b, c = rule(p, g, a, b, c, hs)
+        inside = offs < end
+        s0 += tl.where(inside, p.to(tl.float64) * a.to(tl.float64), 0)
+        s1 += tl.where(inside, b.to(tl.float64) * c.to(tl.float64), 0)
+    tl.store(OUT + 2 * pid, tl.sum(s0, 0))
+    tl.store(OUT + 2 * pid + 1, tl.sum(s1, 0))
+
+
+@triton.jit
 def _norm_kernel(G, TID, CS, CE, PW, OUT, KIND: tl.constexpr, ORD: tl.constexpr,
-                 BLOCK: tl.constexpr):
+                 BLOCK: tl.constexpr, EXACT: tl.constexpr):
     # one program per chunk: the sum of |g|**p (ORD 1, 2, or 3 for any p) or the max of
     # |g| (ORD 0, inf), accumulated in the math dtype (float32 unless float64) as torch's
     # CUDA norms are
@@ -139,13 +187,15 @@ def _norm_kernel(G, TID, CS, CE, PW, OUT, KIND: tl.constexpr, ORD: tl.constexpr,
     start = tl.load(CS + pid)
     end = tl.load(CE + pid)
     gp = tensor_ptr(G, t, KIND, False)
-    if KIND == 1:
+    if KIND == 1 or EXACT:  # (EXACT: float64 sums of 2-norms' squares, as the CPU's)
         acc = tl.zeros([BLOCK], dtype=tl.float64)
     else:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(start, end, BLOCK):
         offs = i + tl.arange(0, BLOCK)
         x = tl.abs(load(gp, offs, end, KIND, True))
+        if EXACT:
+            x = x.to(tl.float64)
         if ORD == 2:
             acc += x * x
         elif ORD == 1:
@@ -205,18 +255,36 @@ def run(rule, flags, dtypes, mask, P, G, S, C, R, TID, CS, CE, aligned, found_in
                                num_warps=NUM_WARPS, enable_fp_fusion=False)
 
 
-def norm_partials(dtype, order, G, TID, CS, CE):
+def reduce(rule, flags, dtypes, mask, P, G, S, C, TID, CS, CE, found_inf=None):
+    """Per chunk, as numba_engine.reduce (C: the [n, NCOEF] table); one launch.  Returns a
+    (chunks, 2) float64 tensor."""
+    out = torch.zeros((TID.numel(), 2), dtype=torch.float64, device=TID.device)
+    if TID.numel() == 0:
+        return out
+    k = ("reduce", rule, flags, INTERPRET)
+    if k not in kernels:
+        kgl = base.bind_rule(rule, flags, INTERPRET)
+        kernels[k] = rebind(_reduce_kernel, kgl, INTERPRET, launch=True)
+    with launching():
+        kernels[k][(TID.numel(),)](P, G, S[0], S[1], S[2], S[3], C, TID, CS, CE,
+                                   TID if found_inf is None else found_inf, out, MASK=mask,
+                                   KIND=KINDS[dtypes[0]], SKIND=KINDS[dtypes[1]],
+                                   BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
+    return out
+
+
+def norm_partials(dtype, order, G, TID, CS, CE, exact=False):
     """Per chunk, as numba_engine.norm_partials; one launch.  Tables are int64 tensors on
-    the device; returns a tensor of the math dtype."""
+    the device; returns a tensor of the math dtype (``exact``: float64 sums)."""
     ord_ = {1.0: 1, 2.0: 2, float("inf"): 0}.get(float(order), 3)
-    f64 = dtype == "float64"
+    f64 = dtype == "float64" or bool(exact)
     out = torch.empty(TID.numel(), dtype=torch.float64 if f64 else torch.float32,
                       device=TID.device)
     if TID.numel():
         with launching():
             norm_jit(INTERPRET)[(TID.numel(),)](G, TID, CS, CE, float(order), out,
                                                 KIND=KINDS[dtype], ORD=ord_, BLOCK=BLOCK,
-                                                num_warps=NUM_WARPS)
+                                                EXACT=bool(exact), num_warps=NUM_WARPS)
     return out
 
 

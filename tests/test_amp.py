@@ -76,6 +76,11 @@ def test_unscale_in_kernel(name, dtype, backend):
             # torch rounds its variance estimate and update to bfloat16 at every op (the
             # kernel: once per step), and the update is normalized: a few ulp apart
             tol = dict(rtol=4e-2, atol=6e-2)
+        if name == "StableAdamW" and dtype == torch.bfloat16:
+            # optimi's step in bfloat16 rounds v, g**2 / max(v, eps**2) and its mean to
+            # bfloat16 at every op (the kernel: float32 math, one rounding of p): the
+            # RMS-clipped rate moves by a few % now and then, 4 ulp of a param near 2
+            tol = dict(rtol=4e-2, atol=8e-2)
         torch.testing.assert_close(a, c, **tol)
         assert int(fused.state[a].get("step", 4)) == 4  # 6 steps, 2 skipped
 

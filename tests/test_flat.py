@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fusedopt
-from fusedopt import arith, bucket
+from fusedopt import arith, bucket, spec
 from fusedopt.spec import ready  # (schedule-free steps in train mode only)
 from harness import HP, NAMES
 from test_host_ops import _Count  # records every torch op dispatched
@@ -71,7 +71,9 @@ def test_flat_steps_as_torch_whatever_zeroes_the_grads(name, backend, ranges):
         _same(ms)
     # steps after zero_grad(set_to_none=False) run over one range, and so do steps whose
     # plan was rebuilt (the live params changed: re-homed); fresh grads over tables
-    if name != "Adafactor":  # its matrix kernel runs over each param's rows and columns
+    # (Adafactor's matrix kernel runs over each param's rows and columns, a trust ratio's
+    # update takes a coefficient per tensor: tables)
+    if not (spec.spec(name).factored or spec.spec(name).trust):
         assert ranges["flat"] >= 5 and ranges["tables"] >= 1, ranges
     assert len({p.untyped_storage().data_ptr() for p in ms[0].parameters()}) == 1
 
@@ -129,8 +131,8 @@ def test_flat_state_dict_round_trips_with_torch_both_ways(name):
         theirs.step()
     _same(ms)
     for st in ours.state_dict()["state"].values():
-        for k, v in st.items():
-            assert type(v) is torch.Tensor
+        for k, v in st.items():  # (optimi's kahan_comp is None, as optimi's own)
+            assert type(v) is torch.Tensor or (v is None and k == "kahan_comp")
 
 
 OPTIONS = [dict(max_grad_norm=0.05), dict(master_weights=True), dict(state_dtype=torch.float32),

@@ -124,6 +124,12 @@ RULES = {
         "52 PTX compiles; each arch and amp on one rule", cover=("arch", "amp")),
     "test_aot.py::test_8bit_state_compiles": rule(ONE, cover=("arch",)),
     "test_aot.py::test_mixed_precision_compiles": rule(ONE, cover=("sr",)),
+    # -- the trust-ratio algorithms against their packages: 28 cases of ~5-60 s (the
+    # interpreted Triton engine over 65537 elements, 20 steps); the first case on both
+    # engines stays quick, and test_parity's quick tier runs each one's first case on both
+    "test_trust.py::test_steps_as_the_package": rule(
+        "28 cases of 5-60 s; one case on both engines stands for them (test_parity covers "
+        "LAMB, LARS and StableAdamW on both engines in the quick tier too)"),
 }
 
 

@@ -15,7 +15,8 @@ def twins(name, shapes=((5, 3), (7,), (65537,), (1,)), backend="numba", ours=Non
     init = [torch.randn(s, generator=gen) for s in shapes]
     ps = [[torch.nn.Parameter(t.clone()) for t in init] for _ in range(2)]
     hp = {**HP[name], **kw}
-    return ps, (ready(getattr(fusedopt, name)(ps[0], backend=backend, **hp, **(ours or {}))),
+    # (``ours`` overrides ``hp``: LAMB's max_grad_norm is an argument of its twin's)
+    return ps, (ready(getattr(fusedopt, name)(ps[0], backend=backend, **{**hp, **(ours or {})})),
                 ready(getattr(fusedopt, name).twin()(ps[1], foreach=False, **hp)))
 
 
