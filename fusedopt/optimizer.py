@@ -35,7 +35,8 @@ class FusedOptimizer:
     ``_slots``, ``_flags``, ``_coefficients`` (a new dict of the rule's coefficients by
     name: kernels/coefficients.py); ``_init_state`` only where a state entry
     starts as something other than zeros (the plan creates the slots, in the state dtype);
-    a factored algorithm (Spec.factored) ``_matrix_step``.
+    a factored algorithm (Spec.factored) ``_matrix_step``, a stacked one (Spec.stacked)
+    ``_stacked_step``.
     """
 
     _rule = None
@@ -50,7 +51,7 @@ class FusedOptimizer:
     # gradients in a pass of its own: the kernel unscales them (see _amp)
     _step_supports_amp_scaling = True
     _has_step = True  # torch keeps state["step"] (all but SGD)
-    _refuses = ()  # of master_weights, state_dtype, stochastic_rounding: those it lacks
+    _refuses = ()  # of l1, master_weights, state_dtype, stochastic_rounding: those it lacks
 
     def _init_state(self, group, p, state):
         # torch's first entry; the slots are created by the plan (zeros of the state dtype)
@@ -75,6 +76,7 @@ class FusedOptimizer:
             needs_state=self._has_step or any(slots) or bool(group.get("master_weights")),
             factored=self._is_factored(), backend=self._backend,
             real_only=self.spec is not None and not self.spec.complex_params,
+            stacked=self.spec is not None and self.spec.stacked,
             index=next(i for i, g in enumerate(self.param_groups) if g is group))
 
     @classmethod
@@ -333,6 +335,8 @@ class FusedOptimizer:
     def _run(self, bucket, group, gptr, amp):
         if bucket.factors is not None:  # a factored state (Spec.factored): its own passes
             return self._matrix_step(bucket, group, gptr, amp)
+        if bucket.stacks is not None:  # a stacked update (Spec.stacked): its own passes
+            return self._stacked_step(bucket, group, gptr, amp)
         # the gradient's factor (1 / scale, clipping), the inf flag, whether a scaler is in it
         inv, found, amp_scaled = amp
         if found is not None:

@@ -143,6 +143,8 @@ def groups_for(name, case, dtype, shapes=None):
     for k, (hp, cross) in enumerate(zip(sp.group_hp, CROSS)):
         if not sp.weight_decay:
             cross = {k: v for k, v in cross.items() if k != "weight_decay"}
+        if not sp.maximize:
+            cross = {k: v for k, v in cross.items() if k != "maximize"}
         hp = {**hp, **cross, **case}
         if dtype == torch.float16 and sp.fp16_eps:
             hp["eps"] = max(hp.get("eps", 0), 1e-4)

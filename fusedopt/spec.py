@@ -43,6 +43,12 @@ class Spec:
         them to the twin, which raises its own error for them, in its order of params.
     train_mode: the class steps only in train mode, as its source (schedule-free: a new
         optimizer raises at step until ``train()`` is called); harnesses call ``ready``.
+    stacked: the update of each (2-D) param is a matrix function computed on same-shape
+        stacks between two engine passes (Muon: fusedopt/stacked.py); the plan gives each
+        bucket its stacks and leaves params of other than 2 dims to the twin (its errors).
+        The class then steps its buckets with ``_stacked_step``.  Such an algorithm takes
+        2-D params alone: the shared tests of any-shaped params leave it to its own tests.
+    maximize: whether the algorithm has a maximize argument (parity crosses it).
     """
     reference: Callable
     source: str
@@ -62,6 +68,8 @@ class Spec:
     factored: bool = False
     complex_params: bool = True
     train_mode: bool = False
+    stacked: bool = False
+    maximize: bool = True
 
 
 def register(cls):

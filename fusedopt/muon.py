@@ -1,0 +1,129 @@
+"""Muon (Jordan et al., 2024, "Muon: An optimizer for hidden layers in neural networks"):
+torch.optim.Muon with a fused multi-tensor step, and MuonWithAuxAdam, the way it is used
+(Muon for the hidden 2-D weights, AdamW for the rest, in one optimizer object).
+
+A step per bucket (Spec.stacked, fusedopt/stacked.py): one engine pass over every param
+(momentum, then the Nesterov blend: rules.muon_momentum) writes each update into a stack
+of its shape; torch's Newton-Schulz iteration runs on each stack as a batch (bfloat16
+matmuls, as torch's, one per stack and iteration instead of one per param); one engine
+pass applies the decoupled weight decay and the update (rules.muon_update).
+"""
+import math
+
+import torch
+
+from .optimizer import FusedOptimizer
+from .options import signature_with
+from .spec import Spec
+from .stacked import run_pass
+
+
+def newton_schulz(stack, coefficients, steps, eps):
+    """torch's ``_zeropower_via_newtonschulz`` on a (batch, rows, cols) stack: the same
+    bfloat16 ops in the same order, batched (``bmm``/``baddbmm`` where torch calls ``mm``/
+    ``addmm`` per matrix; transposed where rows > cols, as torch), its errors.  On CPU the
+    batched matmuls and norms give torch's per-matrix results bit for bit
+    (tests/test_muon.py checks)."""
+    if steps >= 100:
+        raise ValueError("Number of steps must be less than 100 for computational efficiency")
+    if len(coefficients) != 3:
+        raise ValueError("Coefficients must be a tuple of exactly 3 values")
+    a, b, c = coefficients
+    x = stack.bfloat16()
+    tall = stack.size(-2) > stack.size(-1)
+    if tall:
+        x = x.mT
+    x.div_(x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps))
+    for _ in range(steps):
+        gram = torch.bmm(x, x.mT)
+        gram = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, gram, x, beta=a)
+    return x.mT if tall else x
+
+
+def adjusted_lr(lr, adjust_lr_fn, shape):
+    """torch's ``_adjust_lr``: lr scaled for the update's RMS by the matrix's shape."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return lr * math.sqrt(max(1, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * (0.2 * math.sqrt(max(rows, cols)))
+    return lr * 1.0
+
+
+def reference(p, g, st, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
+              ns_coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7, ns_steps=5,
+              adjust_lr_fn=None, **hp):
+    """Muon in float64, from the paper: B = mu B + (1 - mu) g (torch's lerp form of
+    momentum), the Nesterov blend, ns_steps quintic Newton-Schulz steps (no bfloat16),
+    decoupled weight decay and the shape-adjusted lr."""
+    buf = st["momentum_buffer"] = momentum * st.get("momentum_buffer", 0 * g) + (1 - momentum) * g
+    u = (1 - momentum) * g + momentum * buf if nesterov else buf
+    x = u.T if u.shape[0] > u.shape[1] else u
+    x = x / max(float(x.norm()), eps)
+    a, b, c = ns_coefficients
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    p.mul_(1 - lr * weight_decay).sub_(adjusted_lr(lr, adjust_lr_fn, p.shape)
+                                       * (x.T if u.shape[0] > u.shape[1] else x))
+
+
+class Muon(FusedOptimizer, torch.optim.Muon):
+    """Drop-in for ``torch.optim.Muon`` (2-D params only; ``nesterov``, ``ns_coefficients``,
+    ``eps``, ``ns_steps``, ``adjust_lr_fn`` as torch): the same constructor, defaults,
+    errors and ``state_dict`` (``momentum_buffer``).  A step: one fused engine pass for the
+    momentum and Nesterov blend over all params, torch's bfloat16 Newton-Schulz iteration
+    batched over same-shape params (bit for bit torch's on CPU), one fused pass for weight
+    decay and the update.  Extra keyword-only arguments: ``backend``, ``max_grad_norm``,
+    ``flat``; ``l1``, ``state_dtype``, ``master_weights`` and ``stochastic_rounding`` are
+    refused (``ValueError`` naming them)."""
+    _rule = "muon_momentum"
+    _sparse_error = "Muon does not support sparse gradients"
+    _has_step = False  # torch keeps the momentum buffer alone
+    _refuses = ("l1", "master_weights", "stochastic_rounding", "state_dtype")
+
+    def _slots(self, group):
+        return ("momentum_buffer", None, None)
+
+    def _flags(self, group):
+        return {"NESTEROV": bool(group["nesterov"])}
+
+    def _inplace_updates(self, group):
+        return 2  # torch: param.mul_ (always), param.add_
+
+    def _pass_flags(self, group, **engine):
+        # the group's flags but weight decay's (a coefficient here), and the pass's own
+        fl = dict(self._all_flags(group), WEIGHT_DECAY=False, **engine)
+        return tuple(sorted(fl.items()))
+
+    def _stacked_step(self, bucket, group, gptr, amp):
+        inv, _, scaled = amp  # (GradScaler's 1 / scale and clipping: in the first pass)
+        st, mom, lr = bucket.stacks, group["momentum"], float(group["lr"])
+        co = dict(w=1 - mom, m=mom, one=1.0)
+        if inv is not None:
+            co["grad_scale"] = float(inv) if inv.device.type == "cpu" else inv.to(bucket.device)
+        aligned = bucket.aligned and st.aligned and not (gptr % 16).any()
+        run_pass(bucket, "muon_momentum", self._pass_flags(group, SCALE_GRAD=inv is not None,
+                 WRITE_GRAD=scaled), st.U, gptr, bucket.mask, co, aligned)
+        for _, _, buf in st.groups:
+            buf.copy_(newton_schulz(buf, group["ns_coefficients"], group["ns_steps"],
+                                    group["eps"]))
+        step = st.per_param([-adjusted_lr(lr, group["adjust_lr_fn"], s) for s, _, _ in st.groups])
+        run_pass(bucket, "muon_update", self._pass_flags(group, NESTEROV=False), bucket.P, st.U,
+                 0, dict(decay=1 - lr * group["weight_decay"], step=step), aligned)
+
+    spec = Spec(reference=reference, source="torch.optim.Muon", stacked=True, maximize=False,
+                complex_params=False,
+                cases=({}, dict(nesterov=False), dict(adjust_lr_fn="match_rms_adamw"),
+                       dict(momentum=0.3, ns_steps=3)),
+                group_hp=(dict(lr=2e-2), dict(lr=1e-2, momentum=0.9), dict(lr=5e-3),
+                          dict(lr=2e-2, adjust_lr_fn="original")),
+                shapes=([(1, 1), (7, 3), (3, 7), (7, 3)], [(64, 32), (33, 17)],
+                        [(5, 5), (300, 2), (1, 300)], [(4, 3)] * 8),
+                test_hp=dict(lr=2e-2, weight_decay=0.05), program_hp=dict(lr=2e-2),
+                bench_hp=dict(lr=2e-2), traffic=(3, 2),
+                aot=(dict(NESTEROV=True), 1))
+
+
+Muon.__signature__ = signature_with(torch.optim.Muon)
