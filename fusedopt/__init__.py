@@ -7,7 +7,7 @@ from .ademamix import AdEMAMix
 from .asgd import ASGD
 from .clip import clip_grad_norm_
 from .lion import Lion
-from .muon import Muon
+from .muon import Muon, MuonWithAuxAdam, muon_param_groups
 from .nadam import NAdam
 from .radam import RAdam
 from .rmsprop import RMSprop
@@ -24,5 +24,6 @@ except ImportError:  # numba missing: the Triton engine still works
 
 __all__ = ["Adam", "AdamW", "Adamax", "RMSprop", "Adagrad", "SGD", "Adadelta", "Rprop", "RAdam",
            "NAdam", "ASGD", "Adafactor", "Lion", "AdEMAMix", "AdamWScheduleFree",
-           "SGDScheduleFree", "Muon", "clip_grad_norm_"]
+           "SGDScheduleFree", "Muon", "MuonWithAuxAdam",
+           "muon_param_groups", "clip_grad_norm_"]
 __version__ = "0.1.0"

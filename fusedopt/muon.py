@@ -127,3 +127,137 @@ class Muon(FusedOptimizer, torch.optim.Muon):
 
 
 Muon.__signature__ = signature_with(torch.optim.Muon)
+
+
+# KellerJordan/Muon's MuonWithAuxAdam defaults, per kind of group
+MUON_DEFAULTS = dict(lr=0.02, momentum=0.95, weight_decay=0.0)
+ADAM_DEFAULTS = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0)
+
+
+class MuonWithAuxAdam(torch.optim.Optimizer):
+    """Muon for the groups marked ``use_muon=True``, AdamW for the others, stepped as one
+    optimizer (as KellerJordan/Muon's ``MuonWithAuxAdam``; ``muon_param_groups`` makes the
+    groups): a ``fusedopt.Muon`` and a ``fusedopt.AdamW`` inside, each one fused step.  A
+    Muon group's keys are ``torch.optim.Muon``'s (defaults lr=0.02, momentum=0.95,
+    weight_decay=0), an AdamW group's ``torch.optim.AdamW``'s (defaults lr=3e-4,
+    betas=(0.9, 0.95), eps=1e-10, weight_decay=0); ``options`` (``backend``,
+    ``max_grad_norm``, ``flat``) go to both.  ``param_groups`` are the groups in the order
+    given (schedulers see them all); ``state_dict`` is torch's format over them, each
+    group keeping ``use_muon``.  With ``max_grad_norm`` each part clips by its own
+    gradients' norm."""
+    _step_supports_amp_scaling = True  # GradScaler's unscale: in each part's kernel
+
+    def __init__(self, param_groups, **options):
+        from .adam import AdamW
+        groups = [dict(g) for g in param_groups]
+        for g in groups:
+            if "use_muon" not in g:
+                raise ValueError("MuonWithAuxAdam: every param group needs use_muon=True or False")
+            for k, v in (MUON_DEFAULTS if g["use_muon"] else ADAM_DEFAULTS).items():
+                g.setdefault(k, v)
+        # the parts, and each group's place in one of them
+        self._order = [(bool(g["use_muon"]), sum(h["use_muon"] == g["use_muon"] for h in groups[:i]))
+                       for i, g in enumerate(groups)]
+        muon = [g for g in groups if g["use_muon"]]
+        adam = [g for g in groups if not g["use_muon"]]
+        self.muon = Muon(muon, **options) if muon else None
+        self.adam = AdamW(adam, **options) if adam else None
+        self.defaults = {}
+        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
+        self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = {}, {}
+        self._optimizer_load_state_dict_pre_hooks = {}
+        self._optimizer_load_state_dict_post_hooks = {}
+        self._zero_grad_profile_name = "Optimizer.zero_grad#MuonWithAuxAdam.zero_grad"
+
+    def _parts(self):
+        return [o for o in (self.muon, self.adam) if o is not None]
+
+    def _part(self, use_muon):
+        return self.muon if use_muon else self.adam
+
+    @property
+    def param_groups(self):
+        return [self._part(m).param_groups[j] for m, j in self._order]
+
+    @property
+    def state(self):
+        return {p: s for o in self._parts() for p, s in o.state.items()}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step of both parts (``closure``: as torch.optim's, run once)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        amp = {k: self.__dict__[k] for k in ("grad_scale", "found_inf") if k in self.__dict__}
+        for o in self._parts():
+            o.__dict__.update(amp)
+            try:
+                o.step()
+            finally:
+                for k in amp:
+                    o.__dict__.pop(k, None)
+        return loss
+
+    def zero_grad(self, set_to_none=True):
+        for o in self._parts():
+            o.zero_grad(set_to_none)
+
+    def state_dict(self):
+        """torch.optim's format over the groups in their order (param ids counted across
+        them), each group with its ``use_muon``."""
+        sds = {m: self._part(m).state_dict() for m in (True, False) if self._part(m)}
+        out, k = {"state": {}, "param_groups": []}, 0
+        for m, j in self._order:
+            g = dict(sds[m]["param_groups"][j])
+            ids = list(range(k, k + len(g["params"])))
+            for old, new in zip(g["params"], ids):
+                if old in sds[m]["state"]:
+                    out["state"][new] = sds[m]["state"][old]
+            out["param_groups"].append({**g, "params": ids, "use_muon": m})
+            k += len(ids)
+        return out
+
+    def load_state_dict(self, state_dict):
+        """Load what ``state_dict`` made (its groups in this optimizer's order)."""
+        gs = state_dict["param_groups"]
+        if len(gs) != len(self._order) or any(
+                bool(g.get("use_muon")) != m for g, (m, _) in zip(gs, self._order)):
+            raise ValueError("loaded state dict's groups do not match this optimizer's "
+                             "(their number or their use_muon)")
+        for m in (True, False):
+            if self._part(m) is None:
+                continue
+            mine = [g for g, (u, _) in zip(gs, self._order) if u == m]
+            ids, k = [], 0
+            groups = []
+            for g in mine:
+                new = list(range(k, k + len(g["params"])))
+                ids += list(zip(g["params"], new))
+                groups.append({**g, "params": new})
+                k += len(new)
+            state = {new: state_dict["state"][old] for old, new in ids if old in state_dict["state"]}
+            self._part(m).load_state_dict({"state": state, "param_groups": groups})
+
+    def __repr__(self):
+        return f"MuonWithAuxAdam(\n muon={self.muon!r},\n adam={self.adam!r})"
+
+
+def muon_param_groups(model, exclude=("embed", "wte", "wpe", "lm_head", "head"), muon=None,
+                      adam=None):
+    """``model``'s params as MuonWithAuxAdam's groups: Muon for the hidden 2-D weights (the
+    weights of its body's layers), AdamW for the rest (embeddings: an ``nn.Embedding``'s
+    weight, params whose name contains one of ``exclude``: the head, the input embedding;
+    and every param of other than 2 dims: gains, biases), as KellerJordan/Muon splits
+    them.  ``muon``, ``adam``: each group's hyperparameters (a dict).  A param shared by
+    two modules (tied embeddings) is counted once."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    hidden, rest = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        body = p.ndim == 2 and id(p) not in embeddings and not any(e in name for e in exclude)
+        (hidden if body else rest).append(p)
+    return [g for g in (dict(params=hidden, use_muon=True, **(muon or {})),
+                        dict(params=rest, use_muon=False, **(adam or {}))) if g["params"]]

@@ -19,6 +19,7 @@ float16 runs use eps >= 1e-4: torch's default 1e-8 rounds to 0 in float16 and tu
 torch.optim's own float16 Adam into NaN.
 """
 import contextlib
+import inspect
 import os
 
 import torch
@@ -73,7 +74,9 @@ def run(impl, name, dtype, groups, steps=20, seed=0, backend=None, cls=None, dev
     pgroups = []
     for (params, _), (_, hp) in zip(data, groups):
         pgroups.append(dict(params=[torch.nn.Parameter(p.clone().to(device)) for p in params], **hp))
-    kw = {"backend": backend} if impl == "fusedopt" else {"foreach": False}
+    # (a twin without a foreach path, torch's Muon, takes no foreach argument)
+    kw = {"backend": backend} if impl == "fusedopt" else \
+        {"foreach": False} if "foreach" in inspect.signature(cls).parameters else {}
     opt = spec.ready(cls(pgroups, **kw))
     # torch.optim's op order, each op rounded once, whatever this machine's torch does
     replay = arith.replay if impl == "torch" else contextlib.nullcontext
