@@ -34,11 +34,21 @@ def newton_schulz(stack, coefficients, steps, eps):
     if tall:
         x = x.mT
     x.div_(x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps))
-    for _ in range(steps):
-        gram = torch.bmm(x, x.mT)
-        gram = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
-        x = torch.baddbmm(x, gram, x, beta=a)
+    if min(x.shape[-2:]) > 1:
+        x = _iterate(x, a, b, c, steps)
+    else:  # a row or column: torch's 2-D ops take other kernels (gemv, dot) than a batch's
+        x = torch.stack([_iterate(m, a, b, c, steps) for m in x])
     return x.mT if tall else x
+
+
+def _iterate(x, a, b, c, steps):
+    # torch's iteration, on one matrix (mm, addmm) or a batch (bmm, baddbmm)
+    mm, addmm = (torch.mm, torch.addmm) if x.dim() == 2 else (torch.bmm, torch.baddbmm)
+    for _ in range(steps):
+        gram = mm(x, x.mT)
+        gram = addmm(gram, gram, gram, beta=b, alpha=c)
+        x = addmm(x, gram, x, beta=a)
+    return x
 
 
 def adjusted_lr(lr, adjust_lr_fn, shape):
@@ -99,7 +109,9 @@ class Muon(FusedOptimizer, torch.optim.Muon):
 
     def _stacked_step(self, bucket, group, gptr, amp):
         inv, _, scaled = amp  # (GradScaler's 1 / scale and clipping: in the first pass)
-        st, mom, lr = bucket.stacks, group["momentum"], float(group["lr"])
+        st, mom, lr = bucket.stacks, group["momentum"], group["lr"]
+        if torch.is_tensor(lr):  # torch's _to_scalar: its coefficients in the tensor's dtype
+            lr = lr.squeeze()
         co = dict(w=1 - mom, m=mom, one=1.0)
         if inv is not None:
             co["grad_scale"] = float(inv) if inv.device.type == "cpu" else inv.to(bucket.device)
@@ -109,9 +121,10 @@ class Muon(FusedOptimizer, torch.optim.Muon):
         for _, _, buf in st.groups:
             buf.copy_(newton_schulz(buf, group["ns_coefficients"], group["ns_steps"],
                                     group["eps"]))
-        step = st.per_param([-adjusted_lr(lr, group["adjust_lr_fn"], s) for s, _, _ in st.groups])
+        step = st.per_param([-float(adjusted_lr(lr, group["adjust_lr_fn"], s))
+                             for s, _, _ in st.groups])
         run_pass(bucket, "muon_update", self._pass_flags(group, NESTEROV=False), bucket.P, st.U,
-                 0, dict(decay=1 - lr * group["weight_decay"], step=step), aligned)
+                 0, dict(decay=float(1 - lr * group["weight_decay"]), step=step), aligned)
 
     spec = Spec(reference=reference, source="torch.optim.Muon", stacked=True, maximize=False,
                 complex_params=False,
@@ -122,7 +135,7 @@ class Muon(FusedOptimizer, torch.optim.Muon):
                 shapes=([(1, 1), (7, 3), (3, 7), (7, 3)], [(64, 32), (33, 17)],
                         [(5, 5), (300, 2), (1, 300)], [(4, 3)] * 8),
                 test_hp=dict(lr=2e-2, weight_decay=0.05), program_hp=dict(lr=2e-2),
-                bench_hp=dict(lr=2e-2), traffic=(3, 2),
+                bench_hp=dict(lr=2e-2), traffic=(3, 2), ulp=2, ulp_dtype=torch.bfloat16,
                 aot=(dict(NESTEROV=True), 1))
 
 

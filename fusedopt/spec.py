@@ -49,6 +49,10 @@ class Spec:
         The class then steps its buckets with ``_stacked_step``.  Such an algorithm takes
         2-D params alone: the shared tests of any-shaped params leave it to its own tests.
     maximize: whether the algorithm has a maximize argument (parity crosses it).
+    ulp_dtype: the dtype whose ulp (of the param's or the update's magnitude) is the unit
+        of ``ulp``, where the update passes through a coarser dtype than the param's
+        (Muon: bfloat16 matmuls, whose batched and per-matrix results may differ by an
+        ulp of theirs); None: the param's dtype.
     """
     reference: Callable
     source: str
@@ -70,6 +74,7 @@ class Spec:
     train_mode: bool = False
     stacked: bool = False
     maximize: bool = True
+    ulp_dtype: object = None
 
 
 def register(cls):
