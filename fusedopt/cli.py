@@ -325,7 +325,8 @@ def main(argv=None, cls=None):
     p.add_argument("--json")
     b = sub.add_parser("bench", help="time a step against torch's paths and the memory roof")
     b.add_argument("--optim", default="adam", help="comma list of " + ",".join(OPTIMS_HELP))
-    b.add_argument("--workloads", default=None, help="gpt2-124m,many-small,tiny,llama-1b")
+    b.add_argument("--workloads", default=None, help="gpt2-124m,many-small,tiny,llama-1b; 2-D only "
+                   "(Muon): gpt2-124m-hidden,gpt2-block,muon-128x128,moe-64x3")
     b.add_argument("--sizes", help="custom workload, e.g. 4096x4096,1000x100")
     b.add_argument("--repeats", type=int, default=7)
     b.add_argument("--device")
