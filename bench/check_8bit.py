@@ -12,7 +12,8 @@ import fusedopt
 SHAPES = [(300, 77), (4096,), (70000,), (100,), ((1 << 20) + 3,)]
 CASES = {"float32": (torch.float32, {}),
          "bfloat16 + master_weights": (torch.bfloat16, dict(master_weights=True)),
-         "bfloat16 + stochastic_rounding": (torch.bfloat16, dict(stochastic_rounding=True))}
+         "bfloat16 + stochastic_rounding": (torch.bfloat16, dict(stochastic_rounding=True)),
+         "bfloat16 + kahan_sum": (torch.bfloat16, dict(kahan_sum=True))}
 
 
 def _run(device, backend, dtype, extra, steps=5):

@@ -10,6 +10,7 @@ from .lion import Lion
 from .muon import Muon, MuonWithAuxAdam, muon_param_groups
 from .nadam import NAdam
 from .radam import RAdam
+from .release import prepare_for_gradient_release, remove_gradient_release
 from .rmsprop import RMSprop
 from .rprop import Rprop
 from .schedulefree import AdamWScheduleFree, SGDScheduleFree
@@ -24,6 +25,6 @@ except ImportError:  # numba missing: the Triton engine still works
 
 __all__ = ["Adam", "AdamW", "Adamax", "RMSprop", "Adagrad", "SGD", "Adadelta", "Rprop", "RAdam",
            "NAdam", "ASGD", "Adafactor", "Lion", "AdEMAMix", "AdamWScheduleFree",
-           "SGDScheduleFree", "Muon", "MuonWithAuxAdam",
-           "muon_param_groups", "clip_grad_norm_"]
+           "SGDScheduleFree", "Muon", "MuonWithAuxAdam", "muon_param_groups",
+           "clip_grad_norm_", "prepare_for_gradient_release", "remove_gradient_release"]
 __version__ = "0.1.0"

@@ -23,13 +23,13 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
     """Drop-in for ``torch.optim.Adafactor`` (factored second moments: three passes of the
     matrix kernel per step): the same constructor, defaults, errors and ``state_dict``, with
     one fused multi-tensor step per (device, dtype) group (Numba on CPU, Triton on CUDA).
-    Extra keyword-only arguments: ``backend``, ``l1``, ``max_grad_norm``, ``flat``;
-    ``state_dtype``, ``master_weights`` and ``stochastic_rounding`` are refused
-    (``ValueError``). The options are described on the Options page of the documentation
-    (``docs/options.md``)."""
+    Extra keyword-only arguments: ``backend``, ``l1``, ``max_grad_norm``, ``flat``,
+    ``gradient_release``; ``state_dtype``, ``master_weights`` and ``stochastic_rounding`` are
+    refused (``ValueError``). The options are described on the Options page of the
+    documentation (``docs/options.md``)."""
     _rule = "adafactor"
     _sparse_error = "Adafactor does not support sparse gradients"
-    _refuses = ("master_weights", "stochastic_rounding", "state_dtype")
+    _refuses = ("master_weights", "stochastic_rounding", "state_dtype", "kahan_sum")
 
     def _slots(self, group):
         return (None, None, None)  # the factors are not param-shaped: gathered per step

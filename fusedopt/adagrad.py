@@ -19,8 +19,9 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
     same constructor, defaults, errors and ``state_dict``, with one fused multi-tensor step
     per (device, dtype) group (Numba on CPU, Triton on CUDA). Extra keyword-only arguments:
     ``backend``, ``l1``, ``max_grad_norm``, ``state_dtype`` (``torch.float32``, or
-    ``torch.uint8`` for 8-bit state), ``master_weights``, ``stochastic_rounding``, ``flat``;
-    each is described on the Options page of the documentation (``docs/options.md``)."""
+    ``torch.uint8`` for 8-bit state), ``master_weights``, ``stochastic_rounding``, ``kahan_sum``,
+    ``flat``, ``gradient_release``; each is described on the Options page of the documentation
+    (``docs/options.md``)."""
     _rule = "adagrad"
 
     def _slots(self, group):

@@ -2,7 +2,8 @@
 import torch
 
 from . import reference
-from .optimizer import FusedOptimizer, lerp_rest, lerp_small
+from .arith import lerp_rest, lerp_small
+from .optimizer import FusedOptimizer
 from .options import signature_with
 from .spec import Spec
 
@@ -17,8 +18,8 @@ class Adam(FusedOptimizer, torch.optim.Adam):
     fused multi-tensor step per (device, dtype) group (Numba on CPU, Triton on CUDA). Extra
     keyword-only arguments: ``backend``, ``l1``, ``max_grad_norm``, ``state_dtype``
     (``torch.float32``, or ``torch.uint8`` for 8-bit state), ``master_weights``,
-    ``stochastic_rounding``, ``flat``; each is described on the Options page of the
-    documentation (``docs/options.md``)."""
+    ``stochastic_rounding``, ``kahan_sum``, ``flat``, ``gradient_release``; each is described on the
+    Options page of the documentation (``docs/options.md``)."""
     _rule = "adam"
     _sparse_error = "Adam does not support sparse gradients, please consider SparseAdam instead"
 
@@ -66,8 +67,9 @@ class AdamW(Adam, torch.optim.AdamW):
     constructor, defaults, errors and ``state_dict``, with one fused multi-tensor step per
     (device, dtype) group (Numba on CPU, Triton on CUDA). Extra keyword-only arguments:
     ``backend``, ``l1``, ``max_grad_norm``, ``state_dtype`` (``torch.float32``, or
-    ``torch.uint8`` for 8-bit state), ``master_weights``, ``stochastic_rounding``, ``flat``;
-    each is described on the Options page of the documentation (``docs/options.md``)."""
+    ``torch.uint8`` for 8-bit state), ``master_weights``, ``stochastic_rounding``, ``kahan_sum``,
+    ``flat``, ``gradient_release``; each is described on the Options page of the documentation
+    (``docs/options.md``)."""
 
     spec = Spec(reference=reference.adamw, source="torch.optim.AdamW",
                 cases=(dict(amsgrad=False), dict(amsgrad=True)), group_hp=ADAM_GROUPS,
@@ -82,8 +84,9 @@ class Adamax(FusedOptimizer, torch.optim.Adamax):
     defaults, errors and ``state_dict``, with one fused multi-tensor step per (device,
     dtype) group (Numba on CPU, Triton on CUDA). Extra keyword-only arguments: ``backend``,
     ``l1``, ``max_grad_norm``, ``state_dtype`` (``torch.float32``, or ``torch.uint8`` for
-    8-bit state), ``master_weights``, ``stochastic_rounding``, ``flat``; each is described
-    on the Options page of the documentation (``docs/options.md``)."""
+    8-bit state), ``master_weights``, ``stochastic_rounding``, ``kahan_sum``, ``flat``,
+    ``gradient_release``; each is described on the Options page of the documentation
+    (``docs/options.md``)."""
     _rule = "adamax"
     _sparse_error = "Adamax does not support sparse gradients"
 

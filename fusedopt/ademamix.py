@@ -16,7 +16,8 @@ import math
 
 import torch
 
-from .optimizer import FusedOptimizer, closure_loss, lerp_small
+from .arith import lerp_small
+from .optimizer import FusedOptimizer, closure_loss
 from .options import signature_with
 from .reference import _regularize
 from .spec import Spec
@@ -141,8 +142,8 @@ class AdEMAMix(FusedOptimizer, AdEMAMixForLoop):
     ``cautious``, ``stable_adamw`` and ``capturable`` by name. One fused multi-tensor step
     per (device, dtype) group (Numba on CPU, Triton on CUDA). Extra keyword-only arguments:
     ``backend``, ``l1``, ``max_grad_norm``, ``state_dtype``, ``master_weights``,
-    ``stochastic_rounding``, ``flat``: the Options page of the documentation
-    (``docs/options.md``)."""
+    ``stochastic_rounding``, ``kahan_sum``, ``flat``, ``gradient_release``: the Options page
+    of the documentation (``docs/options.md``)."""
     _rule = "ademamix"
     _has_step = False  # its counter is group["step"], as the package's
     _OWN = FusedOptimizer._OWN + ("maximize", "foreach")  # (pickled: the package loses them)
@@ -160,8 +161,10 @@ class AdEMAMix(FusedOptimizer, AdEMAMixForLoop):
     def _sparse_step(self, group, params):
         raise NoSparseGradientError("AdEMAMix")
 
-    def _step_group(self, group, amp=(None, None, False)):
-        super()._step_group(group, amp)  # (the fallback's twin counts on a copy of group)
+    def _step_group(self, group, amp=(None, None, False), plans=None):
+        if self._gradient_release and plans is None and all(p.grad is None for p in group["params"]):
+            return  # step() after a released backward: its buckets moved the count (release.py)
+        super()._step_group(group, amp, plans)  # (the fallback's twin counts on a copy of group)
         group["step"] = group.get("step", 0) + 1
 
     def _coefficients(self, group, step, f64):

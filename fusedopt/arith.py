@@ -222,3 +222,14 @@ def _replaced(orig, exact, dtypes, inplace, op):
             return x.copy_(out)
         return out
     return fn
+
+
+def lerp_rest(w, f64):
+    """1 - w as torch's lerp computes it: in the tensor's math dtype (float32 unless float64)."""
+    w = float(w)
+    return 1 - w if f64 else float(np.float32(1) - np.float32(w))
+
+
+def lerp_small(w):
+    """Whether torch's lerp takes its small-weight formula (it switches at |w| = 0.5)."""
+    return abs(float(w)) < 0.5

@@ -4,7 +4,8 @@ chunk table, and one tensor holding every param's step counter, of which each
 ``state["step"]`` is a 0-d view (so 20000 counters advance in one op, not 20000).
 
 Mixed precision lives here too: the dtype each param's state is kept in, the float32
-master copy of a low-precision param, and the keys of the stochastic-rounding stream.
+master copy or the Kahan compensation of a low-precision param, and the keys of the
+stochastic-rounding stream.
 """
 import operator
 import os
@@ -72,6 +73,21 @@ def has_master(group, p):
     return bool(group.get("master_weights")) and p.dtype in _LOW
 
 
+KAHAN = "kahan_comp"  # the state key of the compensation buffer (optimi's name)
+
+
+def has_kahan(group, p):
+    """kahan_sum=True and a float16/bfloat16 param: its update is a compensated sum, with
+    ``state[KAHAN]`` in its dtype (float32 and float64 params: none, as optimi)."""
+    return bool(group.get("kahan_sum")) and p.dtype in _LOW
+
+
+def extra_name(group, p):
+    """The state key the update kernels' fourth table points into for p: "master",
+    KAHAN, or None (the two exclude each other: options.exclusive)."""
+    return "master" if has_master(group, p) else KAHAN if has_kahan(group, p) else None
+
+
 def _name(dtype):
     return str(_REAL.get(dtype, dtype)).replace("torch.", "")
 
@@ -136,10 +152,12 @@ class _Bucket:
         sdt = state_dtype(group, params[0])
         q = sdt == torch.uint8  # 8-bit slots: the math and a master copy in float32
         self.sdtype = "float32" if q else _name(sdt)
-        master = has_master(group, params[0])
+        extra = extra_name(group, params[0])
+        master = extra is not None  # a master copy or a compensation: the fourth table's
         used = [bool(name) for name in slots]
-        self.mask = update_mask(used, master, used if q else (),
-                                [bool(name) and quant.signed(name) for name in slots])
+        self.mask = update_mask(used, extra == "master", used if q else (),
+                                [bool(name) and quant.signed(name) for name in slots],
+                                kahan=extra == KAHAN)
         self.backend = backend_for(spec.backend, self.device)
         if self.backend == "triton" and self.device.type == "cpu" \
                 and os.environ.get("TRITON_INTERPRET") != "1":
@@ -166,7 +184,7 @@ class _Bucket:
                     t = st[name] = t.contiguous()
                 col.append(_as_real(_local(t)))
             cols.append(col)
-        cols.append([st["master"] for st in states] if master else cols[0])
+        cols.append([st[extra] for st in states] if master else cols[0])
         self.master_col = len(cols) - 1
         for name in slots:  # the blocks' absmax of 8-bit slots
             cols.append([_local(st[name + quant.ABSMAX]) for st in states] if q and name
@@ -199,7 +217,7 @@ class _Bucket:
         self.scalars_np = {n: b.numpy() for n, b in self.scalars.items() if b.device.type == "cpu"}
         # the state tensors as the optimizer's state holds them, whose facts are re-read
         # before every step: `state[p][k].data = t` changes no mapping but must be noticed
-        names = [n for n in slots if n] + ["master"] * master + ["step"] * spec.has_step \
+        names = [n for n in slots if n] + [extra] * master + ["step"] * spec.has_step \
             + list(spec.scalars) + [n + quant.ABSMAX for n in slots if n and q]
         self.watched = [_local(st[n]) for st in states for n in names if n in st]
         math_dtype = torch.float64 if self.dtype == "float64" else torch.float32
@@ -215,7 +233,7 @@ class _Bucket:
         if buffers is not None:
             # the one-range tables: each column's buffer as a single tensor
             bufs = [buffers.param] + [buffers.state[n] if n else buffers.param for n in slots] \
-                + [buffers.state["master"] if master else buffers.param]
+                + [buffers.state[extra] if master else buffers.param]
             total = np.array([buffers.numel], dtype=np.int64)
             fptrs = np.array([[b.data_ptr()] for b in bufs], dtype=np.int64)
             self.flat = (fptrs, np.array([buffers.grad.data_ptr()], dtype=np.int64), total,
@@ -235,12 +253,18 @@ class _Bucket:
     def reseed_masters(self):
         """A param written in place from outside since the last step (its version moved
         by more than the optimizer's own updates): its master copy starts again from it,
-        rather than overwriting the change.  Master-weight buckets only."""
+        rather than overwriting the change; its compensation (kahan_sum) starts again from
+        zero, as what it carried belonged to the value overwritten.  Buckets with either
+        only."""
         local = [_local(p) for p in self.params]
         ver = np.fromiter(map(_VERSION, local), np.int64, len(local))
         if self.pver is not None:
             for k in np.flatnonzero(ver != self.pver):
-                self.tensors[self.master_col][k].copy_(local[k])
+                w = self.tensors[self.master_col][k]
+                if w.dtype == torch.float32:
+                    w.copy_(local[k])
+                else:
+                    w.zero_()
         return ver
 
     def stream_keys(self, seed):

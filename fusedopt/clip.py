@@ -18,7 +18,7 @@ import math
 import numpy as np
 import torch
 
-from . import bucket as _opt
+from . import bucket as _opt, release as _release
 from .kernels import rules
 from .kernels.coefficients import NCOEF, pack
 from .kernels.flags import update_mask
@@ -206,7 +206,13 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     optimizers.  See the Options page of the documentation (``docs/options.md``)."""
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
+    parameters = list(parameters)
     grads = [p.grad for p in parameters if p.grad is not None]
+    if len(grads) < len(parameters) and _release.released(parameters):
+        raise RuntimeError("clip_grad_norm_ over params prepared for gradient release: their "
+                           "gradients were stepped and freed during the backward, so there is "
+                           "no global norm left to clip by (build the optimizer without "
+                           "gradient_release to clip)")
     total = total_norm(grads, norm_type, backend)
     local = _opt._local(total)  # a DTensor's value, the same on every rank
     if error_if_nonfinite and torch.logical_or(local.isnan(), local.isinf()):

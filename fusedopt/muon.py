@@ -86,12 +86,13 @@ class Muon(FusedOptimizer, torch.optim.Muon):
     momentum and Nesterov blend over all params, torch's bfloat16 Newton-Schulz iteration
     batched over same-shape params (bit for bit torch's on CPU), one fused pass for weight
     decay and the update.  Extra keyword-only arguments: ``backend``, ``max_grad_norm``,
-    ``flat``; ``l1``, ``state_dtype``, ``master_weights`` and ``stochastic_rounding`` are
-    refused (``ValueError`` naming them)."""
+    ``flat``; ``l1``, ``state_dtype``, ``master_weights``, ``stochastic_rounding``,
+    ``kahan_sum`` and ``gradient_release`` are refused (``ValueError`` naming them)."""
     _rule = "muon_momentum"
     _sparse_error = "Muon does not support sparse gradients"
     _has_step = False  # torch keeps the momentum buffer alone
-    _refuses = ("l1", "master_weights", "stochastic_rounding", "state_dtype")
+    _refuses = ("l1", "master_weights", "stochastic_rounding", "state_dtype", "kahan_sum",
+                "gradient_release")
 
     def _slots(self, group):
         return ("momentum_buffer", None, None)

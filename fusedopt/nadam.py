@@ -3,8 +3,9 @@ import torch
 
 from . import reference
 from .adam import ADAM_GROUPS
+from .arith import lerp_rest, lerp_small
 from .bucket import scalar_dtype
-from .optimizer import FusedOptimizer, lerp_rest, lerp_small
+from .optimizer import FusedOptimizer
 from .options import signature_with
 from .spec import Spec
 
@@ -14,8 +15,9 @@ class NAdam(FusedOptimizer, torch.optim.NAdam):
     defaults, errors and ``state_dict``, with one fused multi-tensor step per (device,
     dtype) group (Numba on CPU, Triton on CUDA). Extra keyword-only arguments: ``backend``,
     ``l1``, ``max_grad_norm``, ``state_dtype`` (``torch.float32``, or ``torch.uint8`` for
-    8-bit state), ``master_weights``, ``stochastic_rounding``, ``flat``; each is described
-    on the Options page of the documentation (``docs/options.md``)."""
+    8-bit state), ``master_weights``, ``stochastic_rounding``, ``kahan_sum``, ``flat``,
+    ``gradient_release``; each is described on the Options page of the documentation
+    (``docs/options.md``)."""
     _rule = "nadam"
     _sparse_error = "NAdam does not support sparse gradients"
     _scalars = ("mu_product",)

@@ -17,7 +17,7 @@ import torch
 
 from . import clip, compiled, flat, host, matrix, spec
 from .bucket import _GRAD, _PTR, _local, scalar_dtype
-from .options import validate
+from .options import SCALER_REFUSAL, exclusive, validate
 from .plan import GroupSpec, _Plan, refuse_torch
 from .state import State, check_loaded, keep_dtypes
 from .kernels import rules
@@ -39,8 +39,8 @@ class FusedOptimizer:
     ``_stacked_step``.
     """
 
-    _rule = None
-    _sparse_error = None
+    _rule = _sparse_error = None
+    _gradient_release = False  # (an optimizer pickled before the keyword existed)
     spec = None  # fusedopt.spec.Spec: declared in each algorithm's own class body
 
     def __init_subclass__(cls, **kwargs):
@@ -51,7 +51,7 @@ class FusedOptimizer:
     # gradients in a pass of its own: the kernel unscales them (see _amp)
     _step_supports_amp_scaling = True
     _has_step = True  # torch keeps state["step"] (all but SGD)
-    _refuses = ()  # of l1, master_weights, state_dtype, stochastic_rounding: those it lacks
+    _refuses = ()  # of the options (master_weights, state_dtype, ...): those it lacks
 
     def _init_state(self, group, p, state):
         # torch's first entry; the slots are created by the plan (zeros of the state dtype)
@@ -70,21 +70,25 @@ class FusedOptimizer:
         state initializer holds the optimizer weakly: a plan keeps no optimizer alive."""
         slots = self._slots(group)
         init = functools.partial(type(self)._init_state, weakref.proxy(self), group)
+        whole = getattr(group, "parent", group)  # a gradient-release bucket's (release._Part)
         return GroupSpec(
             name=type(self).__name__, slots=slots, has_step=self._has_step,
             scalars=tuple(self._scalars), init_state=init,
-            needs_state=self._has_step or any(slots) or bool(group.get("master_weights")),
+            needs_state=self._has_step or any(slots) or bool(group.get("master_weights")
+                                                             or group.get("kahan_sum")),
             factored=self._is_factored(), backend=self._backend,
             real_only=self.spec is not None and not self.spec.complex_params,
             stacked=self.spec is not None and self.spec.stacked,
-            index=next(i for i, g in enumerate(self.param_groups) if g is group))
+            index=next(i for i, g in enumerate(self.param_groups) if g is whole),
+            places=getattr(group, "places", None))
 
     @classmethod
     def _is_factored(cls):
         return cls.spec is not None and cls.spec.factored
 
     def __init__(self, *args, backend="auto", l1=0.0, max_grad_norm=None, state_dtype=None,
-                 master_weights=False, stochastic_rounding=False, flat=False, **kwargs):
+                 master_weights=False, stochastic_rounding=False, kahan_sum=False, flat=False,
+                 gradient_release=False, **kwargs):
         if kwargs.get("differentiable"):
             raise NotImplementedError(
                 f"fusedopt.{type(self).__name__} does not implement differentiable=True; "
@@ -92,16 +96,16 @@ class FusedOptimizer:
         validate(type(self).__name__, self._refuses, backend=backend, l1=l1,
                  max_grad_norm=max_grad_norm, state_dtype=state_dtype,
                  master_weights=master_weights, stochastic_rounding=stochastic_rounding,
-                 flat=flat)
+                 kahan_sum=kahan_sum, flat=flat, gradient_release=gradient_release)
         # group keys, so that they go into state_dict and can differ between groups
         extras = dict(l1=l1, state_dtype=state_dtype, master_weights=master_weights, flat=flat,
-                      stochastic_rounding=stochastic_rounding)
+                      stochastic_rounding=stochastic_rounding, kahan_sum=kahan_sum)
         if stochastic_rounding:  # the stream's seed: set group["sr_seed"] to change it
             extras["sr_seed"] = torch.initial_seed() & 0xFFFFFFFF
         self._max_grad_norm = max_grad_norm
+        self._gradient_release = gradient_release  # release.py: steps from backward's hooks
         self.grad_norm = None  # with max_grad_norm: the last step's total gradient norm
-        self._backend = backend
-        self._extras = extras
+        self._backend, self._extras = backend, extras
         super().__init__(*args, **kwargs)
         self.defaults.update(extras)
         self._register()
@@ -158,6 +162,7 @@ class FusedOptimizer:
             param_group.setdefault(k, v)
         if param_group.get("differentiable"):
             raise NotImplementedError("fusedopt does not implement differentiable=True")
+        exclusive(param_group)  # (a group's own precision options, as the constructor's)
         super().add_param_group(param_group)
         self._reset()
 
@@ -176,13 +181,12 @@ class FusedOptimizer:
         self._reset()
 
     def state_dict(self):
-        # plain dicts, as torch's: a checkpoint must load with torch.load(weights_only=True)
-        # and without fusedopt
+        # plain dicts, as torch's: loads with torch.load(weights_only=True), without fusedopt
         sd = super().state_dict()
         sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
         return sd
 
-    _OWN = ("_max_grad_norm", "_backend", "_extras", "grad_norm")  # ours, not torch's
+    _OWN = ("_max_grad_norm", "_backend", "_extras", "grad_norm", "_gradient_release")
 
     def __getstate__(self):
         # torch pickles defaults, state and param_groups only; the plans are rebuilt
@@ -231,9 +235,11 @@ class FusedOptimizer:
         """What torch.amp.GradScaler.step left on the optimizer (it does, since
         _step_supports_amp_scaling is set): (1 / scale or None, found_inf or None), or _SKIP
         when found_inf is set: then no param or state is touched, no state created, no step
-        counted, the grads unscaled -- what the for-loop gives when the scaler skips step().  Where a group is capturable,
-        a found_inf on a GPU is read by the kernel instead (no host sync)."""
+        counted, the grads unscaled (the for-loop's skipped step).  Where a group is
+        capturable, a found_inf on a GPU is read by the kernel instead (no host sync)."""
         scale, found = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if self._gradient_release and (scale is not None or found is not None):
+            raise RuntimeError(SCALER_REFUSAL)
         # read on the host where the counters are (not capturable: a GPU's flag costs one
         # sync, as in torch's for-loop path); capturable steps read it in the kernel
         # torch's unscale_: the reciprocal in float64, rounded to float32
@@ -249,9 +255,9 @@ class FusedOptimizer:
             found = None
         return inv, found
 
-    def _step_group(self, group, amp=(None, None, False)):
-        params = group["params"]
-        plan = self._plans.get(id(group))
+    def _step_group(self, group, amp=(None, None, False), plans=None):
+        params, plans = group["params"], self._plans if plans is None else plans  # release's
+        plan = plans.get(id(group))
         if plan is not None and plan.single and plan.valid(self.state, group, params, None,
                                                            self._slots(group)):
             # fast path: no per-param Python beyond the attribute reads and their check
@@ -277,7 +283,7 @@ class FusedOptimizer:
             return
         if plan is None or not plan.valid(self.state, group, params, live, self._slots(group)) \
                 or not plan.proven(params):
-            plan = self._plans[id(group)] = _Plan(self._describe(group), self.state, group,
+            plan = plans[id(group)] = _Plan(self._describe(group), self.state, group,
                                                   params, live, grads)
             if group.get("flat"):  # the grads were re-homed into the plan's buffer
                 grads = list(map(_GRAD, params))
@@ -323,7 +329,8 @@ class FusedOptimizer:
     def _bump_versions(self, group, params, plan):
         # autograd's in-place check: a param's version moves as torch's in-place updates
         # move it (so a backward through a graph that saved it raises, as after torch's step)
-        masters = [(b, b.reseed_masters()) for _, b in plan.buckets if b.mask & Update.MASTER]
+        masters = [(b, b.reseed_masters()) for _, b in plan.buckets
+                   if b.mask & (Update.MASTER | Update.KAHAN)]
         n = self._inplace_updates(group)
         host.bump(params, n)
         for b, ver in masters:
@@ -353,9 +360,9 @@ class FusedOptimizer:
         if inv is not None:  # a CPU tensor read costs nothing: one float for every tensor
             coeffs["grad_scale"] = float(inv) if inv.device.type == "cpu" \
                 else inv.to(bucket.device, non_blocking=True)
-        # bfloat16 params without a master copy only
+        # bfloat16 params without a master copy or compensation only
         sr = bool(group.get("stochastic_rounding")) and bucket.dtype == "bfloat16" \
-            and not bucket.mask & Update.MASTER
+            and not bucket.mask & (Update.MASTER | Update.KAHAN)
         keys = bucket.stream_keys(group.get("sr_seed", 0)) if sr else None
         # the gradient the step used is written back under GradScaler (unscaled, as the
         # scaler's own pass leaves it); clipping alone leaves the gradients as they were
@@ -386,15 +393,3 @@ def closure_loss(closure):
         return None
     with torch.enable_grad():
         return closure()
-
-
-def lerp_rest(w, f64):
-    """1 - w as torch's lerp computes it: in the tensor's math dtype (float32 unless float64)."""
-    w = float(w)
-    return 1 - w if f64 else float(np.float32(1) - np.float32(w))
-
-
-def lerp_small(w):
-    # torch's lerp switches formula at |w| = 0.5
-    return abs(float(w)) < 0.5
-

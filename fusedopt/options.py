@@ -7,8 +7,24 @@ import torch
 
 # FusedOptimizer.__init__'s keywords and their defaults, in signature order
 EXTRAS = dict(backend="auto", l1=0.0, max_grad_norm=None, state_dtype=None, master_weights=False,
-              stochastic_rounding=False, flat=False)
-_SWITCHES = ("master_weights", "stochastic_rounding", "flat")
+              stochastic_rounding=False, kahan_sum=False, flat=False, gradient_release=False)
+_SWITCHES = ("master_weights", "stochastic_rounding", "kahan_sum", "flat", "gradient_release")
+# the low-precision options that keep bfloat16/float16 params honest, each its own way:
+# at most one of them per param group
+_EXCLUSIVE = {("master_weights", "stochastic_rounding"): "with a float32 master copy the "
+              "param is only a rounded view of it",
+              ("kahan_sum", "master_weights"): "both carry what the param's rounding loses "
+              "(a compensation in the param's dtype, or a float32 copy)",
+              ("kahan_sum", "stochastic_rounding"): "the compensation carries what rounding to "
+              "nearest loses; random rounding would feed it noise"}
+
+# gradient release (release.py) steps each bucket of params from its gradient's hook and
+# frees the gradient: what needs every gradient first has none to read
+SCALER_REFUSAL = (
+    "gradient_release=True does not take torch.amp.GradScaler: each bucket of params was "
+    "stepped (with the scaled gradients) during the backward, before the scaler could check "
+    "every gradient for infs; train without a GradScaler (bfloat16 autocast needs none) or "
+    "build the optimizer without gradient_release")
 
 
 def _number(name, v):
@@ -39,13 +55,32 @@ def validate(cls_name, refuses, *, backend, l1, max_grad_norm, state_dtype, **sw
         if not isinstance(switches[k], bool):
             raise TypeError(f"{k} must be True or False, got {type(switches[k]).__name__}: "
                             f"{switches[k]!r}")
-    for k, v in (("l1", l1), ("master_weights", switches["master_weights"]), ("state_dtype", state_dtype),
-                 ("stochastic_rounding", switches["stochastic_rounding"])):
+    for k, v in (("l1", l1), ("master_weights", switches["master_weights"]),
+                 ("state_dtype", state_dtype),
+                 ("stochastic_rounding", switches["stochastic_rounding"]),
+                 ("kahan_sum", switches["kahan_sum"]),
+                 ("gradient_release", switches["gradient_release"])):
         if v and k in refuses:
             raise ValueError(f"fusedopt.{cls_name} does not support {k}")
-    if switches["master_weights"] and switches["stochastic_rounding"]:
-        raise ValueError("master_weights and stochastic_rounding exclude each other: with "
-                         "a float32 master copy the param is only a rounded view of it")
+    exclusive(switches)
+    if switches["gradient_release"] and max_grad_norm is not None:
+        raise ValueError("gradient_release and max_grad_norm exclude each other: clipping by "
+                         "the global norm needs every gradient before the first param is "
+                         "stepped, and gradient release steps (and frees) them during the "
+                         "backward")
+    if switches["gradient_release"] and switches["flat"]:
+        raise ValueError("gradient_release and flat exclude each other: flat=True keeps every "
+                         "gradient in one buffer of the plan's, which gradient release would "
+                         "have to free bucket by bucket")
+
+
+def exclusive(group):
+    """Raise ValueError naming both options where ``group`` (a param group, or the
+    constructor's keywords) turns on two of master_weights, stochastic_rounding and
+    kahan_sum."""
+    for (a, b), why in _EXCLUSIVE.items():
+        if group.get(a) and group.get(b):
+            raise ValueError(f"{a} and {b} exclude each other: {why}")
 
 
 def signature_with(torch_cls):

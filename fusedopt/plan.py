@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from . import flat, host, matrix, quant, stacked
-from .bucket import _Bucket, _dtensor, _local, has_master, state_dtype
+from .bucket import (KAHAN, _Bucket, _dtensor, _local, extra_name, has_kahan, has_master,
+                     state_dtype)
 
 _ENGINE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64,
                   torch.complex128)
@@ -38,6 +39,8 @@ class GroupSpec:
         only 2-D params, not DTensors (their matmuls span the shards).
     backend: the engine choice the optimizer was built with ("auto", "numba", "triton").
     index: the group's place among the optimizer's groups (stochastic rounding's stream).
+    places: where ``group["params"]`` is a gradient-release bucket's slice of its group
+        (release.py), each param's place in the whole group (the stream again); else None.
     """
     name: str
     slots: tuple
@@ -49,6 +52,7 @@ class GroupSpec:
     real_only: bool
     backend: str
     index: int
+    places: tuple = None
     stacked: bool = False
 
 
@@ -92,6 +96,21 @@ def _unfit(spec, group, p, g, st):
         elif t is not None and t.dtype != p.dtype and not (mixed and t.is_floating_point()):
             return f"state {name!r} that does not fit the param"
     return matrix.unfit_factors(p, st) if spec.factored else None
+
+
+def _compensation(t, p):
+    """p's Kahan compensation (kahan_sum=True) from ``t``, the state's: t itself where it is
+    a contiguous tensor of p's dtype, device and (local) shape (a user's replacement
+    honoured, as torch honours replaced state), a copy that is where it is not, zeros
+    where there is none (a fresh optimizer, a torch.optim state_dict) or it is not a
+    tensor of that shape.  Like the master copy, a local tensor under FSDP2."""
+    local = _local(p)
+    if not torch.is_tensor(t) or _local(t).shape != local.shape:
+        return torch.zeros_like(local, memory_format=torch.contiguous_format)
+    t = _local(t)
+    if t.dtype != p.dtype or t.device != local.device or not t.is_contiguous():
+        return t.to(local.device, p.dtype, memory_format=torch.contiguous_format)
+    return t
 
 
 def _overlapping(start, end):
@@ -206,6 +225,8 @@ class _Plan:
                 # from outside (p.data = ..., model.load_state_dict): start from the param
                 st["master"] = _local(p).detach().to(torch.float32, memory_format=torch.contiguous_format,
                                                       copy=True)
+            if has_kahan(group, p):
+                st[KAHAN] = _compensation(st.get(KAHAN), p)
         if group.get("flat") and self.dist:
             raise RuntimeError("flat=True does not take DTensor params (FSDP2 shards them in "
                                "buffers of its own): build the optimizer without flat")
@@ -214,12 +235,14 @@ class _Plan:
             ps = [params[i] for i in idx]
             if group.get("flat") and key[2] != torch.uint8 \
                     and flat.eligible(ps, [grads[i] for i in idx]):  # 8-bit: per tensor
-                names = [n for n in self.slots if n] + ["master"] * has_master(group, ps[0])
+                extra = extra_name(group, ps[0])
+                names = [n for n in self.slots if n] + [extra] * (extra is not None)
                 flats[key] = flat.Buffers(ps, [state[p] for p in ps] if need else None,
                                           names)
         self.buckets = [(idx, _Bucket(spec, group, [params[i] for i in idx],
                                       [state[params[i]] for i in idx] if need else None,
-                                      fresh, idx, flats.get(key)))
+                                      fresh, idx if spec.places is None
+                                      else [spec.places[i] for i in idx], flats.get(key)))
                         for key, idx in order.items()]
         # a factored state's matrix tables and factor buffers, watched as the slots are
         for idx, b in self.buckets if spec.factored else ():
@@ -307,11 +330,11 @@ def refuse_torch(spec, state, group, params):
     the engines do not take are then a RuntimeError naming them and why (before the
     engines run: no half-done step)."""
     if group.get("l1") or group.get("master_weights") or group.get("stochastic_rounding") \
-            or group.get("state_dtype") is not None:
+            or group.get("state_dtype") is not None or group.get("kahan_sum"):
         why = [_unfit_reason(spec, state, group, p) for p in params]
         raise RuntimeError(
-            f"fusedopt.{spec.name}: params {why} cannot be fused, and torch.optim "
-            f"has no l1, master_weights, state_dtype or stochastic_rounding to step them with")
+            f"fusedopt.{spec.name}: params {why} cannot be fused, and torch.optim has no l1, "
+            f"master_weights, state_dtype, stochastic_rounding or kahan_sum to step them with")
 
 
 def _unfit_reason(spec, state, group, p):

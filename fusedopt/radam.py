@@ -3,7 +3,8 @@ import torch
 
 from . import reference
 from .adam import ADAM_GROUPS, Adam
-from .optimizer import FusedOptimizer, lerp_rest, lerp_small
+from .arith import lerp_rest, lerp_small
+from .optimizer import FusedOptimizer
 from .options import signature_with
 from .spec import Spec
 
@@ -13,8 +14,9 @@ class RAdam(FusedOptimizer, torch.optim.RAdam):
     defaults, errors and ``state_dict``, with one fused multi-tensor step per (device,
     dtype) group (Numba on CPU, Triton on CUDA). Extra keyword-only arguments: ``backend``,
     ``l1``, ``max_grad_norm``, ``state_dtype`` (``torch.float32``, or ``torch.uint8`` for
-    8-bit state), ``master_weights``, ``stochastic_rounding``, ``flat``; each is described
-    on the Options page of the documentation (``docs/options.md``)."""
+    8-bit state), ``master_weights``, ``stochastic_rounding``, ``kahan_sum``, ``flat``,
+    ``gradient_release``; each is described on the Options page of the documentation
+    (``docs/options.md``)."""
     _rule = "radam"
     _sparse_error = "RAdam does not support sparse gradients"
     _inplace_updates = Adam._inplace_updates

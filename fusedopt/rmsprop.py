@@ -2,7 +2,8 @@
 import torch
 
 from . import reference
-from .optimizer import FusedOptimizer, lerp_rest, lerp_small
+from .arith import lerp_rest, lerp_small
+from .optimizer import FusedOptimizer
 from .options import signature_with
 from .spec import Spec
 
@@ -13,8 +14,8 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
     fused multi-tensor step per (device, dtype) group (Numba on CPU, Triton on CUDA). Extra
     keyword-only arguments: ``backend``, ``l1``, ``max_grad_norm``, ``state_dtype``
     (``torch.float32``, or ``torch.uint8`` for 8-bit state), ``master_weights``,
-    ``stochastic_rounding``, ``flat``; each is described on the Options page of the
-    documentation (``docs/options.md``)."""
+    ``stochastic_rounding``, ``kahan_sum``, ``flat``, ``gradient_release``; each is described on the
+    Options page of the documentation (``docs/options.md``)."""
     _rule = "rmsprop"
     _sparse_error = "RMSprop does not support sparse gradients"
 

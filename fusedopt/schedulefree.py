@@ -193,7 +193,10 @@ class _ScheduleFree(FusedOptimizer):
     """The fused step and the fused train()/eval() swap (one engine call per device and
     dtype); the schedule is computed per group on the host, as the package does."""
     _has_step = False  # the counter is group["k"], as the package's
-    _refuses = ("master_weights", "state_dtype", "stochastic_rounding")
+    # gradient_release: the schedule (k, weight_sum, lr_max) is one per group, moved once
+    # per step, and step() checks train mode: a bucket stepped from a hook has neither
+    _refuses = ("master_weights", "state_dtype", "stochastic_rounding", "kahan_sum",
+                "gradient_release")
     _now = None  # this group's step's coefficients (lr with warmup, ckp1, ...)
 
     def _inplace_updates(self, group):

@@ -116,7 +116,7 @@ def table():
     """The README's optimizer table (markdown), one row per registered class
     (``python -c "import fusedopt; print(fusedopt.spec.table())"``; tests/test_spec.py
     checks the README holds it)."""
-    rows = ["| optimizer | twin (checked against) | torch fused | 8-bit state | masters / SR |",
+    rows = ["| optimizer | twin (checked against) | torch fused | 8-bit state | masters / SR / Kahan |",
             "|---|---|---|---|---|"]
     yes = {True: "yes", False: "no"}
     for name, cls in REGISTRY.items():
@@ -124,6 +124,7 @@ def table():
         rows.append(f"| `{name}` | `{cls.spec.source}` | {yes[cls.spec.torch_fused]} "
                     f"| {yes['state_dtype' not in refuses]} "
                     f"| {yes['master_weights' not in refuses]} / "
-                    f"{yes['stochastic_rounding' not in refuses]} |")
+                    f"{yes['stochastic_rounding' not in refuses]} / "
+                    f"{yes['kahan_sum' not in refuses]} |")
     return "\n".join(rows)
 

@@ -152,6 +152,22 @@ def bind_rule(rule, flags):
     return jit(types.FunctionType(coefficients.adapter(rule).__code__, gl, "call"))
 
 
+def _kahan(p0, pv, w):
+    # kahan_sum=True: the rule moved the param from p0 to pv (float32); that update goes
+    # into the param as optimi's compensated sum, its three steps in its order:
+    # comp += update; param += comp (rounded to the param's dtype); comp += old - new.
+    # Returns the param's and the compensation's new bits (w: the compensation's bits)
+    y = load(w) + (pv - p0)
+    q = store(p0 + y)
+    return q, store(y + (p0 - load(q)))
+
+
+def kahan_for(dtype):
+    """_kahan for params of ``dtype`` (a torch dtype name): the update kernels' ``kahan``."""
+    io = {"load": IO[dtype][1], "store": IO[dtype][2]}
+    return numba.njit(inline="always", **JIT)(types.FunctionType(_kahan.__code__, io, "kahan"))
+
+
 def bindings(rule, flags, dtypes, names):
     """What a kernel variant binds (variant_globals): ``rule`` (bind_rule), the loads and
     stores of dtypes (params', state's: load, store, sload, sstore), the flags of ``names``."""

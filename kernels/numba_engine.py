@@ -14,20 +14,22 @@ from numba import prange
 
 from . import numba_base as base, numba_quant
 from .coefficients import GRAD_SCALE
-from .flags import CODED, UPDATE_A, UPDATE_B, UPDATE_C, UPDATE_MASTER, Codes
+from .flags import CODED, UPDATE_A, UPDATE_B, UPDATE_C, UPDATE_KAHAN, UPDATE_MASTER, Codes
 from .numba_base import IO, coef_row, f32_to_bf16_stochastic, voidptr
 
 CHUNK = 1 << 16
 
 # what each variant binds (_build): the rule, the loads and stores of the params' and the
-# state's dtypes, the flags
-rule = load = store = sload = sstore = None
+# state's dtypes, the compensated update (numba_base._kahan), the flags
+rule = load = store = sload = sstore = kahan = None
 SCALE_GRAD = WRITE_GRAD = STOCH_ROUND = False
 _FLAGS = ("SCALE_GRAD", "WRITE_GRAD", "STOCH_ROUND")
 
 
 def _template(KEY, MASK, DT, SDT):
-    # MASK: flags.Update (the state slots in use, a float32 master copy of the param)
+    # MASK: flags.Update (the state slots in use, a float32 master copy of the param or a
+    # compensation buffer in its dtype: table S3 either way)
+    WDT = DT if MASK & UPDATE_KAHAN else SDT
     def kernel(P, G, S0, S1, S2, S3, C, R, TID, CS, CE, N):
         if KEY == 0:  # KEY only tells numba's on-disk cache one variant from another
             return
@@ -42,7 +44,7 @@ def _template(KEY, MASK, DT, SDT):
             a = numba.carray(voidptr(S0[t]), n, SDT)[s:e]
             b = numba.carray(voidptr(S1[t]), n, SDT)[s:e]
             c = numba.carray(voidptr(S2[t]), n, SDT)[s:e]
-            w = numba.carray(voidptr(S3[t]), n, SDT)[s:e]
+            w = numba.carray(voidptr(S3[t]), n, WDT)[s:e]
             hs = coef_row(C, t if C.shape[0] > 1 else 0)  # one row: the same for all
             for j in range(e - s):
                 gv = load(g[j])
@@ -53,13 +55,16 @@ def _template(KEY, MASK, DT, SDT):
                     gv = load(gs)
                 # unused slots point at the param, maybe of another dtype: never read them
                 pv = sload(w[j]) if MASK & UPDATE_MASTER else load(p[j])
+                p0 = pv
                 av = sload(a[j]) if MASK & UPDATE_A else pv
                 bv = sload(b[j]) if MASK & UPDATE_B else pv
                 cv = sload(c[j]) if MASK & UPDATE_C else pv
                 pv, av, bv, cv = rule(pv, gv, av, bv, cv, hs)
                 if MASK & UPDATE_MASTER:
                     w[j] = sstore(pv)
-                if STOCH_ROUND:
+                if MASK & UPDATE_KAHAN:  # the update, compensated (numba_base._kahan)
+                    p[j], w[j] = kahan(p0, pv, w[j])
+                elif STOCH_ROUND:
                     p[j] = f32_to_bf16_stochastic(pv, s + j, key)
                 else:
                     p[j] = store(pv)
@@ -81,7 +86,8 @@ def _build(rule, flags, dtypes, mask):
         module = vars(numba_quant)
     else:
         proto, module = _template(key, mask, dt, sdt), globals()
-    gl = base.variant_globals(module, base.bindings(rule, flags, dtypes, _FLAGS))
+    gl = base.variant_globals(module, dict(base.bindings(rule, flags, dtypes, _FLAGS),
+                                           kahan=base.kahan_for(dtypes[0])))
     return base.compile_kernel(proto, gl, f"kernel_{rule}_{key:x}")
 
 

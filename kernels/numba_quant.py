@@ -13,16 +13,16 @@ from numba.core import cgutils
 from numba.core.registry import cpu_target
 from numba.extending import intrinsic
 
-from . import numba_ops, qmap
+from . import numba_avx2, numba_ops, qmap
+from .numba_avx2 import data_ptrs as _data, splat as _splat
 from .coefficients import GRAD_SCALE
-from .flags import UPDATE_A, UPDATE_B, UPDATE_C, UPDATE_MASTER, Codes
+from .flags import UPDATE_A, UPDATE_B, UPDATE_C, UPDATE_KAHAN, UPDATE_MASTER, Codes
 from .numba_base import JIT, bits_f32, coef_row, f32_bits, f32_to_bf16_stochastic, voidptr
 
 QBLOCK = qmap.QBLOCK
 
-# what each variant binds (numba_engine._build): the rule, the loads and stores of the
-# params' and the state's dtypes, the flags
-rule = load = store = sload = sstore = None
+# what each variant binds (numba_engine._build): as numba_engine's
+rule = load = store = sload = sstore = kahan = None
 SCALE_GRAD = WRITE_GRAD = STOCH_ROUND = False
 
 # what the CPU numba compiles for (its target machine's features) has: with AVX-512, the
@@ -36,20 +36,8 @@ except Exception:  # (a numba without that attribute: the portable loops)
     _FEATURES = set()
 AVX512 = "+avx512f" in _FEATURES
 VBMI = AVX512 and {"+avx512bw", "+avx512vbmi"} <= _FEATURES
+AVX2 = {"+avx2", "+fma"} <= _FEATURES  # (numba_avx2: 8 lanes, where AVX-512 is not there)
 _I8, _I32, _F32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
-
-
-def _data(context, builder, sig, args, n):
-    # the data pointers of the intrinsic's first n arguments (arrays)
-    return [cgutils.create_struct_proxy(sig.args[k])(context, builder, value=args[k]).data
-            for k in range(n)]
-
-
-def _splat(builder, x, vtype):
-    # a vector of type vtype with x in every lane
-    return builder.shuffle_vector(
-        builder.insert_element(ir.Constant(vtype, None), x, ir.Constant(_I32, 0)),
-        ir.Constant(vtype, None), ir.Constant(ir.VectorType(_I32, vtype.count), [0] * vtype.count))
 
 
 def _permutes(groups):
@@ -283,7 +271,7 @@ def _permuted(codes, f, T, sc, inv, lo, hi, signed):
         _codes16(codes, f, T, sc, inv, j, signed)
 
 
-_coded16 = _permuted if AVX512 else _coded
+_coded16 = _permuted if AVX512 else numba_avx2.coded8 if AVX2 else _coded
 
 
 @numba.njit(inline="always", **JIT)
@@ -319,6 +307,7 @@ def template8(KEY, MASK, DT, SDT, ADT, BDT, CDT):
     QA, QB, QC = MASK & Codes.A, MASK & Codes.B, MASK & Codes.C
     RA, RB, RC = (int(bool(MASK & s)) for s in (Codes.SIGNED_A, Codes.SIGNED_B,
                                                 Codes.SIGNED_C))  # map rows
+    WDT = DT if MASK & UPDATE_KAHAN else SDT  # (as numba_engine._template)
 
     def kernel(P, G, S0, S1, S2, S3, A0, A1, A2, Q, C, R, TID, CS, CE, N):
         if KEY == 0:
@@ -335,7 +324,7 @@ def template8(KEY, MASK, DT, SDT, ADT, BDT, CDT):
             a_ = numba.carray(voidptr(S0[t]), n, ADT)
             b_ = numba.carray(voidptr(S1[t]), n, BDT)
             c_ = numba.carray(voidptr(S2[t]), n, CDT)
-            w_ = numba.carray(voidptr(S3[t]), n, SDT)
+            w_ = numba.carray(voidptr(S3[t]), n, WDT)
             xa = numba.carray(voidptr(A0[t]), nb, np.float32)
             xb = numba.carray(voidptr(A1[t]), nb, np.float32)
             xc = numba.carray(voidptr(A2[t]), nb, np.float32)
@@ -364,13 +353,16 @@ def template8(KEY, MASK, DT, SDT, ADT, BDT, CDT):
                             g[j] = gs
                         gv = load(gs)
                     pv = sload(w[j]) if MASK & UPDATE_MASTER else load(p[j])
+                    p0 = pv
                     av = (fa[j] if QA else sload(a[j])) if MASK & UPDATE_A else pv
                     bv = (fb[j] if QB else sload(b[j])) if MASK & UPDATE_B else pv
                     cv = (fc[j] if QC else sload(c[j])) if MASK & UPDATE_C else pv
                     pv, av, bv, cv = rule(pv, gv, av, bv, cv, hs)
                     if MASK & UPDATE_MASTER:
                         w[j] = sstore(pv)
-                    if STOCH_ROUND:
+                    if MASK & UPDATE_KAHAN:
+                        p[j], w[j] = kahan(p0, pv, w[j])
+                    elif STOCH_ROUND:
                         p[j] = f32_to_bf16_stochastic(pv, b0 + j, key)
                     else:
                         p[j] = store(pv)

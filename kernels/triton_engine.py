@@ -13,7 +13,7 @@ import torch
 from . import triton_base as base, triton_quant
 from .coefficients import GRAD_SCALE
 from .flags import (CODES_A, CODES_B, CODES_C, CODES_SIGNED_A, CODES_SIGNED_B, CODES_SIGNED_C,
-                    UPDATE_A, UPDATE_B, UPDATE_C, UPDATE_MASTER, Codes)
+                    UPDATE_A, UPDATE_B, UPDATE_C, UPDATE_KAHAN, UPDATE_MASTER, Codes)
 from .triton_base import (BLOCK, CHUNK, INTERPRET, KINDS, NUM_WARPS, SCALARS, given_row, kernels,
                           launching, load, loaded_row, narrow, narrow_stochastic, rebind, store, store_raw,
                           tensor_ptr, tl, triton, widen)
@@ -58,10 +58,16 @@ def _block(pp, gp, ap, bp, cp, wp, xa, xb, xc, Q, offs, end, key, hs,
         c = qload(cp, xc, offs, end, Q + SC * QTABLE, MASKED)
     elif MASK & UPDATE_C:
         c = load(cp, offs, end, SKIND, MASKED)
+    p0 = p
     p, a, b, c = rule(p, g, a, b, c, hs)
     if MASK & UPDATE_MASTER:
         store(wp, offs, end, p, SKIND, MASKED)
-    if STOCH_ROUND:
+    if MASK & UPDATE_KAHAN:  # the update, compensated: numba_base._kahan's steps
+        y = load(wp, offs, end, KIND, MASKED) + (p - p0)
+        q = narrow(p0 + y, KIND)
+        store(wp, offs, end, y + (p0 - widen(q, KIND)), KIND, MASKED)
+        store_raw(pp, offs, end, q, MASKED)
+    elif STOCH_ROUND:
         store_raw(pp, offs, end, narrow_stochastic(p, offs, key), MASKED)
     else:
         store(pp, offs, end, p, KIND, MASKED)
@@ -99,7 +105,8 @@ def _kernel(P, G, S0, S1, S2, S3, A0, A1, A2, Q, C, R, TID, CS, CE, FI, H0, H1, 
     ap = tensor_ptr(S0, t, SKIND + (4 - SKIND) * ((MASK // CODES_A) % 2), ALIGNED)
     bp = tensor_ptr(S1, t, SKIND + (4 - SKIND) * ((MASK // CODES_B) % 2), ALIGNED)
     cp = tensor_ptr(S2, t, SKIND + (4 - SKIND) * ((MASK // CODES_C) % 2), ALIGNED)
-    wp = tensor_ptr(S3, t, SKIND, ALIGNED)
+    # (the master copy in the state's dtype, or the compensation in the param's)
+    wp = tensor_ptr(S3, t, SKIND + (KIND - SKIND) * ((MASK // UPDATE_KAHAN) % 2), ALIGNED)
     xa = tensor_ptr(A0, t, 0, ALIGNED)
     xb = tensor_ptr(A1, t, 0, ALIGNED)
     xc = tensor_ptr(A2, t, 0, ALIGNED)

@@ -51,7 +51,8 @@ def test_signature_is_torchs_plus_extras(name):
     assert list(ours)[:len(theirs)] == list(theirs)
     assert all(ours[k].default == theirs[k].default for k in theirs)
     assert list(ours)[len(theirs):] == ["backend", "l1", "max_grad_norm", "state_dtype",
-                                        "master_weights", "stochastic_rounding", "flat"]
+                                        "master_weights", "stochastic_rounding", "kahan_sum",
+                                        "flat", "gradient_release"]
     assert all(ours[k].kind == inspect.Parameter.KEYWORD_ONLY for k in list(ours)[len(theirs):])
     # torch.optim's own class, but for those torch lacks: the <Name>ForLoop in their module
     cls = getattr(fusedopt, name)

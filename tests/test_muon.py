@@ -208,7 +208,8 @@ def test_step_errors_are_torchs(backend):
 
 def test_options_that_do_not_fit_are_refused_by_name():
     for kw in (dict(l1=0.1), dict(state_dtype=torch.float32), dict(state_dtype=torch.uint8),
-               dict(master_weights=True), dict(stochastic_rounding=True)):
+               dict(master_weights=True), dict(stochastic_rounding=True), dict(kahan_sum=True),
+               dict(gradient_release=True)):
         with pytest.raises(ValueError, match=f"fusedopt.Muon does not support {next(iter(kw))}"):
             _one(fusedopt.Muon, **kw)
     for kw in (dict(capturable=True), dict(foreach=True), dict(fused=True)):  # torch's own

@@ -135,18 +135,22 @@ def _edges_and_specials(signed):
 
 
 
-@pytest.mark.skipif(not _NQ.AVX512, reason="no AVX-512 on this CPU: no permute path for codes")
 @pytest.mark.parametrize("signed", [True, False])
-@pytest.mark.parametrize("width", [16, 256])
-def test_permuted_codes_equal_the_loop(signed, width):
-    """The CPU engine's codes by permutes (numba_quant._codes16, 16 at a time, and a whole
-    block's _codes_block) against its element-by-element loop (qcode), bit for bit, on
-    _edges_and_specials in blocks whose absmax is 1, tiny (scaled by 2^64, as requantize
-    does) or subnormal."""
+@pytest.mark.parametrize("path,width", [("avx512", 16), ("avx512", 256), ("avx2", 8),
+                                        ("avx2", 256)])
+def test_vector_codes_equal_the_loop(signed, path, width):
+    """The CPU engine's vector codes against its element-by-element loop (qcode), bit for
+    bit, on _edges_and_specials in blocks whose absmax is 1, tiny (scaled by 2^64, as
+    requantize does) or subnormal: AVX-512 permutes (numba_quant._permuted: 16 at a time
+    or a whole block) and AVX2 (numba_avx2.coded8: 8 at a time or a whole block), each
+    where this CPU has its instructions."""
     import numba
     import numpy as np
-    from fusedopt.kernels import qmap
+    from fusedopt.kernels import numba_avx2, qmap
     nq = _NQ
+    if not (nq.AVX512 if path == "avx512" else nq.AVX2):
+        pytest.skip(f"this CPU has no {path}: its path cannot run here")
+    vector = nq._permuted if path == "avx512" else numba_avx2.coded8
     T = quant.engine_table().numpy()[int(signed)].copy()
     x = _edges_and_specials(signed)
     x = np.concatenate([x, np.zeros((-len(x)) % 256, np.float32)])
@@ -157,7 +161,7 @@ def test_permuted_codes_equal_the_loop(signed, width):
         b = np.empty(len(x), np.uint8)
         nq._coded(a, x, T, sc, inv, 0, len(x), signed)
         for j in range(0, len(x), width):
-            nq._permuted(b, x, T, sc, inv, j, j + width, signed)
+            vector(b, x, T, sc, inv, j, j + width, signed)
         return a, b
 
     for absmax in (1.0, 1e-25, 1e-40):
@@ -242,26 +246,39 @@ torch.save({"params": [p.detach() for p in ps], "state": opt.state_dict()["state
 """
 
 
-@pytest.mark.skipif(not _NQ.AVX512, reason="no AVX-512 on this CPU: the portable loops run "
-                    "anyway, nothing to compare them with")
-def test_portable_loops_give_the_permutes_codes(tmp_path):
-    """The whole 8-bit kernel compiled for an AVX2 CPU (numba_quant's portable loops: a
-    load per code, codes by compares) against this CPU's permutes: five AdamW (amsgrad)
-    steps, three 8-bit slots, blocks cut short, moments shrinking by 10^3 a step, the
-    same codes, absmax and params bit for bit."""
+def _run_8bit_steps(kind, where):
+    # _STEPS_8BIT in a subprocess compiled for a kind of CPU (numba_avx2.CPU_KINDS, or
+    # "native"): its result
     import os
     import subprocess
     import sys
-    env = dict(os.environ, NUMBA_CPU_NAME="haswell",
-               NUMBA_CPU_FEATURES="+avx,+avx2,+fma,+sse4.2,+popcnt,+bmi,+bmi2,+f16c",
-               NUMBA_CACHE_DIR=str(tmp_path / "numba"))  # (another CPU: a cache apart)
-    out = {}
-    for name, e in (("avx2", env), ("native", dict(os.environ))):
-        r = subprocess.run([sys.executable, "-c", _STEPS_8BIT, str(tmp_path / name)],
-                           capture_output=True, text=True, env=e, timeout=900)
-        assert r.returncode == 0, r.stderr[-3000:]
-        out[name] = torch.load(tmp_path / name)
-    a, b = out["avx2"], out["native"]
+    from fusedopt.kernels.numba_avx2 import CPU_KINDS
+    env = dict(os.environ)
+    if kind != "native":
+        cpu, features = CPU_KINDS[kind]
+        if not set(features.split(",")) <= _NQ._FEATURES:
+            pytest.skip(f"this CPU cannot run code compiled for {cpu}")
+        env.update(NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features,
+                   NUMBA_CACHE_DIR=str(where / "numba"))  # (another CPU: a cache apart)
+    r = subprocess.run([sys.executable, "-c", _STEPS_8BIT, str(where / "out")],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return torch.load(where / "out")
+
+
+@pytest.fixture(scope="module")
+def portable_8bit_steps(tmp_path_factory):
+    return _run_8bit_steps("portable", tmp_path_factory.mktemp("portable"))
+
+
+@pytest.mark.parametrize("kind", ["avx2", "avx512", "native"])
+def test_each_cpu_path_gives_the_portable_codes(tmp_path, kind, portable_8bit_steps):
+    """The whole 8-bit kernel compiled for each kind of CPU this one can run (numba_quant's
+    paths: AVX2, AVX-512 without VBMI, this CPU's own) against the portable loops (a load
+    per code, codes by compares): five AdamW (amsgrad) steps, three 8-bit slots, blocks
+    cut short, moments shrinking by 10^3 a step, the same codes, absmax and params bit for
+    bit."""
+    a, b = portable_8bit_steps, _run_8bit_steps(kind, tmp_path)
     assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
     codes = 0
     for i, st in a["state"].items():

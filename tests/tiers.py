@@ -51,6 +51,12 @@ RULES = {
     "test_8bit.py::test_bfloat16_params_with_8bit_state": rule(ONE),
     "test_8bit.py::test_training_loss_within_one_percent_of_float32": FULL(
         "a training run (~65 s); the one-step reference and the engines' codes stay quick"),
+    "test_release.py::test_every_optimizer_is_bitwise_the_normal_step": FULL(
+        "each optimizer's own flag-rich variant; five optimizers on both engines stay quick "
+        "in test_released_params_are_bitwise_the_normal_steps"),
+    "test_release.py::test_8bit_state_bitwise": FULL(
+        "compiles its own 8-bit variant (60-190 s on a first run); gradient release with "
+        "float and mixed-precision state stays quick"),
     "test_8bit.py::test_tiny_and_subnormal_blocks": FULL(
         "~90 s of compiling its own variant; the blocks' codes are checked by test_quant"),
     # -- AMP: GradScaler's unscale in the kernel, both engines, both dtypes, AdamW
@@ -67,6 +73,14 @@ RULES = {
     # -- mixed precision and clipping: every engine, dtype and option on AdamW
     "test_precision.py::test_float32_state": rule(ONE, cover=("dtype",)),
     "test_precision.py::test_master_weights": rule(ONE, cover=("dtype",)),
+    "test_kahan.py::test_every_algorithm_follows_the_float32_replay": rule(
+        "14 optimizers, ~5-15 s each on a first run (a Kahan variant each); AdamW stands "
+        "for all, the Kahan sum itself is one code path for every rule"),
+    "test_kahan.py::test_dtypes_and_state_follow_the_float32_replay": rule(
+        ONE, cover=("dtype", "state_dtype")),
+    "test_kahan.py::test_8bit_state_follows_the_float32_replay": FULL(
+        "an 8-bit Kahan variant compiles for 60-115 s on Numba; the other Kahan tests stay "
+        "quick on both engines"),
     "test_clip.py::test_max_grad_norm": rule(ONE, cover=("amp",)),
     "test_clip.py::test_matches_torch": rule("36 cases of one kernel", cover=("order", "dtype")),
     "test_integration.py::test_capturable_parity": rule(ONE, cover=("dtype",)),
@@ -84,8 +98,9 @@ RULES = {
         "a parity subset under other ATen dispatch in a subprocess: 50-70 s each"),
     "test_arith.py::test_parity_check_catches_a_1ulp_error_in_our_kernels": rule(
         "a mutated kernel each (~30-80 s); one mutation stays quick"),
-    "test_quant.py::test_portable_loops_give_the_permutes_codes": FULL(
-        "~85 s compiling portable loops; test_codes_are_nearest_per_block checks the codes"),
+    "test_quant.py::test_each_cpu_path_gives_the_portable_codes": FULL(
+        "~45 s per CPU kind compiling the 8-bit kernel; test_vector_codes_equal_the_loop "
+        "checks each path's codes"),
     # -- safety: one heap-checked program run stays quick
     "test_safety.py::test_these_tests_under_heap_checking": FULL(
         "reruns test files under heap checking in a subprocess (~70 s)"),
