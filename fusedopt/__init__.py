@@ -9,6 +9,7 @@ from .clip import clip_grad_norm_
 from .lamb import LAMB
 from .lars import LARS
 from .lion import Lion
+from .muon import Muon, MuonWithAuxAdam, muon_param_groups
 from .nadam import NAdam
 from .radam import RAdam
 from .release import prepare_for_gradient_release, remove_gradient_release
@@ -27,6 +28,7 @@ except ImportError:  # numba missing: the Triton engine still works
 
 __all__ = ["Adam", "AdamW", "Adamax", "RMSprop", "Adagrad", "SGD", "Adadelta", "Rprop", "RAdam",
            "NAdam", "ASGD", "Adafactor", "Lion", "AdEMAMix", "AdamWScheduleFree",
-           "SGDScheduleFree", "LAMB", "LARS", "StableAdamW", "clip_grad_norm_",
-           "prepare_for_gradient_release", "remove_gradient_release"]
+           "SGDScheduleFree", "LAMB", "LARS", "StableAdamW", "Muon", "MuonWithAuxAdam",
+           "muon_param_groups", "clip_grad_norm_", "prepare_for_gradient_release",
+           "remove_gradient_release"]
 __version__ = "0.1.0"

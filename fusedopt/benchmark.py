@@ -115,6 +115,9 @@ def _steps(cls_name, hp, shapes, device, compile_step, mixed=None):
     ours, dtype, clip, _ = mixed or ({}, torch.float32, None, 0)
     impls = {"torch-forloop": dict(foreach=False), "torch-foreach": dict(foreach=True)}
     twin = getattr(fusedopt, cls_name).twin()
+    foreach = "foreach" in inspect.signature(twin).parameters
+    if not foreach:  # (torch's Muon: its for-loop alone)
+        impls = {"torch-forloop": {}}
     other = None
     if not twin.__module__.startswith("torch.optim"):  # not in torch: its spec's source
         row, other = _source(cls_name, twin)
@@ -122,7 +125,7 @@ def _steps(cls_name, hp, shapes, device, compile_step, mixed=None):
     if cls_name in TORCH_FUSED and not (cls_name == "Adagrad" and device.type == "cuda"):  # CPU-only
         impls["torch-fused"] = dict(fused=True)
     if compile_step:
-        impls["torch-compile"] = dict(foreach=True)
+        impls["torch-compile"] = dict(foreach=True) if foreach else {}
     impls["fusedopt"] = {}
     impls["fusedopt-flat"] = dict(flat=True)  # grads stay the buffer's aliases: no zero_grad
     steps = {}
@@ -134,9 +137,9 @@ def _steps(cls_name, hp, shapes, device, compile_step, mixed=None):
         opt = fusedopt.spec.ready(cls(ps, **hp, **kw, **(ours if mine else {})))
         steps[impl] = torch.compile(opt.step) if impl == "torch-compile" else opt.step
         if clip is not None and not mine:  # torch clips with clip_grad_norm_ before its step
-            steps[impl] = _clipped(ps, clip, kw.get("foreach", True), steps[impl])
-        if mine:
-            steps[impl + HOST] = _host_only(opt.step, device)
+            steps[impl] = _clipped(ps, clip, kw.get("foreach", foreach), steps[impl])
+        if mine and not fusedopt.spec.spec(cls_name).stacked:  # (Muon's host work would
+            steps[impl + HOST] = _host_only(opt.step, device)  # hold its matmuls)
     # (Lion and Adafactor, like torch's Adafactor, have no capturable flag: no graph row)
     if device.type == "cuda" and "capturable" in inspect.signature(twin).parameters:
         steps["fusedopt-graph"] = _graphed(cls_name, hp, shapes, device, dtype, ours)

@@ -143,6 +143,7 @@ class _Bucket:
     the algorithm keeps none); ``index``: the params' places in their group."""
 
     tables = factors = None  # a factored state's (matrix.factors)
+    stacks = None  # a stacked update's (stacked.Stacks)
 
     def __init__(self, spec, group, params, states, fresh, index, buffers=None):
         self.params = params

@@ -235,7 +235,7 @@ def _warmup_optimizers():
 def warmup_cmd(args):
     """Compile ahead what a first step would compile: the C++ host helper and, per
     optimizer, the CPU kernels its default options use (two steps over a few small float32
-    params, 1-D and 2-D), and clip_grad_norm_'s norm kernel.  They are cached on disk
+    params, 1-D and 2-D; 2-D alone for Muon), and clip_grad_norm_'s norm kernel.  They are cached on disk
     (numba's cache: next to the installed kernels, or $NUMBA_CACHE_DIR; the helper:
     ~/.cache/fusedopt or $FUSEDOPT_BUILD_DIR), so a container or CI image built with
     `fusedopt warmup` starts its first step without compiling."""
@@ -260,7 +260,10 @@ def warmup_cmd(args):
         for name in names:
             for dtype in dtypes:
                 t0, c0 = time.perf_counter(), notice.COMPILES.count
-                ps = [torch.nn.Parameter(torch.zeros(s, dtype=dtype)) for s in ((7,), (33, 5))]
+                # (an algorithm of 2-D params alone, Spec.stacked: two matrices)
+                flat = name == "clip" or not known[name].spec.stacked
+                ps = [torch.nn.Parameter(torch.zeros(s, dtype=dtype))
+                      for s in ((7,) if flat else (7, 3), (33, 5))]
                 for p in ps:
                     p.grad = torch.ones_like(p)
                 if name == "clip":
@@ -325,7 +328,8 @@ def main(argv=None, cls=None):
     p.add_argument("--json")
     b = sub.add_parser("bench", help="time a step against torch's paths and the memory roof")
     b.add_argument("--optim", default="adam", help="comma list of " + ",".join(OPTIMS_HELP))
-    b.add_argument("--workloads", default=None, help="gpt2-124m,many-small,tiny,llama-1b")
+    b.add_argument("--workloads", default=None, help="gpt2-124m,many-small,tiny,llama-1b; 2-D only "
+                   "(Muon): gpt2-124m-hidden,gpt2-block,muon-128x128,moe-64x3")
     b.add_argument("--sizes", help="custom workload, e.g. 4096x4096,1000x100")
     b.add_argument("--repeats", type=int, default=7)
     b.add_argument("--device")

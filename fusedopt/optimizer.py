@@ -36,7 +36,8 @@ class FusedOptimizer:
     ``_slots``, ``_flags``, ``_coefficients`` (a new dict of the rule's coefficients by
     name: kernels/coefficients.py); ``_init_state`` only where a state entry
     starts as something other than zeros (the plan creates the slots, in the state dtype);
-    a factored algorithm (Spec.factored) ``_matrix_step``.
+    a factored algorithm (Spec.factored) ``_matrix_step``, a stacked one (Spec.stacked)
+    ``_stacked_step``.
     """
 
     _rule = _sparse_error = None
@@ -79,6 +80,7 @@ class FusedOptimizer:
                                                              or group.get("kahan_sum")),
             factored=self._is_factored(), backend=self._backend,
             real_only=self.spec is not None and not self.spec.complex_params,
+            stacked=self.spec is not None and self.spec.stacked,
             index=next(i for i, g in enumerate(self.param_groups) if g is whole),
             places=getattr(group, "places", None))
 
@@ -349,6 +351,8 @@ class FusedOptimizer:
     def _run(self, bucket, group, gptr, amp):
         if bucket.factors is not None:  # a factored state (Spec.factored): its own passes
             return self._matrix_step(bucket, group, gptr, amp)
+        if bucket.stacks is not None:  # a stacked update (Spec.stacked): its own passes
+            return self._stacked_step(bucket, group, gptr, amp)
         # the gradient's factor (1 / scale, clipping), the inf flag, whether a scaler is in it
         inv, found, amp_scaled = amp
         if found is not None:

@@ -55,7 +55,8 @@ def validate(cls_name, refuses, *, backend, l1, max_grad_norm, state_dtype, **sw
         if not isinstance(switches[k], bool):
             raise TypeError(f"{k} must be True or False, got {type(switches[k]).__name__}: "
                             f"{switches[k]!r}")
-    for k, v in (("master_weights", switches["master_weights"]), ("state_dtype", state_dtype),
+    for k, v in (("l1", l1), ("master_weights", switches["master_weights"]),
+                 ("state_dtype", state_dtype),
                  ("stochastic_rounding", switches["stochastic_rounding"]),
                  ("kahan_sum", switches["kahan_sum"]),
                  ("gradient_release", switches["gradient_release"])):

@@ -74,7 +74,9 @@ def run(impl, name, dtype, groups, steps=20, seed=0, backend=None, cls=None, dev
     pgroups = []
     for (params, _), (_, hp) in zip(data, groups):
         pgroups.append(dict(params=[torch.nn.Parameter(p.clone().to(device)) for p in params], **hp))
-    kw = {"backend": backend} if impl == "fusedopt" else {"foreach": False}
+    # (a twin without a foreach path, torch's Muon, takes no foreach argument)
+    kw = {"backend": backend} if impl == "fusedopt" else \
+        {"foreach": False} if "foreach" in inspect.signature(cls).parameters else {}
     if inspect.signature(cls).parameters["lr"].default is inspect.Parameter.empty:
         kw["lr"] = pgroups[0]["lr"]  # (a required lr, as optimi's: each group has its own)
     opt = spec.ready(cls(pgroups, **kw))
@@ -108,13 +110,14 @@ def ordered(x):
     return torch.where(i < 0, top - i, i)
 
 
-def max_ulp(xs, ys, scales=None, floor=0.0):
+def max_ulp(xs, ys, scales=None, floor=0.0, unit=None):
     """Largest difference between corresponding elements, in units of last place.
 
     With ``scales`` (the params before the update), the unit is the ulp of the largest of
     |x|, |y|, |scale|, the update |y - scale| and ``floor`` (e.g. lr): where an update cancels most of a param, a rounding difference of one
     ulp in the update is many ulps of the small result, and that is not a real
     difference (torch itself rounds its vectorized body and its scalar tail differently).
+    ``unit`` (with ``scales``): count in ulp of that dtype instead of the params'.
     """
     worst = 0
     for k, (x, y) in enumerate(zip(xs, ys)):
@@ -127,7 +130,11 @@ def max_ulp(xs, ys, scales=None, floor=0.0):
         before = scales[k].to(x.dtype)
         s = torch.maximum(torch.maximum(x.abs(), y.abs()), before.abs())
         s = torch.maximum(s, (y - before).abs()).clamp(min=floor)
-        ulp = torch.nextafter(s, torch.full_like(s, float("inf"))) - s
+        if unit is None:
+            ulp = torch.nextafter(s, torch.full_like(s, float("inf"))) - s
+        else:  # the unit dtype's eps times the power of 2 at or below s
+            s = s.double()
+            ulp = torch.ldexp(torch.ones_like(s), torch.frexp(s)[1] - 1) * torch.finfo(unit).eps
         d = (x.double() - y.double()).abs() / ulp.double()
         worst = max(worst, d.nan_to_num(0.0).max().item())
     return worst
@@ -146,6 +153,8 @@ def groups_for(name, case, dtype, shapes=None):
     for k, (hp, cross) in enumerate(zip(sp.group_hp, CROSS)):
         if not sp.weight_decay:
             cross = {k: v for k, v in cross.items() if k != "weight_decay"}
+        if not sp.maximize:
+            cross = {k: v for k, v in cross.items() if k != "maximize"}
         hp = {**hp, **cross, **case}
         if dtype == torch.float16 and sp.fp16_eps:
             hp["eps"] = max(hp.get("eps", 0), 1e-4)
@@ -191,7 +200,7 @@ def check(name, case, dtype, backends=None, steps=20, shapes=None, cls=None, dev
         for shp, hp in groups:
             n = len(shp)
             worst = max(worst, max_ulp(ours[backends[0]][k:k + n], theirs[k:k + n], init[k:k + n],
-                                       floor=hp["lr"]))
+                                       floor=hp["lr"], unit=spec.spec(name).ulp_dtype))
             k += n
         out["ulp_vs_torch"] = worst
         bound = spec.spec(name).ulp or ULP_STEPS
@@ -203,7 +212,8 @@ def check(name, case, dtype, backends=None, steps=20, shapes=None, cls=None, dev
             init, k, apart = initial(dtype, groups), 0, 0.0
             for shp, hp in groups:
                 n = len(shp)
-                apart = max(apart, max_ulp(a[k:k + n], b[k:k + n], init[k:k + n], hp["lr"]))
+                apart = max(apart, max_ulp(a[k:k + n], b[k:k + n], init[k:k + n], hp["lr"],
+                                           unit=spec.spec(name).ulp_dtype))
                 k += n
         else:
             apart = max_ulp(a, b)

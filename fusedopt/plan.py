@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import flat, host, matrix, quant
+from . import flat, host, matrix, quant, stacked
 from .bucket import (KAHAN, _Bucket, _dtensor, _local, extra_name, has_kahan, has_master,
                      state_dtype)
 
@@ -35,6 +35,8 @@ class GroupSpec:
     factored: the state of a matrix param is row and column factors (Spec.factored; their
         shapes, checks and buffers: matrix.py).
     real_only: complex params are left to the twin (Spec.complex_params is False).
+    stacked: each bucket gets same-shape stacks of its updates (Spec.stacked: stacked.py);
+        only 2-D params, not DTensors (their matmuls span the shards).
     backend: the engine choice the optimizer was built with ("auto", "numba", "triton").
     index: the group's place among the optimizer's groups (stochastic rounding's stream).
     places: where ``group["params"]`` is a gradient-release bucket's slice of its group
@@ -51,6 +53,7 @@ class GroupSpec:
     backend: str
     index: int
     places: tuple = None
+    stacked: bool = False
 
 
 def _unfit(spec, group, p, g, st):
@@ -65,6 +68,8 @@ def _unfit(spec, group, p, g, st):
         return "a complex param"
     if spec.factored and isinstance(p, _dtensor()):  # (torch's ops all-reduce them)
         return "a DTensor param of a factored state (its sums span the shards)"
+    if spec.stacked and (p.dim() != 2 or isinstance(p, _dtensor())):
+        return "a param of a stacked update that is not a local 2-D tensor"
     if not spec.needs_state:
         return None
     for name in ("step", *spec.scalars) if spec.has_step else ():
@@ -244,6 +249,8 @@ class _Plan:
         # a factored state's matrix tables and factor buffers, watched as the slots are
         for idx, b in self.buckets if spec.factored else ():
             b.tables, b.factors = matrix.factors(b, [state[params[i]] for i in idx])
+        for _, b in self.buckets if spec.stacked else ():  # (held by the bucket alone)
+            b.stacks = stacked.Stacks(b)
         self.all_live = len(live) == len(params)
         self.single = len(self.buckets) == 1 and self.all_live and not self.fallback
         self.take = take

@@ -212,8 +212,9 @@ def prepare_for_gradient_release(model, optimizer, ignore_existing_hooks=False, 
     without ``gradient_release=True`` or a model already holding post-accumulate-grad hooks
     (unless ``ignore_existing_hooks``), ``RuntimeError`` for DTensor (FSDP2) params or a
     DistributedDataParallel model (both untested).  See docs/options.md."""
-    from .optimizer import FusedOptimizer  # (here: optimizer imports clip imports us)
-    if not isinstance(optimizer, FusedOptimizer):
+    # (FusedOptimizer's class attribute: importing optimizer here would close a circle,
+    # optimizer -> clip -> release)
+    if not hasattr(type(optimizer), "_gradient_release"):
         raise TypeError("`optimizer` must be a fusedopt optimizer, got "
                         f"{type(optimizer).__name__}")
     if not optimizer._gradient_release:

@@ -50,6 +50,16 @@ class Spec:
         coefficients of one value per tensor.
     train_mode: the class steps only in train mode, as its source (schedule-free: a new
         optimizer raises at step until ``train()`` is called); harnesses call ``ready``.
+    stacked: the update of each (2-D) param is a matrix function computed on same-shape
+        stacks between two engine passes (Muon: fusedopt/stacked.py); the plan gives each
+        bucket its stacks and leaves params of other than 2 dims to the twin (its errors).
+        The class then steps its buckets with ``_stacked_step``.  Such an algorithm takes
+        2-D params alone: the shared tests of any-shaped params leave it to its own tests.
+    maximize: whether the algorithm has a maximize argument (parity crosses it).
+    ulp_dtype: the dtype whose ulp (of the param's or the update's magnitude) is the unit
+        of ``ulp``, where the update passes through a coarser dtype than the param's
+        (Muon: bfloat16 matmuls, whose batched and per-matrix results may differ by an
+        ulp of theirs); None: the param's dtype.
     """
     reference: Callable
     source: str
@@ -70,6 +80,9 @@ class Spec:
     complex_params: bool = True
     train_mode: bool = False
     trust: bool = False
+    stacked: bool = False
+    maximize: bool = True
+    ulp_dtype: object = None
 
 
 def register(cls):

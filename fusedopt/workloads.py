@@ -20,8 +20,22 @@ def llama_1b():
     return shapes + [(d,)]
 
 
+def gpt2_hidden(layers=12):
+    """GPT-2 small's hidden 2-D weights (what muon_param_groups gives Muon: 48 matrices,
+    85M params; embeddings, head, gains and biases go to AdamW); ``layers``: the first
+    blocks alone (one block: its four matrices, each shape once)."""
+    d = 768
+    return [s for _ in range(layers) for s in ((d, 3 * d), (d, d), (d, 4 * d), (4 * d, d))]
+
+
 WORKLOADS = {
     "gpt2-124m": gpt2_124m,
+    # 2-D alone (Muon): GPT-2's hidden weights, one block of them, many small same-shape
+    # matrices, a mixture of experts' (64 experts x 3 matrices)
+    "gpt2-124m-hidden": gpt2_hidden,
+    "gpt2-block": lambda: gpt2_hidden(1),
+    "muon-128x128": lambda: [(128, 128)] * 1024,
+    "moe-64x3": lambda: [(1024, 256)] * (64 * 3),
     "many-small": lambda: [(4096,)] * 5000,
     "tiny": lambda: [(100,)] * 20000,
     "llama-1b": llama_1b,

@@ -360,6 +360,24 @@ def stableadamw(p, g, m, v, x, *, w, beta2_hat, beta2_comp, eps_sq, eps, decay, 
     return p + ops.div(-lr * m, ops.sqrt(v) + eps), m, v, x
 
 
+def muon_momentum(u, g, buf, *, w, m, one):
+    # Muon's pre-pass (fusedopt/muon.py), run with each param's place in its update stack
+    # (fusedopt/stacked.py) as `u`: torch's buf.lerp_(g, 1 - momentum) (w), then the
+    # update, g.lerp(buf, momentum) (m) under NESTEROV, else buf; each lerp's formula
+    # picked by its weight as torch picks it (sf_interpolate)
+    buf = sf_interpolate(buf, g, w, one)
+    u = buf
+    if NESTEROV:
+        u = sf_interpolate(g, buf, m, one)
+    return u, buf
+
+
+def muon_update(p, o, *, decay, step):
+    # Muon's post-pass, run with the orthogonalized update as `o`: torch's
+    # p.mul_(1 - lr * wd) (decay: always, as torch), p.add_(o, alpha=-adjusted_lr) (one fma)
+    return ops.fma(step, o, p * decay)
+
+
 def scale(p, g, *, factor):
     # not an optimizer: clip_grad_norm_'s multiply, run with the gradients as `p`
     return p * factor
@@ -368,5 +386,5 @@ def scale(p, g, *, factor):
 RULES = {f.__name__: f for f in (adam, adamax, rmsprop, adagrad, sgd, adadelta, rprop, radam,
                                   nadam, asgd, lion, adafactor, ademamix, schedulefree_adamw,
                                   schedulefree_sgd, schedulefree_swap, lamb, lars, stableadamw,
-                                  scale)}
+                                  muon_momentum, muon_update, scale)}
 HELPERS = (lerp, regularize, adam_moments, sf_interpolate)

@@ -19,6 +19,7 @@ from fusedopt.kernels.flags import SLOT, Update, update_mask
 VARIANTS = {cls._rule: cls.spec.aot for cls in spec.REGISTRY.values() if cls.spec.aot}
 VARIANTS["scale"] = ({}, 0)  # clip_grad_norm_'s multiply
 VARIANTS["schedulefree_swap"] = ({}, 1)  # schedule-free's train()/eval(): slot a is z
+VARIANTS["muon_update"] = ({}, 0)  # Muon's second pass (its first, muon_momentum: its spec's)
 
 
 # The update kernel's variants are compiled in one process of their own without

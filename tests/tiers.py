@@ -119,6 +119,10 @@ RULES = {
         "DCP checkpoints under FSDP2 in the quick tier"),
     "test_distributed.py::test_clipping_without_the_all_reduce_fails": FULL(
         "the norm all-reduce mutation; test_dist_programs runs the same mutation quick"),
+    # -- Muon: its bf16 Newton-Schulz is slow on a CPU; each value once stays quick
+    "test_muon.py::test_fused_passes_are_torchs_bit_for_bit": rule(
+        "16 cases of ~5-30 s (torch's bfloat16 matmuls, three trainings each)",
+        cover=("hp", "dtype")),
     # -- AOT PTX: one rule per check keeps each kind of variant (arch, amp, 8-bit, masters/SR)
     "test_aot.py::test_compiles_with_vector_loads": rule(
         "52 PTX compiles; each arch and amp on one rule", cover=("arch", "amp")),
