@@ -120,6 +120,13 @@ def spec(name):
         raise KeyError(f"no optimizer named {name!r}; known: {', '.join(REGISTRY)}") from None
 
 
+def offers_8bit(cls):
+    """Whether optimizer class ``cls`` takes ``state_dtype=torch.uint8`` (8-bit state): not
+    where it refuses ``state_dtype``, nor a trust algorithm (Spec.trust), whose reduce pass
+    reads float state."""
+    return "state_dtype" not in getattr(cls, "_refuses", ()) and not cls.spec.trust
+
+
 def table():
     """The README's optimizer table (markdown), one row per registered class
     (``python -c "import fusedopt; print(fusedopt.spec.table())"``; tests/test_spec.py
@@ -129,8 +136,7 @@ def table():
     yes = {True: "yes", False: "no"}
     for name, cls in REGISTRY.items():
         refuses = set(getattr(cls, "_refuses", ()))
-        # (a trust algorithm's reduce pass reads float state: it refuses 8-bit state alone)
-        eight = "state_dtype" not in refuses and not cls.spec.trust
+        eight = offers_8bit(cls)
         rows.append(f"| `{name}` | `{cls.spec.source}` | {yes[cls.spec.torch_fused]} "
                     f"| {yes[eight]} "
                     f"| {yes['master_weights' not in refuses]} / "

@@ -14,8 +14,18 @@ from harness import HP, NAMES
 
 # every optimizer with moment state (Adafactor refuses state_dtype: its factors are its own;
 # schedule-free: its z is a copy of the weights)
-MOMENTS = [n for n in NAMES if "state_dtype" not in getattr(fusedopt, n)._refuses]
+MOMENTS = [n for n in NAMES if fusedopt.spec.offers_8bit(getattr(fusedopt, n))]
 SHAPES = [(300, 77), (4096,), (70000,), (100,)]  # blocks cut short, two chunks, under threshold
+
+
+@pytest.mark.parametrize("name", [n for n, c in fusedopt.spec.REGISTRY.items()
+                                  if not fusedopt.spec.offers_8bit(c)])
+def test_classes_without_8bit_state_refuse_it_by_name(name):
+    """What the README's table says "no" for refuses state_dtype=torch.uint8 at
+    construction with a ValueError naming state_dtype, never silently keeping float state."""
+    p = [torch.nn.Parameter(torch.zeros(4, 4))]
+    with pytest.raises(ValueError, match="does not support state_dtype"):
+        fusedopt.spec.REGISTRY[name](p, lr=1e-3, state_dtype=torch.uint8)
 
 
 def _params(seed=0, shapes=SHAPES):
