@@ -133,7 +133,7 @@ def test_state_dict_is_the_packages_both_ways():
     ga, gb = sa["param_groups"][0], sb["param_groups"][0]
     assert ga["step"] == gb["step"] == 3 and set(ga) <= set(gb)
     assert set(gb) - set(ga) == {"l1", "state_dtype", "master_weights", "flat",
-                                 "stochastic_rounding"}  # fusedopt's options
+                                 "stochastic_rounding", "kahan_sum"}  # fusedopt's options
     # cross-load (the params as a checkpoint's model holds them), then all continue
     c, d = make(fusedopt.AdEMAMix), make(Theirs, foreach=False)
     for opt in (c, d):

@@ -285,7 +285,11 @@ def test_reference_matches_torch_float64():
             ps = [p.detach().double() for p in _params(shapes=((100,), (4, 4)))]
             tp = [torch.nn.Parameter(p.clone()) for p in ps]
             # (in the group: a twin without a maximize argument still honours a group's)
-            opt = ready(getattr(fusedopt, name).twin()([dict(params=tp, **hp)], foreach=False))
+            twin = getattr(fusedopt, name).twin()
+            # (optimi's lr is required: the constructor's, the group's the same)
+            kw = {"lr": hp["lr"]} if inspect.signature(twin).parameters["lr"].default \
+                is inspect.Parameter.empty else {}
+            opt = ready(twin([dict(params=tp, **hp)], foreach=False, **kw))
             states = [{} for _ in ps]
             for s in range(10):
                 gen = torch.Generator().manual_seed(s)

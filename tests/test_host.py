@@ -169,7 +169,7 @@ def test_state_swapped_in_place_is_used_as_torch_uses_it(name):
     set_grads(ps, 0)
     step_both(opts)
     for key, t in opts[1].state[ps[1][0]].items():
-        if key != "step" and t.shape == ps[1][0].shape:
+        if key != "step" and torch.is_tensor(t) and t.shape == ps[1][0].shape:
             # each slot's storage swapped; values changed too, where they may (a doubled
             # grad_avg could make RMSprop's centered variance negative)
             new = t * (1 if key == "grad_avg" else 2)
