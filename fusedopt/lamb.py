@@ -212,6 +212,7 @@ class LAMB(FusedOptimizer, LAMBForLoop):
                 fp16_eps=True, test_hp=dict(lr=1e-2, weight_decay=0.1, max_grad_norm=0.0),
                 program_hp=dict(lr=1e-2), bench_hp=dict(lr=1e-3),
                 unsigned=frozenset({"exp_avg_sq"}), traffic=((4, 0), (4, 3)), complex_params=False,
+                ulp=64,
                 trust=True, aot=(dict(WEIGHT_DECAY=True, MAXIMIZE=True, L1=True), 3))
 
 

@@ -141,7 +141,7 @@ class LARS(FusedOptimizer, LARSForLoop):
                           dict(lr=3e-2, momentum=0.5), dict(lr=1e-2, trust_coefficient=1.0)),
                 test_hp=dict(lr=1e-2, weight_decay=0.1, nesterov=True, trust_coefficient=0.02),
                 program_hp=dict(lr=1e-2, weight_decay=0.05), bench_hp=dict(lr=1e-3),
-                traffic=((3, 0), (3, 2)), complex_params=False, trust=True,
+                traffic=((3, 0), (3, 2)), complex_params=False, trust=True, ulp=64,
                 aot=(dict(MOMENTUM=True, NESTEROV=True, MAXIMIZE=True, L1=True), 1))
 
 

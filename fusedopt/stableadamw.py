@@ -183,7 +183,7 @@ class StableAdamW(FusedOptimizer, StableAdamWForLoop):
                 # which fail on a CPU: its per-tensor path, its default without Triton)
                 program_hp=dict(lr=1e-2), bench_hp=dict(lr=1e-3, triton=False),
                 unsigned=frozenset({"exp_avg_sq"}), traffic=((4, 0), (4, 3)), complex_params=False,
-                trust=True, aot=(dict(DECOUPLED=True, WEIGHT_DECAY=True, L1=True), 3))
+                trust=True, ulp=64, aot=(dict(DECOUPLED=True, WEIGHT_DECAY=True, L1=True), 3))
 
 
 StableAdamW.__signature__ = signature_with(StableAdamWForLoop)
