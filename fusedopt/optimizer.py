@@ -80,7 +80,7 @@ class FusedOptimizer:
                                                              or group.get("kahan_sum")),
             factored=self._is_factored(), backend=self._backend,
             real_only=self.spec is not None and not self.spec.complex_params,
-            stacked=self.spec is not None and self.spec.stacked,
+            stacked=getattr(self.spec, "stacked", False), trust=getattr(self.spec, "trust", False),
             index=next(i for i, g in enumerate(self.param_groups) if g is whole),
             places=getattr(group, "places", None))
 

@@ -37,6 +37,8 @@ class GroupSpec:
     real_only: complex params are left to the twin (Spec.complex_params is False).
     stacked: each bucket gets same-shape stacks of its updates (Spec.stacked: stacked.py);
         only 2-D params, not DTensors (their matmuls span the shards).
+    trust: per-tensor factors from norms (Spec.trust): not DTensors (a shard's sums are not
+        the param's).
     backend: the engine choice the optimizer was built with ("auto", "numba", "triton").
     index: the group's place among the optimizer's groups (stochastic rounding's stream).
     places: where ``group["params"]`` is a gradient-release bucket's slice of its group
@@ -54,6 +56,7 @@ class GroupSpec:
     index: int
     places: tuple = None
     stacked: bool = False
+    trust: bool = False
 
 
 def _unfit(spec, group, p, g, st):
@@ -66,8 +69,8 @@ def _unfit(spec, group, p, g, st):
         return f"a {g.dtype} grad of shape {tuple(g.shape)} for a {p.dtype} param of shape {tuple(p.shape)}"
     if spec.real_only and p.is_complex():
         return "a complex param"
-    if spec.factored and isinstance(p, _dtensor()):  # (torch's ops all-reduce them)
-        return "a DTensor param of a factored state (its sums span the shards)"
+    if (spec.factored or spec.trust) and isinstance(p, _dtensor()):  # (torch's ops all-reduce)
+        return "a DTensor param of per-param sums (factored state, trust ratios)"
     if spec.stacked and (p.dim() != 2 or isinstance(p, _dtensor())):
         return "a param of a stacked update that is not a local 2-D tensor"
     if not spec.needs_state:
