@@ -48,16 +48,17 @@ def join(param, remainder):
 
 
 def rounds_to(master, param):
-    """Whether the float32 ``master`` rounds to ``param`` (a local tensor of its shape) by
-    round-to-nearest-even (``master_weights=True``'s param) or, for bfloat16, by this
-    scheme (``"remainder"``'s): a master either mode wrote belongs to the param."""
+    """Whether the float32 ``master`` rounds to ``param`` (a local float16/bfloat16 tensor of
+    its shape) by round-to-nearest-even (``master_weights=True``'s param) or, for bfloat16,
+    by this scheme (``"remainder"``'s): a master either mode wrote belongs to the param.
+    Bit for bit: a NaN is its own (torch.equal calls no NaN equal), -0.0 is not 0.0."""
     if master.shape != param.shape:
         return False
-    param = param.detach()
+    dt, want = param.dtype, param.detach().view(torch.int16)
     master = master.to(param.device)
-    if torch.equal(master.to(param.dtype), param):
+    if torch.equal(master.to(dt).view(torch.int16), want):
         return True
-    return param.dtype == torch.bfloat16 and torch.equal(split(master)[0], param)
+    return dt == torch.bfloat16 and torch.equal(split(master)[0].view(torch.int16), want)
 
 
 def adopt(st, p):
