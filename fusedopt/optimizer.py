@@ -177,7 +177,9 @@ class FusedOptimizer:
         shape = matrix.state_shape if self._is_factored() else self._state_shape
         check_loaded(state_dict, [p for g in self.param_groups for p in g["params"]],
                      self._scalars, shape)
+        forms = [g.get("master_weights") for g in self.param_groups]
         super().load_state_dict(state_dict)
+        remainder.keep_form(forms, self.param_groups)
         for group in self.param_groups:
             # a torch.optim state_dict has no l1 (torch's math: 0) and no precision options
             # (kept as this optimizer was built with)

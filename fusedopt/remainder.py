@@ -93,6 +93,16 @@ def export(state_dict, groups):
             st["master"] = join(local(p).detach(), st.pop(KEY))
 
 
+def keep_form(forms, groups):
+    """After torch's load_state_dict, which takes each group's keys from the state dict:
+    ``master_weights`` back to ``forms`` (the groups' own, before) where both are masters
+    (True, "remainder"): the two are one float32 master stored two ways, and a checkpoint
+    of either mode loads into the other, which keeps its own way of storing it."""
+    for g, own in zip(groups, forms):
+        if own and g.get("master_weights"):
+            g["master_weights"] = own
+
+
 def _as16(u):
     # an int64 holding 16 bits -> int16 with those bits
     return torch.where(u >= 0x8000, u - 0x10000, u).to(torch.int16)
