@@ -13,7 +13,7 @@ import os
 import numpy as np
 import torch
 
-from . import options, quant, remainder
+from . import quant, remainder
 from .dtensor import dtensor_class as _dtensor, local as _local
 from .kernels.coefficients import NCOEF
 from .kernels.flags import (UPDATE_A, UPDATE_B, UPDATE_C, UPDATE_KAHAN, UPDATE_MASTER,
@@ -75,17 +75,6 @@ def has_master(group, p):
     return group.get("master_weights") is True and p.dtype in _LOW
 
 
-def has_remainder(group, p):
-    """master_weights="remainder" and a bfloat16 param: its float32 master is the param and
-    an int16 ``state[remainder.KEY]`` (fusedopt/remainder.py).  A float16 param is refused
-    (options.exclusive says so when the group is added; this, for one cast since)."""
-    if group.get("master_weights") != "remainder" or p.dtype not in _LOW:
-        return False
-    if p.dtype == torch.float16:
-        raise ValueError(options.REMAINDER_FP16)
-    return True
-
-
 KAHAN = "kahan_comp"  # the state key of the compensation buffer (optimi's name)
 
 
@@ -98,7 +87,7 @@ def has_kahan(group, p):
 def extra_name(group, p):
     """The state key the update kernels' fourth table points into for p: "master",
     remainder.KEY, KAHAN, or None (they exclude each other: options.exclusive)."""
-    return "master" if has_master(group, p) else remainder.KEY if has_remainder(group, p) \
+    return "master" if has_master(group, p) else remainder.KEY if remainder.held(group, p) \
         else KAHAN if has_kahan(group, p) else None
 
 

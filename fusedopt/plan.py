@@ -14,7 +14,7 @@ import torch
 
 from . import flat, host, matrix, quant, remainder, stacked
 from .bucket import (KAHAN, _Bucket, _dtensor, _local, extra_name, has_kahan, has_master,
-                     has_remainder, state_dtype)
+                     state_dtype)
 
 _ENGINE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64,
                   torch.complex128)
@@ -230,7 +230,7 @@ class _Plan:
                 # from outside (p.data = ..., model.load_state_dict): start from the param
                 st["master"] = _local(p).detach().to(torch.float32, memory_format=torch.contiguous_format,
                                                       copy=True)
-            if has_remainder(group, p):  # (a master loaded, of either mode: split)
+            if remainder.held(group, p):  # (a master loaded, of either mode: split)
                 st[remainder.KEY] = remainder.adopt(st, _local(p))
             elif remainder.KEY in st:  # master_weights="remainder" given up
                 del st[remainder.KEY]

@@ -21,10 +21,23 @@ which joins to the float32 NaN 0x7FC00000 (its payload is not kept).
 """
 import torch
 
+from . import options
 from .dtensor import local
 
 KEY = "remainder"  # the state key of the int16 remainder
 _M16 = 0xFFFF
+
+
+def held(group, p):
+    """master_weights="remainder" and a bfloat16 param: its float32 master is the param and
+    an int16 ``state[KEY]``.  A float16 param is refused (options.exclusive says so when
+    the group is added; this, for a param cast since)."""
+    if group.get("master_weights") != "remainder" or p.dtype not in (torch.bfloat16,
+                                                                     torch.float16):
+        return False
+    if p.dtype == torch.float16:
+        raise ValueError(options.REMAINDER_FP16)
+    return True
 
 
 def split(master):
