@@ -4,8 +4,8 @@ chunk table, and one tensor holding every param's step counter, of which each
 ``state["step"]`` is a 0-d view (so 20000 counters advance in one op, not 20000).
 
 Mixed precision lives here too: the dtype each param's state is kept in, the float32
-master copy (or its remainder) or the Kahan compensation of a low-precision param, and the keys of the
-stochastic-rounding stream.
+master copy (or its remainder) or the Kahan compensation of a low-precision param, and the
+keys of the stochastic-rounding stream.
 """
 import operator
 import os

@@ -94,7 +94,6 @@ def f32_to_f16(f):
     return np.uint16(o | sign)
 
 
-
 @numba.njit(inline="always", **JIT)
 def join_master(h, r):
     # master_weights="remainder" (fusedopt/remainder.py's scheme): the float32 master of a
