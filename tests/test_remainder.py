@@ -69,12 +69,13 @@ def check_same(opt_a, a, opt_b, b):
 
 
 @pytest.fixture
-def small_blocks(monkeypatch):
+def small_blocks(monkeypatch, request):
     """Triton's interpreter runs each program's block as numpy arrays of BLOCK elements
     (CHUNK, 65536, by default): blocks of 128 make a step over these small params ~10x
     cheaper.  The kernel's code is the same; only its vector width differs."""
-    from fusedopt.kernels import triton_engine
-    monkeypatch.setattr(triton_engine, "BLOCK", 128)
+    if request.node.callspec.params.get("backend") == "triton":
+        from fusedopt.kernels import triton_engine
+        monkeypatch.setattr(triton_engine, "BLOCK", 128)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
