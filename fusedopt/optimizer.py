@@ -23,7 +23,7 @@ from .state import State, check_loaded, keep_dtypes
 from .kernels import rules
 from .kernels.coefficients import pack
 from .kernels.flags import Update
-from .scalars import closure_loss  # noqa: F401  (the classes' step helper)
+from .scalars import closure_loss, scaler_inputs
 
 
 _SKIP = object()  # _amp(): the scaler found an inf on the CPU, nothing to do
@@ -242,28 +242,18 @@ class FusedOptimizer:
             self._step_group(group, (mult, found, scaled))
 
     def _amp(self):
-        """What torch.amp.GradScaler.step left on the optimizer (it does, since
-        _step_supports_amp_scaling is set): (1 / scale or None, found_inf or None), or _SKIP
-        when found_inf is set: then no param or state is touched, no state created, no step
-        counted, the grads unscaled (the for-loop's skipped step).  Where a group is
-        capturable, a found_inf on a GPU is read by the kernel instead (no host sync)."""
+        """(1 / scale or None, found_inf or None) from what GradScaler.step left here, or
+        _SKIP for a step it skips (scalars.scaler_inputs says which)."""
         scale, found = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         if self._gradient_release and (scale is not None or found is not None):
             raise RuntimeError(SCALER_REFUSAL)
-        # read on the host where the counters are (not capturable: a GPU's flag costs one
-        # sync, as in torch's for-loop path); capturable steps read it in the kernel
-        # torch's unscale_: the reciprocal in float64, rounded to float32
-        inv = None if scale is None else scale.double().reciprocal().float()
-        if found is not None and not torch.is_tensor(found):  # the int 0: no grads at all
-            found = None
-        if found is not None and (found.device.type == "cpu"
-                                  or not any(g.get("capturable") for g in self.param_groups)):
-            if found.item():
-                if inv is not None:  # the twin's unscale_ ran before the skip: grads unscaled
-                    clip.scale_([p.grad for p in self._with_grads()], inv, self._backend)
-                return _SKIP
-            found = None
-        return inv, found
+        inv, found, skip = scaler_inputs(scale, found,
+                                         any(g.get("capturable") for g in self.param_groups))
+        if not skip:
+            return inv, found
+        if inv is not None:  # the twin's unscale_ ran before the skip: grads unscaled
+            clip.scale_([p.grad for p in self._with_grads()], inv, self._backend)
+        return _SKIP
 
     def _step_group(self, group, amp=(None, None, False), plans=None):
         params, plans = group["params"], self._plans if plans is None else plans  # release's
