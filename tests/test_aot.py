@@ -12,6 +12,11 @@ from fusedopt import spec
 from fusedopt.kernels import rules
 from fusedopt.kernels.flags import SLOT, Update, update_mask
 
+# with the README's `--dist loadgroup`, every test here runs on one xdist worker, which pays
+# update_ptx's compiles once (under -n's default, "load", each worker that got one of these
+# tests compiled them all)
+pytestmark = pytest.mark.xdist_group("aot")
+
 # one representative flag set per rule, from the spec of the class that runs it (every flag
 # on that the rule reads, and the state slots it uses: flags.Update); Adafactor's is the
 # update kernel over the rule alone (fusedopt runs it in the matrix kernel:
