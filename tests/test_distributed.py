@@ -52,12 +52,15 @@ def checkpoint_8bit(tmp_path_factory):
     return out
 
 
+# one xdist group (the README's --dist loadgroup): the module fixture runs on one worker
+@pytest.mark.xdist_group("checkpoint_8bit")
 def test_8bit_state_under_fsdp2(checkpoint_8bit):
     """8-bit AdamW on FSDP2: DTensor codes and absmax laid like their params, <= 2.2 bytes
     of state per param per shard, the loss within 2 % of one process's 8-bit run, a DCP
     save continued bit for bit by fresh objects (asserted inside the scenario)."""
 
 
+@pytest.mark.xdist_group("checkpoint_8bit")
 @pytest.mark.parametrize("world", [1, 3])
 def test_8bit_checkpoint_reshard(checkpoint_8bit, world):
     """The 2-rank 8-bit checkpoint into 1 (and 3) ranks: codes and absmax resharded bit

@@ -271,6 +271,8 @@ def portable_8bit_steps(tmp_path_factory):
     return _run_8bit_steps("portable", tmp_path_factory.mktemp("portable"))
 
 
+# one xdist group (the README's --dist loadgroup): the module fixture runs on one worker
+@pytest.mark.xdist_group("portable_8bit_steps")
 @pytest.mark.parametrize("kind", ["avx2", "avx512", "native"])
 def test_each_cpu_path_gives_the_portable_codes(tmp_path, kind, portable_8bit_steps):
     """The whole 8-bit kernel compiled for each kind of CPU this one can run (numba_quant's

@@ -28,6 +28,10 @@ def _collect(*args):
     return ids, int(m.group(2))  # the count before the quick tier deselects
 
 
+# one xdist group (the README's --dist loadgroup): `collected` runs on one worker
+pytestmark = pytest.mark.xdist_group("tiers")
+
+
 @pytest.fixture(scope="module")
 def collected():
     quick, before = _collect()
