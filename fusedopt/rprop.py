@@ -35,7 +35,8 @@ class Rprop(FusedOptimizer, torch.optim.Rprop):
         fill = torch.complex(lr, lr) if p.is_complex() else lr
         sdt = state_dtype(group, p)  # (8-bit state: quantized by the plan from float32)
         state["step_size"] = torch.empty_like(
-            p, dtype=torch.float32 if sdt == torch.uint8 else sdt).copy_(fill.expand(p.shape))
+            p, dtype=torch.float32 if sdt in (torch.uint8, torch.uint4) else sdt).copy_(
+                fill.expand(p.shape))
 
     def _coefficients(self, group, step, f64):
         (etaminus, etaplus), (lo, hi) = group["etas"], group["step_sizes"]
