@@ -136,6 +136,7 @@ RULES = {
     "test_aot.py::test_compiles_with_vector_loads": rule(
         "52 PTX compiles; each arch and amp on one rule", cover=("arch", "amp")),
     "test_aot.py::test_8bit_state_compiles": rule(ONE, cover=("arch",)),
+    "test_aot.py::test_4bit_state_compiles": rule(ONE, cover=("arch",)),
     "test_aot.py::test_mixed_precision_compiles": rule(ONE, cover=("sr",)),
     # -- the trust-ratio algorithms against their packages: 28 cases of ~5-60 s (the
     # interpreted Triton engine over 65537 elements, 20 steps); the first case on both
