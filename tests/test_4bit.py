@@ -37,6 +37,16 @@ def _trained(name, backend="numba", steps=4, shapes=SHAPES):
     return ps, opt, gen
 
 
+@pytest.mark.parametrize("name", [n for n, c in fusedopt.spec.REGISTRY.items()
+                                  if not fusedopt.spec.offers_4bit(c)])
+def test_classes_without_4bit_state_refuse_it_by_name(name):
+    """What the README's table says "no" for refuses state_dtype=torch.uint4 at
+    construction with a ValueError naming state_dtype."""
+    p = [torch.nn.Parameter(torch.zeros(4, 4))]
+    with pytest.raises(ValueError, match="does not support state_dtype"):
+        fusedopt.spec.REGISTRY[name](p, lr=1e-3, state_dtype=torch.uint4)
+
+
 def test_maps():
     """The signed map is the 3-exponent dynamic map (7 positive values from 0.0055, their
     negatives, 0 and 1), the unsigned one k / 16 without 0; both torchao's where it is
