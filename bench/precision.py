@@ -18,6 +18,7 @@ ROWS = [("plain bfloat16", {}),
         ("kahan_sum=True", dict(kahan_sum=True)),
         ("kahan_sum=True, state_dtype=float32", dict(kahan_sum=True, state_dtype=torch.float32)),
         ("master_weights=True (float32 state)", dict(master_weights=True)),
+        ('master_weights="remainder" (float32 state)', dict(master_weights="remainder")),
         ("optimi.AdamW(kahan_sum=True)", dict(make=optimi_adamw, kahan_sum=True))]
 
 

@@ -4,8 +4,8 @@ chunk table, and one tensor holding every param's step counter, of which each
 ``state["step"]`` is a 0-d view (so 20000 counters advance in one op, not 20000).
 
 Mixed precision lives here too: the dtype each param's state is kept in, the float32
-master copy or the Kahan compensation of a low-precision param, and the keys of the
-stochastic-rounding stream.
+master copy (or its remainder) or the Kahan compensation of a low-precision param, and the
+keys of the stochastic-rounding stream.
 """
 import operator
 import os
@@ -13,11 +13,11 @@ import os
 import numpy as np
 import torch
 
-from . import quant
+from . import quant, remainder
 from .dtensor import dtensor_class as _dtensor, local as _local
 from .kernels.coefficients import NCOEF
 from .kernels.flags import (UPDATE_A, UPDATE_B, UPDATE_C, UPDATE_KAHAN, UPDATE_MASTER,
-                            update_mask)
+                            UPDATE_REMAINDER, update_mask)
 
 _GRAD = operator.attrgetter("grad")
 _VERSION = operator.attrgetter("_version")
@@ -74,7 +74,8 @@ def qtable(device):
 
 
 def has_master(group, p):
-    return bool(group.get("master_weights")) and p.dtype in _LOW
+    """A float32 master copy of p in ``state["master"]`` (master_weights=True)."""
+    return group.get("master_weights") is True and p.dtype in _LOW
 
 
 KAHAN = "kahan_comp"  # the state key of the compensation buffer (optimi's name)
@@ -88,8 +89,9 @@ def has_kahan(group, p):
 
 def extra_name(group, p):
     """The state key the update kernels' fourth table points into for p: "master",
-    KAHAN, or None (the two exclude each other: options.exclusive)."""
-    return "master" if has_master(group, p) else KAHAN if has_kahan(group, p) else None
+    remainder.KEY, KAHAN, or None (they exclude each other: options.exclusive)."""
+    return "master" if has_master(group, p) else remainder.KEY if remainder.held(group, p) \
+        else KAHAN if has_kahan(group, p) else None
 
 
 def _name(dtype):
@@ -159,9 +161,10 @@ class _Bucket:
         extra = extra_name(group, params[0])
         master = extra is not None  # a master copy or a compensation: the fourth table's
         used = [bool(name) for name in slots]
-        self.mask = update_mask(used, extra == "master", used if q else (),
+        self.mask = update_mask(used, extra in ("master", remainder.KEY), used if q else (),
                                 [bool(name) and quant.signed(name) for name in slots],
-                                kahan=extra == KAHAN, four=sdt == torch.uint4)
+                                kahan=extra == KAHAN, remainder=extra == remainder.KEY,
+                                four=sdt == torch.uint4)
         self.backend = backend_for(spec.backend, self.device)
         if self.backend == "triton" and self.device.type == "cpu" \
                 and os.environ.get("TRITON_INTERPRET") != "1":
@@ -258,9 +261,9 @@ class _Bucket:
     def reseed_masters(self):
         """A param written in place from outside since the last step (its version moved
         by more than the optimizer's own updates): its master copy starts again from it,
-        rather than overwriting the change; its compensation (kahan_sum) starts again from
-        zero, as what it carried belonged to the value overwritten.  Buckets with either
-        only."""
+        rather than overwriting the change; its compensation (kahan_sum) or its remainder
+        (master_weights="remainder": the master is then the param) starts again from zero,
+        as what it carried belonged to the value overwritten.  Buckets with one only."""
         local = [_local(p) for p in self.params]
         ver = np.fromiter(map(_VERSION, local), np.int64, len(local))
         if self.pver is not None:
@@ -327,7 +330,7 @@ class _Bucket:
         proven grads' addresses are ``run``'s; no 8-bit slots.  A trust ratio's norms (Spec.trust) in one call per bucket."""
         # a Kahan compensation is the update's alone: the rule reads the param as without it
         mask = self.mask & ~UPDATE_KAHAN
-        if mask & ~(UPDATE_A | UPDATE_B | UPDATE_C | UPDATE_MASTER):
+        if mask & ~(UPDATE_A | UPDATE_B | UPDATE_C | UPDATE_MASTER | UPDATE_REMAINDER):
             raise NotImplementedError("reduce passes over 8-bit state")
         C, Cn = self._table(coeffs, False)  # (the Triton kernel reads the table)
         for i, p, w in self.work:

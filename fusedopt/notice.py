@@ -182,7 +182,7 @@ _installed = []
 
 def _ours(event):
     fn = getattr(event.data.get("dispatcher"), "py_func", None)
-    return getattr(fn, "__module__", "").startswith("fusedopt")
+    return (getattr(fn, "__module__", None) or "").startswith("fusedopt")
 
 
 def install():

@@ -15,7 +15,7 @@ import weakref
 import numpy as np
 import torch
 
-from . import clip, compiled, flat, host, matrix, spec
+from . import clip, compiled, flat, host, matrix, remainder, spec
 from .bucket import _GRAD, _PTR, _local, scalar_dtype
 from .options import SCALER_REFUSAL, exclusive, validate
 from .plan import GroupSpec, _Plan, refuse_torch
@@ -179,7 +179,9 @@ class FusedOptimizer:
         shape = matrix.state_shape if self._is_factored() else self._state_shape
         check_loaded(state_dict, [p for g in self.param_groups for p in g["params"]],
                      self._scalars, shape)
+        forms = [g.get("master_weights") for g in self.param_groups]
         super().load_state_dict(state_dict)
+        remainder.keep_form(forms, self.param_groups)
         for group in self.param_groups:
             # a torch.optim state_dict has no l1 (torch's math: 0) and no precision options
             # (kept as this optimizer was built with)
@@ -193,6 +195,7 @@ class FusedOptimizer:
         # plain dicts, as torch's: loads with torch.load(weights_only=True), without fusedopt
         sd = super().state_dict()
         sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
+        remainder.export(sd, self.param_groups)  # (a remainder: its float32 master)
         return sd
 
     _OWN = ("_max_grad_norm", "_backend", "_extras", "grad_norm", "_gradient_release")

@@ -52,7 +52,13 @@ def validate(cls_name, refuses, *, backend, l1, max_grad_norm, state_dtype, **sw
         raise ValueError(f"state_dtype must be None (the param's dtype), torch.float32, "
                          f"torch.uint8 (8-bit state) or torch.uint4 (4-bit state), got "
                          f"{state_dtype}")
-    for k in _SWITCHES:
+    mw = switches["master_weights"]
+    if not isinstance(mw, (bool, str)):
+        raise TypeError(f"master_weights must be True, False or 'remainder', got "
+                        f"{type(mw).__name__}: {mw!r}")
+    if isinstance(mw, str) and mw != "remainder":
+        raise ValueError(f"master_weights must be True, False or 'remainder', got {mw!r}")
+    for k in _SWITCHES[1:]:
         if not isinstance(switches[k], bool):
             raise TypeError(f"{k} must be True or False, got {type(switches[k]).__name__}: "
                             f"{switches[k]!r}")
@@ -75,13 +81,24 @@ def validate(cls_name, refuses, *, backend, l1, max_grad_norm, state_dtype, **sw
                          "have to free bucket by bucket")
 
 
+REMAINDER_FP16 = (
+    "master_weights='remainder' takes bfloat16 params (float32 and float64 ones are their "
+    "own masters): a float16 param is not the upper half of its float32 master, so no "
+    "16-bit remainder completes it; use master_weights=True for float16 params")
+
+
 def exclusive(group):
     """Raise ValueError naming both options where ``group`` (a param group, or the
     constructor's keywords) turns on two of master_weights, stochastic_rounding and
-    kahan_sum."""
+    kahan_sum, or naming master_weights where it is "remainder" for a float16 param."""
     for (a, b), why in _EXCLUSIVE.items():
         if group.get(a) and group.get(b):
             raise ValueError(f"{a} and {b} exclude each other: {why}")
+    params = group.get("params", ())
+    params = [params] if torch.is_tensor(params) else params
+    if group.get("master_weights") == "remainder" and isinstance(params, (list, tuple)) \
+            and any(torch.is_tensor(p) and p.dtype == torch.float16 for p in params):
+        raise ValueError(REMAINDER_FP16)
 
 
 def signature_with(torch_cls):

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import flat, host, matrix, quant, stacked
+from . import flat, host, matrix, quant, remainder, stacked
 from .bucket import (KAHAN, _Bucket, _dtensor, _local, extra_name, has_kahan, has_master,
                      state_dtype)
 
@@ -228,12 +228,16 @@ class _Plan:
                     st[name] = quant.dequantize_state(st, name).to(sdt)
                 elif name and st[name].dtype != sdt:  # float32 state asked for, or given up
                     st[name] = st[name].to(sdt)
-            if has_master(group, p) and (st.get("master") is None or not torch.equal(
-                    st["master"].to(p.dtype), _local(p).detach().contiguous())):
+            if has_master(group, p) and (not torch.is_tensor(st.get("master")) or not
+                                         remainder.rounds_to(st["master"], _local(p))):
                 # a fresh optimizer, a state_dict without master copies, or a param changed
                 # from outside (p.data = ..., model.load_state_dict): start from the param
                 st["master"] = _local(p).detach().to(torch.float32, memory_format=torch.contiguous_format,
                                                       copy=True)
+            if remainder.held(group, p):  # (a master loaded, of either mode: split)
+                st[remainder.KEY] = remainder.adopt(st, _local(p))
+            elif remainder.KEY in st:  # master_weights="remainder" given up
+                del st[remainder.KEY]
             if has_kahan(group, p):
                 st[KAHAN] = _compensation(st.get(KAHAN), p)
         if group.get("flat") and self.dist:

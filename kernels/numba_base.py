@@ -95,6 +95,26 @@ def f32_to_f16(f):
     return np.uint16(o | sign)
 
 
+@numba.njit(inline="always", **JIT)
+def join_master(h, r):
+    # master_weights="remainder" (fusedopt/remainder.py's scheme): the float32 master of a
+    # bfloat16 param's bits h and its remainder's bits r (both uint16); a negative
+    # remainder (r's top bit) marks a carry the split added to the param, taken back here
+    u = (((np.int64(h) - (np.int64(r) >> 15)) & 0xFFFF) << 16) | np.int64(r)
+    return bits_f32(np.uint32(u))
+
+
+@numba.njit(inline="always", **JIT)
+def split_master(f):
+    # the inverse of join_master: the param is the upper half rounded to nearest, ties away
+    # from zero (a bijection, as round-to-nearest-even cannot be); NaN: torch's 0x7FC0, 0
+    u = np.int64(f32_bits(f))
+    if (u & 0x7FFFFFFF) > 0x7F800000:
+        return np.uint16(0x7FC0), np.uint16(0)
+    lo = u & 0xFFFF
+    return np.uint16(((u >> 16) + (lo >> 15)) & 0xFFFF), np.uint16(lo)
+
+
 # storage dtype, (load, store) per torch dtype name
 IO = {
     "float32": (np.float32, same, same),

@@ -14,8 +14,9 @@ from numba import prange
 
 from . import numba_base as base, numba_quant
 from .coefficients import GRAD_SCALE
-from .flags import CODED, UPDATE_A, UPDATE_B, UPDATE_C, UPDATE_KAHAN, UPDATE_MASTER, Codes
-from .numba_base import IO, coef_row, f32_to_bf16_stochastic, voidptr
+from .flags import (CODED, UPDATE_A, UPDATE_B, UPDATE_C, UPDATE_KAHAN, UPDATE_MASTER,
+                    UPDATE_REMAINDER, Codes)
+from .numba_base import IO, coef_row, f32_to_bf16_stochastic, join_master, split_master, voidptr
 from .numba_base import lanes as _lanes
 
 CHUNK = 1 << 16
@@ -29,8 +30,8 @@ _FLAGS = ("SCALE_GRAD", "WRITE_GRAD", "STOCH_ROUND")
 
 def _template(KEY, MASK, DT, SDT):
     # MASK: flags.Update (the state slots in use, a float32 master copy of the param or a
-    # compensation buffer in its dtype: table S3 either way)
-    WDT = DT if MASK & UPDATE_KAHAN else SDT
+    # compensation buffer in its dtype, or the master's remainder, uint16 bits: table S3)
+    WDT = DT if MASK & UPDATE_KAHAN else np.uint16 if MASK & UPDATE_REMAINDER else SDT
     def kernel(P, G, S0, S1, S2, S3, C, R, TID, CS, CE, N):
         if KEY == 0:  # KEY only tells numba's on-disk cache one variant from another
             return
@@ -55,15 +56,20 @@ def _template(KEY, MASK, DT, SDT):
                         g[j] = gs
                     gv = load(gs)
                 # unused slots point at the param, maybe of another dtype: never read them
-                pv = sload(w[j]) if MASK & UPDATE_MASTER else load(p[j])
+                if MASK & UPDATE_REMAINDER:
+                    pv = join_master(p[j], w[j])
+                else:
+                    pv = sload(w[j]) if MASK & UPDATE_MASTER else load(p[j])
                 p0 = pv
                 av = sload(a[j]) if MASK & UPDATE_A else pv
                 bv = sload(b[j]) if MASK & UPDATE_B else pv
                 cv = sload(c[j]) if MASK & UPDATE_C else pv
                 pv, av, bv, cv = rule(pv, gv, av, bv, cv, hs)
-                if MASK & UPDATE_MASTER:
+                if MASK & UPDATE_MASTER and not MASK & UPDATE_REMAINDER:
                     w[j] = sstore(pv)
-                if MASK & UPDATE_KAHAN:  # the update, compensated (numba_base._kahan)
+                if MASK & UPDATE_REMAINDER:  # the new master split: param and remainder
+                    p[j], w[j] = split_master(pv)
+                elif MASK & UPDATE_KAHAN:  # the update, compensated (numba_base._kahan)
                     p[j], w[j] = kahan(p0, pv, w[j])
                 elif STOCH_ROUND:
                     p[j] = f32_to_bf16_stochastic(pv, s + j, key)
@@ -119,6 +125,8 @@ def _reduce_template(KEY, MASK, DT, SDT):
     # ..) for the sum of r).  Products of float32 values are exact in float64.  A tile's
     # products go to scratch and are summed by _lanes (compiled apart with reassociation,
     # so that it reaches no op of the rule)
+    WDT = np.uint16 if MASK & UPDATE_REMAINDER else SDT
+
     def kernel(P, G, S0, S1, S2, S3, C, R, TID, CS, CE, N, OUT):
         if KEY == 0:
             return
@@ -139,12 +147,15 @@ def _reduce_template(KEY, MASK, DT, SDT):
                 a = numba.carray(voidptr(S0[t]), n, SDT)[j0:j0 + m]
                 b = numba.carray(voidptr(S1[t]), n, SDT)[j0:j0 + m]
                 c = numba.carray(voidptr(S2[t]), n, SDT)[j0:j0 + m]
-                w = numba.carray(voidptr(S3[t]), n, SDT)[j0:j0 + m]
+                w = numba.carray(voidptr(S3[t]), n, WDT)[j0:j0 + m]
                 for j in range(m):
                     gv = load(g[j])
                     if SCALE_GRAD:
                         gv = load(store(gv * hs[GRAD_SCALE]))
-                    pv = sload(w[j]) if MASK & UPDATE_MASTER else load(p[j])
+                    if MASK & UPDATE_REMAINDER:
+                        pv = join_master(p[j], w[j])
+                    else:
+                        pv = sload(w[j]) if MASK & UPDATE_MASTER else load(p[j])
                     av = sload(a[j]) if MASK & UPDATE_A else pv
                     bv = sload(b[j]) if MASK & UPDATE_B else pv
                     cv = sload(c[j]) if MASK & UPDATE_C else pv

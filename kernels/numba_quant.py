@@ -17,9 +17,11 @@ from numba.extending import intrinsic
 from . import numba_avx2, numba_ops, numba_quant4, qmap
 from .numba_avx2 import data_ptrs as _data, splat as _splat
 from .coefficients import GRAD_SCALE
-from .flags import UPDATE_A, UPDATE_B, UPDATE_C, UPDATE_KAHAN, UPDATE_MASTER, Codes
+from .flags import (UPDATE_A, UPDATE_B, UPDATE_C, UPDATE_KAHAN, UPDATE_MASTER, UPDATE_REMAINDER,
+                    Codes)
+from .numba_base import (JIT, bits_f32, coef_row, f32_bits, f32_to_bf16_stochastic, join_master,
+                         split_master, voidptr)
 from .numba_quant4 import dequantize4, requantize4
-from .numba_base import JIT, bits_f32, coef_row, f32_bits, f32_to_bf16_stochastic, voidptr
 
 QBLOCK = qmap.QBLOCK
 
@@ -292,7 +294,8 @@ def template8(KEY, MASK, DT, SDT, ADT, BDT, CDT):
     RA, RB, RC = (int(bool(MASK & s)) for s in (Codes.SIGNED_A, Codes.SIGNED_B,
                                                 Codes.SIGNED_C))  # map rows
     RA4, RB4, RC4 = (r + 2 * FOUR for r in (RA, RB, RC))  # (rows 2, 3: the 4-bit maps)
-    WDT = DT if MASK & UPDATE_KAHAN else SDT  # (as numba_engine._template)
+    # (as numba_engine._template)
+    WDT = DT if MASK & UPDATE_KAHAN else np.uint16 if MASK & UPDATE_REMAINDER else SDT
 
     def kernel(P, G, S0, S1, S2, S3, A0, A1, A2, Q, C, R, TID, CS, CE, N):
         if KEY == 0:
@@ -343,15 +346,20 @@ def template8(KEY, MASK, DT, SDT, ADT, BDT, CDT):
                         if WRITE_GRAD:
                             g[j] = gs
                         gv = load(gs)
-                    pv = sload(w[j]) if MASK & UPDATE_MASTER else load(p[j])
+                    if MASK & UPDATE_REMAINDER:
+                        pv = join_master(p[j], w[j])
+                    else:
+                        pv = sload(w[j]) if MASK & UPDATE_MASTER else load(p[j])
                     p0 = pv
                     av = (fa[j] if QA else sload(a[j])) if MASK & UPDATE_A else pv
                     bv = (fb[j] if QB else sload(b[j])) if MASK & UPDATE_B else pv
                     cv = (fc[j] if QC else sload(c[j])) if MASK & UPDATE_C else pv
                     pv, av, bv, cv = rule(pv, gv, av, bv, cv, hs)
-                    if MASK & UPDATE_MASTER:
+                    if MASK & UPDATE_MASTER and not MASK & UPDATE_REMAINDER:
                         w[j] = sstore(pv)
-                    if MASK & UPDATE_KAHAN:
+                    if MASK & UPDATE_REMAINDER:
+                        p[j], w[j] = split_master(pv)
+                    elif MASK & UPDATE_KAHAN:
                         p[j], w[j] = kahan(p0, pv, w[j])
                     elif STOCH_ROUND:
                         p[j] = f32_to_bf16_stochastic(pv, b0 + j, key)

@@ -99,6 +99,34 @@ def narrow_stochastic(x, offs, key):
 
 
 @triton.jit
+def join_master(h, r):
+    # numba_base.join_master: the float32 master of a bfloat16 param's bits h and its
+    # remainder's r (uint16 both); a negative remainder marks the split's carry, taken back
+    u = ((h.to(tl.uint32) - (r >> 15).to(tl.uint32)) & 0xFFFF) << 16
+    return (u | r.to(tl.uint32)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def split_master(x):
+    # numba_base.split_master: the upper half rounded to nearest, ties away from zero, and
+    # the low half as the remainder; NaN: torch's 0x7FC0 and 0
+    u = x.to(tl.uint32, bitcast=True)
+    lo = u & 0xFFFF
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    h = tl.where(nan, 0x7FC0, ((u >> 16) + (lo >> 15)) & 0xFFFF)
+    return h.to(tl.uint16), tl.where(nan, 0, lo).to(tl.uint16)
+
+
+@triton.jit
+def load_raw(ptr, offs, end, MASKED: tl.constexpr):
+    if MASKED:
+        x = tl.load(ptr + offs, mask=offs < end, other=0)
+    else:
+        x = tl.load(ptr + offs)
+    return x
+
+
+@triton.jit
 def load(ptr, offs, end, KIND: tl.constexpr, MASKED: tl.constexpr):
     if MASKED:
         x = tl.load(ptr + offs, mask=offs < end, other=0)
@@ -145,8 +173,8 @@ def loaded_row(C, t):
             tl.load(r + 14), tl.load(r + 15))
 
 
-HELPERS = (tensor_ptr, widen, narrow, fmix32, narrow_stochastic, load, store_raw, store, coef,
-           given_row, loaded_row)
+HELPERS = (tensor_ptr, widen, narrow, fmix32, narrow_stochastic, join_master, split_master,
+           load_raw, load, store_raw, store, coef, given_row, loaded_row)
 
 
 def rebind(fn, gl, interpret, launch=False):

@@ -14,10 +14,12 @@ from . import triton_base as base, triton_quant
 from .coefficients import GRAD_SCALE
 from .flags import (CODES_A, CODES_B, CODES_C, CODES_FOUR, CODES_SIGNED_A, CODES_SIGNED_B,
                     CODES_SIGNED_C,
-                    UPDATE_A, UPDATE_B, UPDATE_C, UPDATE_KAHAN, UPDATE_MASTER, Codes)
-from .triton_base import (BLOCK, CHUNK, INTERPRET, KINDS, NUM_WARPS, SCALARS, given_row, kernels,
-                          launching, load, loaded_row, narrow, narrow_stochastic, rebind, store, store_raw,
-                          tensor_ptr, tl, triton, widen)
+                    UPDATE_A, UPDATE_B, UPDATE_C, UPDATE_KAHAN, UPDATE_MASTER, UPDATE_REMAINDER,
+                    Codes)
+from .triton_base import (BLOCK, CHUNK, INTERPRET, KINDS, NUM_WARPS, SCALARS, given_row,
+                          join_master, kernels, launching, load, load_raw, loaded_row, narrow,
+                          narrow_stochastic, rebind, split_master, store, store_raw, tensor_ptr,
+                          tl, triton, widen)
 from .triton_quant import QTABLE, qload, qload4, qstore, qstore4
 
 # what bind_rule binds per kernel: the rule, the flags (as constexprs)
@@ -36,7 +38,9 @@ def _block(pp, gp, ap, bp, cp, wp, xa, xb, xc, Q, offs, end, key, hs,
         if WRITE_GRAD:
             store_raw(gp, offs, end, gs, MASKED)
         g = widen(gs, KIND)
-    if MASK & UPDATE_MASTER:
+    if MASK & UPDATE_REMAINDER:
+        p = join_master(load_raw(pp, offs, end, MASKED), load_raw(wp, offs, end, MASKED))
+    elif MASK & UPDATE_MASTER:
         p = load(wp, offs, end, SKIND, MASKED)
     else:
         p = load(pp, offs, end, KIND, MASKED)
@@ -69,9 +73,14 @@ def _block(pp, gp, ap, bp, cp, wp, xa, xb, xc, Q, offs, end, key, hs,
         c = load(cp, offs, end, SKIND, MASKED)
     p0 = p
     p, a, b, c = rule(p, g, a, b, c, hs)
-    if MASK & UPDATE_MASTER:
+    if MASK & UPDATE_REMAINDER:  # the new master split: param and remainder
+        h, r = split_master(p)
+        store_raw(pp, offs, end, h, MASKED)
+        store_raw(wp, offs, end, r, MASKED)
+    elif MASK & UPDATE_MASTER:
         store(wp, offs, end, p, SKIND, MASKED)
-    if MASK & UPDATE_KAHAN:  # the update, compensated: numba_base._kahan's steps
+        store(pp, offs, end, p, KIND, MASKED)
+    elif MASK & UPDATE_KAHAN:  # the update, compensated: numba_base._kahan's steps
         y = load(wp, offs, end, KIND, MASKED) + (p - p0)
         q = narrow(p0 + y, KIND)
         store(wp, offs, end, y + (p0 - widen(q, KIND)), KIND, MASKED)
@@ -120,8 +129,11 @@ def _kernel(P, G, S0, S1, S2, S3, A0, A1, A2, Q, C, R, TID, CS, CE, FI, H0, H1, 
     ap = tensor_ptr(S0, t, SKIND + (4 - SKIND) * ((MASK // CODES_A) % 2), ALIGNED)
     bp = tensor_ptr(S1, t, SKIND + (4 - SKIND) * ((MASK // CODES_B) % 2), ALIGNED)
     cp = tensor_ptr(S2, t, SKIND + (4 - SKIND) * ((MASK // CODES_C) % 2), ALIGNED)
-    # (the master copy in the state's dtype, or the compensation in the param's)
-    wp = tensor_ptr(S3, t, SKIND + (KIND - SKIND) * ((MASK // UPDATE_KAHAN) % 2), ALIGNED)
+    # (the master copy in the state's dtype, or the compensation in the param's, or the
+    # master's remainder as uint16 bits: KIND 3)
+    WKIND: tl.constexpr = SKIND + (KIND - SKIND) * ((MASK // UPDATE_KAHAN) % 2) \
+        + (3 - SKIND) * ((MASK // UPDATE_REMAINDER) % 2)
+    wp = tensor_ptr(S3, t, WKIND, ALIGNED)
     xa = tensor_ptr(A0, t, 0, ALIGNED)
     xb = tensor_ptr(A1, t, 0, ALIGNED)
     xc = tensor_ptr(A2, t, 0, ALIGNED)
@@ -161,7 +173,8 @@ def _reduce_kernel(P, G, S0, S1, S2, S3, C, TID, CS, CE, FI, OUT, MASK: tl.const
     ap = tensor_ptr(S0, t, SKIND, False)
     bp = tensor_ptr(S1, t, SKIND, False)
     cp = tensor_ptr(S2, t, SKIND, False)
-    wp = tensor_ptr(S3, t, SKIND, False)
+    WKIND: tl.constexpr = SKIND + (3 - SKIND) * ((MASK // UPDATE_REMAINDER) % 2)
+    wp = tensor_ptr(S3, t, WKIND, False)
     hs = loaded_row(C, t)
     s0 = tl.zeros([BLOCK], dtype=tl.float64)
     s1 = s0
@@ -170,7 +183,9 @@ def _reduce_kernel(P, G, S0, S1, S2, S3, C, TID, CS, CE, FI, OUT, MASK: tl.const
         g = load(gp, offs, end, KIND, True)
         if SCALE_GRAD:
             g = widen(narrow(g * hs[GRAD_SCALE], KIND), KIND)
-        if MASK & UPDATE_MASTER:
+        if MASK & UPDATE_REMAINDER:
+            p = join_master(load_raw(pp, offs, end, True), load_raw(wp, offs, end, True))
+        elif MASK & UPDATE_MASTER:
             p = load(wp, offs, end, SKIND, True)
         else:
             p = load(pp, offs, end, KIND, True)

@@ -33,3 +33,33 @@ def pytest_collection_modifyitems(config, items):
         # indices only), so the workers agree on the list
         config.hook.pytest_deselected(items=full_only)
         items[:] = quick
+
+
+# -- where the suite's time goes: FUSEDOPT_TEST_CPU=FILE appends one line per test phase,
+# "<cpu seconds> <wall seconds> <phase> <nodeid>", CPU time of the test process and of the
+# processes it waited for (numba and Triton compiles, distributed workers).  CPU seconds
+# stay meaningful on a loaded machine where pytest's --durations (wall time) do not.
+def _rusage():
+    import resource
+    own, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+if os.environ.get("FUSEDOPT_TEST_CPU"):
+    import time
+
+    import pytest
+
+    def _timed(phase):
+        @pytest.hookimpl(hookwrapper=True)
+        def hook(item, **kwargs):
+            cpu, wall = _rusage(), time.perf_counter()
+            yield
+            with open(os.environ["FUSEDOPT_TEST_CPU"], "a") as f:
+                f.write(f"{_rusage() - cpu:.3f} {time.perf_counter() - wall:.3f} {phase} "
+                        f"{item.nodeid}\n")
+        return hook
+
+    pytest_runtest_setup = _timed("setup")
+    pytest_runtest_call = _timed("call")
+    pytest_runtest_teardown = _timed("teardown")

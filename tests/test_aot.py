@@ -68,10 +68,12 @@ def _update_variants():
                     checks = (VEC_LOADS, VEC_STORES, APPROX, SPILLS) if dtype == "float32" else ()
                     out[f"{rule}-{arch}-{amp}-{dtype}"] = (rule, flags, mask, arch, dtype, None,
                                                           checks)
-        for sr in (False, True):  # bfloat16 params, float32 state: master copy or SR
-            flags = dict(on, STOCH_ROUND=sr, SCALE_GRAD=True, WRITE_GRAD=True)
-            checks = (VEC_LOADS, SPILLS) + ((HASH32,) if sr else ())
-            master = 0 if sr else Update.MASTER
+        # bfloat16 params, float32 state: a master copy, SR, or the master as the param and
+        # its remainder (master_weights="remainder")
+        for sr in (False, True, "remainder"):
+            flags = dict(on, STOCH_ROUND=sr is True, SCALE_GRAD=True, WRITE_GRAD=True)
+            checks = (VEC_LOADS, SPILLS) + ((HASH32,) if sr is True else ())
+            master = 0 if sr is True else Update.MASTER | (Update.REMAINDER if sr else 0)
             out[f"{rule}-mixed-{sr}"] = (rule, flags, mask | master, 90, "bfloat16", "float32",
                                          checks)
         used = [bool(mask & s) for s in SLOT]
@@ -165,11 +167,13 @@ def test_norm_kernel_compiles():
     assert proc.returncode == 0 and "compiled 32" in proc.stdout, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("sr", [False, True], ids=["master", "stochastic"])
+@pytest.mark.parametrize("sr", [False, True, "remainder"], ids=["master", "stochastic",
+                                                                "remainder"])
 @pytest.mark.parametrize("rule", sorted(set(rules.RULES) - {"scale"}))
 def test_mixed_precision_compiles(update_ptx, rule, sr):
     """bfloat16 params and grads with float32 state: with a float32 master copy (Update.MASTER
-    3), or rounded stochastically.  Vector loads of both widths, no spills; the stochastic
+    3), rounded stochastically, or with the master joined from the param and its int16
+    remainder (Update.REMAINDER).  Vector loads of both widths, no spills; the stochastic
     rounding's hash on 32-bit integers."""
     assert update_ptx[f"{rule}-mixed-{sr}"] == "ok"
 

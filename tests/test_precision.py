@@ -270,7 +270,8 @@ def test_stochastic_rounding_same_bits_on_both_engines_and_after_restore(name):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu.sh runs it)")
 @pytest.mark.parametrize("kw", [dict(master_weights=True), dict(stochastic_rounding=True),
-                                dict(kahan_sum=True)], ids=["master", "stochastic", "kahan"])
+                                dict(kahan_sum=True), dict(master_weights="remainder")],
+                         ids=["master", "stochastic", "kahan", "remainder"])
 def test_cuda_matches_cpu(kw):
     """The Triton engine on CUDA params (compiled, under bench/gpu.sh) gives the Numba
     engine's bits: IEEE division and square root, explicit fmas, no contraction."""
@@ -286,6 +287,6 @@ def test_cuda_matches_cpu(kw):
             opt.step()
     for a, b in zip(cpu, gpu):
         assert torch.equal(a, b.cpu())
-        for k in ("master", "kahan_comp"):
+        for k in ("master", "kahan_comp", "remainder"):
             if k in ours[0].state[a]:
                 assert torch.equal(ours[0].state[a][k], ours[1].state[b][k].cpu())

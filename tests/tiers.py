@@ -87,6 +87,11 @@ RULES = {
         "for all, the Kahan sum itself is one code path for every rule"),
     "test_kahan.py::test_dtypes_and_state_follow_the_float32_replay": rule(
         ONE, cover=("dtype", "state_dtype")),
+    "test_remainder.py::test_200_steps_bit_for_bit_master_weights": rule(
+        "200 interpreted Triton steps per optimizer (18-43 s) and a variant each on Numba; "
+        "Adam (three slots) stands for SGD and LAMB", name="Adam"),
+    "test_remainder.py::test_8bit_state": FULL(
+        "compiles its own 8-bit Numba variant (~50 s on a first run)"),
     "test_kahan.py::test_8bit_state_follows_the_float32_replay": FULL(
         "an 8-bit Kahan variant compiles for 60-115 s on Numba; the other Kahan tests stay "
         "quick on both engines"),
