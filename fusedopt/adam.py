@@ -17,7 +17,7 @@ class Adam(FusedOptimizer, torch.optim.Adam):
     rest as torch): the same constructor, defaults, errors and ``state_dict``, with one
     fused multi-tensor step per (device, dtype) group (Numba on CPU, Triton on CUDA). Extra
     keyword-only arguments: ``backend``, ``l1``, ``max_grad_norm``, ``state_dtype``
-    (``torch.float32``, or ``torch.uint8`` for 8-bit state), ``master_weights``,
+    (``torch.float32``, or ``torch.uint8`` for 8-bit or ``torch.uint4`` for 4-bit state), ``master_weights``,
     ``stochastic_rounding``, ``kahan_sum``, ``flat``, ``gradient_release``; each is described on the
     Options page of the documentation (``docs/options.md``)."""
     _rule = "adam"
@@ -67,7 +67,7 @@ class AdamW(Adam, torch.optim.AdamW):
     constructor, defaults, errors and ``state_dict``, with one fused multi-tensor step per
     (device, dtype) group (Numba on CPU, Triton on CUDA). Extra keyword-only arguments:
     ``backend``, ``l1``, ``max_grad_norm``, ``state_dtype`` (``torch.float32``, or
-    ``torch.uint8`` for 8-bit state), ``master_weights``, ``stochastic_rounding``, ``kahan_sum``,
+    ``torch.uint8`` for 8-bit or ``torch.uint4`` for 4-bit state), ``master_weights``, ``stochastic_rounding``, ``kahan_sum``,
     ``flat``, ``gradient_release``; each is described on the Options page of the documentation
     (``docs/options.md``)."""
 
@@ -84,7 +84,7 @@ class Adamax(FusedOptimizer, torch.optim.Adamax):
     defaults, errors and ``state_dict``, with one fused multi-tensor step per (device,
     dtype) group (Numba on CPU, Triton on CUDA). Extra keyword-only arguments: ``backend``,
     ``l1``, ``max_grad_norm``, ``state_dtype`` (``torch.float32``, or ``torch.uint8`` for
-    8-bit state), ``master_weights``, ``stochastic_rounding``, ``kahan_sum``, ``flat``,
+    8-bit or ``torch.uint4`` for 4-bit state), ``master_weights``, ``stochastic_rounding``, ``kahan_sum``, ``flat``,
     ``gradient_release``; each is described on the Options page of the documentation
     (``docs/options.md``)."""
     _rule = "adamax"

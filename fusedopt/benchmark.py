@@ -30,15 +30,19 @@ OPTIMS = {name.lower(): (name, cls.spec.bench_hp, cls.spec.traffic)
 # adamw-8bit: 8-bit moments (state_dtype=torch.uint8): p and g read and p written in
 # float32, two codes read and written, an absmax per 256 of each (16 B/param and 1/16 B);
 # torch's rows keep float32 state, bitsandbytes' and torchao's 8-bit AdamW are rows where
-# installed
+# installed.  adamw-4bit (state_dtype=torch.uint4): two nibbles read and written, an
+# absmax per 128 of each (14 B/param and 1/16 B), beside torchao's AdamW4bit where installed
 MIXED = {
     "adam-bf16": (dict(state_dtype=torch.float32), torch.bfloat16, None, 22),
     "adam-clip": (dict(max_grad_norm=1.0), torch.float32, 1.0, 32),
     "adamw-8bit": (dict(state_dtype=torch.uint8), torch.float32, None, 16.0625),
+    "adamw-4bit": (dict(state_dtype=torch.uint4), torch.float32, None, 14.0625),
 }
 OPTIMS.update({k: OPTIMS["adamw" if k.startswith("adamw") else "adam"] for k in MIXED})
 EIGHT_BIT = {"bitsandbytes-8bit": ("bitsandbytes.optim", "AdamW8bit"),
              "torchao-8bit": ("torchao.optim", "AdamW8bit")}
+# the other packages' rows of a quantized state dtype
+PEERS = {torch.uint8: EIGHT_BIT, torch.uint4: {"torchao-4bit": ("torchao.optim", "AdamW4bit")}}
 TORCH_FUSED = {name for name, cls in fusedopt.spec.REGISTRY.items() if cls.spec.torch_fused}
 
 
@@ -143,8 +147,8 @@ def _steps(cls_name, hp, shapes, device, compile_step, mixed=None):
     # (Lion and Adafactor, like torch's Adafactor, have no capturable flag: no graph row)
     if device.type == "cuda" and "capturable" in inspect.signature(twin).parameters:
         steps["fusedopt-graph"] = _graphed(cls_name, hp, shapes, device, dtype, ours)
-    if ours.get("state_dtype") == torch.uint8:
-        for impl, (mod, cls) in EIGHT_BIT.items():
+    if ours.get("state_dtype") in PEERS:
+        for impl, (mod, cls) in PEERS[ours["state_dtype"]].items():
             try:
                 other = getattr(__import__(mod, fromlist=[cls]), cls)
                 steps[impl] = other(_make(shapes, device, dtype), **hp).step
@@ -277,7 +281,7 @@ def bench_one(optim, workload, device, repeats=5, shapes=None, compile_step=Fals
                          pct_of_roof=100 * t_roof / s,
                          host_ms=host_ms.get(impl)))
     torch_rows = [r for r in rows if not r["impl"].startswith(("fusedopt", "roof", "cupy"))
-                  and r["impl"] not in EIGHT_BIT]
+                  and not any(r["impl"] in peers for peers in PEERS.values())]
     best = min(r["ms"] for r in torch_rows)
     for r in rows:
         r["speedup_vs_best_torch"] = best / r["ms"]

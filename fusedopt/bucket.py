@@ -48,10 +48,13 @@ _M32 = 0xFFFFFFFF
 
 def state_dtype(group, p):
     """The dtype of p's state: uint8 (8-bit codes, quant.py) when the group asks for it
-    and quant.takes(p); float32 for a float16/bfloat16 param when the group asks for
+    and quant.takes(p); uint4 (4-bit codes) likewise, or uint8 where p cannot take
+    4-bit codes but 8-bit ones (quant.takes); float32 for a float16/bfloat16 param when the group asks for
     float32 or 8-bit state or master weights; else the param's own (as torch)."""
     want = group.get("state_dtype")
-    if want == torch.uint8 and quant.takes(p):
+    if want == torch.uint4 and quant.takes(p, 4):
+        return torch.uint4
+    if want in (torch.uint8, torch.uint4) and quant.takes(p):
         return torch.uint8
     if p.dtype in _LOW and (want is not None or group.get("master_weights")):
         return torch.float32
@@ -153,14 +156,15 @@ class _Bucket:
         self.device = params[0].device
         self.dtype = _name(params[0].dtype)
         sdt = state_dtype(group, params[0])
-        q = sdt == torch.uint8  # 8-bit slots: the math and a master copy in float32
+        q = sdt in (torch.uint8, torch.uint4)  # coded slots: the math, a master in float32
         self.sdtype = "float32" if q else _name(sdt)
         extra = extra_name(group, params[0])
         master = extra is not None  # a master copy or a compensation: the fourth table's
         used = [bool(name) for name in slots]
         self.mask = update_mask(used, extra in ("master", remainder.KEY), used if q else (),
                                 [bool(name) and quant.signed(name) for name in slots],
-                                kahan=extra == KAHAN, remainder=extra == remainder.KEY)
+                                kahan=extra == KAHAN, remainder=extra == remainder.KEY,
+                                four=sdt == torch.uint4)
         self.backend = backend_for(spec.backend, self.device)
         if self.backend == "triton" and self.device.type == "cpu" \
                 and os.environ.get("TRITON_INTERPRET") != "1":

@@ -91,7 +91,8 @@ def parity_cmd(args, cls=None, notes=None):
 OPTIMS_HELP = ("every optimizer by its class name in lower case (adam, sgd, lion, ...)",
                "adam-bf16 (bfloat16 params, float32 state)",
                "adam-clip (max_grad_norm=1 vs clip_grad_norm_ + step)",
-               "adamw-8bit (state_dtype=torch.uint8 vs bitsandbytes, torchao where installed)")
+               "adamw-8bit (state_dtype=torch.uint8 vs bitsandbytes, torchao where installed)",
+               "adamw-4bit (state_dtype=torch.uint4 vs torchao's AdamW4bit where installed)")
 
 
 def bench_cmd(args):

@@ -57,7 +57,7 @@ class Lion(FusedOptimizer, LionForLoop):
     ``lion-pytorch`` package, which the tests check it against); one fused multi-tensor step
     per (device, dtype) group (Numba on CPU, Triton on CUDA). Extra keyword-only arguments:
     ``backend``, ``l1``, ``max_grad_norm``, ``state_dtype`` (``torch.float32``, or
-    ``torch.uint8`` for 8-bit state), ``master_weights``, ``stochastic_rounding``, ``kahan_sum``,
+    ``torch.uint8`` for 8-bit or ``torch.uint4`` for 4-bit state), ``master_weights``, ``stochastic_rounding``, ``kahan_sum``,
     ``flat``, ``gradient_release``; each is described on the Options page of the documentation
     (``docs/options.md``)."""
     _rule = "lion"

@@ -95,9 +95,11 @@ class FusedOptimizer:
             raise NotImplementedError(
                 f"fusedopt.{type(self).__name__} does not implement differentiable=True; "
                 f"use torch.optim.{type(self).__name__} for differentiable optimizer steps")
-        if self.spec is not None and self.spec.trust and state_dtype == torch.uint8:
+        if self.spec is not None and self.spec.trust and state_dtype in (torch.uint8,
+                                                                          torch.uint4):
             raise ValueError(f"fusedopt.{type(self).__name__} does not support state_dtype="
-                             "torch.uint8 (8-bit state): its reduce pass reads float state")
+                             f"{state_dtype} (quantized state): its reduce pass reads float "
+                             "state")
         if self._own_clip and max_grad_norm is not None:  # the twin's own argument
             kwargs["max_grad_norm"], max_grad_norm = max_grad_norm, None
         validate(type(self).__name__, self._refuses, backend=backend, l1=l1,

@@ -48,9 +48,10 @@ def validate(cls_name, refuses, *, backend, l1, max_grad_norm, state_dtype, **sw
     if state_dtype is not None and not isinstance(state_dtype, torch.dtype):
         raise TypeError(f"state_dtype must be None (the param's dtype) or a torch.dtype, got "
                         f"{type(state_dtype).__name__}: {state_dtype!r}")
-    if state_dtype not in (None, torch.float32, torch.uint8):
-        raise ValueError(f"state_dtype must be None (the param's dtype), torch.float32 or "
-                         f"torch.uint8 (8-bit state), got {state_dtype}")
+    if state_dtype not in (None, torch.float32, torch.uint8, torch.uint4):
+        raise ValueError(f"state_dtype must be None (the param's dtype), torch.float32, "
+                         f"torch.uint8 (8-bit state) or torch.uint4 (4-bit state), got "
+                         f"{state_dtype}")
     mw = switches["master_weights"]
     if not isinstance(mw, (bool, str)):
         raise TypeError(f"master_weights must be True, False or 'remainder', got "

@@ -87,15 +87,19 @@ def _unfit(spec, group, p, g, st):
         if name and t is None and len(st):
             return f"state without {name!r}"
         # (a DTensor's state: the engines read its local shard, which must be the param's)
-        if t is not None and (not torch.is_tensor(t) or t.shape != p.shape or t.device != p.device
-                              or _local(t).shape != _local(p).shape):
+        x = st.get(name + quant.ABSMAX) if name else None
+        four = torch.is_tensor(t) and torch.is_tensor(x) and t.dtype == torch.uint8 \
+            and not isinstance(p, _dtensor()) and quant.bits_of(t, x) == 4
+        if t is not None and (not torch.is_tensor(t) or t.device != p.device or (
+                t.shape != quant.codes_shape(p, 4) if four else
+                t.shape != p.shape or _local(t).shape != _local(p).shape)):
             return f"state {name!r} that does not fit the param"
         if t is not None and t.dtype == torch.uint8:
-            # 8-bit codes (kept, or dequantized by the plan where 8-bit state is not asked
-            # for): only with an absmax of the right size beside them, locally too
-            x = st.get(name + quant.ABSMAX)
-            if not torch.is_tensor(x) or x.shape != quant.absmax_shape(p) \
-                    or _local(x).numel() != quant.nblocks(_local(p).numel()) \
+            # 8-bit or 4-bit codes (kept, or dequantized by the plan where they are not
+            # asked for): only with an absmax of the right size beside them, locally too
+            size = quant.block(4 if four else 8)
+            if not torch.is_tensor(x) or (x.shape != quant.absmax_shape(p) and not four) \
+                    or _local(x).numel() != quant.nblocks(_local(p).numel(), size) \
                     or x.dtype != torch.float32 or x.device != p.device:
                 return f"8-bit state {name!r} without a fitting {name + quant.ABSMAX!r}"
         elif t is not None and t.dtype != p.dtype and not (mixed and t.is_floating_point()):
@@ -215,8 +219,8 @@ class _Plan:
                 spec.init_state(p, st)
             sdt = state_dtype(group, p)
             for name in self.slots:
-                if name and sdt == torch.uint8:
-                    fresh.update(quant.fit(st, name, p))
+                if name and sdt in (torch.uint8, torch.uint4):
+                    fresh.update(quant.fit(st, name, p, quant.bits(sdt)))
                 elif name and st.get(name) is None:
                     st[name] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
                     fresh.add(id(p))
@@ -242,7 +246,7 @@ class _Plan:
         flats = {}
         for key, idx in order.items():  # flat=True: each bucket re-homed into buffers
             ps = [params[i] for i in idx]
-            if group.get("flat") and key[2] != torch.uint8 \
+            if group.get("flat") and key[2] not in (torch.uint8, torch.uint4) \
                     and flat.eligible(ps, [grads[i] for i in idx]):  # 8-bit: per tensor
                 extra = extra_name(group, ps[0])
                 names = [n for n in self.slots if n] + [extra] * (extra is not None)

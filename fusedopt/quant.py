@@ -1,6 +1,8 @@
-"""Block-wise 8-bit quantization of optimizer state, as in Dettmers et al., "8-bit
+"""Block-wise 8-bit and 4-bit quantization of optimizer state, as in Dettmers et al., "8-bit
 Optimizers via Block-wise Quantization" (ICLR 2022), the method behind bitsandbytes' and
-torchao's 8-bit optimizers: the definition behind ``state_dtype=torch.uint8`` (8-bit state in the engines).
+torchao's 8-bit optimizers, and Li et al., "Memory Efficient Optimizers with 4-bit States"
+(NeurIPS 2023), behind torchao's 4-bit ones: the definition behind ``state_dtype=torch.uint8``
+(8-bit state in the engines) and ``state_dtype=torch.uint4`` (4-bit state).
 
 A state tensor is cut into blocks of ``BLOCK`` elements (the last may be shorter); each
 block keeps one float32 ``absmax`` (the largest magnitude in it) and one uint8 code per
@@ -11,6 +13,17 @@ equal parts whose midpoints are the map's values.  Signed maps (first moments) k
 sign bit: 127 positive values, their negatives, 0 and 1.  Unsigned maps (second moments,
 never negative) use the sign bit as one more fraction bit: 254 positive values, 0 and 1.
 Small values thus keep their relative precision: the map's gaps grow with the value.
+
+4-bit state (``BITS == 4``) packs two codes per byte (the even element in the low nibble)
+and keeps one absmax per ``BLOCK4 = 128`` elements, as torchao's AdamW4bit.  Its signed map
+(first moments) is the dynamic map of 3 exponent bits (10^-2 ... 10^0: 7 positive values,
+their negatives, 0 and 1); its unsigned map (second moments) is linear, 1/16 ... 16/16,
+without 0: torchao's choice, after Li et al.'s "zero-point problem": a second moment coded
+as 0 makes the update m / (sqrt(v) + eps) blow up where m is not 0, and a linear map keeps
+the relative error of the large v that set the step size small.  The codes are a uint8
+tensor of shape ``(*p.shape[:-1], p.shape[-1] // 2)``: params whose last dim is odd,
+and DTensor params, take 8-bit state instead (``takes``), so that the codes' shape gives
+the param's.
 
 Params with fewer than ``MIN_NUMEL`` elements keep float32 state (the codes and absmax
 would save little and cost precision where it is cheapest): decided on the full param's
@@ -38,32 +51,49 @@ from . import spec
 from .kernels import qmap
 
 BLOCK = qmap.QBLOCK
+BLOCK4 = qmap.QBLOCK4
 MIN_NUMEL = 4096
-_EXPONENTS = 7  # 10^-6 ... 10^0
+_EXPONENTS = 7  # 10^-6 ... 10^0 (8 bits; 4 bits: 3)
+
+
+def bits(state_dtype):
+    """The bits per code of a quantized state dtype: 4 for torch.uint4, else 8."""
+    return 4 if state_dtype == torch.uint4 else 8
+
+
+def block(nbits):
+    """Elements per absmax: BLOCK for 8-bit codes, BLOCK4 for 4-bit ones."""
+    return BLOCK4 if nbits == 4 else BLOCK
 ABSMAX = "_absmax"  # state[name + ABSMAX]: the float32 absmax of each block of state[name]
 
 
-def dynamic_map(signed):
-    """The 256 values of the dynamic map, sorted, in float32 (computed in float32 as
-    bitsandbytes' create_dynamic_map computes them, so that codes mean the same there)."""
+def dynamic_map(signed, nbits=8):
+    """The 2^nbits values of the map, sorted, in float32: the dynamic map (computed in
+    float32 as bitsandbytes' create_dynamic_map computes them, so that codes mean the same
+    there: nbits - 1 exponents), but for the unsigned 4-bit map, linear (k / 16,
+    k = 1 ... 16), as torchao's 4-bit optimizers (see the module's docstring)."""
+    if nbits == 4 and not signed:
+        return torch.linspace(0, 1, 17, dtype=torch.float32)[1:]
+    exps = nbits - 1
     values = [0.0, 1.0]
-    for i in range(_EXPONENTS):
+    for i in range(exps):
         parts = 2 ** i if signed else 2 ** (i + 1)
         edges = torch.linspace(0.1, 1, parts + 1, dtype=torch.float32)
-        mids = (edges[:-1] + edges[1:]) / 2.0 * 10.0 ** (i - (_EXPONENTS - 1))
+        mids = (edges[:-1] + edges[1:]) / 2.0 * 10.0 ** (i - (exps - 1))
         values += mids.tolist() + ((-mids).tolist() if signed else [])
-    assert len(values) == 256
+    assert len(values) == 2 ** nbits
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
-def quantize(x, qmap):
-    """(codes, absmax) of ``x`` (any shape; flattened, in float64): per block the largest
+def quantize(x, qmap, size=BLOCK):
+    """(codes, absmax) of ``x`` (any shape; flattened, in float64): per block of ``size``
+    elements the largest
     magnitude as float32, per element the index of the map value nearest to x / absmax,
     computed in float64 (ties to the smaller value).  A block of zeros has absmax 0 and
     the code of 0."""
     flat = x.detach().reshape(-1).double()
-    pad = (-flat.numel()) % BLOCK
-    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, BLOCK)
+    pad = (-flat.numel()) % size
+    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, size)
     absmax = blocks.abs().amax(dim=1).float()
     scale = absmax.double().unsqueeze(1)
     normed = torch.where(scale > 0, blocks / scale.clamp(min=torch.finfo(torch.float64).tiny),
@@ -77,11 +107,12 @@ def quantize(x, qmap):
     return codes.reshape(-1)[:flat.numel()].to(torch.uint8).view(x.shape), absmax
 
 
-def dequantize(codes, absmax, qmap, dtype=torch.float32):
-    """The values the codes stand for: map[code] * absmax of its block, in ``dtype``
-    (float64 for the reference: both factors exact, one rounding at most)."""
+def dequantize(codes, absmax, qmap, dtype=torch.float32, size=BLOCK):
+    """The values the codes (one per element, unpacked) stand for: map[code] * absmax of
+    its block of ``size``, in ``dtype`` (float64 for the reference: both factors exact, one
+    rounding at most)."""
     flat = codes.reshape(-1).long()
-    scale = absmax.to(dtype).repeat_interleave(BLOCK)[:flat.numel()]
+    scale = absmax.to(dtype).repeat_interleave(size)[:flat.numel()]
     return (qmap.to(dtype)[flat] * scale).view(codes.shape)
 
 
@@ -91,13 +122,33 @@ def signed(name):
     return name not in spec.unsigned_slots()
 
 
-def zero_code(is_signed):
-    """The code of 0: the middle of the signed map, the first of the unsigned."""
-    return 127 if is_signed else 0
+def zero_code(is_signed, nbits=8):
+    """The code of 0 (or, for the unsigned 4-bit map, which has none, of its smallest
+    value, 0 under an absmax of 0): the middle of the signed map, the first of the unsigned."""
+    return (2 ** (nbits - 1) - 1) if is_signed else 0
 
 
-def nblocks(numel):
-    return (numel + BLOCK - 1) // BLOCK
+def nblocks(numel, size=BLOCK):
+    return (numel + size - 1) // size
+
+
+def pack(codes):
+    """4-bit codes (uint8 < 16, an even count per last dim) two per byte, the even element
+    in the low nibble: shape (*codes.shape[:-1], codes.shape[-1] // 2)."""
+    c = codes.reshape(*codes.shape[:-1], -1, 2)
+    return c[..., 0] | (c[..., 1] << 4)
+
+
+def unpack(packed):
+    """The inverse of ``pack``: one code per element, shape (..., 2 * packed.shape[-1])."""
+    return torch.stack([packed & 15, packed >> 4], -1).reshape(*packed.shape[:-1], -1)
+
+
+def bits_of(codes, absmax):
+    """The bits per code of a state's codes, from their count and their absmax's: 4-bit
+    codes of n elements are n / 2 bytes with n / BLOCK4 absmax, 8-bit ones n bytes with
+    n / BLOCK (distinct for every n over MIN_NUMEL)."""
+    return 4 if absmax.numel() > nblocks(codes.numel()) else 8
 
 
 def _dtensor(t):
@@ -110,11 +161,14 @@ def _local(t):
     return local(t)
 
 
-def takes(p):
+def takes(p, nbits=8):
     """Whether param p's state is quantized under state_dtype=torch.uint8: float32,
     float16 and bfloat16 params of at least MIN_NUMEL elements (the full param's count:
     a DTensor's numel is the global one) and, for a DTensor, rows of whole blocks
-    (``row_blocks``); float64 and complex params keep their dtype."""
+    (``row_blocks``); float64 and complex params keep their dtype.  With ``nbits=4``
+    (torch.uint4): those of them that are not DTensors and whose last dim is even."""
+    if nbits == 4:
+        return takes(p) and not _dtensor(p) and p.shape[-1] % 2 == 0
     return p.dtype in (torch.float32, torch.float16, torch.bfloat16) \
         and p.numel() >= MIN_NUMEL and (not _dtensor(p) or row_blocks(p) is not None)
 
@@ -153,17 +207,26 @@ def _laid_like(p, codes, absmax):
                                stride=(per, 1)))
 
 
-def zeros(p, is_signed):
+def codes_shape(p, nbits=8):
+    """The shape of param p's codes: p's (local) shape, the last dim halved for 4 bits."""
+    shape = _local(p).shape
+    return shape if nbits == 8 else (*shape[:-1], shape[-1] // 2)
+
+
+def zeros(p, is_signed, nbits=8):
     """(codes, absmax) of a state of zeros for param p (DTensors laid like a DTensor p)."""
     local = _local(p)
-    codes = torch.full(local.shape, zero_code(is_signed), dtype=torch.uint8, device=local.device)
-    absmax = torch.zeros(nblocks(local.numel()), dtype=torch.float32, device=local.device)
+    z = zero_code(is_signed, nbits)
+    codes = torch.full(codes_shape(p, nbits), z if nbits == 8 else z | z << 4,
+                       dtype=torch.uint8, device=local.device)
+    absmax = torch.zeros(nblocks(local.numel(), block(nbits)), dtype=torch.float32,
+                         device=local.device)
     return _laid_like(p, codes, absmax)
 
 
 def engine_table():
-    """What the engines quantize with: float32 [2, qmap.TABLE] (row 0 the unsigned map,
-    row 1 the signed one).  Columns 0-255 are the map's values (dequantization:
+    """What the engines quantize with: float32 [qmap.ROWS, qmap.TABLE] (row 0 the unsigned
+    8-bit map, row 1 the signed one; rows 2 and 3 the 4-bit maps, see below).  Columns 0-255 are the map's values (dequantization:
     value[code] * absmax).  The rest describe the map's structure (kernels/qmap.py), so
     that a code is computed without a search or a table lookup per element:
 
@@ -183,10 +246,18 @@ def engine_table():
     ``EXP_LOW`` (the decade by y's binary exponent) and ``PA`` ... ``PM`` (the decade's
     constants) for its codes by permutes (numba_quant, kernels/qmap.py).
 
+    A 4-bit row holds the map's 16 values (columns 0-15) and the 15 midpoints between
+    neighbours as float32 (``MID4`` on): a code is the count of midpoints below
+    y = x * (1 / absmax), signed for the signed map, 15 compares an engine vectorizes.
+
     Every step is a float32 operation both engines perform alike, so their codes are
     equal; a code can differ from ``quantize``'s (float64, exact midpoints) only where y
     lies within rounding of a midpoint."""
-    out = torch.zeros(2, qmap.TABLE, dtype=torch.float32)
+    out = torch.zeros(qmap.ROWS, qmap.TABLE, dtype=torch.float32)
+    for row, is_signed in ((2, False), (3, True)):
+        q = dynamic_map(is_signed, 4)
+        out[row, :16] = q
+        out[row, qmap.MID4:qmap.MID4 + 15] = ((q[:-1].double() + q[1:].double()) / 2).float()
     ints = out.view(torch.int32)  # (the columns the CPU engine reads as int32)
     for row, is_signed in enumerate((False, True)):
         q = dynamic_map(is_signed)
@@ -221,17 +292,22 @@ def engine_table():
     return out
 
 
-def fit(state, name, p):
-    """Make state[name] 8-bit codes of param p with their absmax beside them (DTensors
+def fit(state, name, p, nbits=8):
+    """Make state[name] ``nbits`` codes of param p with their absmax beside them (DTensors
     laid like a DTensor p, see the module's docstring): zeros where it is missing
     (returns {id(p)}: fresh state), quantized where it holds values (a torch.optim
-    state_dict loaded, or state_dtype changed)."""
+    state_dict loaded, or state_dtype changed: codes of the other width are dequantized
+    first)."""
     t = state.get(name)
     if t is None:
-        state[name], state[name + ABSMAX] = zeros(p, signed(name))
+        state[name], state[name + ABSMAX] = zeros(p, signed(name), nbits)
         return {id(p)}
+    if t.dtype == torch.uint8 and bits_of(_local(t), _local(state[name + ABSMAX])) != nbits:
+        t = state[name] = dequantize_state(state, name)
     if t.dtype != torch.uint8:  # a DTensor's local shard alone: its blocks are the param's
-        codes, absmax = quantize(_local(t), dynamic_map(signed(name)))
+        codes, absmax = quantize(_local(t), dynamic_map(signed(name), nbits), block(nbits))
+        if nbits == 4:
+            codes = pack(codes)
         state[name], state[name + ABSMAX] = _laid_like(p, codes.to(t.device),
                                                        absmax.to(t.device))
     return set()
@@ -243,8 +319,9 @@ def dequantize_state(state, name):
     absmax = _local(state.pop(name + ABSMAX))
     codes = state[name]
     local = _local(codes)
-    values = dequantize(local, absmax.to(local.device),
-                        dynamic_map(signed(name)).to(local.device))
+    nbits = bits_of(local, absmax)
+    values = dequantize(unpack(local) if nbits == 4 else local, absmax.to(local.device),
+                        dynamic_map(signed(name), nbits).to(local.device), size=block(nbits))
     if not _dtensor(codes):
         return values
     return type(codes).from_local(values, codes.device_mesh, codes.placements,
@@ -253,7 +330,7 @@ def dequantize_state(state, name):
 
 def float_state_dict(state_dict):
     """A copy of an optimizer state_dict with every 8-bit state entry (codes and absmax)
-    replaced by its float32 values: what torch.optim loads (``torch.optim.AdamW(...)
+    (8-bit or 4-bit) replaced by its float32 values: what torch.optim loads (``torch.optim.AdamW(...)
     .load_state_dict(fusedopt.quant.float_state_dict(opt.state_dict()))``), or a fusedopt
     optimizer without state_dtype=torch.uint8."""
     out = dict(state_dict)

@@ -211,22 +211,24 @@ def step(name, params, grads, states, **hp):
         fn(p, g.to(torch.float64), st, **hp)
 
 
-def step_8bit(name, params, grads, states, signed, **hp):
-    """One step of ``name`` with 8-bit state (quant.py): each state entry named in
-    ``signed`` (name -> True for the signed map, False for the unsigned) is held as
-    (codes, absmax), dequantized to float64, updated by the float64 step above, and
-    quantized again with its new absmax.  Params under quant.MIN_NUMEL elements keep
-    float64 state.  The algorithm the engines' 8-bit state is to be checked against."""
+def step_8bit(name, params, grads, states, signed, nbits=8, **hp):
+    """One step of ``name`` with 8-bit state (quant.py; 4-bit with ``nbits=4``): each
+    state entry named in ``signed`` (name -> True for the signed map, False for the
+    unsigned) is held as (codes, absmax) (codes one per element, unpacked), dequantized to
+    float64, updated by the float64 step above, and quantized again with its new absmax.
+    Params under quant.MIN_NUMEL elements keep float64 state.  The algorithm the engines'
+    quantized state is to be checked against."""
     from . import quant
-    maps = {k: quant.dynamic_map(s) for k, s in signed.items()}
+    maps = {k: quant.dynamic_map(s, nbits) for k, s in signed.items()}
+    size = quant.block(nbits)
     for p, g, st in zip(params, grads, states):
         if g is None:
             continue
         small = p.numel() < quant.MIN_NUMEL
         for k, v in st.items():
             if isinstance(v, tuple):
-                st[k] = quant.dequantize(*v, maps[k], torch.float64)
+                st[k] = quant.dequantize(*v, maps[k], torch.float64, size)
         step(name, [p], [g], [st], **hp)
         for k in maps:
             if k in st and not small:
-                st[k] = quant.quantize(st[k], maps[k])
+                st[k] = quant.quantize(st[k], maps[k], size)

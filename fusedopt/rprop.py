@@ -13,7 +13,7 @@ class Rprop(FusedOptimizer, torch.optim.Rprop):
     defaults, errors and ``state_dict``, with one fused multi-tensor step per (device,
     dtype) group (Numba on CPU, Triton on CUDA). Extra keyword-only arguments: ``backend``,
     ``l1``, ``max_grad_norm``, ``state_dtype`` (``torch.float32``, or ``torch.uint8`` for
-    8-bit state), ``master_weights``, ``stochastic_rounding``, ``kahan_sum``, ``flat``,
+    8-bit or ``torch.uint4`` for 4-bit state), ``master_weights``, ``stochastic_rounding``, ``kahan_sum``, ``flat``,
     ``gradient_release``; each is described on the Options page of the documentation
     (``docs/options.md``)."""
     _rule = "rprop"
@@ -35,7 +35,8 @@ class Rprop(FusedOptimizer, torch.optim.Rprop):
         fill = torch.complex(lr, lr) if p.is_complex() else lr
         sdt = state_dtype(group, p)  # (8-bit state: quantized by the plan from float32)
         state["step_size"] = torch.empty_like(
-            p, dtype=torch.float32 if sdt == torch.uint8 else sdt).copy_(fill.expand(p.shape))
+            p, dtype=torch.float32 if sdt in (torch.uint8, torch.uint4) else sdt).copy_(
+                fill.expand(p.shape))
 
     def _coefficients(self, group, step, f64):
         (etaminus, etaplus), (lo, hi) = group["etas"], group["step_sizes"]

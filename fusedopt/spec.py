@@ -127,18 +127,26 @@ def offers_8bit(cls):
     return "state_dtype" not in getattr(cls, "_refuses", ()) and not cls.spec.trust
 
 
+def offers_4bit(cls):
+    """Whether optimizer class ``cls`` takes ``state_dtype=torch.uint4`` (4-bit state): the
+    classes that take 8-bit state (``offers_8bit``), whose coded slots the same kernels hold
+    as 4-bit codes."""
+    return offers_8bit(cls)
+
+
 def table():
     """The README's optimizer table (markdown), one row per registered class
     (``python -c "import fusedopt; print(fusedopt.spec.table())"``; tests/test_spec.py
     checks the README holds it)."""
-    rows = ["| optimizer | twin (checked against) | torch fused | 8-bit state | masters / SR / Kahan |",
+    rows = ["| optimizer | twin (checked against) | torch fused | 8-bit / 4-bit state "
+            "| masters / SR / Kahan |",
             "|---|---|---|---|---|"]
     yes = {True: "yes", False: "no"}
     for name, cls in REGISTRY.items():
         refuses = set(getattr(cls, "_refuses", ()))
-        eight = offers_8bit(cls)
+        eight, four = offers_8bit(cls), offers_4bit(cls)
         rows.append(f"| `{name}` | `{cls.spec.source}` | {yes[cls.spec.torch_fused]} "
-                    f"| {yes[eight]} "
+                    f"| {yes[eight]} / {yes[four]} "
                     f"| {yes['master_weights' not in refuses]} / "
                     f"{yes['stochastic_rounding' not in refuses]} / "
                     f"{yes['kahan_sum' not in refuses]} |")

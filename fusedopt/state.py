@@ -112,15 +112,24 @@ def _adopt(owner, value):
 def check_loaded(state_dict, params, scalars, shape):
     """Refuse a state dict (before anything is loaded) where a state tensor does not fit
     its param: every state tensor has the shape ``shape(name, p)`` (the param's but for
-    Adafactor's factors) but the step counter and the other ``scalars`` (one element).
-    Said now, rather than at a step (torch) or never (a kernel).  ``params``: the
+    Adafactor's factors, and 4-bit codes and their absmax: quant.codes_shape) but the step
+    counter and the other ``scalars`` (one element).  Said now, rather than at a step (torch) or never (a kernel).  ``params``: the
     optimizer's, in the order of the state dict's param ids."""
     saved = state_dict["state"]
     ids = [i for g in state_dict["param_groups"] for i in g["params"]]
     for i, p in zip(ids, params):
-        for k, v in saved.get(i, {}).items():
+        st = saved.get(i, {})
+        four = {k for k, v in st.items() if torch.is_tensor(v) and v.dtype == torch.uint8
+                and torch.is_tensor(st.get(k + quant.ABSMAX))
+                and quant.bits_of(v, st[k + quant.ABSMAX]) == 4}  # (4-bit codes)
+        for k, v in st.items():
             scalar = k in ("step", *scalars)
-            want = quant.absmax_shape(p) if k.endswith(quant.ABSMAX) else shape(k, p)
+            if k in four:
+                want = quant.codes_shape(p, 4)
+            elif k.endswith(quant.ABSMAX) and k[:-len(quant.ABSMAX)] in four:
+                want = (quant.nblocks(p.numel(), quant.BLOCK4),)
+            else:
+                want = quant.absmax_shape(p) if k.endswith(quant.ABSMAX) else shape(k, p)
             if torch.is_tensor(v) and (v.numel() != 1 if scalar else v.shape != want):
                 raise RuntimeError(
                     f"loaded state dict has state[{i}][{k!r}] of shape {tuple(v.shape)}, "

@@ -28,13 +28,16 @@ class Update(enum.IntFlag):
 class Codes(enum.IntFlag):
     """8-bit state (numba_quant, triton_quant), in the update kernels' mask beside Update's
     bits: slot a, b or c held as uint8 codes with a float32 absmax per block (A, B, C),
-    under the signed map (SIGNED_*: row 1 of quant.engine_table) or the unsigned one."""
+    under the signed map (SIGNED_*: row 1 of quant.engine_table) or the unsigned one;
+    FOUR: the coded slots hold 4-bit codes, two per byte, an absmax per QBLOCK4 elements
+    (rows 2 and 3 of the table)."""
     A = 16
     B = 32
     C = 64
     SIGNED_A = 256
     SIGNED_B = 512
     SIGNED_C = 1024
+    FOUR = 8192
     ANY = A | B | C
 
 
@@ -51,7 +54,7 @@ class Matrix(enum.IntFlag):
 
 # A mask holds Update's and Codes' bits together: they must not meet
 _UPDATE = Update.A | Update.B | Update.C | Update.MASTER | Update.KAHAN | Update.REMAINDER
-assert not _UPDATE & (Codes.ANY | Codes.SIGNED_A | Codes.SIGNED_B | Codes.SIGNED_C)
+assert not _UPDATE & (Codes.ANY | Codes.SIGNED_A | Codes.SIGNED_B | Codes.SIGNED_C | Codes.FOUR)
 
 # per state slot i: its bit in each family
 SLOT = (Update.A, Update.B, Update.C)
@@ -63,20 +66,21 @@ CONSTANTS = {f"{family.__name__.upper()}_{m.name}": int(m)
 # the same as names, which the Numba kernels' code imports (numba reads a global int as a
 # constant; the Triton engine binds CONSTANTS as constexprs)
 UPDATE_A, UPDATE_B, UPDATE_C, UPDATE_MASTER, UPDATE_KAHAN, UPDATE_REMAINDER = map(int, Update)
-CODES_A, CODES_B, CODES_C, CODES_SIGNED_A, CODES_SIGNED_B, CODES_SIGNED_C = map(int, Codes)
+CODES_A, CODES_B, CODES_C, CODES_SIGNED_A, CODES_SIGNED_B, CODES_SIGNED_C, CODES_FOUR = \
+    map(int, Codes)
 MATRIX_A, MATRIX_B, MATRIX_C, MATRIX_TOTAL_ONLY = map(int, Matrix)
 assert CONSTANTS == {n: globals()[n] for n in CONSTANTS}
 
 
-def update_mask(used, master, coded=(), signed=(), kahan=False, remainder=False):
+def update_mask(used, master, coded=(), signed=(), kahan=False, remainder=False, four=False):
     """An update kernel's mask (an int): ``used``, ``coded`` and ``signed`` say per state
     slot (a, b, c) whether it is in use, held as 8-bit codes, under the signed map;
     ``master``, ``kahan``: the param's float32 master copy, its compensation buffer (the
     two share one table: never both); ``remainder``: the master held as the param and
-    an int16 remainder (implies ``master``)."""
+    an int16 remainder (implies ``master``); ``four``: the coded slots hold 4-bit codes."""
     assert not (master and kahan) and (master or not remainder)
     mask = (Update.MASTER if master else 0) | (Update.KAHAN if kahan else 0) \
-        | (Update.REMAINDER if remainder else 0)
+        | (Update.REMAINDER if remainder else 0) | (Codes.FOUR if four and any(coded) else 0)
     for i, u in enumerate(used):
         q, s = i < len(coded) and coded[i], i < len(signed) and signed[i]
         mask |= (SLOT[i] if u else 0) | (CODED[i] if q else 0) | (SIGNED[i] if q and s else 0)

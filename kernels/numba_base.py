@@ -4,7 +4,8 @@ no CPU arithmetic for them), stochastic rounding, the coefficients' row, the rul
 the compiled kernels' table and the on-disk cache key.
 
 numba_engine (the update and norm kernels), numba_quant (8-bit slots) and numba_matrix
-import from here and never from each other, except numba_engine from numba_quant.
+import from here and never from each other, except numba_engine from numba_quant and
+numba_quant from numba_quant4.
 """
 import ast
 import functools

@@ -1,5 +1,6 @@
 """The CPU engine's 8-bit state (fusedopt/quant.py): the variant of numba_engine's kernel
-whose moment slots are uint8 codes with a float32 absmax per block of QBLOCK elements.
+whose moment slots are uint8 codes with a float32 absmax per block of QBLOCK elements (or
+4-bit codes per block of QBLOCK4, numba_quant4, under flags.Codes.FOUR).
 Each block is dequantized into float32 scratch, updated by the same rule, and quantized
 again with its new absmax, in the one pass over the chunk: numba_engine compiles
 ``template8`` with this module's globals.
@@ -13,13 +14,14 @@ from numba.core import cgutils
 from numba.core.registry import cpu_target
 from numba.extending import intrinsic
 
-from . import numba_avx2, numba_ops, qmap
+from . import numba_avx2, numba_ops, numba_quant4, qmap
 from .numba_avx2 import data_ptrs as _data, splat as _splat
 from .coefficients import GRAD_SCALE
 from .flags import (UPDATE_A, UPDATE_B, UPDATE_C, UPDATE_KAHAN, UPDATE_MASTER, UPDATE_REMAINDER,
                     Codes)
 from .numba_base import (JIT, bits_f32, coef_row, f32_bits, f32_to_bf16_stochastic, join_master,
                          split_master, voidptr)
+from .numba_quant4 import dequantize4, requantize4
 
 QBLOCK = qmap.QBLOCK
 
@@ -166,29 +168,7 @@ def _coders(groups):
 _codes16, _codes_block = _coders(1), _coders(qmap.QBLOCK // 16)
 
 
-@intrinsic
-def _absmax_block(typingctx, f):
-    # the largest |f[0:QBLOCK]| as float32 bits (NaN's above inf's: it sticks): QBLOCK / 16
-    # vector loads, masks and unsigned maxes, one reduction.  Numba's loop of uint32 maxes
-    # (its ints widen to 64 bits) was slower: the 8-bit step went 0.855 -> 0.818 ns of
-    # core time per param in cache with this
-    sig = nt.uint32(f)
-
-    def codegen(context, builder, sig, args):
-        i16 = ir.VectorType(_I32, 16)
-        base = builder.bitcast(_data(context, builder, sig, args, 1)[0], i16.as_pointer())
-        umax = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i16, [i16, i16]),
-                                              "llvm.umax.v16i32")
-        mask = ir.Constant(i16, [0x7FFFFFFF] * 16)
-        v = [builder.and_(builder.load(builder.gep(base, [ir.Constant(_I32, i)]), align=4),
-                          mask) for i in range(qmap.QBLOCK // 16)]
-        while len(v) > 1:  # a tree of independent maxes (an odd one out waits a level)
-            v = [builder.call(umax, [v[i], v[i + 1]]) for i in range(0, len(v) - 1, 2)] \
-                + v[len(v) - len(v) % 2:]
-        red = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32, [i16]),
-                                             "llvm.vector.reduce.umax.v16i32")
-        return builder.call(red, [v[0]])
-    return sig, codegen
+_absmax_block = numba_quant4.absmax_bits(qmap.QBLOCK)
 
 
 def _loads(n):
@@ -307,8 +287,13 @@ def template8(KEY, MASK, DT, SDT, ADT, BDT, CDT):
     # the rule, and quantized again with its new absmax, in one pass over the chunk (chunks
     # start at multiples of numba_engine.CHUNK, hence of QBLOCK)
     QA, QB, QC = MASK & Codes.A, MASK & Codes.B, MASK & Codes.C
+    FOUR = bool(MASK & Codes.FOUR)  # 4-bit codes: QBLOCK4 elements a block, two a byte
+    QS = qmap.QBLOCK4 if FOUR else QBLOCK
+    # per slot: the shift from an element's index to its code's byte's (1: 4-bit codes)
+    HA, HB, HC = (int(FOUR and bool(q)) for q in (QA, QB, QC))
     RA, RB, RC = (int(bool(MASK & s)) for s in (Codes.SIGNED_A, Codes.SIGNED_B,
                                                 Codes.SIGNED_C))  # map rows
+    RA4, RB4, RC4 = (r + 2 * FOUR for r in (RA, RB, RC))  # (rows 2, 3: the 4-bit maps)
     # (as numba_engine._template)
     WDT = DT if MASK & UPDATE_KAHAN else np.uint16 if MASK & UPDATE_REMAINDER else SDT
 
@@ -320,33 +305,39 @@ def template8(KEY, MASK, DT, SDT, ADT, BDT, CDT):
             s = CS[ci]
             e = CE[ci]
             n = N[t]
-            nb = (n + QBLOCK - 1) // QBLOCK
+            nb = (n + QS - 1) // QS
             key = R[t]
             p_ = numba.carray(voidptr(P[t]), n, DT)
             g_ = numba.carray(voidptr(G[t]), n, DT)
-            a_ = numba.carray(voidptr(S0[t]), n, ADT)
-            b_ = numba.carray(voidptr(S1[t]), n, BDT)
-            c_ = numba.carray(voidptr(S2[t]), n, CDT)
+            a_ = numba.carray(voidptr(S0[t]), n >> HA, ADT)
+            b_ = numba.carray(voidptr(S1[t]), n >> HB, BDT)
+            c_ = numba.carray(voidptr(S2[t]), n >> HC, CDT)
             w_ = numba.carray(voidptr(S3[t]), n, WDT)
             xa = numba.carray(voidptr(A0[t]), nb, np.float32)
             xb = numba.carray(voidptr(A1[t]), nb, np.float32)
             xc = numba.carray(voidptr(A2[t]), nb, np.float32)
-            qa, qb, qc = Q[RA], Q[RB], Q[RC]
+            qa, qb, qc = Q[RA4], Q[RB4], Q[RC4]
             hs = coef_row(C, t if C.shape[0] > 1 else 0)
-            fa = np.empty(QBLOCK, np.float32)
-            fb = np.empty(QBLOCK, np.float32)
-            fc = np.empty(QBLOCK, np.float32)
-            for b0 in range(s, e, QBLOCK):
-                b1 = min(b0 + QBLOCK, e)
+            fa = np.empty(QS, np.float32)
+            fb = np.empty(QS, np.float32)
+            fc = np.empty(QS, np.float32)
+            for b0 in range(s, e, QS):
+                b1 = min(b0 + QS, e)
                 m = b1 - b0
-                blk = b0 // QBLOCK
+                blk = b0 // QS
                 p, g, w = p_[b0:b1], g_[b0:b1], w_[b0:b1]
-                a, b, c = a_[b0:b1], b_[b0:b1], c_[b0:b1]
-                if QA:
+                a, b, c = a_[b0 >> HA:b1 >> HA], b_[b0 >> HB:b1 >> HB], c_[b0 >> HC:b1 >> HC]
+                if QA and FOUR:
+                    dequantize4(fa, a, m, qa, xa[blk])
+                elif QA:
                     dequantize(fa, a, m, qa, xa[blk])
-                if QB:
+                if QB and FOUR:
+                    dequantize4(fb, b, m, qb, xb[blk])
+                elif QB:
                     dequantize(fb, b, m, qb, xb[blk])
-                if QC:
+                if QC and FOUR:
+                    dequantize4(fc, c, m, qc, xc[blk])
+                elif QC:
                     dequantize(fc, c, m, qc, xc[blk])
                 for j in range(m):
                     gv = load(g[j])
@@ -386,10 +377,16 @@ def template8(KEY, MASK, DT, SDT, ADT, BDT, CDT):
                         fc[j] = cv
                     elif MASK & UPDATE_C:
                         c[j] = sstore(cv)
-                if QA:
+                if QA and FOUR:
+                    xa[blk] = requantize4(fa, a, m, qa)
+                elif QA:
                     xa[blk] = requantize(fa, a, m, qa, RA)
-                if QB:
+                if QB and FOUR:
+                    xb[blk] = requantize4(fb, b, m, qb)
+                elif QB:
                     xb[blk] = requantize(fb, b, m, qb, RB)
-                if QC:
+                if QC and FOUR:
+                    xc[blk] = requantize4(fc, c, m, qc)
+                elif QC:
                     xc[blk] = requantize(fc, c, m, qc, RC)
     return kernel

@@ -3,6 +3,11 @@ read it, and the constants of the code's formula: defined once here, for quant.p
 fills the table), numba_quant and triton_quant (which read it).  Columns 0-255 hold the
 map's 256 values."""
 QBLOCK = 256  # elements per absmax
+QBLOCK4 = 128  # elements per absmax of 4-bit state (torchao's AdamW4bit's block)
+ROWS = 4  # rows of the table: the unsigned and signed maps of 8 bits, then of 4 bits
+# 4-bit rows: columns 0-15 hold the map's 16 values, MID4 + i (i < 15) the float32
+# midpoint between values i and i + 1; a code is the count of midpoints below y
+MID4 = 16
 LOW = 256  # 7 columns: LOW + i is the lowest y that decade i (10^(i-6) ... ) takes
 P = 263  # 7 columns: P + i is 10^(6-i) / 0.9, decade i's scale
 PARTS = 270  # 7 columns: PARTS + i is the number of values in decade i

@@ -12,14 +12,15 @@ import torch
 
 from . import triton_base as base, triton_quant
 from .coefficients import GRAD_SCALE
-from .flags import (CODES_A, CODES_B, CODES_C, CODES_SIGNED_A, CODES_SIGNED_B, CODES_SIGNED_C,
+from .flags import (CODES_A, CODES_B, CODES_C, CODES_FOUR, CODES_SIGNED_A, CODES_SIGNED_B,
+                    CODES_SIGNED_C,
                     UPDATE_A, UPDATE_B, UPDATE_C, UPDATE_KAHAN, UPDATE_MASTER, UPDATE_REMAINDER,
                     Codes)
 from .triton_base import (BLOCK, CHUNK, INTERPRET, KINDS, NUM_WARPS, SCALARS, given_row,
                           join_master, kernels, launching, load, load_raw, loaded_row, narrow,
                           narrow_stochastic, rebind, split_master, store, store_raw, tensor_ptr,
                           tl, triton, widen)
-from .triton_quant import QTABLE, qload, qstore
+from .triton_quant import QTABLE, qload, qload4, qstore, qstore4
 
 # what bind_rule binds per kernel: the rule, the flags (as constexprs)
 rule = None
@@ -46,19 +47,27 @@ def _block(pp, gp, ap, bp, cp, wp, xa, xb, xc, Q, offs, end, key, hs,
     a = p
     b = p
     c = p
-    # 8-bit slots (flags.Codes), the signed map's rows of Q: 1 (SIGNED_*), else 0
+    # 8-bit slots (flags.Codes), the signed map's rows of Q: 1 (SIGNED_*), else 0 (4-bit:
+    # 3 and 2)
     SA: tl.constexpr = (MASK // CODES_SIGNED_A) % 2
     SB: tl.constexpr = (MASK // CODES_SIGNED_B) % 2
     SC: tl.constexpr = (MASK // CODES_SIGNED_C) % 2
-    if MASK & CODES_A:
+    F4: tl.constexpr = (MASK // CODES_FOUR) % 2  # 4-bit slots: rows 2 and 3
+    if MASK & CODES_A and F4:
+        a = qload4(ap, xa, offs, end, Q + (SA + 2) * QTABLE, MASKED)
+    elif MASK & CODES_A:
         a = qload(ap, xa, offs, end, Q + SA * QTABLE, MASKED)
     elif MASK & UPDATE_A:
         a = load(ap, offs, end, SKIND, MASKED)
-    if MASK & CODES_B:
+    if MASK & CODES_B and F4:
+        b = qload4(bp, xb, offs, end, Q + (SB + 2) * QTABLE, MASKED)
+    elif MASK & CODES_B:
         b = qload(bp, xb, offs, end, Q + SB * QTABLE, MASKED)
     elif MASK & UPDATE_B:
         b = load(bp, offs, end, SKIND, MASKED)
-    if MASK & CODES_C:
+    if MASK & CODES_C and F4:
+        c = qload4(cp, xc, offs, end, Q + (SC + 2) * QTABLE, MASKED)
+    elif MASK & CODES_C:
         c = qload(cp, xc, offs, end, Q + SC * QTABLE, MASKED)
     elif MASK & UPDATE_C:
         c = load(cp, offs, end, SKIND, MASKED)
@@ -80,15 +89,21 @@ def _block(pp, gp, ap, bp, cp, wp, xa, xb, xc, Q, offs, end, key, hs,
         store_raw(pp, offs, end, narrow_stochastic(p, offs, key), MASKED)
     else:
         store(pp, offs, end, p, KIND, MASKED)
-    if MASK & CODES_A:
+    if MASK & CODES_A and F4:
+        qstore4(ap, xa, offs, end, a, Q + (SA + 2) * QTABLE, BLOCK, MASKED)
+    elif MASK & CODES_A:
         qstore(ap, xa, offs, end, a, Q + SA * QTABLE, SA, BLOCK, MASKED)
     elif MASK & UPDATE_A:
         store(ap, offs, end, a, SKIND, MASKED)
-    if MASK & CODES_B:
+    if MASK & CODES_B and F4:
+        qstore4(bp, xb, offs, end, b, Q + (SB + 2) * QTABLE, BLOCK, MASKED)
+    elif MASK & CODES_B:
         qstore(bp, xb, offs, end, b, Q + SB * QTABLE, SB, BLOCK, MASKED)
     elif MASK & UPDATE_B:
         store(bp, offs, end, b, SKIND, MASKED)
-    if MASK & CODES_C:
+    if MASK & CODES_C and F4:
+        qstore4(cp, xc, offs, end, c, Q + (SC + 2) * QTABLE, BLOCK, MASKED)
+    elif MASK & CODES_C:
         qstore(cp, xc, offs, end, c, Q + SC * QTABLE, SC, BLOCK, MASKED)
     elif MASK & UPDATE_C:
         store(cp, offs, end, c, SKIND, MASKED)
@@ -238,8 +253,10 @@ def build(rule, flags, interpret=None):
     if k not in kernels:
         kgl = base.bind_rule(rule, flags, interpret)
         # the 8-bit slots' helpers (triton_quant) and their constants
-        kgl.update(QBLOCK=triton_quant.QBLOCK, QTABLE=triton_quant.QTABLE, **triton_quant.QCOLS)
-        for f in (triton_quant.qload, triton_quant.per_block, triton_quant.qstore, _block):
+        kgl.update(QBLOCK=triton_quant.QBLOCK, QBLOCK4=triton_quant.QBLOCK4,
+                   QTABLE=triton_quant.QTABLE, **triton_quant.QCOLS)
+        for f in (triton_quant.qload, triton_quant.per_block, triton_quant.absmax_scales,
+                  triton_quant.qload4, triton_quant.qstore4, triton_quant.qstore, _block):
             kgl[f.fn.__name__] = rebind(f, kgl, interpret)
         kernels[k] = rebind(_kernel, kgl, interpret, launch=True)
     return kernels[k]

@@ -84,9 +84,10 @@ def _update_variants():
         used = [bool(mask & s) for s in SLOT]
         if any(used):  # 8-bit state: every slot as codes, the first with the signed map
             for arch in (80, 90):
-                out[f"{rule}-8bit-{arch}"] = (rule, on, update_mask(used, False, used, (True,)),
-                                              arch, "float32", "float32",
-                                              (VEC_LOADS, APPROX, SPILLS))
+                for bits in (8, 4):  # (4: two codes a byte, flags.Codes.FOUR)
+                    out[f"{rule}-{bits}bit-{arch}"] = (
+                        rule, on, update_mask(used, False, used, (True,), four=bits == 4),
+                        arch, "float32", "float32", (VEC_LOADS, APPROX, SPILLS))
     return out
 
 
@@ -98,6 +99,8 @@ def _needs(item):
         return [f"{p['rule']}-{p['arch']}-{p['amp']}-{d}" for d in _dtypes(p["arch"], p["amp"])]
     if name == "test_8bit_state_compiles":
         return [f"{p['rule']}-8bit-{p['arch']}"]
+    if name == "test_4bit_state_compiles":
+        return [f"{p['rule']}-4bit-{p['arch']}"]
     if name == "test_mixed_precision_compiles":
         return [f"{p['rule']}-mixed-{p['sr']}"]
     return []
@@ -135,6 +138,14 @@ def test_8bit_state_compiles(update_ptx, rule, arch):
     """8-bit state (dequantize, rule, per-block absmax, requantize in one launch): float32
     params still move with 128-bit loads, the math is IEEE, nothing spills."""
     assert update_ptx[f"{rule}-8bit-{arch}"] == "ok"
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("rule", sorted(r for r in rules.RULES if VARIANTS.get(r, ({}, 0))[1]))
+def test_4bit_state_compiles(update_ptx, rule, arch):
+    """4-bit state (two codes a byte, blocks of 128) compiles as 8-bit state does: 128-bit
+    loads of the float32 params, IEEE math, no spills."""
+    assert update_ptx[f"{rule}-4bit-{arch}"] == "ok"
 
 
 NORM_AOT = """

@@ -59,6 +59,15 @@ RULES = {
         "float and mixed-precision state stays quick"),
     "test_8bit.py::test_tiny_and_subnormal_blocks": FULL(
         "~90 s of compiling its own variant; the blocks' codes are checked by test_quant"),
+    # -- 4-bit state: AdamW's reference step and both engines' equal codes stay quick
+    "test_4bit.py::test_one_step_matches_float64_reference": rule(
+        "a 4-bit variant per optimizer (~40 s each on a first run); AdamW stands for all"),
+    "test_4bit.py::test_engines_write_equal_codes": rule(ONE),
+    "test_4bit.py::test_every_code_and_midpoint_of_both_maps": FULL(
+        "compiles SGD's and Adagrad's 4-bit variants (~100 s); AdamW's codes are checked "
+        "against the reference and across engines in the quick tier"),
+    "test_4bit.py::test_digits_training_loss_near_float32": FULL(
+        "a training run (~40 s with a first compile); the one-step reference stays quick"),
     # -- AMP: GradScaler's unscale in the kernel, both engines, both dtypes, AdamW
     "test_amp.py::test_unscale_in_kernel": rule(
         "52 cases, up to 200 s each (Adafactor); one optimizer per engine and dtype",
@@ -132,6 +141,7 @@ RULES = {
     "test_aot.py::test_compiles_with_vector_loads": rule(
         "52 PTX compiles; each arch and amp on one rule", cover=("arch", "amp")),
     "test_aot.py::test_8bit_state_compiles": rule(ONE, cover=("arch",)),
+    "test_aot.py::test_4bit_state_compiles": rule(ONE, cover=("arch",)),
     "test_aot.py::test_mixed_precision_compiles": rule(ONE, cover=("sr",)),
     # -- the trust-ratio algorithms against their packages: 28 cases of ~5-60 s (the
     # interpreted Triton engine over 65537 elements, 20 steps); the first case on both
