@@ -193,6 +193,7 @@ class _Plan:
         self.group, self.params, self.nparams, self.live = group, params, len(params), live
         self.spec, self.state_obj, self.slots = spec, state, spec.slots
         self.capturable = bool(group.get("capturable", False))  # where the counters live
+        self.form = _form(group)
         need = spec.needs_state
         order, fresh, self.fallback = {}, set(), []
         take = []
@@ -335,7 +336,15 @@ class _Plan:
                 and self.nparams == len(params) and live_ok
                 and all(map(operator.is_, self.params, params))
                 and self.slots == slots
-                and self.capturable == bool(group.get("capturable", False)))
+                and self.capturable == bool(group.get("capturable", False))
+                and self.form == _form(group))
+
+
+def _form(group):
+    """The group's options that decide how its state is held: a change (a user setting
+    group["state_dtype"] between steps) rebuilds the plan, which converts the state."""
+    return (group.get("state_dtype"), group.get("master_weights"), group.get("kahan_sum"),
+            group.get("flat"))
 
 
 def refuse_torch(spec, state, group, params):

@@ -214,6 +214,33 @@ def test_state_dict_both_ways():
     assert st["exp_avg"].dtype == torch.uint8 and st["exp_avg_absmax"].dtype == torch.float32
 
 
+@pytest.mark.parametrize("to", [None, torch.uint4], ids=["float", "4bit"])
+def test_state_dtype_set_between_steps_takes_effect(to):
+    """A group's state_dtype set on a live optimizer between steps holds from the next
+    step (the plan is rebuilt, the state converted), bit for bit as a new optimizer that
+    loads the state_dict with that state_dtype set."""
+    ps, opt, gen = _trained("AdamW")
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["state_dtype"] = to
+    twin_ps = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    twin = fusedopt.AdamW(twin_ps, **HP["AdamW"])
+    twin.load_state_dict(sd)
+    opt.param_groups[0]["state_dtype"] = to
+    for _ in range(2):
+        _grads(ps, gen)
+        for a, b in zip(ps, twin_ps):
+            b.grad = a.grad.clone()
+        opt.step()
+        twin.step()
+    want = torch.float32 if to is None else torch.uint8
+    assert opt.state[ps[2]]["exp_avg"].dtype == want  # (70000 elements: over the threshold)
+    for a, b in zip(ps, twin_ps):
+        assert torch.equal(a, b)
+    for a, b in zip(ps, twin_ps):
+        for k, v in twin.state[b].items():
+            assert torch.equal(opt.state[a][k], v), k
+
+
 def test_stale_absmax_is_refused():
     """An absmax replaced by one of the wrong size between steps (or loaded so) never
     reaches a kernel: a clear error, before any memory is touched."""
