@@ -67,7 +67,12 @@ class LAMBForLoop(torch.optim.Optimizer):
 
     def _total_norm(self, grads):
         # torch.nn.utils.get_total_norm's form (the norm of the tensors' norms), each
-        # tensor's norm correctly rounded, as the engines' (Apex: float32 sums)
+        # tensor's norm correctly rounded, as the engines' (Apex: float32 sums); a grad
+        # that is not floating point raises torch's error there, as get_total_norm's and
+        # the fused step's (norm() would cast it and go on)
+        for g in grads:
+            if not (g.is_floating_point() or g.is_complex()):
+                torch.linalg.vector_norm(g)
         return torch.linalg.vector_norm(torch.cat([norm(g, math_dtype(g)).reshape(1)
                                                    for g in grads]))
 
@@ -165,6 +170,9 @@ class LAMB(FusedOptimizer, LAMBForLoop):
         return {"DECOUPLED": self._mode(group)[0]}
 
     def _eager_step(self):
+        # the lists renewed first: after group["params"] was reassigned (or a group deleted)
+        # the global norm is over the params the groups hold now, as the twin's
+        self._current_lists()
         live = self._with_grads()
         if any(p.grad.is_sparse for p in live):
             raise RuntimeError(_SPARSE)
