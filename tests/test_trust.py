@@ -12,7 +12,7 @@ import fusedopt
 from fusedopt import arith, parity
 from fusedopt import lamb as lamb_mod
 from harness import BACKENDS, max_ulp
-from twins import agree, outcome, train
+from twins import agree, outcome, same, same_outcome, set_grads, step_both, train, twins
 
 pytorch_optimizer = pytest.importorskip(
     "pytorch_optimizer", reason="pytorch-optimizer (a test extra) is not installed")
@@ -90,6 +90,38 @@ def test_lamb_clip_off_by_an_ulp_is_caught(monkeypatch):
 
 
 raised = functools.partial(outcome, message=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lamb_global_norm_is_over_the_params_the_groups_hold_now(backend):
+    """(random programs, seed 208) group["params"] reassigned between steps: the global
+    norm that clips is over the params the groups hold now, as the twin's; the param left
+    out keeps its grad (the largest: had it counted, the clip would differ ~100-fold)."""
+    ps, opts = twins("LAMB", backend=backend, max_grad_norm=1.0)
+    set_grads(ps, 1)
+    step_both(opts)
+    for side, opt in zip(ps, opts):
+        opt.param_groups[0]["params"] = [side[0], side[1], side[3]]
+    set_grads(ps, 2)
+    step_both(opts)
+    same(ps)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("clip", [1.0, 0.0])
+def test_lamb_takes_an_integer_grad_as_its_twin(backend, clip):
+    """(random programs, seed 184) a float32 grad's bytes read as int32: with clipping the
+    global norm raises torch's error on both sides (get_total_norm's); without, the twin
+    steps it (the fused step hands it to the twin)."""
+    ps, opts = twins("LAMB", backend=backend, max_grad_norm=clip)
+    set_grads(ps, 1)
+    for side in ps:
+        side[1].grad.data = side[1].grad.data.view(torch.int32)
+    assert same_outcome(ps, opts) is (RuntimeError if clip else None)
+    if clip:  # (nothing was stepped) the same text too
+        assert raised(opts[0].step) == raised(opts[1].step)
+
+
 
 
 @pytest.mark.parametrize("kw", [dict(lr=-1.0), dict(weight_decay=-0.1), dict(momentum=1.0),
