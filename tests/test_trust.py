@@ -196,3 +196,37 @@ def test_state_dict_continues_in_the_twin_both_ways(case):
     final = [[p.detach() for p in o.param_groups[0]["params"]] for o in (a, b, c, d)]
     bound = 0 if name == "LAMB" else 2
     assert all(max_ulp(final[0], f, params, floor=hp["lr"]) <= bound for f in final[1:])
+
+
+def _trust_off(cls, key, rel):
+    """Mutant: the per-tensor factor the trust pass hands the update (LAMB's step, LARS's
+    ratio, StableAdamW's lr) off by the relative ``rel``."""
+    class Off(cls):
+        def _trust(self, group, bucket, sums, co):
+            co = super()._trust(group, bucket, sums, co)
+            return {**co, key: co[key] * (1 + rel)}
+    return Off
+
+
+class _LARSWithoutDecay(fusedopt.LARS):
+    """Mutant: weight decay left out of the ratio's denominator (|g| for |g| + wd |p|)."""
+
+    def _trust(self, group, bucket, sums, co):
+        return super()._trust({**group, "weight_decay": 0.0}, bucket, sums, co)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name,key", [("LAMB", "step"), ("LARS", "ratio"), ("StableAdamW", "lr")])
+def test_looser_ulp_bound_catches_a_trust_factor_off(name, key, dtype):
+    """The trust classes' ulp bound (Spec.ulp=64: the engines' float64 sums differ in
+    order) still catches a trust factor 1000 ulp of its dtype off (a relative 1.2e-4 in
+    float32, 2.2e-13 in float64): 400-2000 ulp of the params in 5 steps (the same cases
+    unmutated pass within it: test_parity.py)."""
+    cls, bound = getattr(fusedopt, name), getattr(fusedopt, name).spec.ulp
+    mutant = _trust_off(cls, key, 1000 * torch.finfo(dtype).eps)
+    bad = parity.check(name, cls.spec.cases[0], dtype, backends=["numba"], steps=5, cls=mutant)
+    assert bad["ulp_vs_torch"] > 4 * bound, bad["ulp_vs_torch"]
+    if name == "LARS":
+        bad = parity.check(name, dict(weight_decay=0.1), dtype, backends=["numba"], steps=5,
+                           cls=_LARSWithoutDecay)
+        assert bad["ulp_vs_torch"] > 1000 * bound, bad["ulp_vs_torch"]
