@@ -9,12 +9,14 @@ norm / max_grad_norm past max_grad_norm, Adam's moments (bias-corrected where as
 the update ``m_hat / (sqrt(v_hat) + eps)`` plus ``weight_decay * p`` (AdamW mode; in L2
 mode added to the gradient first), and ``p -= lr * ratio * update`` with the ratio
 ``|p| / |update|`` (1 where either is 0) applied where ``weight_decay != 0`` or
-``use_nvlamb``.  ``LAMB`` is the fused step: one reduce pass for both norms of every
-tensor, one update pass (Spec.trust).
+``use_nvlamb``; float16 and bfloat16 params take that math in float32, as Apex's kernel
+does (its ``MATH_T``), the state kept in the param's dtype.  ``LAMB`` is the fused step:
+one reduce pass for both norms of every tensor, one update pass (Spec.trust).
 
 Differences from Apex: the norms are correctly rounded (float64 sums of squares, rounded
 once to the math dtype: Apex sums in float32 blocks); float64 and bfloat16 params are
-stepped (Apex raises); ``p.grad`` is left as it was (Apex writes the update into it); a
+stepped (Apex raises); ``p.grad`` is left as it was (Apex writes the update into it, so
+its float16 params' update norm is of the update rounded to float16: here it is not); a
 group's own ``max_grad_norm``, ``adam_w_mode``, ``use_nvlamb`` and ``maximize`` keys
 override the constructor's (Apex reads the constructor's alone), and ``max_grad_norm=0``
 means no clipping; fusedopt's own ``max_grad_norm`` keyword is Apex's here.
@@ -100,22 +102,32 @@ class LAMBForLoop(torch.optim.Optimizer):
                 st = self.state[p]
                 if not st:
                     st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
-                g = -p.grad if group.get("maximize", False) else p.grad
+                # float16/bfloat16: the math in float32, each tensor rounded once on its
+                # store (Apex's MATH_T): a (1 - beta2) g^2 that float16 would flush to 0
+                # makes an update of m / eps, which the trust ratio spreads over the tensor
+                dt = math_dtype(p)
+                x = p.to(dt)
+                g = (-p.grad if group.get("maximize", False) else p.grad).to(dt)
                 g = g / c if torch.is_tensor(c) else g
                 if not adamw and wd != 0:
-                    g = g.add(p, alpha=wd)
-                m, v = st["exp_avg"], st["exp_avg_sq"]
+                    g = g.add(x, alpha=wd)
+                m, v = st["exp_avg"].to(dt), st["exp_avg_sq"].to(dt)
                 m.mul_(b1).add_(g, alpha=beta3)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
                 u = m.div(bc1).div_(v.div(bc2).sqrt_().add_(eps))
                 if adamw and wd != 0:
-                    u.add_(p, alpha=wd)
-                dt = math_dtype(p)
+                    u.add_(x, alpha=wd)
                 step = torch.tensor(group["lr"], dtype=dt)
-                pn, un = norm(p, dt), norm(u, dt)
+                pn, un = norm(x, dt), norm(u, dt)
                 if (wd != 0 or nvlamb) and pn != 0 and un != 0:
                     step = step * (pn / un)
-                p.add_(u, alpha=-step.item())
+                for t, new in ((st["exp_avg"], m), (st["exp_avg_sq"], v)):
+                    if t is not new:  # (a float32 copy: the state takes it back, rounded)
+                        t.copy_(new)
+                if x is p:
+                    p.add_(u, alpha=-step.item())
+                else:
+                    p.copy_(x.add_(u, alpha=-step.item()))
         return loss
 
 
