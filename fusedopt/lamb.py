@@ -24,6 +24,7 @@ means no clipping; fusedopt's own ``max_grad_norm`` keyword is Apex's here.
 import torch
 
 from . import clip as _clip
+from .dtensor import local as _local
 from .matrix import exact_sqrt
 from .optimizer import FusedOptimizer, closure_loss
 from .options import signature_with
@@ -211,8 +212,11 @@ class LAMB(FusedOptimizer, LAMBForLoop):
     def _coefficients(self, group, step, f64):
         t, (b1, b2), wd = group.get("step", 0) + 1, group["betas"], group["weight_decay"]
         bc = (1 - b1 ** t, 1 - b2 ** t) if group["bias_correction"] else (1.0, 1.0)
-        return dict(clip=self._clips.get(id(group["params"]), 1.0), wd=wd, l1=group["l1"], beta1=b1,
-                    beta3=1 - b1 if group["grad_averaging"] else 1.0, beta2=b2,
+        # (under FSDP2 the factor is a replicated DTensor, the same on every rank: the
+        # engines take its local value)
+        return dict(clip=_local(self._clips.get(id(group["params"]), 1.0)), wd=wd,
+                    l1=group["l1"], beta1=b1, beta3=1 - b1 if group["grad_averaging"] else 1.0,
+                    beta2=b2,
                     beta2_rest=1 - b2, bc1=bc[0], bc2=bc[1], eps=group["eps"],
                     step=group["lr"])
 
