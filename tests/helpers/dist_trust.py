@@ -2,11 +2,11 @@
 test_distributed.py, run as ``python dist_workers.py dist_trust:NAME WORLD DIR`` (every
 rank asserting on its own).
 
-* sharded:  each algorithm on fully_shard'ed params (dims of 33 and 5: uneven shards over
-            2 ranks; 2 only: 3 would not split dist_workers' global batch), stepped fused
-            (each shard's sums all-reduced before the trust ratios), steps the params the
-            unsharded single-process step does on the same global batches; LAMB with its
-            global max_grad_norm clipping acting on every step.
+* sharded:  each algorithm on fully_shard'ed params (dims of 33, 5 and 1: uneven shards
+            over 2 ranks, empty ones on rank 1; 2 only: 3 would not split dist_workers'
+            global batch), stepped fused (each shard's sums all-reduced before the trust
+            ratios), steps the params the unsharded single-process step does on the same
+            global batches; LAMB with its global max_grad_norm clipping acting every step.
 * local:    the mutation: trust ratios from each shard's own norms (the reduce pass's
             sums not all-reduced, dtensor.whole_sums skipped) fail the comparison, for each
             algorithm (StableAdamW at its third step: its rate changes only where the RMS
@@ -27,8 +27,8 @@ RUNS = {"LAMB": dict(lr=1e-2, weight_decay=0.1, max_grad_norm=CLIP),
 
 def model():
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(W.DIM, 33), torch.nn.Tanh(),
-                               torch.nn.Linear(33, 5))
+    L = torch.nn.Linear
+    return torch.nn.Sequential(L(W.DIM, 33), torch.nn.Tanh(), L(33, 5), torch.nn.Tanh(), L(5, 1))
 
 
 def loss(m, step, rank, world):
@@ -36,7 +36,7 @@ def loss(m, step, rank, world):
 
 
 def sharded(rank, world, mesh, out, names=tuple(RUNS)):
-    assert any(p.shape[0] % world for p in model().parameters())  # uneven shards
+    assert any(p.shape[0] < world for p in model().parameters())  # uneven, empty shards
     for name in names:
         hp = RUNS[name]
         whole, m = model(), W.shard(model(), mesh)
@@ -52,7 +52,7 @@ def sharded(rank, world, mesh, out, names=tuple(RUNS)):
                 assert norm > 2 * CLIP, norm  # the clipping acted
             # the same global batch (2 ranks): the grads differ only by the reduce-scatter's
             # order of summation (an ulp or so), which moves the params (|p| < 0.5) by an
-            # ulp or two (measured: 3e-8 at most); trust ratios from the shards' own norms
+            # ulp or two (measured: 6e-8 at most); trust ratios from the shards' own norms
             # move them by 2e-5 at the first step (the local scenario)
             for a, b in zip(W.full(m), W.full(whole)):
                 torch.testing.assert_close(a, b, rtol=0, atol=1e-7,
