@@ -9,8 +9,9 @@ rank asserting on its own).
             global batches; LAMB with its global max_grad_norm clipping acting every step.
 * local:    the mutation: trust ratios from each shard's own norms (the reduce pass's
             sums not all-reduced, dtensor.whole_sums skipped) fail the comparison, for each
-            algorithm (StableAdamW at its third step: its rate changes only where the RMS
-            passes 1).
+            algorithm (measured: LAMB 2.6e-5 and LARS 8.5e-7 off at the first step,
+            StableAdamW, whose rate changes only where the RMS passes 1, 2.3e-3 at its
+            second).
 """
 import torch
 
@@ -53,7 +54,7 @@ def sharded(rank, world, mesh, out, names=tuple(RUNS)):
             # the same global batch (2 ranks): the grads differ only by the reduce-scatter's
             # order of summation (an ulp or so), which moves the params (|p| < 0.5) by an
             # ulp or two (measured: 6e-8 at most); trust ratios from the shards' own norms
-            # move them by 2e-5 at the first step (the local scenario)
+            # move them by 8.5e-7 or more (the local scenario)
             for a, b in zip(W.full(m), W.full(whole)):
                 torch.testing.assert_close(a, b, rtol=0, atol=1e-7,
                                            msg=lambda e: f"{name} step {s}: {e}")
