@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import quant, remainder
-from .dtensor import dtensor_class as _dtensor, local as _local
+from .dtensor import dtensor_class as _dtensor, local as _local, whole_sums
 from .kernels.coefficients import NCOEF
 from .kernels.flags import (UPDATE_A, UPDATE_B, UPDATE_C, UPDATE_KAHAN, UPDATE_MASTER,
                             UPDATE_REMAINDER, update_mask)
@@ -205,6 +205,7 @@ class _Bucket:
             + [p.untyped_storage() for _, p, _ in self.work]
         self.numel = np.array([t.numel() for t in cols[0]], dtype=np.int64)
         self.ndim = np.array([p.dim() for p in params], dtype=np.int64)  # (LARS: 1-D or not)
+        self.whole = np.array([p.numel() for p in params], dtype=np.int64)  # (a DTensor's all)
         # step counters on the CPU unless capturable, as torch's non-capturable steps keep
         # them: the coefficients are then Python floats, passed to the kernel as scalars
         self.capturable = bool(group.get("capturable", False))
@@ -345,7 +346,8 @@ class _Bucket:
             part = _triton().reduce(rule, flags, (self.dtype, self.sdtype), mask, self.P,
                                     G, self.S, C, self.tid, self.cs, self.ce, found_inf)
             tid = self.tid
-        return part.new_zeros(len(self.params), 2).index_add_(0, tid, part)
+        sums = part.new_zeros(len(self.params), 2).index_add_(0, tid, part)
+        return whole_sums(self.params, sums)  # (a DTensor's: the whole param's)
 
     def run(self, rule, flags, gptr, coeffs, found_inf=None, keys=None):
         uniform = not any(isinstance(c, torch.Tensor) for c in coeffs)

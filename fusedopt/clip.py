@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from . import bucket as _opt, release as _release
+from .dtensor import mesh_dims as _mesh_dims
 from .kernels import rules
 from .kernels.coefficients import NCOEF, pack
 from .kernels.flags import update_mask
@@ -51,18 +52,6 @@ class _Tables:
 
     def on(self, device):
         return tuple(_opt.on_device(a, device) for a in (self.ptrs, self.tid, self.cs, self.ce))
-
-
-def _mesh_dims(t):
-    """The mesh dims a DTensor is sharded over (its norm is partial there), or None when a
-    placement is neither a shard nor a replica (a partial grad: torch's own ops reduce it)."""
-    dims = []
-    for d, pl in enumerate(t.placements):
-        if pl.is_shard():
-            dims.append(d)
-        elif not pl.is_replicate():
-            return None
-    return tuple(dims)
 
 
 def _all_reduce(v, p, mesh, dims):

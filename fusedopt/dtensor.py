@@ -2,6 +2,8 @@
 torch.distributed.tensor (~0.6 s) where no program has."""
 import sys
 
+import torch
+
 
 def dtensor_class():
     """DTensor's class, or () while torch.distributed.tensor is not imported: importing it
@@ -13,3 +15,35 @@ def dtensor_class():
 def local(t):
     """The shard a DTensor holds on this rank (the engine updates local shards), else t."""
     return t._local_tensor if isinstance(t, dtensor_class()) else t
+
+
+def mesh_dims(t):
+    """The mesh dims a DTensor is sharded over (its norm is partial there), or None when a
+    placement is neither a shard nor a replica (a partial grad: torch's own ops reduce it)."""
+    dims = []
+    for d, pl in enumerate(t.placements):
+        if pl.is_shard():
+            dims.append(d)
+        elif not pl.is_replicate():
+            return None
+    return tuple(dims)
+
+
+def whole_sums(tensors, sums):
+    """``sums`` (a row per tensor: sums over its local shard, a trust ratio's norms squared)
+    made the whole tensors' where a tensor is a DTensor: one SUM all-reduce per (mesh,
+    sharded dims), over each sharded dim's process group, in the order first seen (the same
+    on every rank, whose plans hold the same params).  A shard's own sums are not its
+    param's: a trust ratio from them would differ from rank to rank."""
+    dt = dtensor_class()
+    if not dt or not any(isinstance(t, dt) for t in tensors):
+        return sums
+    from .clip import _all_reduce
+    meshes = {}
+    for i, t in enumerate(tensors):
+        if isinstance(t, dt):
+            meshes.setdefault((t.device_mesh, mesh_dims(t)), []).append(i)
+    for (mesh, dims), idx in meshes.items():
+        sel = torch.tensor(idx, device=sums.device)
+        sums[sel] = _all_reduce(sums[sel], 1.0, mesh, dims)
+    return sums

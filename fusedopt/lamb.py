@@ -9,12 +9,14 @@ norm / max_grad_norm past max_grad_norm, Adam's moments (bias-corrected where as
 the update ``m_hat / (sqrt(v_hat) + eps)`` plus ``weight_decay * p`` (AdamW mode; in L2
 mode added to the gradient first), and ``p -= lr * ratio * update`` with the ratio
 ``|p| / |update|`` (1 where either is 0) applied where ``weight_decay != 0`` or
-``use_nvlamb``.  ``LAMB`` is the fused step: one reduce pass for both norms of every
-tensor, one update pass (Spec.trust).
+``use_nvlamb``; float16 and bfloat16 params take that math in float32, as Apex's kernel
+does (its ``MATH_T``), the state kept in the param's dtype.  ``LAMB`` is the fused step:
+one reduce pass for both norms of every tensor, one update pass (Spec.trust).
 
 Differences from Apex: the norms are correctly rounded (float64 sums of squares, rounded
 once to the math dtype: Apex sums in float32 blocks); float64 and bfloat16 params are
-stepped (Apex raises); ``p.grad`` is left as it was (Apex writes the update into it); a
+stepped (Apex raises); ``p.grad`` is left as it was (Apex writes the update into it, so
+its float16 params' update norm is of the update rounded to float16: here it is not); a
 group's own ``max_grad_norm``, ``adam_w_mode``, ``use_nvlamb`` and ``maximize`` keys
 override the constructor's (Apex reads the constructor's alone), and ``max_grad_norm=0``
 means no clipping; fusedopt's own ``max_grad_norm`` keyword is Apex's here.
@@ -22,6 +24,7 @@ means no clipping; fusedopt's own ``max_grad_norm`` keyword is Apex's here.
 import torch
 
 from . import clip as _clip
+from .dtensor import local as _local
 from .matrix import exact_sqrt
 from .optimizer import FusedOptimizer, closure_loss
 from .options import signature_with
@@ -67,7 +70,12 @@ class LAMBForLoop(torch.optim.Optimizer):
 
     def _total_norm(self, grads):
         # torch.nn.utils.get_total_norm's form (the norm of the tensors' norms), each
-        # tensor's norm correctly rounded, as the engines' (Apex: float32 sums)
+        # tensor's norm correctly rounded, as the engines' (Apex: float32 sums); a grad
+        # that is not floating point raises torch's error there, as get_total_norm's and
+        # the fused step's (norm() would cast it and go on)
+        for g in grads:
+            if not (g.is_floating_point() or g.is_complex()):
+                torch.linalg.vector_norm(g)
         return torch.linalg.vector_norm(torch.cat([norm(g, math_dtype(g)).reshape(1)
                                                    for g in grads]))
 
@@ -95,22 +103,32 @@ class LAMBForLoop(torch.optim.Optimizer):
                 st = self.state[p]
                 if not st:
                     st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
-                g = -p.grad if group.get("maximize", False) else p.grad
+                # float16/bfloat16: the math in float32, each tensor rounded once on its
+                # store (Apex's MATH_T): a (1 - beta2) g^2 that float16 would flush to 0
+                # makes an update of m / eps, which the trust ratio spreads over the tensor
+                dt = math_dtype(p)
+                x = p.to(dt)
+                g = (-p.grad if group.get("maximize", False) else p.grad).to(dt)
                 g = g / c if torch.is_tensor(c) else g
                 if not adamw and wd != 0:
-                    g = g.add(p, alpha=wd)
-                m, v = st["exp_avg"], st["exp_avg_sq"]
+                    g = g.add(x, alpha=wd)
+                m, v = st["exp_avg"].to(dt), st["exp_avg_sq"].to(dt)
                 m.mul_(b1).add_(g, alpha=beta3)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
                 u = m.div(bc1).div_(v.div(bc2).sqrt_().add_(eps))
                 if adamw and wd != 0:
-                    u.add_(p, alpha=wd)
-                dt = math_dtype(p)
+                    u.add_(x, alpha=wd)
                 step = torch.tensor(group["lr"], dtype=dt)
-                pn, un = norm(p, dt), norm(u, dt)
+                pn, un = norm(x, dt), norm(u, dt)
                 if (wd != 0 or nvlamb) and pn != 0 and un != 0:
                     step = step * (pn / un)
-                p.add_(u, alpha=-step.item())
+                for t, new in ((st["exp_avg"], m), (st["exp_avg_sq"], v)):
+                    if t is not new:  # (a float32 copy: the state takes it back, rounded)
+                        t.copy_(new)
+                if x is p:
+                    p.add_(u, alpha=-step.item())
+                else:
+                    p.copy_(x.add_(u, alpha=-step.item()))
         return loss
 
 
@@ -165,6 +183,9 @@ class LAMB(FusedOptimizer, LAMBForLoop):
         return {"DECOUPLED": self._mode(group)[0]}
 
     def _eager_step(self):
+        # the lists renewed first: after group["params"] was reassigned (or a group deleted)
+        # the global norm is over the params the groups hold now, as the twin's
+        self._current_lists()
         live = self._with_grads()
         if any(p.grad.is_sparse for p in live):
             raise RuntimeError(_SPARSE)
@@ -191,8 +212,11 @@ class LAMB(FusedOptimizer, LAMBForLoop):
     def _coefficients(self, group, step, f64):
         t, (b1, b2), wd = group.get("step", 0) + 1, group["betas"], group["weight_decay"]
         bc = (1 - b1 ** t, 1 - b2 ** t) if group["bias_correction"] else (1.0, 1.0)
-        return dict(clip=self._clips.get(id(group["params"]), 1.0), wd=wd, l1=group["l1"], beta1=b1,
-                    beta3=1 - b1 if group["grad_averaging"] else 1.0, beta2=b2,
+        # (under FSDP2 the factor is a replicated DTensor, the same on every rank: the
+        # engines take its local value)
+        return dict(clip=_local(self._clips.get(id(group["params"]), 1.0)), wd=wd,
+                    l1=group["l1"], beta1=b1, beta3=1 - b1 if group["grad_averaging"] else 1.0,
+                    beta2=b2,
                     beta2_rest=1 - b2, bc1=bc[0], bc2=bc[1], eps=group["eps"],
                     step=group["lr"])
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from . import flat, host, matrix, quant, remainder, stacked
+from .dtensor import mesh_dims
 from .bucket import (KAHAN, _Bucket, _dtensor, _local, extra_name, has_kahan, has_master,
                      state_dtype)
 
@@ -37,8 +38,8 @@ class GroupSpec:
     real_only: complex params are left to the twin (Spec.complex_params is False).
     stacked: each bucket gets same-shape stacks of its updates (Spec.stacked: stacked.py);
         only 2-D params, not DTensors (their matmuls span the shards).
-    trust: per-tensor factors from norms (Spec.trust): not DTensors (a shard's sums are not
-        the param's).
+    trust: per-tensor factors from norms (Spec.trust): a DTensor's sums all-reduced over
+        its mesh (a shard's sums are not the param's: dtensor.whole_sums).
     backend: the engine choice the optimizer was built with ("auto", "numba", "triton").
     index: the group's place among the optimizer's groups (stochastic rounding's stream).
     places: where ``group["params"]`` is a gradient-release bucket's slice of its group
@@ -69,8 +70,12 @@ def _unfit(spec, group, p, g, st):
         return f"a {g.dtype} grad of shape {tuple(g.shape)} for a {p.dtype} param of shape {tuple(p.shape)}"
     if spec.real_only and p.is_complex():
         return "a complex param"
-    if (spec.factored or spec.trust) and isinstance(p, _dtensor()):  # (torch's ops all-reduce)
-        return "a DTensor param of per-param sums (factored state, trust ratios)"
+    if spec.factored and isinstance(p, _dtensor()):  # (torch's ops all-reduce)
+        return "a DTensor param of factored state (sums over the whole param)"
+    if spec.trust and isinstance(p, _dtensor()) and mesh_dims(p) is None:
+        # (a trust ratio's sums are all-reduced over the mesh dims that shard the param:
+        # dtensor.whole_sums; a partial placement has no such dims)
+        return "a DTensor param of a trust ratio, neither sharded nor replicated"
     if spec.stacked and (p.dim() != 2 or isinstance(p, _dtensor())):
         return "a param of a stacked update that is not a local 2-D tensor"
     if not spec.needs_state:

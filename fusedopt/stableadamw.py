@@ -169,7 +169,7 @@ class StableAdamW(FusedOptimizer, StableAdamWForLoop):
 
     def _trust(self, group, bucket, sums, co):
         dt = torch.float64 if bucket.dtype == "float64" else torch.float32
-        n = torch.as_tensor(bucket.numel, device=sums.device).to(dt)
+        n = torch.as_tensor(bucket.whole, device=sums.device).to(dt)
         rms = exact_sqrt(sums[:, 0].to(dt) / n).double()
         lr = group["lr"] / torch.where(rms > 1, rms, 1.0)
         return {**co, "lr": lr, "decay": decay(group, lr)}

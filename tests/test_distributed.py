@@ -44,6 +44,19 @@ def test_clipping_without_the_all_reduce_fails(tmp_path):
         scenario("dist_clip:no_reduce", 2, tmp_path)
 
 
+def test_trust_ratios_under_fsdp2(tmp_path):
+    """LAMB (its global max_grad_norm clipping acting), LARS and StableAdamW on FSDP2
+    shards (uneven), fused (each shard's sums all-reduced), step the params the unsharded
+    single-process step does (dist_trust.py)."""
+    scenario("dist_trust:sharded", 2, tmp_path)
+
+
+def test_trust_ratios_from_the_shards_norms_are_caught(tmp_path):
+    """The mutation: trust ratios from each shard's own norms (the sums not all-reduced)
+    fail the comparison, for each algorithm."""
+    scenario("dist_trust:local", 2, tmp_path)
+
+
 @pytest.fixture(scope="module")
 def checkpoint_8bit(tmp_path_factory):
     """fsdp_8bit's run (2 ranks): its DCP checkpoint and expected continuation."""

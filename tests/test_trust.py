@@ -12,7 +12,7 @@ import fusedopt
 from fusedopt import arith, parity
 from fusedopt import lamb as lamb_mod
 from harness import BACKENDS, max_ulp
-from twins import agree, outcome, train
+from twins import agree, outcome, same, same_outcome, set_grads, step_both, train, twins
 
 pytorch_optimizer = pytest.importorskip(
     "pytorch_optimizer", reason="pytorch-optimizer (a test extra) is not installed")
@@ -92,6 +92,38 @@ def test_lamb_clip_off_by_an_ulp_is_caught(monkeypatch):
 raised = functools.partial(outcome, message=True)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lamb_global_norm_is_over_the_params_the_groups_hold_now(backend):
+    """(random programs, seed 208) group["params"] reassigned between steps: the global
+    norm that clips is over the params the groups hold now, as the twin's; the param left
+    out keeps its grad (the largest: had it counted, the clip would differ ~100-fold)."""
+    ps, opts = twins("LAMB", backend=backend, max_grad_norm=1.0)
+    set_grads(ps, 1)
+    step_both(opts)
+    for side, opt in zip(ps, opts):
+        opt.param_groups[0]["params"] = [side[0], side[1], side[3]]
+    set_grads(ps, 2)
+    step_both(opts)
+    same(ps)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("clip", [1.0, 0.0])
+def test_lamb_takes_an_integer_grad_as_its_twin(backend, clip):
+    """(random programs, seed 184) a float32 grad's bytes read as int32: with clipping the
+    global norm raises torch's error on both sides (get_total_norm's); without, the twin
+    steps it (the fused step hands it to the twin)."""
+    ps, opts = twins("LAMB", backend=backend, max_grad_norm=clip)
+    set_grads(ps, 1)
+    for side in ps:
+        side[1].grad.data = side[1].grad.data.view(torch.int32)
+    assert same_outcome(ps, opts) is (RuntimeError if clip else None)
+    if clip:  # (nothing was stepped) the same text too
+        assert raised(opts[0].step) == raised(opts[1].step)
+
+
+
+
 @pytest.mark.parametrize("kw", [dict(lr=-1.0), dict(weight_decay=-0.1), dict(momentum=1.0),
                                 dict(dampening=-0.1), dict(trust_coefficient=-1.0)])
 def test_lars_constructor_errors_are_the_packages(kw):
@@ -164,3 +196,37 @@ def test_state_dict_continues_in_the_twin_both_ways(case):
     final = [[p.detach() for p in o.param_groups[0]["params"]] for o in (a, b, c, d)]
     bound = 0 if name == "LAMB" else 2
     assert all(max_ulp(final[0], f, params, floor=hp["lr"]) <= bound for f in final[1:])
+
+
+def _trust_off(cls, key, rel):
+    """Mutant: the per-tensor factor the trust pass hands the update (LAMB's step, LARS's
+    ratio, StableAdamW's lr) off by the relative ``rel``."""
+    class Off(cls):
+        def _trust(self, group, bucket, sums, co):
+            co = super()._trust(group, bucket, sums, co)
+            return {**co, key: co[key] * (1 + rel)}
+    return Off
+
+
+class _LARSWithoutDecay(fusedopt.LARS):
+    """Mutant: weight decay left out of the ratio's denominator (|g| for |g| + wd |p|)."""
+
+    def _trust(self, group, bucket, sums, co):
+        return super()._trust({**group, "weight_decay": 0.0}, bucket, sums, co)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name,key", [("LAMB", "step"), ("LARS", "ratio"), ("StableAdamW", "lr")])
+def test_looser_ulp_bound_catches_a_trust_factor_off(name, key, dtype):
+    """The trust classes' ulp bound (Spec.ulp=64: the engines' float64 sums differ in
+    order) still catches a trust factor 1000 ulp of its dtype off (a relative 1.2e-4 in
+    float32, 2.2e-13 in float64): 400-2000 ulp of the params in 5 steps (the same cases
+    unmutated pass within it: test_parity.py)."""
+    cls, bound = getattr(fusedopt, name), getattr(fusedopt, name).spec.ulp
+    mutant = _trust_off(cls, key, 1000 * torch.finfo(dtype).eps)
+    bad = parity.check(name, cls.spec.cases[0], dtype, backends=["numba"], steps=5, cls=mutant)
+    assert bad["ulp_vs_torch"] > 4 * bound, bad["ulp_vs_torch"]
+    if name == "LARS":
+        bad = parity.check(name, dict(weight_decay=0.1), dtype, backends=["numba"], steps=5,
+                           cls=_LARSWithoutDecay)
+        assert bad["ulp_vs_torch"] > 1000 * bound, bad["ulp_vs_torch"]

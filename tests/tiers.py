@@ -133,6 +133,9 @@ RULES = {
         "DCP checkpoints under FSDP2 in the quick tier"),
     "test_distributed.py::test_clipping_without_the_all_reduce_fails": FULL(
         "the norm all-reduce mutation; test_dist_programs runs the same mutation quick"),
+    "test_distributed.py::test_trust_ratios_from_the_shards_norms_are_caught": FULL(
+        "the trust ratios' shard-norm mutation (~30 s, a process group of its own); "
+        "test_trust_ratios_under_fsdp2 runs the scenario quick"),
     # -- Muon: its bf16 Newton-Schulz is slow on a CPU; each value once stays quick
     "test_muon.py::test_fused_passes_are_torchs_bit_for_bit": rule(
         "16 cases of ~5-30 s (torch's bfloat16 matmuls, three trainings each)",
