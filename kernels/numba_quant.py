@@ -19,7 +19,7 @@ from .numba_avx2 import data_ptrs as _data, splat as _splat
 from .coefficients import GRAD_SCALE
 from .flags import (UPDATE_A, UPDATE_B, UPDATE_C, UPDATE_KAHAN, UPDATE_MASTER, UPDATE_REMAINDER,
                     Codes)
-from .numba_base import (JIT, bits_f32, coef_row, f32_bits, f32_to_bf16_stochastic, join_master,
+from .numba_base import (JIT, coef_row, f32_to_bf16_stochastic, join_master,
                          split_master, voidptr)
 from .numba_quant4 import dequantize4, requantize4
 
@@ -168,7 +168,7 @@ def _coders(groups):
 _codes16, _codes_block = _coders(1), _coders(qmap.QBLOCK // 16)
 
 
-_absmax_block = numba_quant4.absmax_bits(qmap.QBLOCK)
+_scale_block = numba_quant4.block_scale(qmap.QBLOCK)
 
 
 def _loads(n):
@@ -258,20 +258,8 @@ _coded16 = _permuted if AVX512 else numba_avx2.coded8 if AVX2 else _coded
 
 @numba.njit(inline="always", **JIT)
 def requantize(f, codes, m, T, signed):
-    # a block's new absmax (the largest magnitude, as float32 bits: NaN sticks; a loop of its
-    # own: inside the rule's it kept that from vectorizing), then its codes; returns absmax
-    if m == qmap.QBLOCK:  # (every block but a tensor's last)
-        mx = _absmax_block(f)
-    else:
-        mx = np.uint32(0)
-        for j in range(m):
-            mx = max(mx, f32_bits(f[j]) & np.uint32(0x7FFFFFFF))
-    absmax = bits_f32(mx)
-    # y = |x| / absmax as a product: one division per block.  A subnormal absmax (moments of
-    # vanishing grads) has no finite float32 reciprocal: such blocks are scaled by
-    # 1 / qmap.TINY first, which is exact for x and absmax alike
-    sc = np.float32(1 / qmap.TINY) if absmax < np.float32(qmap.TINY) else np.float32(1)
-    inv = np.float32(1) / (absmax * sc)
+    # a block's new absmax and its codes (numba_quant4.block_scale); returns absmax
+    absmax, sc, inv = _scale_block(f, m)
     whole = m - m % 16
     if sc == np.float32(1):  # (almost every block: the multiply by sc folded away)
         _coded16(codes, f, T, np.float32(1), inv, 0, whole, signed)

@@ -51,9 +51,6 @@ def absmax_bits(n):
     return absmax
 
 
-_absmax4 = absmax_bits(QBLOCK4)
-
-
 @numba.njit(inline="always", **JIT)
 def _mids(T):
     # the 15 midpoints of a 4-bit row, read into registers once per block
@@ -83,21 +80,38 @@ def dequantize4(f, codes, m, T, absmax):
         f[2 * j + 1] = T[byte >> 4] * absmax
 
 
+def block_scale(n):
+    """``scale(f, m)``: the new absmax of a block of m values (n in every block but a
+    tensor's last) and the factors (sc, inv) of y = x * sc * inv, its values scaled into
+    [-1, 1] for coding, shared by both widths.  absmax is the largest magnitude, as float32
+    bits (a loop of its own: inside the rule's it kept that from vectorizing; NaN sticks).
+    y is a product: one division per block.  A subnormal absmax (moments of vanishing
+    grads) has no finite float32 reciprocal: such blocks are scaled by 1 / qmap.TINY
+    first, which is exact for x and absmax alike."""
+    whole = absmax_bits(n)
+
+    @numba.njit(inline="always", **JIT)
+    def scale(f, m):
+        if m == n:
+            mx = whole(f)
+        else:
+            mx = np.uint32(0)
+            for j in range(m):
+                mx = max(mx, f32_bits(f[j]) & np.uint32(0x7FFFFFFF))
+        absmax = bits_f32(mx)
+        sc = np.float32(1 / qmap.TINY) if absmax < np.float32(qmap.TINY) else np.float32(1)
+        return absmax, sc, np.float32(1) / (absmax * sc)
+    return scale
+
+
+_scale4 = block_scale(QBLOCK4)
+
+
 @numba.njit(inline="always", **JIT)
 def requantize4(f, codes, m, T):
-    # a block's new absmax (the largest magnitude, as float32 bits: NaN sticks), then its
-    # packed codes; returns absmax.  y = x * (1 / absmax) with numba_quant.requantize's
-    # scaling of a subnormal absmax, signed (the unsigned map's y is never negative, and a
-    # negative y gets its first code all the same)
-    if m == QBLOCK4:  # (every block but a tensor's last)
-        mx = _absmax4(f)
-    else:
-        mx = np.uint32(0)
-        for j in range(m):
-            mx = max(mx, f32_bits(f[j]) & np.uint32(0x7FFFFFFF))
-    absmax = bits_f32(mx)
-    sc = np.float32(1 / qmap.TINY) if absmax < np.float32(qmap.TINY) else np.float32(1)
-    inv = np.float32(1) / (absmax * sc)
+    # a block's new absmax and its packed codes (block_scale); returns absmax.  Signed: the
+    # unsigned map's y is never negative, and a negative y gets its first code all the same
+    absmax, sc, inv = _scale4(f, m)
     mids = _mids(T)
     for j in range(m >> 1):
         codes[j] = np.uint8(_code(f[2 * j] * sc * inv, mids)

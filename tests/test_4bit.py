@@ -10,7 +10,7 @@ import torch
 import fusedopt
 from fusedopt import quant, reference
 
-from harness import HP, NAMES
+from harness import HP, NAMES, coded_params, coded_trained, random_grads as _grads
 
 MOMENTS = [n for n in NAMES if fusedopt.spec.offers_8bit(getattr(fusedopt, n))]
 # blocks cut short (23400 = 182 * 128 + 104), two chunks, under the threshold
@@ -18,23 +18,11 @@ SHAPES = [(300, 78), (4096,), (70000,), (100,)]
 
 
 def _params(seed=0, shapes=SHAPES):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
-
-
-def _grads(ps, gen):
-    for p in ps:
-        p.grad = torch.randn(p.shape, generator=gen)
+    return coded_params(seed, shapes)
 
 
 def _trained(name, backend="numba", steps=4, shapes=SHAPES):
-    ps = _params(shapes=shapes)
-    opt = getattr(fusedopt, name)(ps, **HP[name], state_dtype=torch.uint4, backend=backend)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        _grads(ps, gen)
-        opt.step()
-    return ps, opt, gen
+    return coded_trained(name, torch.uint4, shapes, backend, steps)
 
 
 @pytest.mark.parametrize("name", [n for n, c in fusedopt.spec.REGISTRY.items()

@@ -10,7 +10,7 @@ import torch
 import fusedopt
 from fusedopt import quant, reference
 
-from harness import HP, NAMES
+from harness import HP, NAMES, coded_params, coded_trained, random_grads as _grads
 
 # every optimizer with moment state (Adafactor refuses state_dtype: its factors are its own;
 # schedule-free: its z is a copy of the weights)
@@ -29,23 +29,11 @@ def test_classes_without_8bit_state_refuse_it_by_name(name):
 
 
 def _params(seed=0, shapes=SHAPES):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
-
-
-def _grads(ps, gen):
-    for p in ps:
-        p.grad = torch.randn(p.shape, generator=gen)
+    return coded_params(seed, shapes)
 
 
 def _trained(name, backend="numba", steps=4, shapes=SHAPES):
-    ps = _params(shapes=shapes)
-    opt = getattr(fusedopt, name)(ps, **HP[name], state_dtype=torch.uint8, backend=backend)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        _grads(ps, gen)
-        opt.step()
-    return ps, opt, gen
+    return coded_trained(name, torch.uint8, shapes, backend, steps)
 
 
 @pytest.mark.parametrize("name", MOMENTS)

@@ -24,3 +24,26 @@ def mse_losses(model, opt, x, y, steps):
         opt.step()
         losses.append(loss.item())
     return torch.tensor(losses)
+
+
+# -- coded state (test_8bit, test_4bit): params, gradients, a few steps
+def coded_params(seed, shapes):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+
+
+def random_grads(ps, gen):
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=gen)
+
+
+def coded_trained(name, state_dtype, shapes, backend="numba", steps=4):
+    """``steps`` steps of class ``name`` (its HP) with ``state_dtype`` on fresh params:
+    (params, optimizer, the grads' generator, to go on with)."""
+    ps = coded_params(0, shapes)
+    opt = getattr(fusedopt, name)(ps, **HP[name], state_dtype=state_dtype, backend=backend)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        random_grads(ps, gen)
+        opt.step()
+    return ps, opt, gen
