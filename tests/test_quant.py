@@ -200,20 +200,23 @@ def test_permuted_values_equal_the_loads(signed, width):
 
 
 def test_block_absmax_equals_the_loop():
-    """requantize's absmax of a whole block (numba_quant._absmax_block: vector maxes of the
-    magnitudes' bits) against the largest |x| by a loop: random blocks, and blocks with
-    -0, subnormals, inf and NaN (which sticks) at every place the vector loads split."""
+    """requantize's absmax of a whole block (numba_quant4.absmax_bits, which block_scale
+    uses for both widths: vector maxes of the magnitudes' bits) against the largest |x| by
+    a loop: random blocks, and blocks with -0, subnormals, inf and NaN (which sticks) at
+    every place the vector loads split."""
     import numba
     import numpy as np
-    nq = _NQ
+    from fusedopt.kernels import numba_quant4
+    from fusedopt.kernels.numba_base import f32_bits
+    whole = numba_quant4.absmax_bits(256)
 
     @numba.njit
     def both(f):
         mx = np.uint32(0)
         for j in range(f.shape[0]):
-            b = nq.f32_bits(f[j]) & np.uint32(0x7FFFFFFF)
+            b = f32_bits(f[j]) & np.uint32(0x7FFFFFFF)
             mx = b if b > mx else mx
-        return nq._absmax_block(f), mx
+        return whole(f), mx
 
     rng = np.random.default_rng(0)
     blocks = [(rng.standard_normal(256) * 10.0 ** rng.integers(-40, 30, 256)).astype(np.float32)
