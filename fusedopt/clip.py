@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from . import bucket as _opt, release as _release
-from .dtensor import mesh_dims as _mesh_dims
+# _all_reduce: the name the distributed mutants patch (tests/helpers/dist_clip.py, dist_programs.py)
+from .dtensor import all_reduce_norms as _all_reduce, mesh_dims as _mesh_dims
 from .kernels import rules
 from .kernels.coefficients import NCOEF, pack
 from .kernels.flags import update_mask
@@ -52,22 +53,6 @@ class _Tables:
 
     def on(self, device):
         return tuple(_opt.on_device(a, device) for a in (self.ptrs, self.tid, self.cs, self.ce))
-
-
-def _all_reduce(v, p, mesh, dims):
-    """The norms of whole tensors from their shards' norms ``v`` (one collective per sharded
-    mesh dim, over that dim's process group): DTensor's own reduction of a partial norm,
-    x**p, a sum, x**(1/p), or a max for the inf norm, in the norms' dtype."""
-    import torch.distributed as dist
-    for d in dims:
-        group = mesh.get_group(d)
-        if p == math.inf:
-            dist.all_reduce(v, dist.ReduceOp.MAX, group=group)
-        else:
-            v = v ** p
-            dist.all_reduce(v, dist.ReduceOp.SUM, group=group)
-            v = v ** (1.0 / p)
-    return v
 
 
 def _local_norms(ts, p, device, dtype, backend, exact=False):

@@ -1,5 +1,6 @@
 """DTensor facts that the bucket, the plan and the 8-bit state all need, without importing
 torch.distributed.tensor (~0.6 s) where no program has."""
+import math
 import sys
 
 import torch
@@ -38,12 +39,27 @@ def whole_sums(tensors, sums):
     dt = dtensor_class()
     if not dt or not any(isinstance(t, dt) for t in tensors):
         return sums
-    from .clip import _all_reduce
     meshes = {}
     for i, t in enumerate(tensors):
         if isinstance(t, dt):
             meshes.setdefault((t.device_mesh, mesh_dims(t)), []).append(i)
     for (mesh, dims), idx in meshes.items():
         sel = torch.tensor(idx, device=sums.device)
-        sums[sel] = _all_reduce(sums[sel], 1.0, mesh, dims)
+        sums[sel] = all_reduce_norms(sums[sel], 1.0, mesh, dims)
     return sums
+
+
+def all_reduce_norms(v, p, mesh, dims):
+    """The norms of whole tensors from their shards' norms ``v`` (one collective per sharded
+    mesh dim, over that dim's process group): DTensor's own reduction of a partial norm,
+    x**p, a sum, x**(1/p), or a max for the inf norm, in the norms' dtype."""
+    import torch.distributed as dist
+    for d in dims:
+        group = mesh.get_group(d)
+        if p == math.inf:
+            dist.all_reduce(v, dist.ReduceOp.MAX, group=group)
+        else:
+            v = v ** p
+            dist.all_reduce(v, dist.ReduceOp.SUM, group=group)
+            v = v ** (1.0 / p)
+    return v
