@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import quant, remainder
-from .dtensor import dtensor_class as _dtensor, local as _local, whole_sums
+from .dtensor import dtensor_class as _dtensor, local as _local, whole_norms
 from .kernels.coefficients import NCOEF
 from .kernels.flags import (UPDATE_A, UPDATE_B, UPDATE_C, UPDATE_KAHAN, UPDATE_MASTER,
                             UPDATE_REMAINDER, update_mask)
@@ -347,7 +347,7 @@ class _Bucket:
                                     G, self.S, C, self.tid, self.cs, self.ce, found_inf)
             tid = self.tid
         sums = part.new_zeros(len(self.params), 2).index_add_(0, tid, part)
-        return whole_sums(self.params, sums)  # (a DTensor's: the whole param's)
+        return whole_norms(self.params, sums, 1.0)  # (a DTensor's: the whole param's)
 
     def run(self, rule, flags, gptr, coeffs, found_inf=None, keys=None):
         uniform = not any(isinstance(c, torch.Tensor) for c in coeffs)

@@ -19,8 +19,7 @@ import numpy as np
 import torch
 
 from . import bucket as _opt, release as _release
-# _all_reduce: the name the distributed mutants patch (tests/helpers/dist_clip.py, dist_programs.py)
-from .dtensor import all_reduce_norms as _all_reduce, mesh_dims as _mesh_dims
+from .dtensor import mesh_dims as _mesh_dims, whole_norms
 from .kernels import rules
 from .kernels.coefficients import NCOEF, pack
 from .kernels.flags import update_mask
@@ -89,13 +88,7 @@ def _norms(ts, p, device, dtype, backend, exact=False):
     if not _engine_can(device, dtype, ts, p) or None in dims:
         return torch.stack([torch.linalg.vector_norm(t, p).full_tensor() for t in ts])
     v = _local_norms([t._local_tensor for t in ts], p, device, dtype, backend, exact)
-    meshes = {}  # one collective per (mesh, sharded dims), in the order first seen
-    for i, t in enumerate(ts):
-        meshes.setdefault((t.device_mesh, dims[i]), []).append(i)
-    for (mesh, d), idx in meshes.items():
-        sel = torch.tensor(idx, device=v.device)
-        v[sel] = _all_reduce(v[sel], p, mesh, d)
-    return v
+    return whole_norms(ts, v, p)
 
 
 def _mixed_error():

@@ -30,23 +30,22 @@ def mesh_dims(t):
     return tuple(dims)
 
 
-def whole_sums(tensors, sums):
-    """``sums`` (a row per tensor: sums over its local shard, a trust ratio's norms squared)
-    made the whole tensors' where a tensor is a DTensor: one SUM all-reduce per (mesh,
-    sharded dims), over each sharded dim's process group, in the order first seen (the same
-    on every rank, whose plans hold the same params).  A shard's own sums are not its
-    param's: a trust ratio from them would differ from rank to rank."""
+def whole_norms(tensors, v, p):
+    """``v`` (a row or value per tensor, over its local shard: its p-norm; with p=1 a trust
+    ratio's sums of squares) made the whole tensors' where a tensor is a DTensor: one
+    all-reduce per (mesh, sharded dims), over each sharded dim's process group, in the order
+    first seen (the same on every rank, whose tensors are the same params).  A shard's own
+    norms are not its param's: a clip factor or trust ratio from them would differ from rank
+    to rank."""
     dt = dtensor_class()
-    if not dt or not any(isinstance(t, dt) for t in tensors):
-        return sums
     meshes = {}
     for i, t in enumerate(tensors):
-        if isinstance(t, dt):
+        if dt and isinstance(t, dt):
             meshes.setdefault((t.device_mesh, mesh_dims(t)), []).append(i)
     for (mesh, dims), idx in meshes.items():
-        sel = torch.tensor(idx, device=sums.device)
-        sums[sel] = all_reduce_norms(sums[sel], 1.0, mesh, dims)
-    return sums
+        sel = torch.tensor(idx, device=v.device)
+        v[sel] = all_reduce_norms(v[sel], p, mesh, dims)
+    return v
 
 
 def all_reduce_norms(v, p, mesh, dims):

@@ -39,7 +39,7 @@ class GroupSpec:
     stacked: each bucket gets same-shape stacks of its updates (Spec.stacked: stacked.py);
         only 2-D params, not DTensors (their matmuls span the shards).
     trust: per-tensor factors from norms (Spec.trust): a DTensor's sums all-reduced over
-        its mesh (a shard's sums are not the param's: dtensor.whole_sums).
+        its mesh (a shard's sums are not the param's: dtensor.whole_norms).
     backend: the engine choice the optimizer was built with ("auto", "numba", "triton").
     index: the group's place among the optimizer's groups (stochastic rounding's stream).
     places: where ``group["params"]`` is a gradient-release bucket's slice of its group
@@ -74,7 +74,7 @@ def _unfit(spec, group, p, g, st):
         return "a DTensor param of factored state (sums over the whole param)"
     if spec.trust and isinstance(p, _dtensor()) and mesh_dims(p) is None:
         # (a trust ratio's sums are all-reduced over the mesh dims that shard the param:
-        # dtensor.whole_sums; a partial placement has no such dims)
+        # dtensor.whole_norms; a partial placement has no such dims)
         return "a DTensor param of a trust ratio, neither sharded nor replicated"
     if spec.stacked and (p.dim() != 2 or isinstance(p, _dtensor())):
         return "a param of a stacked update that is not a local 2-D tensor"

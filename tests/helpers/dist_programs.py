@@ -189,9 +189,9 @@ def _worker(rank, world, port, first, count, no_reduce, out):
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh("cpu", (world,))
         if no_reduce:  # the mutation: each rank's norm of its own shards only
-            from fusedopt import clip
-            assert hasattr(clip, "_all_reduce"), "fusedopt.clip has no _all_reduce to skip"
-            clip._all_reduce = lambda v, *args: v
+            from fusedopt import dtensor
+            assert hasattr(dtensor, "all_reduce_norms"), "fusedopt.dtensor has no all_reduce_norms to skip"
+            dtensor.all_reduce_norms = lambda v, *args: v
         for seed in range(first, first + count):
             p = Program(seed, rank, world, mesh, out)
             p.run()

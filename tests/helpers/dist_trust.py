@@ -8,7 +8,7 @@ rank asserting on its own).
             ratios), steps the params the unsharded single-process step does on the same
             global batches; LAMB with its global max_grad_norm clipping acting every step.
 * local:    the mutation: trust ratios from each shard's own norms (the reduce pass's
-            sums not all-reduced, dtensor.whole_sums skipped) fail the comparison, for each
+            sums not all-reduced, dtensor.whole_norms skipped) fail the comparison, for each
             algorithm (measured: LAMB 2.6e-5 and LARS 8.5e-7 off at the first step,
             StableAdamW, whose rate changes only where the RMS passes 1, 2.3e-3 at its
             second).
@@ -66,7 +66,7 @@ def sharded(rank, world, mesh, out, names=tuple(RUNS)):
 
 
 def local(rank, world, mesh, out):
-    bucket.whole_sums = lambda tensors, sums: sums  # each shard's own sums
+    bucket.whole_norms = lambda tensors, sums, p: sums  # each shard's own sums
     for name in RUNS:
         try:
             sharded(rank, world, mesh, out, (name,))
