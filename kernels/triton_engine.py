@@ -16,10 +16,10 @@ from .flags import (CODES_A, CODES_B, CODES_C, CODES_FOUR, CODES_SIGNED_A, CODES
                     CODES_SIGNED_C,
                     UPDATE_A, UPDATE_B, UPDATE_C, UPDATE_KAHAN, UPDATE_MASTER, UPDATE_REMAINDER,
                     Codes)
-from .triton_base import (BLOCK, CHUNK, INTERPRET, KINDS, NUM_WARPS, SCALARS, given_row,
-                          join_master, kernels, launching, load, load_raw, loaded_row, narrow,
-                          narrow_stochastic, rebind, split_master, store, store_raw, tensor_ptr,
-                          tl, triton, widen)
+from .triton_base import (BLOCK, CHUNK, INTERPRET, KINDS, NUM_WARPS, SCALARS, block_for,
+                          given_row, join_master, kernels, launching, load, load_raw,
+                          loaded_row, narrow, narrow_stochastic, rebind, split_master, store,
+                          store_raw, tensor_ptr, tl, triton, widen)
 from .triton_quant import QTABLE, qload, qload4, qstore, qstore4
 
 # what bind_rule binds per kernel: the rule, the flags (as constexprs)
@@ -283,7 +283,7 @@ def run(rule, flags, dtypes, mask, P, G, S, C, R, TID, CS, CE, aligned, found_in
     with launching():
         kernel[(TID.numel(),)](P, G, S[0], S[1], S[2], S[3], *A, q, C, R, TID, CS, CE, fi, *h,
                                MASK=mask, KIND=KINDS[dtypes[0]], SKIND=KINDS[dtypes[1]],
-                               ALIGNED=aligned, UNIFORM=coefs is not None, BLOCK=BLOCK,
+                               ALIGNED=aligned, UNIFORM=coefs is not None, BLOCK=block_for(CS, CE),
                                num_warps=NUM_WARPS, enable_fp_fusion=False)
 
 
@@ -301,7 +301,8 @@ def reduce(rule, flags, dtypes, mask, P, G, S, C, TID, CS, CE, found_inf=None):
         kernels[k][(TID.numel(),)](P, G, S[0], S[1], S[2], S[3], C, TID, CS, CE,
                                    TID if found_inf is None else found_inf, out, MASK=mask,
                                    KIND=KINDS[dtypes[0]], SKIND=KINDS[dtypes[1]],
-                                   BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
+                                   BLOCK=block_for(CS, CE), num_warps=NUM_WARPS,
+                                   enable_fp_fusion=False)
     return out
 
 
@@ -315,7 +316,8 @@ def norm_partials(dtype, order, G, TID, CS, CE, exact=False):
     if TID.numel():
         with launching():
             norm_jit(INTERPRET)[(TID.numel(),)](G, TID, CS, CE, float(order), out,
-                                                KIND=KINDS[dtype], ORD=ord_, BLOCK=BLOCK,
+                                                KIND=KINDS[dtype], ORD=ord_,
+                                                BLOCK=block_for(CS, CE),
                                                 EXACT=bool(exact), num_warps=NUM_WARPS)
     return out
 

@@ -5,8 +5,8 @@ as in triton_engine."""
 from . import triton_base as base
 from .coefficients import GRAD_SCALE, LERP_COUNT, LERP_W, LERP_W_REST
 from .flags import MATRIX_A, MATRIX_B, MATRIX_C, MATRIX_TOTAL_ONLY
-from .triton_base import (BLOCK, INTERPRET, KINDS, NUM_WARPS, kernels, launching, loaded_row, narrow,
-                          rebind, tensor_ptr, tl, triton, widen)
+from .triton_base import (BLOCK, INTERPRET, KINDS, NUM_WARPS, kernels, launching, loaded_row,
+                          narrow, rebind, tensor_ptr, tl, triton, widen)
 
 # what build_matrix binds per kernel: the rule, the flags (as constexprs)
 rule = None
@@ -138,9 +138,12 @@ def run_matrix(rule, flags, dtypes, mask, P, G, S, C, TID, RS, RE, F, ROFF, COFF
     if TID.numel() == 0:
         return
     bc = min(triton.next_power_of_2(max(int(max_cols), 1)), BLOCK)
+    br = BLOCK // bc
+    if INTERPRET:  # tiles no taller than the tallest chunk (base.block_for's reason)
+        br = min(br, triton.next_power_of_2(int((RE - RS).max())))
     with launching():
         build_matrix(rule, flags)[(TID.numel(),)](
             P, G, S[0], S[1], S[2], C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS, CPART, MASK=mask,
-            KIND=KINDS[dtypes[0]], SKIND=KINDS[dtypes[1]], BR=BLOCK // bc, BC=bc,
+            KIND=KINDS[dtypes[0]], SKIND=KINDS[dtypes[1]], BR=br, BC=bc,
             ALIGNED=aligned, num_warps=NUM_WARPS, enable_fp_fusion=False)
 
