@@ -36,9 +36,11 @@ def pytest_collection_modifyitems(config, items):
 
 
 # -- where the suite's time goes: FUSEDOPT_TEST_CPU=FILE appends one line per test phase,
-# "<cpu seconds> <wall seconds> <phase> <nodeid>", CPU time of the test process and of the
-# processes it waited for (numba and Triton compiles, distributed workers).  CPU seconds
-# stay meaningful on a loaded machine where pytest's --durations (wall time) do not.
+# "<cpu seconds> <wall seconds> <numba compile seconds> <phase> <nodeid>", CPU time of the
+# test process and of the processes it waited for (numba and Triton compiles, distributed
+# workers), and the CPU time numba spent compiling fusedopt's kernels in this process
+# (notice.COMPILES).  CPU seconds stay meaningful on a loaded machine where pytest's
+# --durations (wall time) do not.
 def _rusage():
     import resource
     own, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
@@ -53,11 +55,12 @@ if os.environ.get("FUSEDOPT_TEST_CPU"):
     def _timed(phase):
         @pytest.hookimpl(hookwrapper=True)
         def hook(item, **kwargs):
-            cpu, wall = _rusage(), time.perf_counter()
+            from fusedopt import notice
+            cpu, wall, comp = _rusage(), time.perf_counter(), notice.COMPILES.seconds
             yield
             with open(os.environ["FUSEDOPT_TEST_CPU"], "a") as f:
-                f.write(f"{_rusage() - cpu:.3f} {time.perf_counter() - wall:.3f} {phase} "
-                        f"{item.nodeid}\n")
+                f.write(f"{_rusage() - cpu:.3f} {time.perf_counter() - wall:.3f} "
+                        f"{notice.COMPILES.seconds - comp:.3f} {phase} {item.nodeid}\n")
         return hook
 
     pytest_runtest_setup = _timed("setup")
