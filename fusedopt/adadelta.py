@@ -36,7 +36,7 @@ class Adadelta(FusedOptimizer, torch.optim.Adadelta):
                 program_hp=dict(lr=1.0, rho=0.8),
                 unsigned=frozenset({"square_avg", "acc_delta"}),
                 bench_hp=dict(lr=1.0), traffic=(4, 3),
-                aot=(dict(WEIGHT_DECAY=True, MAXIMIZE=True), 3))
+                aot=(dict(WEIGHT_DECAY=True), 3))
 
 
 Adadelta.__signature__ = signature_with(torch.optim.Adadelta)

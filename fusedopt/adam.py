@@ -58,7 +58,7 @@ class Adam(FusedOptimizer, torch.optim.Adam):
                 program_hp=dict(lr=1e-2, amsgrad=True),
                 unsigned=frozenset({"exp_avg_sq", "max_exp_avg_sq"}),
                 bench_hp=dict(lr=1e-3), traffic=(4, 3),
-                aot=(dict(AMSGRAD=True, WEIGHT_DECAY=True, MAXIMIZE=True, L1=True,
+                aot=(dict(AMSGRAD=True, WEIGHT_DECAY=True, L1=True,
                           LERP_SMALL=True), 7))
 
 

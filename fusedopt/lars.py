@@ -114,8 +114,10 @@ class LARS(FusedOptimizer, LARSForLoop):
 
     def _flags(self, group):
         return {"DECOUPLED": True, "MOMENTUM": group["momentum"] > 0.0,
-                "NESTEROV": bool(group["nesterov"]),
-                "MAXIMIZE": bool(group.get("maximize", self.maximize))}
+                "NESTEROV": bool(group["nesterov"])}
+
+    def _maximize(self, group):
+        return bool(group.get("maximize", self.maximize))
 
     def _sparse_step(self, group, params):
         raise NoSparseGradientError("Lars")
@@ -142,7 +144,7 @@ class LARS(FusedOptimizer, LARSForLoop):
                 test_hp=dict(lr=1e-2, weight_decay=0.1, nesterov=True, trust_coefficient=0.02),
                 program_hp=dict(lr=1e-2, weight_decay=0.05), bench_hp=dict(lr=1e-3),
                 traffic=((3, 0), (3, 2)), complex_params=False, trust=True, ulp=64,
-                aot=(dict(MOMENTUM=True, NESTEROV=True, MAXIMIZE=True, L1=True), 1))
+                aot=(dict(MOMENTUM=True, NESTEROV=True, L1=True), 1))
 
 
 LARS.__signature__ = signature_with(LARSForLoop)

@@ -85,7 +85,7 @@ class Lion(FusedOptimizer, LionForLoop):
                           dict(lr=1e-4)),
                 test_hp=dict(lr=1e-3, betas=(0.8, 0.95), weight_decay=0.1),
                 program_hp=dict(lr=1e-3, weight_decay=0.1), bench_hp=dict(lr=1e-4),
-                traffic=(3, 2), aot=(dict(WEIGHT_DECAY=True, DECOUPLED=True, MAXIMIZE=True), 1))
+                traffic=(3, 2), aot=(dict(WEIGHT_DECAY=True, DECOUPLED=True), 1))
 
 
 Lion.__signature__ = signature_with(LionForLoop)

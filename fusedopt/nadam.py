@@ -70,7 +70,7 @@ class NAdam(FusedOptimizer, torch.optim.NAdam):
                 test_hp=dict(lr=2e-3, momentum_decay=0.01, weight_decay=0.05),
                 program_hp=dict(lr=1e-2), unsigned=frozenset({"exp_avg_sq"}),
                 bench_hp=dict(lr=1e-3), traffic=(4, 3),
-                aot=(dict(DECOUPLED=True, WEIGHT_DECAY=True, MAXIMIZE=True), 3))
+                aot=(dict(DECOUPLED=True, WEIGHT_DECAY=True), 3))
 
 
 NAdam.__signature__ = signature_with(torch.optim.NAdam)

@@ -364,6 +364,7 @@ class FusedOptimizer:
         if inv is not None:  # a CPU tensor read costs nothing: one float for every tensor
             coeffs["grad_scale"] = float(inv) if inv.device.type == "cpu" \
                 else inv.to(bucket.device, non_blocking=True)
+        coeffs.update(maximize=1.0) if self._maximize(group) else None  # (a row slot)
         # bfloat16 params without a master copy or compensation only
         sr = bool(group.get("stochastic_rounding")) and bucket.dtype == "bfloat16" \
             and not bucket.mask & (Update.MASTER | Update.KAHAN)
@@ -381,6 +382,9 @@ class FusedOptimizer:
         if not self._advance_first:
             self._advance(group, bucket, step, found)
 
+    def _maximize(self, group):  # torch's maximize: a row slot, so both signs share a variant
+        return bool(group.get("maximize", False))
+
     def _trust(self, group, bucket, sums, coeffs):
         """Spec.trust: ``coeffs`` with the per-tensor ones made from ``sums`` (bucket.reduce's)."""
         raise NotImplementedError
@@ -389,11 +393,8 @@ class FusedOptimizer:
         raise RuntimeError(self._sparse_error)
 
     def _all_flags(self, group, **engine):
-        flags = dict.fromkeys(rules.FLAGS, False)
-        flags.update(engine)
-        flags["MAXIMIZE"] = bool(group.get("maximize", False))
-        flags["WEIGHT_DECAY"] = group.get("weight_decay", 0) != 0
-        flags["L1"] = group.get("l1", 0) != 0
+        flags = dict(dict.fromkeys(rules.FLAGS, False), **engine,
+                     WEIGHT_DECAY=group.get("weight_decay", 0) != 0, L1=group.get("l1", 0) != 0)
         flags.update(self._flags(group))
         # a tensor-valued hyperparameter (momentum=torch.tensor(0.9)) gives tensor flags
         return tuple(sorted((k, bool(v)) for k, v in flags.items()))

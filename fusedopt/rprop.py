@@ -48,7 +48,7 @@ class Rprop(FusedOptimizer, torch.optim.Rprop):
                 group_hp=(dict(lr=1e-2), dict(lr=3e-3), dict(lr=2e-2), dict(lr=1e-3)),
                 weight_decay=False, test_hp=dict(lr=1e-2, etas=(0.4, 1.3)),
                 program_hp=dict(lr=1e-2), unsigned=frozenset({"step_size"}),
-                bench_hp=dict(lr=1e-3), traffic=(4, 3), aot=(dict(MAXIMIZE=True, L1=True), 3))
+                bench_hp=dict(lr=1e-3), traffic=(4, 3), aot=(dict(L1=True), 3))
 
 
 Rprop.__signature__ = signature_with(torch.optim.Rprop)

@@ -8,7 +8,10 @@ from slot 0, then the slots the engines own (ENGINE), which no rule's can reach:
 - ``grad_scale``: the gradient's factor (GradScaler's 1 / scale, a clipping factor), read
   under the SCALE_GRAD flag;
 - ``lerp_w``, ``lerp_w_rest``, ``lerp_count``: the matrix kernel's row factors (flag
-  ROW_LERP): torch's lerp weight, 1 - it, and the count a row's sum is divided by.
+  ROW_LERP): torch's lerp weight, 1 - it, and the count a row's sum is divided by;
+- ``maximize``: nonzero where the gradient is negated before the rule (torch's
+  ``maximize``).  A value, not a flag: groups that differ in it run one compiled variant
+  (a flag doubled the variants a model with both signs compiles, and the parity matrix's).
 
 The engines call a rule through ``adapter``: a function generated from its signature that
 takes the engine's fixed shape (p, g, three state slots, the row as a tuple) and passes
@@ -21,12 +24,12 @@ import types
 
 from . import rules
 
-ENGINE = ("grad_scale", "lerp_w", "lerp_w_rest", "lerp_count")
-NCOEF = 16
+ENGINE = ("grad_scale", "lerp_w", "lerp_w_rest", "lerp_count", "maximize")
+NCOEF = 17
 OWN = NCOEF - len(ENGINE)  # the most coefficients a rule may have: slots 0..OWN-1
 SLOT = {name: OWN + i for i, name in enumerate(ENGINE)}
 SLOTS = {name.upper(): i for name, i in SLOT.items()}  # the kernels' names for them
-GRAD_SCALE, LERP_W, LERP_W_REST, LERP_COUNT = SLOTS.values()  # (as names, to import)
+GRAD_SCALE, LERP_W, LERP_W_REST, LERP_COUNT, MAXIMIZE = SLOTS.values()  # (names to import)
 STATE = 3  # state slots the engines carry (a, b, c)
 
 
@@ -86,15 +89,18 @@ def positional(fn):
 
 def adapter(rule):
     """``call(p, g, a, b, c, row) -> (p, a, b, c)``, calling ``rule`` (a global of the
-    function's copy) with its own state slots and the row's slots of its coefficients.
+    function's copy) with its own state slots and the row's slots of its coefficients,
+    the gradient negated first where the row's ``maximize`` slot is nonzero (a select:
+    exactly torch's ``-grad``, NaN's sign included).
     Generated (a loop or a star call would not compile in numba's inliner); its source
     is registered with linecache, where Triton reads a function's source."""
     state, names = signature(rule)
     slots = ", ".join("abc"[:len(state)])
     out = f"p, {slots}" if state else "p"
     args = ", ".join(["p", "g", *"abc"[:len(state)], *(f"row[{i}]" for i in range(len(names)))])
-    src = (f"def call(p, g, a, b, c, row):\n    {out} = {rule}({args})\n"
-           f"    return p, a, b, c\n")
+    src = (f"def call(p, g, a, b, c, row):\n"
+           f"    g = ops.where(row[{SLOT['maximize']}] != 0, -g, g)\n"
+           f"    {out} = {rule}({args})\n    return p, a, b, c\n")
     name = f"<fusedopt.kernels.coefficients adapter of {rule}>"
     linecache.cache[name] = (len(src), None, src.splitlines(True), name)
     ns = {}

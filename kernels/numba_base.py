@@ -155,10 +155,10 @@ def coef_row(C, r):
     # the coefficients of tensor r (C: a row per tensor, or one row for all): read once per
     # chunk, out of the element loop (coefficients.NCOEF of them)
     return (C[r, 0], C[r, 1], C[r, 2], C[r, 3], C[r, 4], C[r, 5], C[r, 6], C[r, 7], C[r, 8],
-            C[r, 9], C[r, 10], C[r, 11], C[r, 12], C[r, 13], C[r, 14], C[r, 15])
+            C[r, 9], C[r, 10], C[r, 11], C[r, 12], C[r, 13], C[r, 14], C[r, 15], C[r, 16])
 
 
-assert coefficients.NCOEF == 16, "coef_row reads NCOEF slots"
+assert coefficients.NCOEF == 17, "coef_row reads NCOEF slots"
 
 
 @numba.njit(fastmath={"reassoc"}, **JIT)

@@ -39,12 +39,12 @@ The order of operations follows torch 2.13's for-loop implementations
 # lerp_(norm(g, dim=-1)**2 / count, w) with the engines' coefficients lerp_count, lerp_w
 # and lerp_w_rest (count 0: the rows are a 1-D param's elements, lerp_(g**2, w)),
 # Adafactor's row factor and variance.
-FLAGS = ("MAXIMIZE", "WEIGHT_DECAY", "L1", "LERP_SMALL", "AMSGRAD", "DECOUPLED",
+FLAGS = ("WEIGHT_DECAY", "L1", "LERP_SMALL", "AMSGRAD", "DECOUPLED",
          "CENTERED", "MOMENTUM", "NESTEROV", "SCALE_GRAD", "WRITE_GRAD", "FOUND_INF",
          "STOCH_ROUND", "REDUCE", "SECOND", "ROW_LERP")
 # the names each engine's copy of the rules binds (numba_base.bind_rule, triton_base.bind_rule)
 ops = None
-(MAXIMIZE, WEIGHT_DECAY, L1, LERP_SMALL, AMSGRAD, DECOUPLED, CENTERED, MOMENTUM, NESTEROV,
+(WEIGHT_DECAY, L1, LERP_SMALL, AMSGRAD, DECOUPLED, CENTERED, MOMENTUM, NESTEROV,
  SCALE_GRAD, WRITE_GRAD, FOUND_INF, STOCH_ROUND, REDUCE, SECOND, ROW_LERP) = (False,) * len(FLAGS)
 
 
@@ -57,9 +57,8 @@ def lerp(start, end, w, w_rest):
 
 
 def regularize(p, g, wd, l1):
-    # maximize, then L2 (torch's weight_decay: g + wd * p, unless DECOUPLED), then L1 (g + l1 * sign(p))
-    if MAXIMIZE:
-        g = -g
+    # L2 (torch's weight_decay: g + wd * p, unless DECOUPLED), then L1 (g + l1 * sign(p));
+    # maximize came first: the engines' adapter negates g (coefficients.adapter)
     if WEIGHT_DECAY:
         if not DECOUPLED:
             g = ops.fma(wd, p, g)

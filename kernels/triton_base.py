@@ -167,11 +167,13 @@ def coef(bits, C):
 
 
 @triton.jit
-def given_row(C, H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15):
+def given_row(C, H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15,
+              H16):
     # the row passed as scalars (coefficients.NCOEF of them)
     return (coef(H0, C), coef(H1, C), coef(H2, C), coef(H3, C), coef(H4, C), coef(H5, C),
             coef(H6, C), coef(H7, C), coef(H8, C), coef(H9, C), coef(H10, C),
-            coef(H11, C), coef(H12, C), coef(H13, C), coef(H14, C), coef(H15, C))
+            coef(H11, C), coef(H12, C), coef(H13, C), coef(H14, C), coef(H15, C),
+            coef(H16, C))
 
 
 @triton.jit
@@ -181,7 +183,7 @@ def loaded_row(C, t):
     return (tl.load(r), tl.load(r + 1), tl.load(r + 2), tl.load(r + 3), tl.load(r + 4),
             tl.load(r + 5), tl.load(r + 6), tl.load(r + 7), tl.load(r + 8), tl.load(r + 9),
             tl.load(r + 10), tl.load(r + 11), tl.load(r + 12), tl.load(r + 13),
-            tl.load(r + 14), tl.load(r + 15))
+            tl.load(r + 14), tl.load(r + 15), tl.load(r + 16))
 
 
 HELPERS = (tensor_ptr, widen, narrow, fmix32, narrow_stochastic, join_master, split_master,

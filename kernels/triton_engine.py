@@ -111,7 +111,7 @@ def _block(pp, gp, ap, bp, cp, wp, xa, xb, xc, Q, offs, end, key, hs,
 
 @triton.jit
 def _kernel(P, G, S0, S1, S2, S3, A0, A1, A2, Q, C, R, TID, CS, CE, FI, H0, H1, H2, H3, H4, H5,
-            H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, MASK: tl.constexpr,
+            H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, H16, MASK: tl.constexpr,
             KIND: tl.constexpr, SKIND: tl.constexpr, ALIGNED: tl.constexpr,
             UNIFORM: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -138,7 +138,8 @@ def _kernel(P, G, S0, S1, S2, S3, A0, A1, A2, Q, C, R, TID, CS, CE, FI, H0, H1, 
     xb = tensor_ptr(A1, t, 0, ALIGNED)
     xc = tensor_ptr(A2, t, 0, ALIGNED)
     if UNIFORM:  # the same coefficients for every tensor: no table, no copy to the device
-        hs = given_row(C, H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15)
+        hs = given_row(C, H0, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15,
+                       H16)
     else:
         hs = loaded_row(C, t)
     nfull = (end - start) // BLOCK
