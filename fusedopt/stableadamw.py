@@ -158,8 +158,7 @@ class StableAdamW(TrustOptimizer, StableAdamWForLoop):
         t = getattr(self, "_t", 1)
         w, b2 = 1 - debias_beta(group["beta1"], t), debias_beta(group["beta2"], t)
         return dict(w=w, beta2_hat=b2, beta2_comp=1 - b2, eps=group["eps"], one=1.0,
-                    eps_sq=self._eps_sq, decay=1.0,
-                    lr=group["lr"], l1=group["l1"])
+                    eps_sq=self._eps_sq, decay=1.0, lr=group["lr"], l1=group["l1"])
 
     def _trust(self, group, bucket, sums, co):
         dt = torch.float64 if bucket.dtype == "float64" else torch.float32
