@@ -23,13 +23,11 @@ means no clipping; fusedopt's own ``max_grad_norm`` keyword is Apex's here.
 """
 import torch
 
-from . import clip as _clip
-from .dtensor import local as _local
-from .matrix import exact_sqrt
-from .optimizer import FusedOptimizer, closure_loss
+from .optimizer import closure_loss
 from .options import signature_with
 from .reference import _regularize
 from .spec import Spec
+from .trust import TrustOptimizer
 
 _SPARSE = "FusedLAMB does not support sparse gradients, please consider SparseAdam instead"
 _DTYPES = (torch.float16, torch.float32, torch.float64, torch.bfloat16)
@@ -42,17 +40,6 @@ def math_dtype(p):
 def norm(x, dt):
     """|x| correctly rounded to ``dt``: the squares summed in float64 (exact for float32)."""
     return x.detach().double().square().sum().sqrt().to(dt)
-
-
-def clip_factors(opt, grads, inv=1.0):
-    """Per group: Apex's divisor of the gradients, norm / max_grad_norm where the global
-    norm of ``grads`` (torch.nn.utils.get_total_norm's: every param's, every group's;
-    times ``inv``, GradScaler's 1 / scale) passes the group's max_grad_norm (> 0), else 1."""
-    want = [g.get("max_grad_norm", opt.defaults["max_grad_norm"]) for g in opt.param_groups]
-    if not grads or not any(m > 0 for m in want):
-        return [1.0] * len(want)
-    total = opt._total_norm(grads) * inv
-    return [torch.where(total > m, total / m, 1.0) if m > 0 else 1.0 for m in want]
 
 
 class LAMBForLoop(torch.optim.Optimizer):
@@ -79,6 +66,17 @@ class LAMBForLoop(torch.optim.Optimizer):
         return torch.linalg.vector_norm(torch.cat([norm(g, math_dtype(g)).reshape(1)
                                                    for g in grads]))
 
+    def _clip_factors(self, grads, inv=1.0):
+        """Per group: Apex's divisor of the gradients, norm / max_grad_norm where the global
+        norm of ``grads`` (torch.nn.utils.get_total_norm's: every param's, every group's;
+        times ``inv``, GradScaler's 1 / scale) passes the group's max_grad_norm (> 0), else
+        1 (the fused step's too: trust.TrustOptimizer)."""
+        want = [g.get("max_grad_norm", self.defaults["max_grad_norm"]) for g in self.param_groups]
+        if not grads or not any(m > 0 for m in want):
+            return [1.0] * len(want)
+        total = self._total_norm(grads) * inv
+        return [torch.where(total > m, total / m, 1.0) if m > 0 else 1.0 for m in want]
+
     def _mode(self, group):
         return bool(group.get("adam_w_mode", self.adam_w_mode)), \
             bool(group.get("use_nvlamb", self.use_nvlamb))
@@ -92,7 +90,7 @@ class LAMBForLoop(torch.optim.Optimizer):
         if any(p.dtype not in _DTYPES for p in live):
             raise RuntimeError("FusedLAMB only support fp16 and fp32.")
         clips = getattr(self, "_given_clips", None) or \
-            clip_factors(self, [p.grad for p in live])  # (the fused step's, for its fallback)
+            self._clip_factors([p.grad for p in live])  # (the fused step's, for its fallback)
         for group, c in zip(self.param_groups, clips):
             group["step"] = t = group.get("step", 0) + 1
             (b1, b2), wd, eps = group["betas"], group["weight_decay"], group["eps"]
@@ -150,7 +148,7 @@ def reference(p, g, st, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1
     p.sub_(lr * ratio * u)
 
 
-class LAMB(FusedOptimizer, LAMBForLoop):
+class LAMB(TrustOptimizer, LAMBForLoop):
     """LAMB (You et al., 2020), a drop-in for NVIDIA Apex's ``FusedLAMB``: ``lr=1e-3,
     bias_correction=True, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, amsgrad=False,
     adam_w_mode=True, grad_averaging=True, set_grad_none=True, max_grad_norm=1.0,
@@ -164,17 +162,12 @@ class LAMB(FusedOptimizer, LAMBForLoop):
     ``state_dtype`` (float32; 8-bit state is refused): the Options page
     (``docs/options.md``)."""
     _rule = "lamb"
-    _has_step = False  # its counter is group["step"], as Apex's
-    _own_clip = True  # max_grad_norm is Apex's
+    _own_clip = True  # max_grad_norm is Apex's: its clipping (trust.TrustOptimizer)
     # its clipping by the global norm (Apex's default max_grad_norm=1.0) needs every gradient
     # before the first param is stepped: gradient release has none to read
     _refuses = ("gradient_release",)
     _sparse_error = _SPARSE
-    _OWN = FusedOptimizer._OWN + ("adam_w_mode", "set_grad_none", "use_nvlamb")
-    _clips = {}  # this step's clip_factors, by group
-
-    def _total_norm(self, grads):
-        return _clip.total_norm(grads, 2.0, self._backend, exact=True)
+    _OWN = TrustOptimizer._OWN + ("adam_w_mode", "set_grad_none", "use_nvlamb")
 
     def _slots(self, group):
         return ("exp_avg", "exp_avg_sq", None)
@@ -182,48 +175,17 @@ class LAMB(FusedOptimizer, LAMBForLoop):
     def _flags(self, group):
         return {"DECOUPLED": self._mode(group)[0]}
 
-    def _eager_step(self):
-        # the lists renewed first: after group["params"] was reassigned (or a group deleted)
-        # the global norm is over the params the groups hold now, as the twin's
-        self._current_lists()
-        live = self._with_grads()
-        if any(p.grad.is_sparse for p in live):
-            raise RuntimeError(_SPARSE)
-        scale = getattr(self, "grad_scale", None)  # GradScaler's: the unscaled grads' norm
-        inv = 1.0 if scale is None else scale.double().reciprocal().float()
-        # (by the params' list: _run may hand _coefficients a copy of the group)
-        self._clips = {id(g["params"]): c for g, c in zip(
-            self.param_groups, clip_factors(self, [p.grad for p in live], inv))}
-        super()._eager_step()
-
-    def _step_group(self, group, amp=(None, None, False), plans=None):
-        super()._step_group(group, amp, plans)
-        group["step"] = group.get("step", 0) + 1
-
-    def _torch_step(self, group, params, *amp):
-        # the params the engines do not take, stepped by the twin: with this step's clip
-        # factor (the global norm is every param's, not theirs alone)
-        self._given_clips = [self._clips.get(id(group["params"]), 1.0)]
-        try:
-            super()._torch_step(group, params, *amp)
-        finally:
-            self._given_clips = None
-
     def _coefficients(self, group, step, f64):
         t, (b1, b2), wd = group.get("step", 0) + 1, group["betas"], group["weight_decay"]
         bc = (1 - b1 ** t, 1 - b2 ** t) if group["bias_correction"] else (1.0, 1.0)
-        # (under FSDP2 the factor is a replicated DTensor, the same on every rank: the
-        # engines take its local value)
-        return dict(clip=_local(self._clips.get(id(group["params"]), 1.0)), wd=wd,
-                    l1=group["l1"], beta1=b1, beta3=1 - b1 if group["grad_averaging"] else 1.0,
-                    beta2=b2,
+        return dict(clip=self._clip(group), wd=wd, l1=group["l1"], beta1=b1,
+                    beta3=1 - b1 if group["grad_averaging"] else 1.0, beta2=b2,
                     beta2_rest=1 - b2, bc1=bc[0], bc2=bc[1], eps=group["eps"],
                     step=group["lr"])
 
     def _trust(self, group, bucket, sums, co):
-        dt = torch.float64 if bucket.dtype == "float64" else torch.float32
-        pn, un = (exact_sqrt(sums[:, k]).to(dt) for k in (0, 1))
-        lr = torch.as_tensor(group["lr"], dtype=dt, device=pn.device)
+        pn, un = self._norms(bucket, sums)
+        lr = torch.as_tensor(group["lr"], dtype=pn.dtype, device=pn.device)
         use = (pn != 0) & (un != 0) & (group["weight_decay"] != 0 or self._mode(group)[1])
         return {**co, "step": torch.where(use, lr * (pn / un), lr)}
 

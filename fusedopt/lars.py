@@ -15,11 +15,11 @@ sums of squares: the package's ``torch.linalg.norm`` sums in float32).
 import torch
 
 from .ademamix import NegativeLRError, NoSparseGradientError
-from .matrix import exact_sqrt
-from .optimizer import FusedOptimizer, closure_loss
+from .optimizer import closure_loss
 from .options import signature_with
 from .reference import _regularize
 from .spec import Spec
+from .trust import TrustOptimizer
 
 
 def ratio(pn, gn, wd, tc):
@@ -94,7 +94,7 @@ def reference(p, g, st, lr=1e-3, weight_decay=0.0, momentum=0.9, dampening=0.0,
     p.sub_(lr * g)
 
 
-class LARS(FusedOptimizer, LARSForLoop):
+class LARS(TrustOptimizer, LARSForLoop):
     """LARS (You, Gitman and Ginsburg, 2017), a drop-in for ``pytorch_optimizer.LARS``:
     ``lr=1e-3, weight_decay=0.0, momentum=0.9, dampening=0.0, trust_coefficient=1e-3,
     nesterov=False``, the package's errors and state (``momentum_buffer``; the counter in
@@ -106,8 +106,7 @@ class LARS(FusedOptimizer, LARSForLoop):
     ``stochastic_rounding``, ``flat``, ``state_dtype`` (float32; 8-bit state is refused):
     the Options page (``docs/options.md``)."""
     _rule = "lars"
-    _has_step = False  # its counter is group["step"], as the package's
-    _OWN = FusedOptimizer._OWN + ("maximize", "foreach")
+    _OWN = TrustOptimizer._OWN + ("maximize", "foreach")
 
     def _slots(self, group):
         return ("momentum_buffer" if group["momentum"] > 0.0 else None, None, None)
@@ -122,20 +121,15 @@ class LARS(FusedOptimizer, LARSForLoop):
     def _sparse_step(self, group, params):
         raise NoSparseGradientError("Lars")
 
-    def _step_group(self, group, amp=(None, None, False), plans=None):
-        super()._step_group(group, amp, plans)
-        group["step"] = group.get("step", 0) + 1
-
     def _coefficients(self, group, step, f64):
         return dict(wd=group["weight_decay"], l1=group["l1"], ratio=1.0, adapt=0.0,
                     momentum=group["momentum"], take=1.0 - group["dampening"], lr=group["lr"])
 
     def _trust(self, group, bucket, sums, co):
-        dt = torch.float64 if bucket.dtype == "float64" else torch.float32
-        pn, gn = (exact_sqrt(sums[:, k]).to(dt) for k in (0, 1))
+        pn, gn = self._norms(bucket, sums)
         adapt = torch.as_tensor(bucket.ndim > 1, device=pn.device)
         r = ratio(pn, gn, group["weight_decay"], group["trust_coefficient"])
-        return {**co, "ratio": torch.where(adapt, r, 1.0), "adapt": adapt.to(dt)}
+        return {**co, "ratio": torch.where(adapt, r, 1.0), "adapt": adapt.to(pn.dtype)}
 
     spec = Spec(reference=reference, source="pytorch_optimizer.LARS",
                 cases=({}, dict(nesterov=True), dict(momentum=0.0), dict(dampening=0.3)),

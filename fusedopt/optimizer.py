@@ -37,7 +37,7 @@ class FusedOptimizer:
     name: kernels/coefficients.py); ``_init_state`` only where a state entry
     starts as something other than zeros (the plan creates the slots, in the state dtype);
     a factored algorithm (Spec.factored) ``_matrix_step``, a stacked one (Spec.stacked)
-    ``_stacked_step``.
+    ``_stacked_step``; a trust-ratio one (Spec.trust) derives from trust.TrustOptimizer.
     """
 
     _rule = _sparse_error = None
@@ -95,11 +95,6 @@ class FusedOptimizer:
             raise NotImplementedError(
                 f"fusedopt.{type(self).__name__} does not implement differentiable=True; "
                 f"use torch.optim.{type(self).__name__} for differentiable optimizer steps")
-        if self.spec is not None and self.spec.trust and state_dtype in (torch.uint8,
-                                                                          torch.uint4):
-            raise ValueError(f"fusedopt.{type(self).__name__} does not support state_dtype="
-                             f"{state_dtype} (quantized state): its reduce pass reads float "
-                             "state")
         if self._own_clip and max_grad_norm is not None:  # the twin's own argument
             kwargs["max_grad_norm"], max_grad_norm = max_grad_norm, None
         validate(type(self).__name__, self._refuses, backend=backend, l1=l1,
@@ -364,7 +359,8 @@ class FusedOptimizer:
         if inv is not None:  # a CPU tensor read costs nothing: one float for every tensor
             coeffs["grad_scale"] = float(inv) if inv.device.type == "cpu" \
                 else inv.to(bucket.device, non_blocking=True)
-        coeffs.update(maximize=1.0) if self._maximize(group) else None  # (a row slot)
+        if self._maximize(group):  # (a value, not a flag: coefficients.ENGINE)
+            coeffs["maximize"] = 1.0
         # bfloat16 params without a master copy or compensation only
         sr = bool(group.get("stochastic_rounding")) and bucket.dtype == "bfloat16" \
             and not bucket.mask & (Update.MASTER | Update.KAHAN)
@@ -377,17 +373,15 @@ class FusedOptimizer:
             # per-tensor factors: the rule's sums from a reduce pass (nothing written)
             reduce = tuple(sorted(dict(flags, REDUCE=True, WRITE_GRAD=False).items()))
             sums = bucket.reduce(self._rule, reduce, gptr, pack(self._rule, coeffs), found)
-            coeffs = self._trust(group, bucket, sums, coeffs)
+            coeffs = self._trust(group, bucket, sums, coeffs)  # (trust.TrustOptimizer)
         bucket.run(self._rule, flags, gptr, pack(self._rule, coeffs), found, keys)
         if not self._advance_first:
             self._advance(group, bucket, step, found)
 
-    def _maximize(self, group):  # torch's maximize: a row slot, so both signs share a variant
+    def _maximize(self, group):
+        """Whether the gradient is negated (torch's ``maximize``): the engines' ``maximize``
+        slot, not a flag, so that groups of both signs share one compiled variant."""
         return bool(group.get("maximize", False))
-
-    def _trust(self, group, bucket, sums, coeffs):
-        """Spec.trust: ``coeffs`` with the per-tensor ones made from ``sums`` (bucket.reduce's)."""
-        raise NotImplementedError
 
     def _sparse_step(self, group, params):
         raise RuntimeError(self._sparse_error)

@@ -16,10 +16,11 @@ summation for float16/bfloat16 params) means none; the RMS's mean is correctly r
 import torch
 
 from .matrix import exact_sqrt
-from .optimizer import FusedOptimizer, closure_loss
+from .optimizer import closure_loss
 from .options import signature_with
 from .reference import _regularize
 from .spec import Spec
+from .trust import TrustOptimizer
 
 _REFUSED = ("kahan_sum", "foreach", "triton", "gradient_release")
 
@@ -60,10 +61,14 @@ class StableAdamWForLoop(torch.optim.Optimizer):
                                       max_lr=max_lr, kahan_sum=kahan_sum, foreach=foreach,
                                       triton=False, gradient_release=False, setup=False))
 
-    def _counter(self, group):
-        """This step's count (optimi's int32 counter in group["step"], made at the first
+    def _prepare(self, group):
+        """optimi's state of the group's params with gradients, made as optimi makes it,
+        and this step's count (optimi's int32 counter in group["step"], made at the first
         step); the counter moves by ``_count`` after the step (replaced, not in place: a
         copy of the group counts apart)."""
+        for p in group["params"]:
+            if p.grad is not None and "kahan_comp" not in self.state[p]:
+                self._optimi_state(group, p, self.state[p])
         if not group["setup"]:
             group["setup"], group["step"] = True, torch.tensor(0, dtype=torch.int32)
         return int(group["step"].numpy()) + 1  # (a CPU tensor's value, no op)
@@ -82,10 +87,7 @@ class StableAdamWForLoop(torch.optim.Optimizer):
         loss = closure_loss(closure)
         for group in self.param_groups:
             live = [p for p in group["params"] if p.grad is not None]
-            for p in live:
-                if "kahan_comp" not in self.state[p]:
-                    self._optimi_state(group, p, self.state[p])
-            t = self._counter(group)
+            t = self._prepare(group)
             self._count(group)
             w, b2 = 1 - debias_beta(group["beta1"], t), debias_beta(group["beta2"], t)
             for p in live:
@@ -115,7 +117,7 @@ def reference(p, g, st, lr=1e-3, betas=(0.9, 0.99), weight_decay=1e-2, eps=1e-6,
     p.mul_(1 - wd).sub_(lr * m / (v.sqrt() + eps))
 
 
-class StableAdamW(FusedOptimizer, StableAdamWForLoop):
+class StableAdamW(TrustOptimizer, StableAdamWForLoop):
     """StableAdamW (Wortsman et al., 2023), a drop-in for ``optimi.StableAdamW``: ``lr``
     (required), ``betas=(0.9, 0.99), weight_decay=1e-2, eps=1e-6, decouple_lr=False,
     max_lr=None``, optimi's errors and state (``exp_avg``, ``exp_avg_sq``, ``eps_sq``,
@@ -127,7 +129,8 @@ class StableAdamW(FusedOptimizer, StableAdamWForLoop):
     ``master_weights``, ``stochastic_rounding``, ``flat``, ``state_dtype`` (float32; 8-bit
     state is refused): the Options page (``docs/options.md``)."""
     _rule = "stableadamw"
-    _has_step = False  # its counter is group["step"], as optimi's
+    # optimi's state and int32 counter, made and moved as the twin's
+    _begin_group, _end_group = StableAdamWForLoop._prepare, StableAdamWForLoop._count
     _refuses = ("kahan_sum", "gradient_release")  # optimi's own keywords: refused when on
     _sparse_error = "StableAdamW does not support sparse gradients"
 
@@ -144,15 +147,6 @@ class StableAdamW(FusedOptimizer, StableAdamWForLoop):
     def _inplace_updates(self, group):
         return 2 if group["weight_decay"] != 0 else 1
 
-    def _step_group(self, group, amp=(None, None, False), plans=None):
-        params = [p for p in group["params"] if p.grad is not None]
-        for p in params:  # optimi's state, made as optimi makes it
-            if "kahan_comp" not in self.state[p]:
-                self._optimi_state(group, p, self.state[p])
-        self._t = self._counter(group)
-        super()._step_group(group, amp, plans)
-        self._count(group)
-
     def _run(self, bucket, group, gptr, amp):
         # optimi's max(v, eps_sq) reads each param's state eps_sq (a user may replace it):
         # read here every step, one value per tensor (nothing cached)
@@ -164,8 +158,7 @@ class StableAdamW(FusedOptimizer, StableAdamWForLoop):
         t = getattr(self, "_t", 1)
         w, b2 = 1 - debias_beta(group["beta1"], t), debias_beta(group["beta2"], t)
         return dict(w=w, beta2_hat=b2, beta2_comp=1 - b2, eps=group["eps"], one=1.0,
-                    eps_sq=self._eps_sq, decay=1.0,
-                    lr=group["lr"], l1=group["l1"])
+                    eps_sq=self._eps_sq, decay=1.0, lr=group["lr"], l1=group["l1"])
 
     def _trust(self, group, bucket, sums, co):
         dt = torch.float64 if bucket.dtype == "float64" else torch.float32

@@ -77,12 +77,12 @@ def test_lamb_clip_off_by_an_ulp_is_caught(monkeypatch):
     """The mutation check: the global norm's factor one ulp larger fails the comparison."""
     hp = CASES["lamb"][2]
     theirs, init, _ = train(fusedopt.LAMB.twin(), torch.float32, hp, SHAPES)
-    right = lamb_mod.clip_factors
+    right = lamb_mod.LAMBForLoop._clip_factors
 
     def off(opt, grads, inv=1.0):
         return [torch.nextafter(c, c + 1) if torch.is_tensor(c) else c
                 for c in right(opt, grads, inv)]
-    monkeypatch.setattr(lamb_mod, "clip_factors", off)
+    monkeypatch.setattr(lamb_mod.LAMBForLoop, "_clip_factors", off)
     ours, _, _ = train(fusedopt.LAMB, torch.float32, hp, SHAPES, backend="numba")
     assert max_ulp(ours, theirs) > 0
     with pytest.raises(AssertionError):
