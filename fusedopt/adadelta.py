@@ -21,9 +21,6 @@ class Adadelta(FusedOptimizer, torch.optim.Adadelta):
     def _slots(self, group):
         return ("square_avg", "acc_delta", None)
 
-    def _flags(self, group):
-        return {}
-
     def _coefficients(self, group, step, f64):
         rho = group["rho"]
         return dict(lr=group["lr"], rho=rho, rho_rest=1 - rho, eps=group["eps"],
@@ -36,7 +33,7 @@ class Adadelta(FusedOptimizer, torch.optim.Adadelta):
                 program_hp=dict(lr=1.0, rho=0.8),
                 unsigned=frozenset({"square_avg", "acc_delta"}),
                 bench_hp=dict(lr=1.0), traffic=(4, 3),
-                aot=(dict(WEIGHT_DECAY=True), 3))
+                aot=(dict(), 3))
 
 
 Adadelta.__signature__ = signature_with(torch.optim.Adadelta)

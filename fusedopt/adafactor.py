@@ -10,6 +10,7 @@ one column: its rows' factor is its variance, lerped to g**2 (column factor and 
 import numpy as np
 import torch
 
+from .arith import decoupled
 from .bucket import scalar_dtype
 from .kernels.flags import Matrix
 from .matrix import exact_sqrt, state_shape
@@ -76,7 +77,7 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
             inv = float(inv) if inv.device.type == "cpu" else inv.to(bucket.device)
         flags = dict(self._all_flags(group, SCALE_GRAD=inv is not None), REDUCE=True)
         scale = {} if inv is None else {"grad_scale": inv}  # (flag SCALE_GRAD)
-        co = dict(wd=1 - lr * group["weight_decay"], l1=group["l1"], **scale)
+        co = dict(wd=decoupled(lr, group["weight_decay"]), l1=group["l1"], **scale)
         if self._maximize(group):
             co["maximize"] = 1.0
         run = lambda fl, mask, vecs, **c: tab.run(bucket, self._rule, fl, mask, gptr, vecs,  # noqa: E731
@@ -141,7 +142,7 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
                 test_hp=dict(lr=1e-2, beta2_decay=-0.7, d=1.5, weight_decay=0.05),
                 program_hp=dict(lr=1e-2, weight_decay=0.05), bench_hp=dict(lr=1e-2),
                 traffic=(5, 1), factored=True, ulp=256,
-                aot=(dict(DECOUPLED=True, WEIGHT_DECAY=True, L1=True), 0))
+                aot=(dict(DECOUPLED=True, L1=True), 0))
 
 
 def _bound(eps1, dt):

@@ -27,9 +27,6 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
     def _slots(self, group):
         return ("sum", None, None)
 
-    def _flags(self, group):
-        return {}
-
     def _init_state(self, group, p, state):
         state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
         init = group["initial_accumulator_value"]
@@ -61,7 +58,7 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
                 torch_fused=True, test_hp=dict(lr=1e-2, lr_decay=0.01),
                 program_hp=dict(lr=1e-2), unsigned=frozenset({"sum"}),
                 bench_hp=dict(lr=1e-3), traffic=(3, 2),
-                aot=(dict(WEIGHT_DECAY=True, L1=True), 1))
+                aot=(dict(L1=True), 1))
 
 
 Adagrad.__signature__ = signature_with(torch.optim.Adagrad)

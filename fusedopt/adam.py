@@ -2,7 +2,7 @@
 import torch
 
 from . import reference
-from .arith import lerp_rest, lerp_small
+from .arith import decoupled, lerp_rest
 from .optimizer import FusedOptimizer
 from .options import signature_with
 from .spec import Spec
@@ -28,8 +28,7 @@ class Adam(FusedOptimizer, torch.optim.Adam):
 
     def _flags(self, group):
         return {"AMSGRAD": bool(group["amsgrad"]),
-                "DECOUPLED": bool(group["decoupled_weight_decay"]),
-                "LERP_SMALL": lerp_small(1 - group["betas"][0])}
+                "DECOUPLED": bool(group["decoupled_weight_decay"])}
 
     def _inplace_updates(self, group):
         # torch's for-loop: param.mul_ for decoupled weight decay, then param.addcdiv_
@@ -45,7 +44,7 @@ class Adam(FusedOptimizer, torch.optim.Adam):
         # pow(x, 0.5) is off by up to 2 ulp, which float64 parity on an H200 showed
         bc2_sqrt = bias_correction2.sqrt() if torch.is_tensor(step) else bias_correction2 ** 0.5
         if group["decoupled_weight_decay"]:
-            wd = 1 - lr * wd
+            wd = decoupled(lr, wd)
         return dict(step_size=step_size, bc2_sqrt=bc2_sqrt, w=1 - beta1,
                     w_rest=lerp_rest(1 - beta1, f64), beta2=beta2, beta2_rest=1 - beta2,
                     eps=group["eps"], wd=wd, l1=group["l1"])
@@ -58,8 +57,7 @@ class Adam(FusedOptimizer, torch.optim.Adam):
                 program_hp=dict(lr=1e-2, amsgrad=True),
                 unsigned=frozenset({"exp_avg_sq", "max_exp_avg_sq"}),
                 bench_hp=dict(lr=1e-3), traffic=(4, 3),
-                aot=(dict(AMSGRAD=True, WEIGHT_DECAY=True, L1=True,
-                          LERP_SMALL=True), 7))
+                aot=(dict(AMSGRAD=True, L1=True), 7))
 
 
 class AdamW(Adam, torch.optim.AdamW):
@@ -93,9 +91,6 @@ class Adamax(FusedOptimizer, torch.optim.Adamax):
     def _slots(self, group):
         return ("exp_avg", "exp_inf", None)
 
-    def _flags(self, group):
-        return {"LERP_SMALL": lerp_small(1 - group["betas"][0])}
-
     def _coefficients(self, group, step, f64):
         lr, (beta1, beta2) = group["lr"], group["betas"]
         clr = lr / (1 - beta1 ** step)
@@ -106,7 +101,7 @@ class Adamax(FusedOptimizer, torch.optim.Adamax):
                 group_hp=ADAM_GROUPS, fp16_eps=True, test_hp=dict(lr=1e-2),
                 program_hp=dict(lr=1e-2), unsigned=frozenset({"exp_inf"}),
                 bench_hp=dict(lr=1e-3), traffic=(4, 3),
-                aot=(dict(WEIGHT_DECAY=True, LERP_SMALL=False), 3))
+                aot=(dict(), 3))
 
 
 for _cls, _twin in ((Adam, torch.optim.Adam), (AdamW, torch.optim.AdamW),

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from .arith import lerp_small
+from .arith import decoupled
 from .optimizer import FusedOptimizer, closure_loss
 from .options import signature_with
 from .reference import _regularize
@@ -152,8 +152,7 @@ class AdEMAMix(FusedOptimizer, AdEMAMixForLoop):
         return ("exp_avg", "exp_avg_sq", "exp_avg_slow")
 
     def _flags(self, group):
-        return {"DECOUPLED": bool(group["weight_decouple"]),
-                "LERP_SMALL": lerp_small(1 - group["betas"][0])}
+        return {"DECOUPLED": bool(group["weight_decouple"])}
 
     def _maximize(self, group):
         return bool(group.get("maximize", self.maximize))
@@ -174,7 +173,7 @@ class AdEMAMix(FusedOptimizer, AdEMAMixForLoop):
         lr, (beta1, beta2, _), wd = group["lr"], group["betas"], group["weight_decay"]
         bc1, bc2_sqrt, alpha, beta3 = schedules(group, group.get("step", 0) + 1)
         if group["weight_decouple"]:
-            wd = 1.0 - wd * (1.0 if group["fixed_decay"] else lr)
+            wd = decoupled(1.0 if group["fixed_decay"] else lr, wd)
         return dict(wd=wd, l1=group["l1"], w=1.0 - beta1, beta2=beta2, beta2_rest=1.0 - beta2,
                     w3=1.0 - beta3, bc1=bc1, bc2_sqrt=bc2_sqrt, eps=group["eps"], alpha=alpha,
                     lr=lr, one=1.0)
@@ -187,7 +186,7 @@ class AdEMAMix(FusedOptimizer, AdEMAMixForLoop):
                 fp16_eps=True, test_hp=dict(lr=1e-2, weight_decay=0.1, t_alpha_beta3=10),
                 program_hp=dict(lr=1e-2, t_alpha_beta3=5), bench_hp=dict(lr=1e-3),
                 unsigned=frozenset({"exp_avg_sq"}), traffic=(5, 4), complex_params=False,
-                aot=(dict(WEIGHT_DECAY=True, L1=True, LERP_SMALL=True), 7))
+                aot=(dict(L1=True), 7))
 
 
 AdEMAMix.__signature__ = signature_with(AdEMAMixForLoop)

@@ -230,6 +230,8 @@ def lerp_rest(w, f64):
     return 1 - w if f64 else float(np.float32(1) - np.float32(w))
 
 
-def lerp_small(w):
-    """Whether torch's lerp takes its small-weight formula (it switches at |w| = 0.5)."""
-    return abs(float(w)) < 0.5
+def decoupled(lr, wd):
+    """The factor of decoupled weight decay, 1 - lr * wd, and exactly 1 where wd is 0 (the
+    rules multiply by it unconditionally: one compiled variant with and without decay,
+    where torch skips the multiply; 1 - lr * 0 would be NaN for an infinite lr)."""
+    return 1 - lr * wd if wd != 0 else 1.0

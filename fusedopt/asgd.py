@@ -24,9 +24,6 @@ class ASGD(FusedOptimizer, torch.optim.ASGD):
     def _slots(self, group):
         return ("ax", None, None)
 
-    def _flags(self, group):
-        return {}
-
     def _inplace_updates(self, group):
         return 2  # torch's for-loop: param.mul_, then param.add_
 
@@ -62,7 +59,7 @@ class ASGD(FusedOptimizer, torch.optim.ASGD):
                 group_hp=(dict(lr=1e-2), dict(lr=3e-2), dict(lr=2e-3), dict(lr=5e-2)),
                 test_hp=dict(lr=1e-2, t0=3, lambd=1e-3, weight_decay=0.05),
                 program_hp=dict(lr=1e-2, t0=2), bench_hp=dict(lr=1e-3), traffic=(3, 2),
-                aot=(dict(WEIGHT_DECAY=True), 1))
+                aot=(dict(), 1))
 
 
 ASGD.__signature__ = signature_with(torch.optim.ASGD)

@@ -199,7 +199,7 @@ class LAMB(TrustOptimizer, LAMBForLoop):
                 program_hp=dict(lr=1e-2), bench_hp=dict(lr=1e-3),
                 unsigned=frozenset({"exp_avg_sq"}), traffic=((4, 0), (4, 3)), complex_params=False,
                 ulp=64,
-                trust=True, aot=(dict(WEIGHT_DECAY=True, L1=True), 3))
+                trust=True, aot=(dict(L1=True), 3))
 
 
 LAMB.__signature__ = signature_with(LAMBForLoop)

@@ -6,6 +6,7 @@ fallback for params the engines do not take); ``Lion`` is the fused step."""
 import torch
 
 from . import reference
+from .arith import decoupled
 from .optimizer import FusedOptimizer, closure_loss
 from .options import signature_with
 from .spec import Spec
@@ -75,7 +76,7 @@ class Lion(FusedOptimizer, LionForLoop):
 
     def _coefficients(self, group, step, f64):
         lr, (beta1, beta2) = group["lr"], group["betas"]
-        return dict(decay=1 - lr * group["weight_decay"], lr=lr, beta1=beta1,
+        return dict(decay=decoupled(lr, group["weight_decay"]), lr=lr, beta1=beta1,
                     beta1_rest=1 - beta1, beta2=beta2, beta2_rest=1 - beta2, one=1.0,
                     l1=group["l1"])
 
@@ -85,7 +86,7 @@ class Lion(FusedOptimizer, LionForLoop):
                           dict(lr=1e-4)),
                 test_hp=dict(lr=1e-3, betas=(0.8, 0.95), weight_decay=0.1),
                 program_hp=dict(lr=1e-3, weight_decay=0.1), bench_hp=dict(lr=1e-4),
-                traffic=(3, 2), aot=(dict(WEIGHT_DECAY=True, DECOUPLED=True), 1))
+                traffic=(3, 2), aot=(dict(DECOUPLED=True), 1))
 
 
 Lion.__signature__ = signature_with(LionForLoop)

@@ -104,8 +104,8 @@ class Muon(FusedOptimizer, torch.optim.Muon):
         return 2  # torch: param.mul_ (always), param.add_
 
     def _pass_flags(self, group, **engine):
-        # the group's flags but weight decay's (a coefficient here), and the pass's own
-        fl = dict(self._all_flags(group), WEIGHT_DECAY=False, **engine)
+        # the group's flags and the pass's own
+        fl = dict(self._all_flags(group), **engine)
         return tuple(sorted(fl.items()))
 
     def _stacked_step(self, bucket, group, gptr, amp):

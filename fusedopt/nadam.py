@@ -3,7 +3,7 @@ import torch
 
 from . import reference
 from .adam import ADAM_GROUPS
-from .arith import lerp_rest, lerp_small
+from .arith import decoupled, lerp_rest
 from .bucket import scalar_dtype
 from .optimizer import FusedOptimizer
 from .options import signature_with
@@ -26,8 +26,7 @@ class NAdam(FusedOptimizer, torch.optim.NAdam):
         return ("exp_avg", "exp_avg_sq", None)
 
     def _flags(self, group):
-        return {"DECOUPLED": bool(group["decoupled_weight_decay"]),
-                "LERP_SMALL": lerp_small(1 - group["betas"][0])}
+        return {"DECOUPLED": bool(group["decoupled_weight_decay"])}
 
     def _inplace_updates(self, group):
         # torch's for-loop: param.mul_ for decoupled weight decay, then two addcdiv_
@@ -58,7 +57,7 @@ class NAdam(FusedOptimizer, torch.optim.NAdam):
         c_grad = -lr * (1.0 - mu) / (1.0 - mu_product)
         c_avg = (-lr * mu_next) / (1.0 - mu_product * mu_next)
         if group["decoupled_weight_decay"]:
-            wd = 1 - lr * wd
+            wd = decoupled(lr, wd)
         return dict(w=1 - beta1, w_rest=lerp_rest(1 - beta1, f64), beta2=beta2,
                     beta2_rest=1 - beta2, bc2=bc2, eps=group["eps"], c_grad=c_grad,
                     c_avg=c_avg, wd=wd, l1=group["l1"])
@@ -70,7 +69,7 @@ class NAdam(FusedOptimizer, torch.optim.NAdam):
                 test_hp=dict(lr=2e-3, momentum_decay=0.01, weight_decay=0.05),
                 program_hp=dict(lr=1e-2), unsigned=frozenset({"exp_avg_sq"}),
                 bench_hp=dict(lr=1e-3), traffic=(4, 3),
-                aot=(dict(DECOUPLED=True, WEIGHT_DECAY=True), 3))
+                aot=(dict(DECOUPLED=True), 3))
 
 
 NAdam.__signature__ = signature_with(torch.optim.NAdam)

@@ -386,9 +386,11 @@ class FusedOptimizer:
     def _sparse_step(self, group, params):
         raise RuntimeError(self._sparse_error)
 
+    def _flags(self, group):  # the rule's flags beyond L1 (rules.FLAGS), by name
+        return {}
+
     def _all_flags(self, group, **engine):
-        flags = dict(dict.fromkeys(rules.FLAGS, False), **engine,
-                     WEIGHT_DECAY=group.get("weight_decay", 0) != 0, L1=group.get("l1", 0) != 0)
+        flags = dict(dict.fromkeys(rules.FLAGS, False), **engine, L1=group.get("l1", 0) != 0)
         flags.update(self._flags(group))
         # a tensor-valued hyperparameter (momentum=torch.tensor(0.9)) gives tensor flags
         return tuple(sorted((k, bool(v)) for k, v in flags.items()))

@@ -3,7 +3,7 @@ import torch
 
 from . import reference
 from .adam import ADAM_GROUPS, Adam
-from .arith import lerp_rest, lerp_small
+from .arith import decoupled, lerp_rest
 from .optimizer import FusedOptimizer
 from .options import signature_with
 from .spec import Spec
@@ -25,8 +25,7 @@ class RAdam(FusedOptimizer, torch.optim.RAdam):
         return ("exp_avg", "exp_avg_sq", None)
 
     def _flags(self, group):
-        return {"DECOUPLED": bool(group["decoupled_weight_decay"]),
-                "LERP_SMALL": lerp_small(1 - group["betas"][0])}
+        return {"DECOUPLED": bool(group["decoupled_weight_decay"])}
 
     def _coefficients(self, group, step, f64):
         # torch's _single_tensor_radam, scalar by scalar; rect = 0 marks the unrectified
@@ -42,7 +41,7 @@ class RAdam(FusedOptimizer, torch.optim.RAdam):
         else:
             rect, bc2_sqrt = (ratio ** 0.5 if rho_t > 5 else 0.0), bc2 ** 0.5
         if group["decoupled_weight_decay"]:
-            wd = 1 - lr * wd
+            wd = decoupled(lr, wd)
         return dict(lr=lr, bc1=bc1, bc2_sqrt=bc2_sqrt, w=1 - beta1,
                     w_rest=lerp_rest(1 - beta1, f64), beta2=beta2, beta2_rest=1 - beta2,
                     eps=group["eps"], wd=wd, l1=group["l1"], rect=rect)
@@ -54,7 +53,7 @@ class RAdam(FusedOptimizer, torch.optim.RAdam):
                              weight_decay=0.1),
                 program_hp=dict(lr=1e-2, weight_decay=0.05), unsigned=frozenset({"exp_avg_sq"}),
                 bench_hp=dict(lr=1e-3), traffic=(4, 3),
-                aot=(dict(DECOUPLED=True, WEIGHT_DECAY=True, LERP_SMALL=False), 3))
+                aot=(dict(DECOUPLED=True), 3))
 
 
 RAdam.__signature__ = signature_with(torch.optim.RAdam)

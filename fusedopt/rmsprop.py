@@ -2,7 +2,7 @@
 import torch
 
 from . import reference
-from .arith import lerp_rest, lerp_small
+from .arith import lerp_rest
 from .optimizer import FusedOptimizer
 from .options import signature_with
 from .spec import Spec
@@ -24,8 +24,7 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
                 "grad_avg" if group["centered"] else None)
 
     def _flags(self, group):
-        return {"CENTERED": bool(group["centered"]), "MOMENTUM": group["momentum"] > 0,
-                "LERP_SMALL": lerp_small(1 - group["alpha"])}
+        return {"CENTERED": bool(group["centered"]), "MOMENTUM": group["momentum"] > 0}
 
     def _coefficients(self, group, step, f64):
         alpha = group["alpha"]
@@ -40,7 +39,7 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
                 fp16_eps=True, test_hp=dict(lr=1e-3, momentum=0.9, centered=True),
                 program_hp=dict(lr=1e-3, momentum=0.9, centered=True),
                 unsigned=frozenset({"square_avg"}), bench_hp=dict(lr=1e-3), traffic=(3, 2),
-                aot=(dict(CENTERED=True, MOMENTUM=True, WEIGHT_DECAY=True), 7))
+                aot=(dict(CENTERED=True, MOMENTUM=True), 7))
 
 
 RMSprop.__signature__ = signature_with(torch.optim.RMSprop)

@@ -22,9 +22,6 @@ class Rprop(FusedOptimizer, torch.optim.Rprop):
     def _slots(self, group):
         return ("prev", "step_size", None)
 
-    def _flags(self, group):
-        return {}
-
     def _init_state(self, group, p, state):
         # as torch: each element's step size starts at the lr of the first step (a complex
         # param's real and imaginary parts alike), in the state's dtype, read without a

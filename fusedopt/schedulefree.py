@@ -329,7 +329,7 @@ class AdamWScheduleFree(_ScheduleFree, AdamWScheduleFreeForLoop):
                 program_hp=dict(lr=1e-2, warmup_steps=3), bench_hp=dict(lr=2.5e-3),
                 unsigned=frozenset({"exp_avg_sq"}), traffic=(4, 3), complex_params=False,
                 train_mode=True,
-                aot=(dict(WEIGHT_DECAY=True, L1=True, DECOUPLED=True), 3))
+                aot=(dict(L1=True, DECOUPLED=True), 3))
 
 
 class SGDScheduleFree(_ScheduleFree, SGDScheduleFreeForLoop):
@@ -344,9 +344,6 @@ class SGDScheduleFree(_ScheduleFree, SGDScheduleFreeForLoop):
     def _slots(self, group):
         return ("z", None, None)
 
-    def _flags(self, group):
-        return {}
-
     def _scalars_of(self, group, lr, ckp1):
         return dict(ckp1=ckp1, y_step=lr * (group["momentum"] * (1 - ckp1) - 1), lr=lr)
 
@@ -355,7 +352,7 @@ class SGDScheduleFree(_ScheduleFree, SGDScheduleFreeForLoop):
                 test_hp=dict(lr=1e-2, weight_decay=0.1, warmup_steps=3),
                 program_hp=dict(lr=1e-2, warmup_steps=3), bench_hp=dict(lr=1.0),
                 traffic=(3, 2), train_mode=True,
-                aot=(dict(WEIGHT_DECAY=True, L1=True), 1))
+                aot=(dict(L1=True), 1))
 
 
 AdamWScheduleFree.__signature__ = signature_with(AdamWScheduleFreeForLoop)

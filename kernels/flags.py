@@ -3,7 +3,7 @@ that means two things.  Everything that builds or reads a mask goes through thes
 compiled kernels see them as constants (CONSTANTS: ``UPDATE_MASTER``, ``CODES_SIGNED_A``,
 ...), bound into their globals, so a mask bit costs nothing in the element loop.
 
-(The rules' flags, MAXIMIZE, REDUCE and the others, are named booleans: rules.FLAGS.)
+(The rules' flags, DECOUPLED, REDUCE and the others, are named booleans: rules.FLAGS.)
 """
 import enum
 

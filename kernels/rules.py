@@ -39,29 +39,30 @@ The order of operations follows torch 2.13's for-loop implementations
 # lerp_(norm(g, dim=-1)**2 / count, w) with the engines' coefficients lerp_count, lerp_w
 # and lerp_w_rest (count 0: the rows are a 1-D param's elements, lerp_(g**2, w)),
 # Adafactor's row factor and variance.
-FLAGS = ("WEIGHT_DECAY", "L1", "LERP_SMALL", "AMSGRAD", "DECOUPLED",
+FLAGS = ("L1", "AMSGRAD", "DECOUPLED",
          "CENTERED", "MOMENTUM", "NESTEROV", "SCALE_GRAD", "WRITE_GRAD", "FOUND_INF",
          "STOCH_ROUND", "REDUCE", "SECOND", "ROW_LERP")
 # the names each engine's copy of the rules binds (numba_base.bind_rule, triton_base.bind_rule)
 ops = None
-(WEIGHT_DECAY, L1, LERP_SMALL, AMSGRAD, DECOUPLED, CENTERED, MOMENTUM, NESTEROV,
+(L1, AMSGRAD, DECOUPLED, CENTERED, MOMENTUM, NESTEROV,
  SCALE_GRAD, WRITE_GRAD, FOUND_INF, STOCH_ROUND, REDUCE, SECOND, ROW_LERP) = (False,) * len(FLAGS)
 
 
 def lerp(start, end, w, w_rest):
     # torch's lerp: start + w * (end - start) when |w| < 0.5, else end - (end - start) * (1 - w),
-    # each with one fused multiply-add
-    if LERP_SMALL:
-        return ops.fma(w, end - start, start)
-    return ops.fma(-w_rest, end - start, end)
+    # each with one fused multiply-add; picked by the weight in the math dtype, as torch's
+    # kernels pick it (a select, not a flag: groups of both kinds share one variant)
+    return ops.where(ops.abs(w) < 0.5, ops.fma(w, end - start, start),
+                     ops.fma(-w_rest, end - start, end))
 
 
 def regularize(p, g, wd, l1):
-    # L2 (torch's weight_decay: g + wd * p, unless DECOUPLED), then L1 (g + l1 * sign(p));
-    # maximize came first: the engines' adapter negates g (coefficients.adapter)
-    if WEIGHT_DECAY:
-        if not DECOUPLED:
-            g = ops.fma(wd, p, g)
+    # L2 (torch's weight_decay: g + wd * p where wd != 0, unless DECOUPLED), then L1
+    # (g + l1 * sign(p)); maximize came first: the engines' adapter negates g
+    # (coefficients.adapter).  Weight decay is a value, not a flag: groups with and
+    # without it share one compiled variant (a select, exact: torch skips the add at 0)
+    if not DECOUPLED:
+        g = ops.where(wd != 0, ops.fma(wd, p, g), g)
     if L1:
         zero = l1 - l1
         g = g + ops.where(p > zero, l1, ops.where(p < zero, -l1, zero))
@@ -72,9 +73,8 @@ def adam_moments(p, g, m, v, w, w_rest, beta2, beta2_rest, wd, l1):
     # the Adam family's first half (Adam, AdamW, RAdam, NAdam): weight decay, decoupled
     # (p *= 1 - lr * wd, passed as `wd`) or L2, then torch's exp_avg.lerp_(g, 1 - beta1)
     # and exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    if DECOUPLED:
-        if WEIGHT_DECAY:
-            p = p * wd
+    if DECOUPLED:  # (wd is exactly 1 without weight decay: arith.decoupled)
+        p = p * wd
     g = regularize(p, g, wd, l1)
     m = lerp(m, g, w, w_rest)
     v = ops.fma(beta2_rest * g, g, v * beta2)
@@ -207,8 +207,7 @@ def lion(p, g, m, *, decay, lr, beta1, beta1_rest, beta2, beta2_rest, one, l1):
     # m * beta1 + (1 - beta1) * g (add with alpha: fused), p - lr * sign (likewise), then
     # m * beta2 + (1 - beta2) * g.  Weight decay is decoupled (the DECOUPLED flag).  `one`
     # stands for 1 (no literals); the sign of 0 is 0, of NaN NaN, as torch's sign
-    if WEIGHT_DECAY:
-        p = p * decay
+    p = p * decay  # (exactly 1 without weight decay: arith.decoupled)
     g = regularize(p, g, decay, l1)
     zero = one - one
     c = ops.fma(beta1_rest, g, m * beta1)
@@ -257,10 +256,8 @@ def adafactor(p, g, row, col, mean, *, wd, l1, step_size, bound):
     out, sq = p, g
     if SECOND:
         out, sq = update, update
-    if not REDUCE:
-        if WEIGHT_DECAY:
-            p = p * wd
-        out = ops.fma(step_size, update, p)
+    if not REDUCE:  # (wd is exactly 1 without weight decay: arith.decoupled)
+        out = ops.fma(step_size, update, p * wd)
     return out, sq, col, mean
 
 
@@ -281,8 +278,7 @@ def schedulefree_adamw(p, g, z, v, *, beta2, beta2_rest, bc2, eps, wd, l1, ckp1,
     g = regularize(p, g, wd, l1)
     v = ops.fma(beta2_rest * g, g, v * beta2)
     g = ops.div(g, ops.sqrt(ops.div(v, bc2)) + eps)
-    if WEIGHT_DECAY:
-        g = ops.fma(wd, p, g)
+    g = ops.where(wd != 0, ops.fma(wd, p, g), g)
     p = ops.fma(y_step, g, sf_interpolate(p, z, ckp1, one))
     z = ops.fma(-lr, g, z)
     return p, z, v
@@ -315,8 +311,7 @@ def lamb(p, g, m, v, u, *, clip, wd, l1, beta1, beta3, beta2, beta2_rest, bc1, b
     v = ops.fma(beta2_rest * g, g, v * beta2)
     u = ops.div(ops.div(m, bc1), ops.sqrt(ops.div(v, bc2)) + eps)
     if DECOUPLED:
-        if WEIGHT_DECAY:
-            u = ops.fma(wd, p, u)
+        u = ops.where(wd != 0, ops.fma(wd, p, u), u)
     if REDUCE:
         return p, p, u, u
     return ops.fma(-step, u, p), m, v, u
@@ -354,8 +349,7 @@ def stableadamw(p, g, m, v, x, *, w, beta2_hat, beta2_comp, eps_sq, eps, decay, 
     if REDUCE:
         r = ops.div(g * g, ops.maximum(v, eps_sq))
         return r, one, r, one
-    if WEIGHT_DECAY:
-        p = p * decay
+    p = p * decay  # (exactly 1 without weight decay: arith.decoupled)
     return p + ops.div(-lr * m, ops.sqrt(v) + eps), m, v, x
 
 

@@ -191,7 +191,7 @@ for arch in (80, 90):
     for extra, mask in (({}, Matrix.SLOTS), (dict(REDUCE=True), 0),
                         (dict(REDUCE=True, ROW_LERP=True), 0),
                         (dict(REDUCE=True, SECOND=True), Matrix.SLOTS | Matrix.TOTAL_ONLY),
-                        (dict(SCALE_GRAD=True, WRITE_GRAD=True, WEIGHT_DECAY=True,
+                        (dict(SCALE_GRAD=True, WRITE_GRAD=True,
                               L1=True), Matrix.SLOTS)):
         flags = dict(dict.fromkeys(rules.FLAGS, False), DECOUPLED=True, **extra)
         for dtype in ("float32", "float64", "float16", "bfloat16"):
