@@ -6,6 +6,7 @@ import ast
 import pathlib
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # import package -> its folder (setup.py's package_dir)
@@ -187,3 +188,27 @@ def test_a_variant_binds_only_names_its_module_declares():
     assert gl["rule"] == 1 and gl["SCALE_GRAD"] and numba_engine.rule is None
     with pytest.raises(NameError, match="REDUCE"):
         numba_base.variant_globals(vars(numba_engine), {"REDUCE": True})
+
+
+def test_each_parity_case_runs_one_kernel_variant():
+    """Maximize, weight decay and the lerp formula are values, not flags: the four groups of
+    a parity case (maximize x weight decay, different betas) share one flag set, so one
+    compiled variant per case and dtype (832 variants over the matrix when they were flags).
+    A flag that groups differ in fails here before it multiplies the first-step compiles."""
+    import inspect
+
+    import fusedopt
+    from fusedopt import parity
+    split = []
+    for name, case, dtype in parity.matrix():
+        groups = parity.groups_for(name, case, dtype)
+        pg = [dict(params=[torch.nn.Parameter(p) for p in parity.make_data(0, dtype, 0, s)[0]],
+                   **hp) for s, hp in groups]
+        cls = getattr(fusedopt, name)
+        kw = {"lr": pg[0]["lr"]} \
+            if inspect.signature(cls).parameters["lr"].default is inspect.Parameter.empty else {}
+        opt = cls(pg, **kw)
+        flags = {opt._all_flags(g) for g in opt.param_groups}
+        if len(flags) > 1:
+            split.append((name, parity.case_id(case), str(dtype), len(flags)))
+    assert not split, split
