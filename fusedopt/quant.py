@@ -65,15 +65,20 @@ def block(nbits):
     """Elements per absmax: BLOCK for 8-bit codes, BLOCK4 for 4-bit ones."""
     return BLOCK4 if nbits == 4 else BLOCK
 ABSMAX = "_absmax"  # state[name + ABSMAX]: the float32 absmax of each block of state[name]
+# a state_dict's group whose state holds unsigned 4-bit codes says which map made them:
+# group[MAPS4] == MAPS4_VERSION (log_map).  fusedopt's before 2026-12-08 (torchao's linear
+# map) have no such key: their codes mean other values, and loading them is refused
+MAPS4 = "uint4_maps"
+MAPS4_VERSION = 2
 
 
 def dynamic_map(signed, nbits=8):
     """The 2^nbits values of the map, sorted, in float32: the dynamic map (computed in
     float32 as bitsandbytes' create_dynamic_map computes them, so that codes mean the same
-    there: nbits - 1 exponents), but for the unsigned 4-bit map, linear (k / 16,
-    k = 1 ... 16), as torchao's 4-bit optimizers (see the module's docstring)."""
+    there: nbits - 1 exponents), but for the unsigned 4-bit map, ``log_map()`` (see the
+    module's docstring)."""
     if nbits == 4 and not signed:
-        return torch.linspace(0, 1, 17, dtype=torch.float32)[1:]
+        return log_map()
     exps = nbits - 1
     values = [0.0, 1.0]
     for i in range(exps):
@@ -85,12 +90,29 @@ def dynamic_map(signed, nbits=8):
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
+def log_map():
+    """The unsigned 4-bit map: 16 values evenly spaced in log over 3 decades,
+    10^(-k/5) for k = 15 ... 0 (0.001 ... 1, each 10^(1/5) = 1.585x the one below), no 0."""
+    return (10.0 ** (-torch.arange(15, -1, -1, dtype=torch.float64) / 5)).float()
+
+
+def midpoints(qmap):
+    """The boundaries between neighbouring values of a map, in float64: a value codes as
+    the count of them below it.  Arithmetic (the nearest value), but for a map of positive
+    values only (``log_map``), geometric (the nearest value in log: the same relative
+    error up as down)."""
+    q = qmap.double()
+    if bool((q > 0).all()):
+        return (q[:-1] * q[1:]).sqrt()
+    return (q[:-1] + q[1:]) / 2
+
+
 def quantize(x, qmap, size=BLOCK):
     """(codes, absmax) of ``x`` (any shape; flattened, in float64): per block of ``size``
-    elements the largest
-    magnitude as float32, per element the index of the map value nearest to x / absmax,
-    computed in float64 (ties to the smaller value).  A block of zeros has absmax 0 and
-    the code of 0."""
+    elements the largest magnitude as float32, per element the count of the map's
+    ``midpoints`` below x / absmax, computed in float64 (the nearest value; ties to the
+    smaller).  A block of zeros has absmax 0 and code 0 (the value 0, or for a map without
+    0 its smallest, which times absmax 0 is 0)."""
     flat = x.detach().reshape(-1).double()
     pad = (-flat.numel()) % size
     blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, size)
@@ -98,12 +120,7 @@ def quantize(x, qmap, size=BLOCK):
     scale = absmax.double().unsqueeze(1)
     normed = torch.where(scale > 0, blocks / scale.clamp(min=torch.finfo(torch.float64).tiny),
                          0.0)
-    q = qmap.double()
-    # nearest by the midpoints between neighbouring map values: above a midpoint, the upper
-    upper = torch.searchsorted(q, normed.contiguous()).clamp(1, q.numel() - 1)
-    lower = upper - 1
-    mid = (q[lower] + q[upper]) / 2
-    codes = torch.where(normed > mid, upper, lower)
+    codes = torch.searchsorted(midpoints(qmap), normed.contiguous())  # (midpoints < normed)
     return codes.reshape(-1)[:flat.numel()].to(torch.uint8).view(x.shape), absmax
 
 
@@ -257,7 +274,7 @@ def engine_table():
     for row, is_signed in ((2, False), (3, True)):
         q = dynamic_map(is_signed, 4)
         out[row, :16] = q
-        out[row, qmap.MID4:qmap.MID4 + 15] = ((q[:-1].double() + q[1:].double()) / 2).float()
+        out[row, qmap.MID4:qmap.MID4 + 15] = midpoints(q).float()
     ints = out.view(torch.int32)  # (the columns the CPU engine reads as int32)
     for row, is_signed in enumerate((False, True)):
         q = dynamic_map(is_signed)
@@ -328,11 +345,45 @@ def dequantize_state(state, name):
                                   shape=codes.shape, stride=codes.stride())
 
 
+def _holds_4bit(st):
+    # unsigned 4-bit codes: the ones whose map changed (the signed map is torchao's still)
+    return any(torch.is_tensor(v) and v.dtype == torch.uint8 and not signed(k)
+               and torch.is_tensor(st.get(k + ABSMAX))
+               and bits_of(_local(v), _local(st[k + ABSMAX])) == 4 for k, v in st.items())
+
+
+def mark_maps(state_dict):
+    """Mark each group of ``state_dict`` whose params' state holds unsigned 4-bit codes
+    with the map they are codes of (``group[MAPS4] = MAPS4_VERSION``); returns it."""
+    for g in state_dict["param_groups"]:
+        if any(_holds_4bit(state_dict["state"].get(i, {})) for i in g["params"]):
+            g[MAPS4] = MAPS4_VERSION
+    return state_dict
+
+
+def check_maps(state_dict):
+    """Refuse (RuntimeError) a state_dict whose unsigned 4-bit codes were made with
+    another map than ``log_map`` (``mark_maps``): before 2026-12-08 fusedopt's took
+    torchao's linear map, whose codes would be read as other values here."""
+    for g in state_dict["param_groups"]:
+        if g.get(MAPS4) != MAPS4_VERSION and any(
+                _holds_4bit(state_dict["state"].get(i, {})) for i in g["params"]):
+            raise RuntimeError(
+                f"loaded state dict holds 4-bit second moments (state_dtype=torch.uint4) "
+                f"coded with another map ({MAPS4}={g.get(MAPS4)!r}, this one is "
+                f"{MAPS4_VERSION}: fusedopt before 2026-12-08 used torchao's linear map, "
+                f"whose codes mean other values); load it with the fusedopt that saved "
+                f"it and save fusedopt.quant.float_state_dict(opt.state_dict()), which "
+                f"loads here (quantized again at the next step)")
+
+
 def float_state_dict(state_dict):
     """A copy of an optimizer state_dict with every 8-bit state entry (codes and absmax)
     (8-bit or 4-bit) replaced by its float32 values: what torch.optim loads (``torch.optim.AdamW(...)
     .load_state_dict(fusedopt.quant.float_state_dict(opt.state_dict()))``), or a fusedopt
-    optimizer without state_dtype=torch.uint8."""
+    optimizer without state_dtype=torch.uint8.  4-bit codes of other maps are refused
+    (``check_maps``)."""
+    check_maps(state_dict)
     out = dict(state_dict)
     out["state"] = {}
     for i, st in state_dict["state"].items():

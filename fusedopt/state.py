@@ -114,7 +114,9 @@ def check_loaded(state_dict, params, scalars, shape):
     its param: every state tensor has the shape ``shape(name, p)`` (the param's but for
     Adafactor's factors, and 4-bit codes and their absmax: quant.codes_shape) but the step
     counter and the other ``scalars`` (one element).  Said now, rather than at a step (torch) or never (a kernel).  ``params``: the
-    optimizer's, in the order of the state dict's param ids."""
+    optimizer's, in the order of the state dict's param ids.  4-bit codes of other maps
+    than this version's: refused (quant.check_maps)."""
+    quant.check_maps(state_dict)
     saved = state_dict["state"]
     ids = [i for g in state_dict["param_groups"] for i in g["params"]]
     for i, p in zip(ids, params):

@@ -36,20 +36,22 @@ def test_classes_without_4bit_state_refuse_it_by_name(name):
 
 
 def test_maps():
-    """The signed map is the 3-exponent dynamic map (7 positive values from 0.0055, their
-    negatives, 0 and 1), the unsigned one k / 16 without 0; both torchao's where it is
-    installed."""
+    """The signed map is torchao's, the 3-exponent dynamic map (7 positive values from
+    0.0055, their negatives, 0 and 1); the unsigned one is 10^(-k/5), k = 15 ... 0, without
+    0, its midpoints geometric (torchao's is k / 16: the README's training figures)."""
     s, u = quant.dynamic_map(True, 4).double(), quant.dynamic_map(False, 4).double()
     assert s.numel() == u.numel() == 16 and torch.all(s[1:] > s[:-1])
     assert s[quant.zero_code(True, 4)] == 0 and s[-1] == 1
     assert torch.equal(-s[:7].flip(0), s[8:15]) and s[8] == pytest.approx(0.0055)
-    assert torch.equal(u, torch.arange(1, 17, dtype=torch.float64) / 16)
+    want = 10.0 ** (-torch.arange(15, -1, -1, dtype=torch.float64) / 5)
+    assert torch.equal(u, want.float().double()) and u[0] == pytest.approx(1e-3)
+    torch.testing.assert_close(quant.midpoints(u), (u[1:] * u[:-1]).sqrt(), rtol=0, atol=0)
+    torch.testing.assert_close(quant.midpoints(s), (s[1:] + s[:-1]) / 2, rtol=0, atol=0)
     try:
         from torchao.optim import subclass_4bit as ao
     except Exception:  # (torchao is a test extra; its absence or a broken build: the above)
         return
     assert torch.equal(quant.dynamic_map(True, 4), torch.tensor(ao.get_qmap_signed()))
-    assert torch.equal(quant.dynamic_map(False, 4), torch.tensor(ao.get_qmap_unsigned()))
 
 
 def test_pack_round_trip():
@@ -179,11 +181,26 @@ def test_state_dict_both_ways():
         assert st["exp_avg"].dtype == torch.uint8 and st["exp_avg"].shape == shape
 
 
+def test_state_dict_of_the_old_map_refused():
+    """A state_dict's groups with unsigned 4-bit codes carry the map's version
+    (quant.MAPS4); one without it (fusedopt's before 2026-12-08: torchao's linear map) is
+    refused by load_state_dict and float_state_dict, rather than read as other values."""
+    ps, opt, _ = _trained("AdamW")
+    sd = opt.state_dict()
+    assert [g[quant.MAPS4] for g in sd["param_groups"]] == [quant.MAPS4_VERSION]
+    del sd["param_groups"][0][quant.MAPS4]
+    again = fusedopt.AdamW([torch.nn.Parameter(p.detach().clone()) for p in ps],
+                           state_dtype=torch.uint4)
+    for load in (again.load_state_dict, quant.float_state_dict):
+        with pytest.raises(RuntimeError, match="coded with another map"):
+            load(copy.deepcopy(sd))
+
+
 def _probe_values(qmap):
     """Per block of 128: 1 (absmax 1, y = x), then every map value and every midpoint
     moved 0.1 % toward each neighbour; zeros pad to quant.MIN_NUMEL."""
     q = qmap.double()
-    mids = (q[:-1] + q[1:]) / 2
+    mids = quant.midpoints(qmap)
     vals = torch.cat([q, mids - 1e-3 * mids.abs(), mids + 1e-3 * mids.abs()]).float()
     out = torch.zeros(quant.MIN_NUMEL // 128, 128)
     out[:, 0] = 1
@@ -215,37 +232,72 @@ def test_every_code_and_midpoint_of_both_maps(backend):
         assert set(codes.tolist()) == set(range(16))
 
 
-def test_digits_training_loss_near_float32():
-    """An MLP on scikit-learn's digits (1797 8x8 images), AdamW 300 steps of 64: the final
-    loss (mean of the last 20 steps) of 4-bit state within LOSS_GAP of float32 state's.
-    Measured: float32 0.0647, 4-bit 0.0783 (+21 %), torchao's AdamW4bit 0.0783 on the same
-    run: torchao's maps slow this small model's training by that much (mostly the linear
-    second-moment map, docs/8bit.md), so the bound is theirs, not the issue's 3 %.  Mutation
-    check: the two maps' rows swapped end at 0.557, far outside; codes of the second
-    moment one too low end at 0.0641, inside (a smaller v offsets the linear map's upward
-    bias): the reference and every-code tests catch that one."""
+_FINALS = {}
+
+
+def _digits_final_loss(state_dtype, mutant=None):
+    """An MLP (64-256-256-10) on scikit-learn's digits (1797 8x8 images), AdamW lr 1e-3,
+    300 steps of 64: the mean of the last 20 losses (float32 state's kept for the next
+    caller)."""
     datasets = pytest.importorskip("sklearn.datasets", reason="scikit-learn is a test extra")
+    if (state_dtype, mutant) in _FINALS:
+        return _FINALS[state_dtype, mutant]
     d = datasets.load_digits()
     x, y = torch.tensor(d.data, dtype=torch.float32) / 16, torch.tensor(d.target)
-    finals = {}
-    for sdt in (None, torch.uint4):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(),
-                                    torch.nn.Linear(256, 256), torch.nn.ReLU(),
-                                    torch.nn.Linear(256, 10))
-        opt = fusedopt.AdamW(model.parameters(), lr=1e-3, state_dtype=sdt)
-        gen = torch.Generator().manual_seed(1)
-        losses = []
-        for _ in range(300):
-            idx = torch.randint(0, len(x), (64,), generator=gen)
-            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        finals[sdt] = sum(losses[-20:]) / 20
-    print(f"final loss: float32 state {finals[None]:.4f}, 4-bit {finals[torch.uint4]:.4f}")
-    assert abs(finals[torch.uint4] - finals[None]) <= LOSS_GAP * finals[None]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(),
+                                torch.nn.Linear(256, 256), torch.nn.ReLU(),
+                                torch.nn.Linear(256, 10))
+    opt = fusedopt.AdamW(model.parameters(), lr=1e-3, state_dtype=state_dtype)
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(300):
+        idx = torch.randint(0, len(x), (64,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    final = _FINALS[state_dtype, mutant] = sum(losses[-20:]) / 20
+    return final
 
 
-LOSS_GAP = 0.25
+def test_digits_training_loss_near_float32():
+    """The digits run's final loss with 4-bit state within LOSS_GAP (3 %, the issue's
+    bound) of float32 state's.  Measured (docs/8bit.md): float32 0.0647, 8-bit 0.0641,
+    4-bit 0.0640 (-1.1 %); torchao's maps (the mutant below) 0.0783 (+21 %).  On two
+    other seeds of the float64 simulation (bench/maps_4bit.py) the gap is +4.0 % and
+    -1.3 %, 8-bit state's -1.8 % and +0.1 %: 3 % is about the run's own spread."""
+    f32, four = _digits_final_loss(None), _digits_final_loss(torch.uint4)
+    print(f"final loss: float32 state {f32:.4f}, 4-bit {four:.4f} ({four / f32 - 1:+.2%})")
+    assert abs(four - f32) <= LOSS_GAP * f32
+
+
+# torchao's unsigned map (k / 16, nearest value), and the log map read one code high
+MUTANTS = {"linear": (lambda: torch.arange(1, 17, dtype=torch.float32) / 16, True),
+           "one code high": (lambda: (10.0 ** (-torch.arange(14, -2, -1, dtype=torch.float64)
+                                                / 5)).float(), False)}
+
+
+@pytest.mark.parametrize("mutant", MUTANTS)
+def test_digits_bound_catches_a_wrong_map(mutant, monkeypatch):
+    """Mutation check of LOSS_GAP: torchao's linear second-moment map (+21 % measured), and
+    the log map's codes read one value high (every second moment 10^(1/5) = 1.58x too large,
+    +?? % measured), end outside it."""
+    from fusedopt import bucket
+    log_map, arithmetic = MUTANTS[mutant]
+    midpoints = quant.midpoints
+    monkeypatch.setattr(quant, "log_map", log_map)
+    if arithmetic:
+        monkeypatch.setattr(quant, "midpoints",
+                            lambda q: (q.double()[:-1] + q.double()[1:]) / 2)
+    elif mutant == "one code high":  # (the codes as the log map's: midpoints unscaled)
+        monkeypatch.setattr(quant, "midpoints", lambda q: midpoints(q / q[-1]))
+    monkeypatch.setattr(bucket, "_QTABLE", {})
+    f32, four = _digits_final_loss(None), _digits_final_loss(torch.uint4, mutant)
+    print(f"{mutant}: final loss {four:.4f} against float32 state's {f32:.4f} "
+          f"({four / f32 - 1:+.2%})")
+    assert abs(four - f32) > LOSS_GAP * f32
+
+
+LOSS_GAP = 0.03
