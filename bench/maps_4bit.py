@@ -3,13 +3,23 @@ digits run (64-256-256-10 on scikit-learn's digits, AdamW lr 1e-3, 300 steps of 
 the last 20 losses) in float64 torch, each coded slot of a param over quant.MIN_NUMEL
 dequantized before the step and coded again after it (blocks of 128, a code the count of
 the map's midpoints below y = x / absmax, as the engines code).
-    python bench/maps_4bit.py [SEEDS]
-prints each pair of maps' final loss per seed and its gap to float32 state's."""
+    python bench/maps_4bit.py [SEEDS [PAIRS]]
+prints each pair of maps' final loss per seed (the mean of the last 20 losses, then the
+loss on the whole set) and its gap to float32 state's.  SEEDS: "0,1,2"; PAIRS: "FIRST /
+SECOND;..." (names of SIGNED and UNSIGNED below, "-" for float64; default: DEFAULT).
+Seed s: torch.manual_seed(s) for the model, data seed s + 1 (the test's: seed 0).
+    python bench/maps_4bit.py engine SEEDS
+runs fusedopt.AdamW itself (float32, 8-bit, 4-bit state) on those seeds instead."""
+import os
 import sys
 
 import torch
 
 from fusedopt import quant
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
+                                "helpers"))
+from digits import final_loss  # noqa: E402
 
 
 def geo(lo, n=16):
@@ -78,69 +88,74 @@ def run(first=None, second=None, seed=0, data_seed=1, steps=300):
     return sum(losses[-20:]) / 20, whole
 
 
-def candidates():
-    s4 = quant.dynamic_map(True, 4).double()
-    lin = torch.arange(1, 17, dtype=torch.float64) / 16
-    out = {"float32": (None, None),
-           "8-bit": ((quant.dynamic_map(True).double(), mids(quant.dynamic_map(True))),
-                     (quant.dynamic_map(False).double(), mids(quant.dynamic_map(False)))),
-           "torchao (dyn3 / linear)": ((s4, mids(s4)), (lin, mids(lin)))}
-    for lo in (1e-2, 1e-3, 1e-4, 1e-6):
-        g = geo(lo)
-        out[f"dyn3 / geo {lo:g}"] = ((s4, mids(s4)), (g, mids(g)))
-        out[f"dyn3 / geo {lo:g} geo-mid"] = ((s4, mids(s4)), (g, mids(g, "geo")))
-        out[f"- / geo {lo:g}"] = (None, (g, mids(g)))
-    out["dyn3 / -"] = ((s4, mids(s4)), None)
-    sym = lambda pos: torch.cat([-pos.flip(0), pos])
-    extra = lambda q, x: torch.cat([q, torch.tensor([x], dtype=torch.float64)]).sort().values
-    cands = {
-        "dyn3 -1": extra(sym(torch.cat([s4[9:15], torch.ones(1, dtype=torch.float64)]).unique()) if False else torch.cat([sym(torch.cat([s4[9:15], torch.ones(1, dtype=torch.float64)])), torch.zeros(1, dtype=torch.float64)]).sort().values, float(s4[8])),
-        "lin odd": sym(torch.arange(1, 16, 2, dtype=torch.float64) / 15),
-        "lin0 +-k/7": extra(torch.cat([sym(torch.arange(1, 8, dtype=torch.float64) / 7), torch.zeros(1, dtype=torch.float64)]).sort().values, 1 / 14),
-    }
-    for lo in (1e-1, 3e-2, 1e-2, 1e-3):
-        cands[f"geo+- {lo:g}"] = sym(geo(lo, 8))
-        cands[f"geo0 {lo:g}"] = extra(torch.cat([sym(geo(lo, 7)), torch.zeros(1, dtype=torch.float64)]).sort().values, lo / 2)
-    lin0 = cands["lin0 +-k/7"]
-    for p in (0.75, 1.5):
-        cands[f"lin0^{p:g}"] = lin0.sign() * lin0.abs() ** p
-    cands["lin0 top"] = extra(torch.cat([sym(torch.arange(1, 8, dtype=torch.float64) / 7), torch.zeros(1, dtype=torch.float64)]).sort().values, 13 / 14)
-    for lo in (0.1, 0.05, 0.03, 0.02):
-        g = geo(lo)
-        out[f"- / geo {lo:g}"] = (None, (g, mids(g)))
-    for p in (2, 3, 4):
-        u = lin ** p
-        out[f"- / lin^{p}"] = (None, (u, mids(u)))
-    de0 = []
-    for i in range(4):  # the unsigned dynamic map of 4 decades, 2^i parts each, and 1
+def _sym(pos, *more):
+    """A signed map: the positive values, their negatives, and ``more``."""
+    pos = torch.as_tensor(pos, dtype=torch.float64)
+    return torch.cat([-pos, pos, torch.tensor(more, dtype=torch.float64)]).sort().values
+
+
+def _dynamic(decades):
+    """The unsigned dynamic map of ``decades`` decades (2^i parts in decade i) and 1, no 0."""
+    out = [1.0]
+    for i in range(decades):
         edges = torch.linspace(0.1, 1, 2 ** i + 1, dtype=torch.float64)
-        de0 += ((edges[:-1] + edges[1:]) / 2 * 10.0 ** (i - 3)).tolist()
-    de0 = torch.tensor(de0 + [1.0], dtype=torch.float64)
-    l0 = (cands["lin0 +-k/7"], mids(cands["lin0 +-k/7"]))
-    out["- / de0"] = (None, (de0, mids(de0)))
-    out["dyn3 / de0"] = ((s4, mids(s4)), (de0, mids(de0)))
-    out["lin0 / de0"] = (l0, (de0, mids(de0)))
-    for lo in (1e-2, 1e-3):
-        out[f"lin0 / geo {lo:g}"] = (l0, (geo(lo), mids(geo(lo))))
-    out["lin0 / lin^2"] = (l0, (lin ** 2, mids(lin ** 2)))
-    for lo in (3e-3, 1e-3):
-        g = geo(lo)
-        out[f"lin0 / geo {lo:g} geo-mid"] = (l0, (g, mids(g, "geo")))
-    out["lin0 / geo 0.003"] = (l0, (geo(3e-3), mids(geo(3e-3))))
-    for k, q in cands.items():
-        assert q.numel() == 16 and torch.all(q[1:] > q[:-1]), (k, q)
-        out[f"{k} / -"] = ((q, mids(q)), None)
-    return out
+        out += ((edges[:-1] + edges[1:]) / 2 * 10.0 ** (i - decades + 1)).tolist()
+    return torch.tensor(sorted(out), dtype=torch.float64)
 
 
-if __name__ == "__main__":
+def _maps():
+    s4 = quant.dynamic_map(True, 4).double()
+    k7 = torch.arange(1, 8, dtype=torch.float64) / 7
+    signed = {"dyn3": s4,  # torchao's (and this library's)
+              "dyn3 -1": _sym(torch.cat([s4[9:15], torch.ones(1)]), 0.0, float(s4[8])),
+              "lin odd": _sym(torch.arange(1, 16, 2, dtype=torch.float64) / 15),
+              "lin0": _sym(k7, 0.0, 1 / 14), "lin0 top": _sym(k7, 0.0, 13 / 14)}
+    for p in (0.75, 1.5):
+        signed[f"lin0^{p:g}"] = signed["lin0"].sign() * signed["lin0"].abs() ** p
+    for lo in (1e-1, 3e-2, 1e-2, 1e-3):
+        signed[f"geo+- {lo:g}"] = _sym(geo(lo, 8))  # (without 0)
+        signed[f"geo0 {lo:g}"] = _sym(geo(lo, 7), 0.0, lo / 2)
+    lin = torch.arange(1, 17, dtype=torch.float64) / 16
+    unsigned = {"linear": lin, "de0": _dynamic(4)}  # torchao's; dynamic, 0.00055 for 0
+    for p in (2, 3, 4):
+        unsigned[f"lin^{p}"] = lin ** p
+    for lo in (1e-1, 5e-2, 3e-2, 2e-2, 1e-2, 3e-3, 1e-3, 1e-4, 1e-6):
+        unsigned[f"geo {lo:g}"] = geo(lo)
+    for v in list(signed.values()) + list(unsigned.values()):
+        assert v.numel() == 16 and torch.all(v[1:] > v[:-1])
+    return signed, unsigned
+
+
+# "geo-mid": geometric midpoints (quant.log_map's are those of "geo 0.001 geo-mid")
+DEFAULT = ["dyn3 / linear", "dyn3 / -", "- / linear", "- / geo 0.001", "dyn3 / geo 0.001",
+           "dyn3 / geo 0.001 geo-mid", "lin0 / -", "lin0 / geo 0.001 geo-mid"]
+
+
+def pair(name):
+    """((map, midpoints) or None, the same) of a PAIRS entry."""
+    signed, unsigned = _maps()
+    first, second = (x.strip() for x in name.split("/"))
+    if second.endswith(" geo-mid"):
+        q = unsigned[second[:-len(" geo-mid")]]
+        second = (q, mids(q, "geo"))
+    elif second != "-":
+        second = (unsigned[second], mids(unsigned[second]))
+    if first != "-":
+        first = (signed[first], mids(signed[first]))
+    return (None if first == "-" else first), (None if second == "-" else second)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["engine"]:
+    for sd in [int(s) for s in sys.argv[2].split(",")]:
+        r = {k: final_loss(v, sd) for k, v in (("float32", None), ("8-bit", torch.uint8),
+                                                ("4-bit", torch.uint4))}
+        print(sd, " ".join(f"{k} {v:.4f} ({v / r['float32'] - 1:+.2%})" for k, v in r.items()))
+elif __name__ == "__main__":
     seeds = [int(s) for s in sys.argv[1].split(",")] if len(sys.argv) > 1 else [0]
-    want = sys.argv[2].split(";") if len(sys.argv) > 2 else None
+    names = sys.argv[2].split(";") if len(sys.argv) > 2 else DEFAULT
     base = {s: run(seed=s, data_seed=s + 1) for s in seeds}
-    for name, (f, s) in candidates().items():
-        if want and name not in want and name != "float32":
-            continue
-        r = [run(f, s, seed=sd, data_seed=sd + 1) for sd in seeds]
+    for name in names:
+        r = [run(*pair(name), seed=sd, data_seed=sd + 1) for sd in seeds]
         gaps = " | ".join(f"{v:.4f} ({100 * (v / base[sd][0] - 1):+.1f}%) {w:.4f} "
                           f"({100 * (w / base[sd][1] - 1):+.1f}%)" for (v, w), sd in zip(r, seeds))
         print(f"{name:32s} {gaps}", flush=True)
