@@ -39,7 +39,7 @@ def test_classes_without_4bit_state_refuse_it_by_name(name):
 def test_maps():
     """The signed map is torchao's, the 3-exponent dynamic map (7 positive values from
     0.0055, their negatives, 0 and 1); the unsigned one is 10^(-k/5), k = 15 ... 0, without
-    0, its midpoints geometric (torchao's is k / 16: the README's training figures)."""
+    0, its midpoints geometric (torchao's is k / 16: docs/8bit.md says why not)."""
     s, u = quant.dynamic_map(True, 4).double(), quant.dynamic_map(False, 4).double()
     assert s.numel() == u.numel() == 16 and torch.all(s[1:] > s[:-1])
     assert s[quant.zero_code(True, 4)] == 0 and s[-1] == 1
