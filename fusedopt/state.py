@@ -8,7 +8,8 @@ of one of its per-param dicts, bumps ``State.changes``; a plan remembers the cou
 built at and is rebuilt when it moved.  Pickling and deepcopy give plain equivalents back
 through the same classes.
 
-Also here: what a state dict must fit to be loaded, and the dtypes its state keeps.
+Also here: what a state dict must fit to be loaded, the dtypes its state keeps, and the
+mark of the map its 4-bit second moments are codes of (``MAPS4``).
 """
 from collections import defaultdict
 
