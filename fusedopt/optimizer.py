@@ -19,7 +19,7 @@ from . import clip, compiled, flat, host, matrix, remainder, spec
 from .bucket import _GRAD, _PTR, _local, scalar_dtype
 from .options import SCALER_REFUSAL, exclusive, validate
 from .plan import GroupSpec, _Plan, refuse_torch
-from .state import State, check_loaded, keep_dtypes
+from .state import State, check_loaded, keep_dtypes, mark_maps
 from .kernels import rules
 from .kernels.coefficients import pack
 from .kernels.flags import Update
@@ -191,7 +191,7 @@ class FusedOptimizer:
         sd = super().state_dict()
         sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
         remainder.export(sd, self.param_groups)  # (a remainder: its float32 master)
-        return sd
+        return mark_maps(sd)  # (4-bit codes: which maps made them)
 
     _OWN = ("_max_grad_norm", "_backend", "_extras", "grad_norm", "_gradient_release")
 

@@ -8,7 +8,8 @@ of one of its per-param dicts, bumps ``State.changes``; a plan remembers the cou
 built at and is rebuilt when it moved.  Pickling and deepcopy give plain equivalents back
 through the same classes.
 
-Also here: what a state dict must fit to be loaded, and the dtypes its state keeps.
+Also here: what a state dict must fit to be loaded, the dtypes its state keeps, and the
+mark of the map its 4-bit second moments are codes of (``MAPS4``).
 """
 from collections import defaultdict
 
@@ -16,6 +17,12 @@ import torch
 
 from . import quant
 from .bucket import state_dtype
+
+# a state_dict's group whose state holds unsigned 4-bit codes says which map made them:
+# group[MAPS4] == MAPS4_VERSION (log_map).  fusedopt's before 2026-12-08 (torchao's linear
+# map) have no such key: their codes mean other values, and loading them is refused
+MAPS4 = "uint4_maps"
+MAPS4_VERSION = 2
 
 
 class Entry(dict):
@@ -109,12 +116,47 @@ def _adopt(owner, value):
     return value
 
 
+def _holds_4bit(st):
+    # unsigned 4-bit codes: the ones whose map changed (the signed map is torchao's still)
+    return any(torch.is_tensor(v) and v.dtype == torch.uint8 and not quant.signed(k)
+               and torch.is_tensor(st.get(k + quant.ABSMAX))
+               and quant.bits_of(quant._local(v), quant._local(st[k + quant.ABSMAX])) == 4
+               for k, v in st.items())
+
+
+def mark_maps(state_dict):
+    """Mark each group of ``state_dict`` whose params' state holds unsigned 4-bit codes
+    with the map they are codes of (``group[MAPS4] = MAPS4_VERSION``); returns it."""
+    for g in state_dict["param_groups"]:
+        if any(_holds_4bit(state_dict["state"].get(i, {})) for i in g["params"]):
+            g[MAPS4] = MAPS4_VERSION
+    return state_dict
+
+
+def check_maps(state_dict):
+    """Refuse (RuntimeError) a state_dict whose unsigned 4-bit codes were made with
+    another map than ``log_map`` (``mark_maps``): before 2026-12-08 fusedopt's took
+    torchao's linear map, whose codes would be read as other values here."""
+    for g in state_dict["param_groups"]:
+        if g.get(MAPS4) != MAPS4_VERSION and any(
+                _holds_4bit(state_dict["state"].get(i, {})) for i in g["params"]):
+            raise RuntimeError(
+                f"loaded state dict holds 4-bit second moments (state_dtype=torch.uint4) "
+                f"coded with another map ({MAPS4}={g.get(MAPS4)!r}, this one is "
+                f"{MAPS4_VERSION}: fusedopt before 2026-12-08 used torchao's linear map, "
+                f"whose codes mean other values); load it with the fusedopt that saved "
+                f"it and save fusedopt.quant.float_state_dict(opt.state_dict()), which "
+                f"loads here (quantized again at the next step)")
+
+
 def check_loaded(state_dict, params, scalars, shape):
     """Refuse a state dict (before anything is loaded) where a state tensor does not fit
     its param: every state tensor has the shape ``shape(name, p)`` (the param's but for
     Adafactor's factors, and 4-bit codes and their absmax: quant.codes_shape) but the step
     counter and the other ``scalars`` (one element).  Said now, rather than at a step (torch) or never (a kernel).  ``params``: the
-    optimizer's, in the order of the state dict's param ids."""
+    optimizer's, in the order of the state dict's param ids.  4-bit codes of other maps
+    than this version's: refused (check_maps)."""
+    check_maps(state_dict)
     saved = state_dict["state"]
     ids = [i for g in state_dict["param_groups"] for i in g["params"]]
     for i, p in zip(ids, params):

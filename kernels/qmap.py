@@ -6,7 +6,8 @@ QBLOCK = 256  # elements per absmax
 QBLOCK4 = 128  # elements per absmax of 4-bit state (torchao's AdamW4bit's block)
 ROWS = 4  # rows of the table: the unsigned and signed maps of 8 bits, then of 4 bits
 # 4-bit rows: columns 0-15 hold the map's 16 values, MID4 + i (i < 15) the float32
-# midpoint between values i and i + 1; a code is the count of midpoints below y
+# boundary between values i and i + 1 (quant.midpoints: arithmetic, geometric for the log
+# map of second moments); a code is the count of midpoints below y
 MID4 = 16
 LOW = 256  # 7 columns: LOW + i is the lowest y that decade i (10^(i-6) ... ) takes
 P = 263  # 7 columns: P + i is 10^(6-i) / 0.9, decade i's scale

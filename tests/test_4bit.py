@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import fusedopt
-from fusedopt import quant, reference
+from fusedopt import quant, reference, state
 
+from digits import final_loss
 from harness import HP, NAMES, coded_params, coded_trained, random_grads as _grads
 
 MOMENTS = [n for n in NAMES if fusedopt.spec.offers_8bit(getattr(fusedopt, n))]
@@ -36,20 +37,22 @@ def test_classes_without_4bit_state_refuse_it_by_name(name):
 
 
 def test_maps():
-    """The signed map is the 3-exponent dynamic map (7 positive values from 0.0055, their
-    negatives, 0 and 1), the unsigned one k / 16 without 0; both torchao's where it is
-    installed."""
+    """The signed map is torchao's, the 3-exponent dynamic map (7 positive values from
+    0.0055, their negatives, 0 and 1); the unsigned one is 10^(-k/5), k = 15 ... 0, without
+    0, its midpoints geometric (torchao's is k / 16: docs/8bit.md says why not)."""
     s, u = quant.dynamic_map(True, 4).double(), quant.dynamic_map(False, 4).double()
     assert s.numel() == u.numel() == 16 and torch.all(s[1:] > s[:-1])
     assert s[quant.zero_code(True, 4)] == 0 and s[-1] == 1
     assert torch.equal(-s[:7].flip(0), s[8:15]) and s[8] == pytest.approx(0.0055)
-    assert torch.equal(u, torch.arange(1, 17, dtype=torch.float64) / 16)
+    want = 10.0 ** (-torch.arange(15, -1, -1, dtype=torch.float64) / 5)
+    assert torch.equal(u, want.float().double()) and u[0] == pytest.approx(1e-3)
+    torch.testing.assert_close(quant.midpoints(u), (u[1:] * u[:-1]).sqrt(), rtol=0, atol=0)
+    torch.testing.assert_close(quant.midpoints(s), (s[1:] + s[:-1]) / 2, rtol=0, atol=0)
     try:
         from torchao.optim import subclass_4bit as ao
     except Exception:  # (torchao is a test extra; its absence or a broken build: the above)
         return
     assert torch.equal(quant.dynamic_map(True, 4), torch.tensor(ao.get_qmap_signed()))
-    assert torch.equal(quant.dynamic_map(False, 4), torch.tensor(ao.get_qmap_unsigned()))
 
 
 def test_pack_round_trip():
@@ -74,10 +77,8 @@ def _unpacked_state(opt, p):
 def test_one_step_matches_float64_reference(name):
     """From the same 4-bit state, one engine step against reference.step_8bit(nbits=4):
     codes differ only where the float32 value lies within rounding of a midpoint (then by
-    one code, in at most 0.01 % of elements), absmax and params within float32 rounding.
-    Rprop's step sizes climb a ladder (map values times powers of its etas) whose rungs
-    land on the linear map's midpoints exactly: measured 43 of 194992 codes, each value
-    within one float32 ulp of 5/32 or 25/32; it is held to 0.05 %."""
+    one code, in at most 0.01 % of elements; measured: none, for every optimizer), absmax
+    and params within float32 rounding."""
     ps, opt, gen = _trained(name)
     _grads(ps, gen)
     ws = [p.detach().double() for p in ps]
@@ -104,7 +105,7 @@ def test_one_step_matches_float64_reference(name):
                 total += codes.numel()
                 wrong += int((diff > 0).sum())
     print(f"{name}: {wrong} of {total} codes differ from the float64 reference")
-    assert total > 0 and wrong <= (5e-4 if name == "Rprop" else 1e-4) * total
+    assert total > 0 and wrong <= 1e-4 * total
 
 
 @pytest.mark.parametrize("name", MOMENTS)
@@ -123,6 +124,58 @@ def test_engines_write_equal_codes(name):
         assert sa[i].keys() == sb[i].keys()
         for k in sa[i]:
             assert torch.equal(sa[i][k], sb[i][k]), (i, k)
+
+
+def test_master_weights_are_the_float32_run_bitwise():
+    """bfloat16 params with master_weights=True (Triton's interpreter) and float32 params
+    (Numba) from the same values, on the same bfloat16 grads, 3 steps of 4-bit state: the
+    masters are the float32 params bit for bit, the params them rounded, the codes equal."""
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(128, 64, generator=gen), torch.randn(128, generator=gen)]
+    grads = [[torch.randn(t.shape, generator=gen).bfloat16() for t in start] for _ in range(3)]
+    runs = []
+    for dtype, backend, kw in ((torch.float32, "numba", {}),
+                               (torch.bfloat16, "triton", dict(master_weights=True))):
+        ps = [torch.nn.Parameter(t.bfloat16().to(dtype)) for t in start]
+        opt = fusedopt.AdamW(ps, lr=1e-2, state_dtype=torch.uint4, backend=backend, **kw)
+        for gs in grads:
+            for p, g in zip(ps, gs):
+                p.grad = g.to(dtype)
+            opt.step()
+        runs.append((ps, opt))
+    (ps, opt), (bs, bopt) = runs
+    assert bopt.state[bs[0]]["exp_avg_sq"].shape == (128, 32)  # (4-bit codes)
+    for p, b in zip(ps, bs):
+        assert torch.equal(bopt.state[b]["master"], p) and torch.equal(b, p.bfloat16())
+        for k, v in opt.state[p].items():
+            assert torch.equal(bopt.state[b][k], v), k
+
+
+def test_gradient_release_is_the_normal_step_bitwise():
+    """Gradient release (prepare_for_gradient_release) with 4-bit state: params and state
+    bit for bit the normal step's after 3 steps (Numba, float32)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 128), torch.nn.ReLU(),
+                                torch.nn.Linear(128, 64))  # (64 x 128: 4-bit codes)
+    runs = []
+    for rel in (False, True):
+        m = copy.deepcopy(model)
+        opt = fusedopt.AdamW(m.parameters(), lr=1e-2, state_dtype=torch.uint4,
+                             gradient_release=rel)
+        if rel:
+            fusedopt.prepare_for_gradient_release(m, opt)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            m(torch.randn(8, 16, generator=gen)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        runs.append((list(m.parameters()), opt))
+    (ps, opt), (qs, ropt) = runs
+    assert ropt.state[qs[2]]["exp_avg"].shape == (64, 64)  # (4-bit codes)
+    for p, q in zip(ps, qs):
+        assert torch.equal(p, q)
+        for k, v in opt.state[p].items():
+            assert torch.equal(ropt.state[q][k], v), k
 
 
 def test_bytes_per_param_and_fallbacks():
@@ -179,11 +232,26 @@ def test_state_dict_both_ways():
         assert st["exp_avg"].dtype == torch.uint8 and st["exp_avg"].shape == shape
 
 
+def test_state_dict_of_the_old_map_refused():
+    """A state_dict's groups with unsigned 4-bit codes carry the map's version
+    (state.MAPS4); one without it (fusedopt's before 2026-12-08: torchao's linear map) is
+    refused by load_state_dict and float_state_dict, rather than read as other values."""
+    ps, opt, _ = _trained("AdamW")
+    sd = opt.state_dict()
+    assert [g[state.MAPS4] for g in sd["param_groups"]] == [state.MAPS4_VERSION]
+    del sd["param_groups"][0][state.MAPS4]
+    again = fusedopt.AdamW([torch.nn.Parameter(p.detach().clone()) for p in ps],
+                           state_dtype=torch.uint4)
+    for load in (again.load_state_dict, quant.float_state_dict):
+        with pytest.raises(RuntimeError, match="coded with another map"):
+            load(copy.deepcopy(sd))
+
+
 def _probe_values(qmap):
     """Per block of 128: 1 (absmax 1, y = x), then every map value and every midpoint
     moved 0.1 % toward each neighbour; zeros pad to quant.MIN_NUMEL."""
     q = qmap.double()
-    mids = (q[:-1] + q[1:]) / 2
+    mids = quant.midpoints(qmap)
     vals = torch.cat([q, mids - 1e-3 * mids.abs(), mids + 1e-3 * mids.abs()]).float()
     out = torch.zeros(quant.MIN_NUMEL // 128, 128)
     out[:, 0] = 1
@@ -215,37 +283,51 @@ def test_every_code_and_midpoint_of_both_maps(backend):
         assert set(codes.tolist()) == set(range(16))
 
 
+_FINALS = {}
+
+
+def _digits_final_loss(state_dtype, mutant=None):
+    """digits.final_loss on seed 0, float32 state's kept for the next caller."""
+    pytest.importorskip("sklearn.datasets", reason="scikit-learn is a test extra")
+    if (state_dtype, mutant) not in _FINALS:
+        _FINALS[state_dtype, mutant] = final_loss(state_dtype)
+    return _FINALS[state_dtype, mutant]
+
+
 def test_digits_training_loss_near_float32():
-    """An MLP on scikit-learn's digits (1797 8x8 images), AdamW 300 steps of 64: the final
-    loss (mean of the last 20 steps) of 4-bit state within LOSS_GAP of float32 state's.
-    Measured: float32 0.0647, 4-bit 0.0783 (+21 %), torchao's AdamW4bit 0.0783 on the same
-    run: torchao's maps slow this small model's training by that much (mostly the linear
-    second-moment map, docs/8bit.md), so the bound is theirs, not the issue's 3 %.  Mutation
-    check: the two maps' rows swapped end at 0.557, far outside; codes of the second
-    moment one too low end at 0.0641, inside (a smaller v offsets the linear map's upward
-    bias): the reference and every-code tests catch that one."""
-    datasets = pytest.importorskip("sklearn.datasets", reason="scikit-learn is a test extra")
-    d = datasets.load_digits()
-    x, y = torch.tensor(d.data, dtype=torch.float32) / 16, torch.tensor(d.target)
-    finals = {}
-    for sdt in (None, torch.uint4):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(),
-                                    torch.nn.Linear(256, 256), torch.nn.ReLU(),
-                                    torch.nn.Linear(256, 10))
-        opt = fusedopt.AdamW(model.parameters(), lr=1e-3, state_dtype=sdt)
-        gen = torch.Generator().manual_seed(1)
-        losses = []
-        for _ in range(300):
-            idx = torch.randint(0, len(x), (64,), generator=gen)
-            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        finals[sdt] = sum(losses[-20:]) / 20
-    print(f"final loss: float32 state {finals[None]:.4f}, 4-bit {finals[torch.uint4]:.4f}")
-    assert abs(finals[torch.uint4] - finals[None]) <= LOSS_GAP * finals[None]
+    """The digits run's final loss with 4-bit state within LOSS_GAP (3 %, the issue's
+    bound) of float32 state's.  Measured (docs/8bit.md): float32 0.0647, 8-bit 0.0641,
+    4-bit 0.0649 (+0.4 %).  Not a lucky seed, but not a wide margin either: on seeds 1-3
+    (bench/maps_4bit.py engine) 4-bit ends +4.0, -2.0, +3.6 % off, 8-bit -0.7, +0.4,
+    -4.0 %: 3 % is about the run's own spread."""
+    f32, four = _digits_final_loss(None), _digits_final_loss(torch.uint4)
+    print(f"final loss: float32 state {f32:.4f}, 4-bit {four:.4f} ({four / f32 - 1:+.2%})")
+    assert abs(four - f32) <= LOSS_GAP * f32
 
 
-LOSS_GAP = 0.25
+def _mutant(name, log_map, midpoints):
+    """(unsigned 4-bit map, midpoints) of a mutant, from the true ones: torchao's (k / 16,
+    the nearest value), or the log map's values one code high (its codes unchanged)."""
+    if name == "linear":
+        return (lambda: torch.arange(1, 17, dtype=torch.float32) / 16,
+                lambda q: (q.double()[:-1] + q.double()[1:]) / 2)
+    return lambda: log_map() * 10 ** 0.2, lambda q: midpoints(q / q[-1])
+
+
+@pytest.mark.parametrize("mutant", ["linear", "one code high"])
+def test_digits_bound_catches_a_wrong_map(mutant, monkeypatch):
+    """Mutation check of LOSS_GAP: torchao's linear second-moment map (measured 0.0783,
+    +21 %), and the log map's codes read one value high (each step's v 1.58x the last's:
+    0.8922, training stalls) end outside it."""
+    from fusedopt import bucket
+    log_map, midpoints = _mutant(mutant, quant.log_map, quant.midpoints)
+    monkeypatch.setattr(quant, "log_map", log_map)
+    monkeypatch.setattr(quant, "midpoints", midpoints)
+    monkeypatch.setattr(bucket, "_QTABLE", {})
+    f32, four = _digits_final_loss(None), _digits_final_loss(torch.uint4, mutant)
+    print(f"{mutant}: final loss {four:.4f} against float32 state's {f32:.4f} "
+          f"({four / f32 - 1:+.2%})")
+    assert abs(four - f32) > LOSS_GAP * f32
+
+
+LOSS_GAP = 0.03

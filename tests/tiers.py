@@ -68,6 +68,8 @@ RULES = {
         "against the reference and across engines in the quick tier"),
     "test_4bit.py::test_digits_training_loss_near_float32": FULL(
         "a training run (~40 s with a first compile); the one-step reference stays quick"),
+    "test_4bit.py::test_digits_bound_catches_a_wrong_map": FULL(
+        "a training run per mutant (~25 s each): the mutation check of the test above"),
     # -- AMP: GradScaler's unscale in the kernel, both engines, both dtypes, AdamW
     "test_amp.py::test_unscale_in_kernel": rule(
         "52 cases, up to 200 s each (Adafactor); one optimizer per engine and dtype",
