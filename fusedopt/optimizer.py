@@ -19,7 +19,8 @@ from . import clip, compiled, flat, host, matrix, remainder, spec
 from .bucket import _GRAD, _PTR, _local, scalar_dtype
 from .options import SCALER_REFUSAL, exclusive, validate
 from .plan import GroupSpec, _Plan, refuse_torch
-from .state import State, check_loaded, keep_dtypes, mark_maps
+from .quant import mark_maps
+from .state import State, check_loaded, keep_dtypes
 from .kernels import rules
 from .kernels.coefficients import pack
 from .kernels.flags import Update

@@ -347,12 +347,10 @@ def dequantize_state(state, name):
 
 
 def float_state_dict(state_dict):
-    """A copy of an optimizer state_dict with every 8-bit state entry (codes and absmax)
-    (8-bit or 4-bit) replaced by its float32 values: what torch.optim loads (``torch.optim.AdamW(...)
+    """A copy of an optimizer state_dict with every 8- or 4-bit state entry (codes and
+    absmax) replaced by its float32 values: what torch.optim loads (``torch.optim.AdamW(...)
     .load_state_dict(fusedopt.quant.float_state_dict(opt.state_dict()))``), or a fusedopt
-    optimizer without state_dtype=torch.uint8.  4-bit codes of other maps are refused
-    (``state.check_maps``)."""
-    from .state import check_maps
+    optimizer without quantized state.  4-bit codes of other maps are refused (check_maps)."""
     check_maps(state_dict)
     out = dict(state_dict)
     out["state"] = {}
@@ -362,3 +360,41 @@ def float_state_dict(state_dict):
             st[name] = dequantize_state(st, name)
         out["state"][i] = st
     return out
+
+
+# a state_dict's group holding unsigned 4-bit codes says which map made them (log_map: 2);
+# fusedopt's before 2026-12-08 (torchao's linear map) have no such key, and are refused
+MAPS4 = "uint4_maps"
+MAPS4_VERSION = 2
+
+
+def _holds_4bit(st):  # unsigned 4-bit codes: the map changed (the signed one is torchao's)
+    return any(torch.is_tensor(v) and v.dtype == torch.uint8 and not signed(k)
+               and torch.is_tensor(st.get(k + ABSMAX))
+               and bits_of(_local(v), _local(st[k + ABSMAX])) == 4
+               for k, v in st.items())
+
+
+def mark_maps(state_dict):
+    """Mark each group of ``state_dict`` whose params' state holds unsigned 4-bit codes
+    with the map they are codes of (``group[MAPS4] = MAPS4_VERSION``); returns it."""
+    for g in state_dict["param_groups"]:
+        if any(_holds_4bit(state_dict["state"].get(i, {})) for i in g["params"]):
+            g[MAPS4] = MAPS4_VERSION
+    return state_dict
+
+
+def check_maps(state_dict):
+    """Refuse (RuntimeError) a state_dict whose unsigned 4-bit codes were made with
+    another map than ``log_map`` (``mark_maps``): before 2026-12-08 fusedopt's took
+    torchao's linear map, whose codes would be read as other values here."""
+    for g in state_dict["param_groups"]:
+        if g.get(MAPS4) != MAPS4_VERSION and any(
+                _holds_4bit(state_dict["state"].get(i, {})) for i in g["params"]):
+            raise RuntimeError(
+                f"loaded state dict holds 4-bit second moments (state_dtype=torch.uint4) "
+                f"coded with another map ({MAPS4}={g.get(MAPS4)!r}, this one is "
+                f"{MAPS4_VERSION}: fusedopt before 2026-12-08 used torchao's linear map, "
+                f"whose codes mean other values); load it with the fusedopt that saved "
+                f"it and save fusedopt.quant.float_state_dict(opt.state_dict()), which "
+                f"loads here (quantized again at the next step)")

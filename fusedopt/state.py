@@ -16,13 +16,8 @@ from collections import defaultdict
 import torch
 
 from . import quant
+from .quant import check_maps
 from .bucket import state_dtype
-
-# a state_dict's group whose state holds unsigned 4-bit codes says which map made them:
-# group[MAPS4] == MAPS4_VERSION (log_map).  fusedopt's before 2026-12-08 (torchao's linear
-# map) have no such key: their codes mean other values, and loading them is refused
-MAPS4 = "uint4_maps"
-MAPS4_VERSION = 2
 
 
 class Entry(dict):
@@ -114,39 +109,6 @@ def _adopt(owner, value):
     if isinstance(value, dict):
         return Entry(value, owner=owner)
     return value
-
-
-def _holds_4bit(st):
-    # unsigned 4-bit codes: the ones whose map changed (the signed map is torchao's still)
-    return any(torch.is_tensor(v) and v.dtype == torch.uint8 and not quant.signed(k)
-               and torch.is_tensor(st.get(k + quant.ABSMAX))
-               and quant.bits_of(quant._local(v), quant._local(st[k + quant.ABSMAX])) == 4
-               for k, v in st.items())
-
-
-def mark_maps(state_dict):
-    """Mark each group of ``state_dict`` whose params' state holds unsigned 4-bit codes
-    with the map they are codes of (``group[MAPS4] = MAPS4_VERSION``); returns it."""
-    for g in state_dict["param_groups"]:
-        if any(_holds_4bit(state_dict["state"].get(i, {})) for i in g["params"]):
-            g[MAPS4] = MAPS4_VERSION
-    return state_dict
-
-
-def check_maps(state_dict):
-    """Refuse (RuntimeError) a state_dict whose unsigned 4-bit codes were made with
-    another map than ``log_map`` (``mark_maps``): before 2026-12-08 fusedopt's took
-    torchao's linear map, whose codes would be read as other values here."""
-    for g in state_dict["param_groups"]:
-        if g.get(MAPS4) != MAPS4_VERSION and any(
-                _holds_4bit(state_dict["state"].get(i, {})) for i in g["params"]):
-            raise RuntimeError(
-                f"loaded state dict holds 4-bit second moments (state_dtype=torch.uint4) "
-                f"coded with another map ({MAPS4}={g.get(MAPS4)!r}, this one is "
-                f"{MAPS4_VERSION}: fusedopt before 2026-12-08 used torchao's linear map, "
-                f"whose codes mean other values); load it with the fusedopt that saved "
-                f"it and save fusedopt.quant.float_state_dict(opt.state_dict()), which "
-                f"loads here (quantized again at the next step)")
 
 
 def check_loaded(state_dict, params, scalars, shape):

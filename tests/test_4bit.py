@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fusedopt
-from fusedopt import quant, reference, state
+from fusedopt import quant, reference
 
 from digits import final_loss
 from harness import HP, NAMES, coded_params, coded_trained, random_grads as _grads
@@ -234,12 +234,12 @@ def test_state_dict_both_ways():
 
 def test_state_dict_of_the_old_map_refused():
     """A state_dict's groups with unsigned 4-bit codes carry the map's version
-    (state.MAPS4); one without it (fusedopt's before 2026-12-08: torchao's linear map) is
+    (quant.MAPS4); one without it (fusedopt's before 2026-12-08: torchao's linear map) is
     refused by load_state_dict and float_state_dict, rather than read as other values."""
     ps, opt, _ = _trained("AdamW")
     sd = opt.state_dict()
-    assert [g[state.MAPS4] for g in sd["param_groups"]] == [state.MAPS4_VERSION]
-    del sd["param_groups"][0][state.MAPS4]
+    assert [g[quant.MAPS4] for g in sd["param_groups"]] == [quant.MAPS4_VERSION]
+    del sd["param_groups"][0][quant.MAPS4]
     again = fusedopt.AdamW([torch.nn.Parameter(p.detach().clone()) for p in ps],
                            state_dtype=torch.uint4)
     for load in (again.load_state_dict, quant.float_state_dict):
