@@ -11,6 +11,7 @@ every function and global it reaches, so it needs no key of ours.
 import contextlib
 import os
 import types
+import weakref
 
 from . import coefficients, import_triton, rules, triton_interp, triton_ops
 from .coefficients import NCOEF, SLOTS
@@ -37,7 +38,23 @@ def block_for(CS, CE):
     case, the interpreted engine's 20 steps: 5.3 s before, 2.4 s after)."""
     if not INTERPRET or CS.numel() == 0:
         return BLOCK
-    return min(BLOCK, max(256, triton.next_power_of_2(int((CE - CS).max()))))
+    return min(BLOCK, max(256, longest(CS, CE)))
+
+
+_LONGEST = {}  # id of a table's tensor -> (a weak reference to it, its block): see longest
+
+
+def longest(starts, ends):
+    """The next power of two of the longest range [starts, ends) of two CPU tables (the
+    interpreter's), read once per table (through numpy: no torch op, no tensor read as a
+    Python int at a step).  A table is built once and then only read; were it written, the
+    block would merely be slow, not wrong: the kernels loop over the blocks of a chunk."""
+    ref, n = _LONGEST.get(id(ends), (None, None))
+    if ref is None or ref() is not ends:  # (keyed by id: a tensor's == is elementwise)
+        n = triton.next_power_of_2(int((ends.numpy() - starts.numpy()).max()))
+        ref = weakref.ref(ends, lambda _, k=id(ends): _LONGEST.pop(k, None))
+        _LONGEST[id(ends)] = ref, n
+    return n
 
 
 def launching():

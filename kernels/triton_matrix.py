@@ -140,7 +140,7 @@ def run_matrix(rule, flags, dtypes, mask, P, G, S, C, TID, RS, RE, F, ROFF, COFF
     bc = min(triton.next_power_of_2(max(int(max_cols), 1)), BLOCK)
     br = BLOCK // bc
     if INTERPRET:  # tiles no taller than the tallest chunk (base.block_for's reason)
-        br = min(br, triton.next_power_of_2(int((RE - RS).max())))
+        br = min(br, base.longest(RS, RE))
     with launching():
         build_matrix(rule, flags)[(TID.numel(),)](
             P, G, S[0], S[1], S[2], C, TID, RS, RE, F, ROFF, COFF, TOT, ROWS, CPART, MASK=mask,
