@@ -52,8 +52,8 @@ def lerp(start, end, w, w_rest):
     # torch's lerp: start + w * (end - start) when |w| < 0.5, else end - (end - start) * (1 - w),
     # each with one fused multiply-add; picked by the weight in the math dtype, as torch's
     # kernels pick it (a select, not a flag: groups of both kinds share one variant)
-    return ops.where(ops.abs(w) < 0.5, ops.fma(w, end - start, start),
-                     ops.fma(-w_rest, end - start, end))
+    small = ops.abs(w) < 0.5  # (one fma, its operands selected: the same bits)
+    return ops.fma(ops.where(small, w, -w_rest), end - start, ops.where(small, start, end))
 
 
 def regularize(p, g, wd, l1):
